@@ -1,0 +1,69 @@
+"""One small exception hierarchy; the gRPC layer maps each class to one status code.
+
+Raise early, with a message that states the rule that was broken, e.g.
+``InvalidInput("margin must be >= 1.0, got 0.5")``.
+"""
+
+from __future__ import annotations
+
+
+class AudiomeshError(Exception):
+    """Base class. ``code`` is the gRPC status code name this error maps to."""
+
+    code = "INTERNAL"
+
+
+class InvalidInput(AudiomeshError):
+    """The request or its audio breaks a documented rule (HTTP 400)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(AudiomeshError):
+    """A job, object key, model or track does not exist (HTTP 404)."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(AudiomeshError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(AudiomeshError):
+    """The request is valid but the system is not in a state to run it (HTTP 400)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class TooLarge(AudiomeshError):
+    """An upload or a duration exceeds a configured limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class ResourceExhausted(AudiomeshError):
+    """A bounded queue or concurrency limit is full; retry later (HTTP 429)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Cancelled(AudiomeshError):
+    """Work stopped because its job or request was cancelled."""
+
+    code = "CANCELLED"
+
+
+class Unavailable(AudiomeshError):
+    """A dependency (worker, store) cannot be reached right now; retryable."""
+
+    code = "UNAVAILABLE"
+
+
+class ModelUnavailable(FailedPrecondition):
+    """A separation model exists by name but its weights cannot be loaded here."""
+
+
+class ConfigError(AudiomeshError):
+    """A setting is invalid; the message names the environment variable."""
+
+    code = "FAILED_PRECONDITION"

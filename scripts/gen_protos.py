@@ -1,0 +1,191 @@
+"""Generate Python code and the manifest JSON Schema from protos/ — the one generator.
+
+    python scripts/gen_protos.py          # write libs/audiomesh/v1 and the schema
+    python scripts/gen_protos.py --check  # exit 1 when the committed files are stale
+
+Writes `_pb2.py`, `.pyi` (mypy-protobuf) and `_pb2_grpc.py` into libs/audiomesh/v1, so the
+generated imports (`from audiomesh.v1 import common_pb2`) work as they are. google/api comes
+from the googleapis-common-protos wheel at run time; its vendored .proto files are only
+read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO_ROOT = ROOT / "protos"
+THIRD_PARTY = PROTO_ROOT / "third_party"
+OUT_PACKAGE = ROOT / "libs" / "audiomesh" / "v1"
+SCHEMA_PATH = ROOT / "libs" / "audiomesh" / "manifest" / "manifest.schema.json"
+
+
+def _protoc_include() -> Path:
+    import grpc_tools
+
+    return Path(grpc_tools.__file__).parent / "_proto"
+
+
+def generate(out_root: Path) -> None:
+    """Run protoc into ``out_root`` (which becomes the import root)."""
+    protos = sorted((PROTO_ROOT / "audiomesh" / "v1").glob("*.proto"))
+    plugin_dir = Path(sys.executable).parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{THIRD_PARTY}",
+        f"-I{_protoc_include()}",
+        f"--plugin=protoc-gen-mypy={plugin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        f"--mypy_out={out_root}",
+        f"--mypy_grpc_out={out_root}",
+        *[str(p.relative_to(PROTO_ROOT)) for p in protos],
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    (out_root / "audiomesh" / "v1" / "__init__.py").write_text('"""Generated from protos/audiomesh/v1 by scripts/gen_protos.py. Do not edit."""\n')
+
+
+# --- manifest JSON Schema, derived from the Manifest message (proto3 JSON mapping) ---
+
+_SCALARS = {
+    "TYPE_DOUBLE": {"type": ["number", "string"]},  # "Infinity"/"-Infinity"/"NaN" are strings
+    "TYPE_FLOAT": {"type": ["number", "string"]},
+    "TYPE_INT32": {"type": "integer"},
+    "TYPE_UINT32": {"type": "integer"},
+    "TYPE_SINT32": {"type": "integer"},
+    "TYPE_INT64": {"type": ["string", "integer"]},
+    "TYPE_UINT64": {"type": ["string", "integer"]},
+    "TYPE_BOOL": {"type": "boolean"},
+    "TYPE_STRING": {"type": "string"},
+    "TYPE_BYTES": {"type": "string"},
+}
+_WELL_KNOWN = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Struct": {"type": "object"},
+}
+# Fields the manifest always carries, beyond the types.
+_REQUIRED = {
+    "audiomesh.v1.Manifest": ["schemaVersion", "job"],
+    "audiomesh.v1.Job": ["jobId", "state", "createTime", "updateTime", "input", "nodes"],
+    "audiomesh.v1.Node": ["name", "stage", "state"],
+    "audiomesh.v1.Track": ["name", "key"],
+}
+
+
+def manifest_schema(schema_version: int) -> dict:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    sys.path.insert(0, str(ROOT / "libs"))
+    from audiomesh.v1 import orchestrator_pb2
+
+    defs: dict[str, dict] = {}
+    type_names = {v: k for k, v in FieldDescriptor.__dict__.items() if k.startswith("TYPE_")}
+
+    def field_schema(field) -> dict:
+        if field.message_type is not None:
+            full = field.message_type.full_name
+            if field.message_type.GetOptions().map_entry:
+                value = field.message_type.fields_by_name["value"]
+                return {"type": "object", "additionalProperties": field_schema(value)}
+            if full in _WELL_KNOWN:
+                return dict(_WELL_KNOWN[full])
+            add_message(field.message_type)
+            return {"$ref": f"#/$defs/{full}"}
+        if field.enum_type is not None:
+            return {"enum": [v.name for v in field.enum_type.values]}
+        return dict(_SCALARS[type_names[field.type]])
+
+    def add_message(desc) -> None:
+        if desc.full_name in defs:
+            return
+        defs[desc.full_name] = {}  # placeholder: recursion guard
+        props = {}
+        for field in desc.fields:
+            schema = field_schema(field)
+            if field.is_repeated and not (
+                field.message_type is not None and field.message_type.GetOptions().map_entry
+            ):
+                schema = {"type": "array", "items": schema}
+            props[field.json_name] = schema
+        body = {"type": "object", "properties": props, "additionalProperties": False}
+        if desc.full_name in _REQUIRED:
+            body["required"] = _REQUIRED[desc.full_name]
+        defs[desc.full_name] = body
+
+    root = orchestrator_pb2.Manifest.DESCRIPTOR
+    add_message(root)
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://audiomesh.dev/schemas/manifest-v{schema_version}.json",
+        "title": "audiomesh job manifest",
+        "description": "Generated from audiomesh.v1.Manifest by scripts/gen_protos.py. Do not edit.",
+        **defs[root.full_name],
+        "$defs": {k: v for k, v in sorted(defs.items()) if k != root.full_name},
+    }
+    schema["properties"]["schemaVersion"] = {"const": schema_version}
+    return schema
+
+
+def build(dest_pkg: Path, dest_schema: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        if dest_pkg.exists():
+            shutil.rmtree(dest_pkg)
+        shutil.copytree(Path(tmp) / "audiomesh" / "v1", dest_pkg)
+    from_version = _schema_version()
+    dest_schema.write_text(json.dumps(manifest_schema(from_version), indent=2) + "\n")
+
+
+def _schema_version() -> int:
+    # Single source: the constant in libs/audiomesh/manifest/__init__.py, read without importing
+    # the package (its dependencies may not be installed when only generating).
+    text = (ROOT / "libs" / "audiomesh" / "manifest" / "__init__.py").read_text()
+    for line in text.splitlines():
+        if line.startswith("SCHEMA_VERSION"):
+            return int(line.split("=")[1].strip())
+    raise SystemExit("SCHEMA_VERSION not found in libs/audiomesh/manifest/__init__.py")
+
+
+def check() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg, schema = Path(tmp) / "v1", Path(tmp) / "manifest.schema.json"
+        with tempfile.TemporaryDirectory() as gen:
+            generate(Path(gen))
+            shutil.copytree(Path(gen) / "audiomesh" / "v1", pkg)
+        schema.write_text(json.dumps(manifest_schema(_schema_version()), indent=2) + "\n")
+        stale = []
+        cmp = filecmp.dircmp(pkg, OUT_PACKAGE, ignore=["__pycache__"])
+        stale += cmp.left_only + cmp.right_only + cmp.diff_files
+        if not SCHEMA_PATH.exists() or SCHEMA_PATH.read_text() != schema.read_text():
+            stale.append(str(SCHEMA_PATH.relative_to(ROOT)))
+    if stale:
+        print("generated files are stale; run: python scripts/gen_protos.py\n  " + "\n  ".join(stale))
+        return 1
+    print("generated files are up to date")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail when committed output is stale")
+    args = parser.parse_args()
+    if args.check:
+        return check()
+    build(OUT_PACKAGE, SCHEMA_PATH)
+    print(f"wrote {OUT_PACKAGE.relative_to(ROOT)} and {SCHEMA_PATH.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
