@@ -52,8 +52,12 @@ def generate(out_root: Path) -> None:
         f"--mypy_grpc_out={out_root}",
         *[str(p.relative_to(PROTO_ROOT)) for p in protos],
     ]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    (out_root / "audiomesh" / "v1" / "__init__.py").write_text('"""Generated from protos/audiomesh/v1 by scripts/gen_protos.py. Do not edit."""\n')
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{done.stderr}")
+    (out_root / "audiomesh" / "v1" / "__init__.py").write_text(
+        '"""Generated from protos/audiomesh/v1 by scripts/gen_protos.py. Do not edit."""\n'
+    )
 
 
 # --- manifest JSON Schema, derived from the Manifest message (proto3 JSON mapping) ---
@@ -113,9 +117,7 @@ def manifest_schema(schema_version: int) -> dict:
         props = {}
         for field in desc.fields:
             schema = field_schema(field)
-            if field.is_repeated and not (
-                field.message_type is not None and field.message_type.GetOptions().map_entry
-            ):
+            if field.is_repeated and not (field.message_type is not None and field.message_type.GetOptions().map_entry):
                 schema = {"type": "array", "items": schema}
             props[field.json_name] = schema
         body = {"type": "object", "properties": props, "additionalProperties": False}

@@ -1,3 +1,64 @@
-"""Job manifests: the JSON record of everything that happened to a job."""
+"""Job manifests: the JSON record of everything that happened to a job.
+
+The manifest is the protobuf message ``audiomesh.v1.Manifest`` in proto3 JSON; its JSON
+Schema (``manifest.schema.json`` beside this file) is generated from the same message by
+``scripts/gen_protos.py``, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from google.protobuf import json_format
+
+from audiomesh.errors import InvalidInput
+from audiomesh.v1 import orchestrator_pb2
 
 SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+_PACKAGES = ("audiomesh", "demucs", "torch", "numpy", "librosa", "grpcio", "soundfile", "soxr", "pyloudnorm")
+
+
+@cache
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@cache
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def dumps(manifest: orchestrator_pb2.Manifest) -> bytes:
+    text = json_format.MessageToJson(manifest, always_print_fields_with_no_presence=True, indent=2, sort_keys=False)
+    return text.encode() + b"\n"
+
+
+def loads(data: bytes) -> orchestrator_pb2.Manifest:
+    """Parse and validate a manifest; InvalidInput names what is wrong."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"manifest is not JSON: {exc}") from None
+    validate(obj)
+    return json_format.ParseDict(obj, orchestrator_pb2.Manifest(), ignore_unknown_fields=False)
+
+
+def validate(obj: Any) -> None:
+    try:
+        jsonschema.validate(obj, schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise InvalidInput(f"manifest does not match schema v{SCHEMA_VERSION} at {where}: {exc.message}") from None

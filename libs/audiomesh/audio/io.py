@@ -1,0 +1,482 @@
+"""Audio file I/O: probe, decode, resample, encode.
+
+Arrays are float32 with shape ``(channels, frames)`` everywhere in audiomesh. Decoding uses
+soundfile (libsndfile: WAV, FLAC, OGG, MP3 and friends), identified from the file's
+content, not its name; when libsndfile cannot read a file and ``ffmpeg`` is on PATH, ffmpeg
+decodes it to a temporary WAV. Errors a user can fix are :class:`~audiomesh.errors.InvalidInput`
+with a message that says what is wrong with the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from audiomesh.errors import InvalidInput, NotFound
+from audiomesh.hashing import file_sha256
+
+__all__ = [
+    "AudioInfo",
+    "OUTPUT_FORMATS",
+    "OUTPUT_SUBTYPES",
+    "SUPPORTED_INPUTS",
+    "file_sha256",
+    "probe",
+    "read_audio",
+    "resample",
+    "write_audio",
+]
+
+#: What libsndfile reads for us; anything else needs ffmpeg.
+SUPPORTED_INPUTS = "WAV, FLAC, OGG, MP3"
+OUTPUT_FORMATS = ("wav", "flac")
+OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+_FLAC_SUBTYPES = ("PCM_16", "PCM_24")
+_RESAMPLE_QUALITIES = ("HQ", "VHQ")
+_FFMPEG_TIMEOUT_S = 600
+_SNIFF_BYTES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AudioInfo:
+    """What :func:`probe` found.
+
+    ``format`` is the container as libsndfile names it ("WAV", "FLAC", "OGG", "MP3", ...;
+    for ffmpeg-decoded files the sniffed or ffprobe name, e.g. "M4A"); ``subtype`` the
+    sample encoding ("PCM_16", "VORBIS", ...; the codec name for ffmpeg-decoded files).
+    """
+
+    format: str
+    subtype: str
+    sample_rate: int
+    channels: int
+    frames: int
+    duration_s: float
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def _sniff(head: bytes) -> tuple[str, str] | None:
+    """(short name, description) of a file from its first bytes, or None if unknown."""
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+        return "WAV", "a WAV file"
+    if head[:4] == b"RF64":
+        return "WAV", "an RF64 WAV file"
+    if head[:4] == b"fLaC":
+        return "FLAC", "a FLAC file"
+    if head[:4] == b"OggS":
+        return "OGG", "an Ogg file"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF", "an AIFF file"
+    if head[4:8] == b"ftyp":
+        return "M4A", "an MP4/M4A file (AAC or ALAC audio)"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return "WEBM", "a Matroska/WebM file"
+    if head[:8] == b"0&\xb2u\x8ef\xcf\x11":
+        return "WMA", "an ASF file (WMA/WMV)"
+    if head[:5] == b"#!AMR":
+        return "AMR", "an AMR file"
+    if head[:4] == b"wvpk":
+        return "WAVPACK", "a WavPack file"
+    if head[:4] == b"MAC ":
+        return "APE", "a Monkey's Audio (APE) file"
+    if head[:4] == b"%PDF":
+        return "PDF", "a PDF document, not audio"
+    if head[:4] == b"PK\x03\x04":
+        return "ZIP", "a ZIP archive, not audio"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG", "a PNG image, not audio"
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG", "a JPEG image, not audio"
+    if head[:3] == b"ID3":
+        return "MP3", "an MP3 file"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        if head[1] & 0x06 == 0:  # MPEG "layer 0" is ADTS AAC
+            return "AAC", "a raw AAC (ADTS) stream"
+        return "MP3", "an MPEG audio (MP3) file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at the end of the sniffed bytes is still text.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "TEXT", "a text file, not audio"
+    return None
+
+
+def _read_head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(_SNIFF_BYTES)
+
+
+def _display(path: str, name: str | None) -> str:
+    return repr(name if name is not None else os.path.basename(path))
+
+
+def _wav_data_chunk(path: str) -> tuple[int, int] | None:
+    """(declared data-chunk size, bytes present after its header) of a RIFF WAVE file."""
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX") or header[8:12] != b"WAVE":
+            return None
+        endian = "<" if header[:4] == b"RIFF" else ">"
+        file_size = os.fstat(f.fileno()).st_size
+        pos = 12
+        while pos + 8 <= file_size:
+            f.seek(pos)
+            chunk = f.read(8)
+            (size,) = struct.unpack(endian + "I", chunk[4:8])
+            if chunk[:4] == b"data":
+                return size, file_size - pos - 8
+            pos += 8 + size + (size & 1)
+    return None
+
+
+def _check_wav_complete(path: str, shown: str) -> None:
+    found = _wav_data_chunk(path)
+    if found is None:
+        return
+    declared, present = found
+    # 0 and 0xFFFFFFFF are "length unknown" markers written by streaming encoders.
+    if declared not in (0, 0xFFFFFFFF) and present < declared:
+        raise InvalidInput(
+            f"{shown} is a truncated WAV file: its header declares {declared} bytes of audio but only "
+            f"{present} are present; the upload or copy was probably cut off"
+        )
+
+
+# --------------------------------------------------------------------------- ffmpeg fallback
+
+
+def _ffmpeg() -> str | None:
+    return shutil.which("ffmpeg")
+
+
+def _ffprobe_names(path: str) -> tuple[str | None, str | None]:
+    """(container name, codec name) from ffprobe, or Nones."""
+    ffprobe = shutil.which("ffprobe")
+    if not ffprobe:
+        return None, None
+    cmd = [
+        ffprobe, "-v", "error", "-select_streams", "a:0",
+        "-show_entries", "format=format_name:stream=codec_name", "-of", "json", path,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+        data = json.loads(proc.stdout or b"{}")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None, None
+    container = (data.get("format") or {}).get("format_name")
+    streams = data.get("streams") or []
+    codec = streams[0].get("codec_name") if streams else None
+    return (container.split(",")[0].upper() if container else None), (codec.upper() if codec else None)
+
+
+def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tuple[str, str] | None) -> None:
+    cmd = [
+        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", path,
+        "-vn", "-map", "0:a:0", "-c:a", "pcm_f32le", "-f", "wav", "-rf64", "auto", out_wav,
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise InvalidInput(f"{shown}: ffmpeg did not finish decoding within {_FFMPEG_TIMEOUT_S} s") from None
+    if proc.returncode != 0 or not os.path.exists(out_wav):
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        looks = f"; it looks like {sniffed[1]}" if sniffed else ""
+        raise InvalidInput(f"{shown} is not an audio file that soundfile or ffmpeg can decode{looks} ({detail})")
+
+
+@contextlib.contextmanager
+def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple[str, AudioInfo]]:
+    """Validate ``path`` and yield (a path soundfile can read, its AudioInfo).
+
+    The yielded path is ``path`` itself, or a temporary WAV decoded by ffmpeg that is
+    removed afterwards.
+    """
+    path = os.fspath(path)
+    shown = _display(path, name)
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise NotFound(f"audio file {shown} does not exist") from None
+    if os.path.isdir(path):
+        raise InvalidInput(f"{shown} is a directory, not an audio file")
+    if size == 0:
+        raise InvalidInput(f"{shown}: the file is empty (0 bytes)")
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        sniffed = _sniff(_read_head(path))
+        ffmpeg = _ffmpeg()
+        if ffmpeg is None:
+            raise _not_supported(shown, sniffed, exc) from None
+        with tempfile.TemporaryDirectory(prefix="audiomesh-ffmpeg-") as tmp:
+            wav = os.path.join(tmp, "decoded.wav")
+            _ffmpeg_decode(ffmpeg, path, wav, shown, sniffed)
+            decoded = sf.info(wav)
+            container, codec = _ffprobe_names(path)
+            fmt = (sniffed[0] if sniffed else None) or container or "UNKNOWN"
+            result = _make_info(decoded, shown, fmt=fmt, subtype=codec or "FFMPEG")
+            yield wav, result
+        return
+    if info.format == "WAV" or info.format == "WAVEX":
+        _check_wav_complete(path, shown)
+    yield path, _make_info(info, shown)
+
+
+def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) -> InvalidInput:
+    if sniffed and sniffed[0] in ("WAV", "FLAC", "OGG", "MP3"):
+        return InvalidInput(
+            f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated "
+            f"({_libsndfile_reason(exc)})"
+        )
+    looks = f" (it looks like {sniffed[1]})" if sniffed else ""
+    return InvalidInput(
+        f"{shown} is not a supported audio file ({SUPPORTED_INPUTS}){looks}; install ffmpeg for other formats"
+    )
+
+
+def _libsndfile_reason(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("Error opening") and ": " in text else text
+
+
+def _make_info(info: sf._SoundFileInfo, shown: str, *, fmt: str | None = None, subtype: str | None = None) -> AudioInfo:
+    if info.frames <= 0:
+        raise InvalidInput(f"{shown} contains no audio samples (0 frames)")
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise InvalidInput(f"{shown} has an invalid header ({info.samplerate} Hz, {info.channels} channels)")
+    return AudioInfo(
+        format=fmt or info.format,
+        subtype=subtype or info.subtype,
+        sample_rate=int(info.samplerate),
+        channels=int(info.channels),
+        frames=int(info.frames),
+        duration_s=float(info.frames) / float(info.samplerate),
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def probe(path: str | os.PathLike[str], *, name: str | None = None) -> AudioInfo:
+    """Identify an audio file from its content and check that it is usable.
+
+    Parameters
+    ----------
+    path : path-like
+        The file. Its extension is ignored; the content decides.
+    name : str, optional
+        The name to show in error messages (e.g. the user's upload name); default: the
+        file's base name.
+
+    Returns
+    -------
+    info : AudioInfo
+
+    Raises
+    ------
+    InvalidInput
+        The file is empty, is not audio that libsndfile (or ffmpeg, if installed) can
+        read, is a truncated WAV, or holds no samples. The message says which.
+    NotFound
+        ``path`` does not exist.
+    """
+    with _decodable(path, name) as (_, info):
+        return info
+
+
+def read_audio(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+    name: str | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode an audio file to float32 samples.
+
+    Parameters
+    ----------
+    path : path-like
+        The file (any format :func:`probe` accepts).
+    sample_rate : int, optional
+        Resample to this rate (soxr, very high quality) if the file's rate differs.
+    channels : int, optional
+        Adapt to this many channels: mono is duplicated, stereo is averaged to mono.
+        Other conversions raise InvalidInput.
+    name : str, optional
+        The name to show in error messages.
+
+    Returns
+    -------
+    y : np.ndarray [shape=(channels, frames), dtype=float32]
+    sr : int
+        The sample rate of ``y``.
+
+    Raises
+    ------
+    InvalidInput
+        Everything :func:`probe` raises; a decoding failure; NaN or infinite samples; an
+        unsupported channel conversion.
+    """
+    shown = _display(os.fspath(path), name)
+    with _decodable(path, name) as (real_path, info):
+        try:
+            data, sr = sf.read(real_path, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise InvalidInput(f"{shown} ({info.format}) could not be decoded; it is probably damaged: {exc}") from None
+    y = np.ascontiguousarray(data.T)
+    del data
+    if y.shape[1] == 0:
+        raise InvalidInput(f"{shown} contains no audio samples (0 frames)")
+    _check_finite(y, shown)
+    if channels is not None and channels < y.shape[0]:
+        y = _adapt_channels(y, channels, shown)
+    if sample_rate is not None and sample_rate != sr:
+        y = resample(y, sr, sample_rate)
+        sr = sample_rate
+    if channels is not None and channels != y.shape[0]:
+        y = _adapt_channels(y, channels, shown)
+    return y, int(sr)
+
+
+def _check_finite(y: np.ndarray, shown: str) -> None:
+    finite = np.isfinite(y)
+    if not finite.all():
+        bad = int(y.size - np.count_nonzero(finite))
+        raise InvalidInput(f"{shown} contains {bad} NaN or infinite sample(s); audio samples must be finite numbers")
+
+
+def _adapt_channels(y: np.ndarray, channels: int, shown: str) -> np.ndarray:
+    have = y.shape[0]
+    if channels < 1:
+        raise InvalidInput(f"channels must be >= 1, got {channels}")
+    if have == channels:
+        return y
+    if have == 1:
+        return np.repeat(y, channels, axis=0)
+    if have == 2 and channels == 1:
+        return y.mean(axis=0, keepdims=True, dtype=np.float32)
+    raise InvalidInput(
+        f"{shown} has {have} channels and {channels} are needed; only mono -> stereo (duplicate) and "
+        "stereo -> mono (average) conversions are supported"
+    )
+
+
+def resample(y: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "VHQ") -> np.ndarray:
+    """Resample along the last axis with soxr.
+
+    Parameters
+    ----------
+    y : np.ndarray [shape=(frames,) or (channels, frames)]
+    sr_in, sr_out : int
+        Sample rates in Hz, > 0.
+    quality : {"VHQ", "HQ"}
+
+    Returns
+    -------
+    y_out : np.ndarray [shape=(..., round(frames * sr_out / sr_in))]
+        float32 for float32 input; ``y`` itself (not a copy) when the rates are equal.
+    """
+    if int(sr_in) <= 0 or int(sr_out) <= 0:
+        raise InvalidInput(f"sample rates must be > 0 Hz, got {sr_in} -> {sr_out}")
+    if quality not in _RESAMPLE_QUALITIES:
+        raise InvalidInput(f"resample quality must be one of {_RESAMPLE_QUALITIES}, got {quality!r}")
+    if y.ndim not in (1, 2):
+        raise InvalidInput(f"y must have shape (frames,) or (channels, frames), got {y.shape}")
+    if sr_in == sr_out:
+        return y
+    if y.dtype not in (np.float32, np.float64):
+        y = y.astype(np.float32)
+    if y.shape[-1] == 0:
+        return np.zeros(y.shape, dtype=y.dtype)
+    if y.ndim == 1:
+        return soxr.resample(y, sr_in, sr_out, quality=quality)
+    out = soxr.resample(y.T, sr_in, sr_out, quality=quality)
+    return np.ascontiguousarray(out.T)
+
+
+def write_audio(
+    path: str | os.PathLike[str],
+    y: np.ndarray,
+    sample_rate: int,
+    *,
+    fmt: str = "wav",
+    subtype: str | None = None,
+) -> None:
+    """Encode ``y`` to a WAV or FLAC file atomically (temp file in the same directory + rename).
+
+    Parameters
+    ----------
+    path : path-like
+        Destination; its directory must exist.
+    y : np.ndarray [shape=(channels, frames) or (frames,)]
+        Samples, nominally in [-1, 1]. PCM subtypes clip to that range (never wrap).
+    sample_rate : int
+    fmt : {"wav", "flac"}
+    subtype : {"PCM_16", "PCM_24", "FLOAT"}, optional
+        Default "PCM_16". FLAC supports PCM_16 and PCM_24.
+    """
+    fmt_l = str(fmt).lower()
+    if fmt_l not in OUTPUT_FORMATS:
+        raise InvalidInput(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    subtype = (subtype or "PCM_16").upper()
+    if subtype not in OUTPUT_SUBTYPES:
+        raise InvalidInput(f"output subtype must be one of {OUTPUT_SUBTYPES}, got {subtype!r}")
+    if fmt_l == "flac" and subtype not in _FLAC_SUBTYPES:
+        raise InvalidInput(f"FLAC stores integer PCM only: use subtype {_FLAC_SUBTYPES}, or fmt='wav' for {subtype}")
+    if int(sample_rate) <= 0:
+        raise InvalidInput(f"sample_rate must be > 0 Hz, got {sample_rate}")
+    y = np.asarray(y)
+    if y.ndim == 1:
+        y = y[np.newaxis, :]
+    if y.ndim != 2 or y.shape[0] == 0:
+        raise InvalidInput(f"y must have shape (channels, frames), got {y.shape}")
+    if y.shape[0] > 64:
+        raise InvalidInput(
+            f"y has shape {y.shape}: more than 64 channels; pass (channels, frames), not (frames, channels)"
+        )
+    y = y.astype(np.float32, copy=False)
+    _check_finite(y, "the audio to write")
+    if subtype != "FLOAT":
+        y = np.clip(y, -1.0, 1.0)
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base[:60]}.", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs unreadable to other service users
+    os.close(fd)
+    try:
+        try:
+            sf.write(tmp, y.T, int(sample_rate), format=fmt_l.upper(), subtype=subtype)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise InvalidInput(f"cannot write {fmt_l.upper()} {subtype} at {sample_rate} Hz: {exc}") from None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,276 @@
+"""The ``audiomesh`` command: run the mesh, submit songs, inspect jobs.
+
+audiomesh up                         every service on localhost, file store in ./data
+audiomesh process song.mp3 --out out one job per file, progress bar, tracks in out/
+audiomesh process --demo --out out   the same on a synthesized clip
+audiomesh jobs | show ID | cancel ID | models
+audiomesh serve NAME [--port N]      one service in this process (containers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from audiomesh.config import SERVICES, Settings, load_settings
+from audiomesh.errors import AudiomeshError
+
+CHUNK = 1 << 20
+
+
+def _state(job) -> str:
+    from audiomesh.v1 import common_pb2
+
+    return common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+
+
+def _fmt_eta(job) -> str:
+    if not job.HasField("eta_seconds"):
+        return "--:--"
+    s = int(job.eta_seconds)
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+async def _upload(stub, path: Path, options, *, filename: str | None = None):
+    from audiomesh.v1 import orchestrator_pb2
+
+    size = await asyncio.to_thread(lambda: path.stat().st_size)
+
+    async def messages():
+        yield orchestrator_pb2.UploadAudioRequest(
+            metadata=orchestrator_pb2.UploadMetadata(
+                filename=filename or path.name, options=options, create_job=True, size_bytes=size
+            )
+        )
+        with path.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield orchestrator_pb2.UploadAudioRequest(chunk=chunk)
+
+    return await stub.UploadAudio(messages())
+
+
+async def _watch(stub, job_id: str, *, label: str, quiet: bool = False):
+    """Follow a job with a progress bar (stage, %, ETA); return its final state."""
+    from tqdm import tqdm
+
+    from audiomesh.v1 import orchestrator_pb2
+
+    bar = tqdm(total=100, desc=label, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}", disable=quiet)
+    job = None
+    async for msg in stub.WatchJob(orchestrator_pb2.WatchJobRequest(job_id=job_id)):
+        job = msg.job
+        bar.n = round(job.fraction * 100, 1)
+        bar.set_postfix_str(f"{_state(job).lower()} {job.current_stage} ETA {_fmt_eta(job)}", refresh=False)
+        bar.refresh()
+    bar.close()
+    return job
+
+
+def _download(settings: Settings, job, out_dir: Path) -> list[Path]:
+    store = settings.open_store()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for track in job.tracks:
+        dest = out_dir / Path(track.key).name
+        store.get_to_file(track.key, dest)
+        written.append(dest)
+    dest = out_dir / "manifest.json"
+    store.get_to_file(job.manifest_key, dest)
+    written.append(dest)
+    return written
+
+
+def _job_options(args):
+    from audiomesh.v1 import orchestrator_pb2
+
+    options = orchestrator_pb2.JobOptions(model=args.model or "")
+    if getattr(args, "two_stems", None):
+        options.separation.two_stems = args.two_stems
+    if getattr(args, "shifts", None):
+        options.separation.shifts = args.shifts
+    return options
+
+
+async def _process(args, settings: Settings, target: str) -> int:
+    from audiomesh.rpc import ClientFactory
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    clients = ClientFactory()
+    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
+    files = [Path(f) for f in args.files]
+    tmp = None
+    if args.demo:
+        import soundfile as sf
+
+        from audiomesh.demo import synth_song
+
+        tmp = tempfile.TemporaryDirectory(prefix="audiomesh-demo-")
+        demo = Path(tmp.name) / "demo.wav"
+        sf.write(demo, synth_song(args.demo_seconds).T, 44100, subtype="PCM_16")
+        files.append(demo)
+    if not files:
+        print("error: give one or more audio files, or --demo", file=sys.stderr)
+        return 2
+    failures = 0
+    try:
+        for path in files:
+            if not path.is_file():
+                print(f"error: {path}: no such file", file=sys.stderr)
+                failures += 1
+                continue
+            response = await _upload(stub, path, _job_options(args))
+            job = await _watch(stub, response.job.job_id, label=path.name, quiet=args.quiet)
+            if _state(job) != "SUCCEEDED":
+                print(
+                    f"{path.name}: job {job.job_id} {_state(job)}: {job.error.code}: {job.error.message}",
+                    file=sys.stderr,
+                )
+                failures += 1
+                continue
+            dest = Path(args.out) / path.stem
+            written = await asyncio.to_thread(_download, settings, job, dest)
+            print(f"{path.name}: job {job.job_id} done; {len(written)} files in {dest}/")
+            for file in written:
+                print(f"  {file.name}")
+    finally:
+        await clients.close()
+        if tmp:
+            tmp.cleanup()
+    return 1 if failures else 0
+
+
+async def _mesh_running(target: str) -> bool:
+    from audiomesh.rpc import ClientFactory
+
+    clients = ClientFactory()
+    try:
+        return await clients.health(target, timeout=1.0) == "SERVING"
+    finally:
+        await clients.close()
+
+
+def cmd_process(args, settings: Settings) -> int:
+    target = settings.orchestrator_addr
+    if asyncio.run(_mesh_running(target)):
+        return asyncio.run(_process(args, settings, target))
+    from audiomesh.launcher import Mesh
+
+    default_store = Path("data").resolve().as_uri()
+    log_dir = Path("data/logs") if settings.store_url == default_store else None
+    print("no mesh running: starting one for this command (logs in %s)" % (log_dir or "a temp folder"), file=sys.stderr)
+    with Mesh(log_dir=log_dir) as mesh:
+        return asyncio.run(_process(args, settings, mesh.orchestrator))
+
+
+def cmd_up(args, settings: Settings) -> int:
+    import signal
+    import time
+
+    from audiomesh.launcher import Mesh, default_ports
+
+    mesh = Mesh(ports=default_ports(settings), inherit_output=True)
+    mesh.start()
+    print("audiomesh is up (Ctrl-C to stop):")
+    for name in SERVICES:
+        print(f"  {name:<13} {mesh.addresses[name]}")
+    print(f"  store         {settings.store_url}")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and all(p.poll() is None for p in mesh.procs.values()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mesh.stop()
+    return 0
+
+
+async def _simple(args, settings: Settings) -> int:
+    from audiomesh.rpc import ClientFactory
+    from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
+
+    clients = ClientFactory()
+    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, settings.orchestrator_addr)
+    try:
+        if args.command == "jobs":
+            resp = await stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=args.limit))
+            for job in resp.jobs:
+                created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                print(f"{job.job_id}  {_state(job):<9}  {created}  {job.fraction * 100:5.1f}%  {job.input.name}")
+        elif args.command == "show":
+            job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=args.job_id))).job
+            print(json_format.MessageToJson(job, indent=2))
+        elif args.command == "cancel":
+            job = (await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=args.job_id))).job
+            print(f"{job.job_id} {_state(job)}")
+        elif args.command == "models":
+            resp = await stub.ListModels(separation_pb2.ListModelsRequest())
+            for m in resp.models:
+                mark = "*" if m.name == resp.default_model else " "
+                avail = "available" if m.available else "no weights here"
+                print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {','.join(m.sources)}")
+    finally:
+        await clients.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audiomesh", description="Music separation as a mesh of gRPC services.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run one service in this process")
+    p.add_argument("service", choices=SERVICES)
+    p.add_argument("--port", type=int, default=None, help="0 picks a free port; default from AUDIOMESH_<NAME>_ADDR")
+    p.add_argument("--ready-file", type=Path, default=None, help="write {port} here once SERVING")
+    sub.add_parser("up", help="start every service on localhost (file store in ./data)")
+    p = sub.add_parser("process", help="separate files (starts a mesh when none is running)")
+    p.add_argument("files", nargs="*")
+    p.add_argument("--demo", action="store_true", help="also process a synthesized demo clip")
+    p.add_argument("--demo-seconds", type=float, default=10.0)
+    p.add_argument("--model", default="", help="separation model (default: AUDIOMESH_DEFAULT_MODEL)")
+    p.add_argument("--two-stems", default="", help="e.g. vocals: vocals + no_vocals only")
+    p.add_argument("--shifts", type=int, default=0)
+    p.add_argument("--out", default="out", help="folder for the tracks and manifest.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("jobs", help="list jobs, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p = sub.add_parser("show", help="print a job as JSON")
+    p.add_argument("job_id")
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job_id")
+    sub.add_parser("models", help="list separation models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            from audiomesh.launcher import serve
+
+            asyncio.run(serve(args.service, settings, port=args.port, ready_file=args.ready_file))
+            return 0
+        if args.command == "up":
+            return cmd_up(args, settings)
+        if args.command == "process":
+            return cmd_process(args, settings)
+        return asyncio.run(_simple(args, settings))
+    except AudiomeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

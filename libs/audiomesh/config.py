@@ -1,0 +1,138 @@
+"""Settings: read once at start from the environment (prefix ``AUDIOMESH_``) and ``.env``.
+
+Precedence: environment > ``.env`` > defaults. Every default suits one laptop: a file store
+under ``./data``, every service on 127.0.0.1. An invalid value fails at start with a
+:class:`~audiomesh.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from audiomesh.errors import ConfigError
+
+ENV_PREFIX = "AUDIOMESH_"
+SERVICES = ("orchestrator", "separation", "hpss", "composite", "normalize")
+DEFAULT_PORTS = {"orchestrator": 50051, "separation": 50052, "hpss": 50053, "composite": 50054, "normalize": 50055}
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Object store
+    store_url: str = Field("./data", description="a folder, file:///path or s3://bucket[/prefix]")
+    s3_endpoint: str = Field("", description="host:port of the S3 API (MinIO, moto, AWS)")
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_region: str = ""
+    s3_secure: bool = Field(False, description="HTTPS to the S3 endpoint")
+
+    # Network: where each service listens (host) and where clients find it (addresses)
+    host: str = Field("127.0.0.1", description="interface every service binds; 0.0.0.0 in containers")
+    orchestrator_addr: str = f"127.0.0.1:{DEFAULT_PORTS['orchestrator']}"
+    separation_addr: str = f"127.0.0.1:{DEFAULT_PORTS['separation']}"
+    hpss_addr: str = f"127.0.0.1:{DEFAULT_PORTS['hpss']}"
+    composite_addr: str = f"127.0.0.1:{DEFAULT_PORTS['composite']}"
+    normalize_addr: str = f"127.0.0.1:{DEFAULT_PORTS['normalize']}"
+
+    # Separation
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    default_model: str = "htdemucs"
+    model_repo: Path | None = Field(None, description="folder of offline Demucs weights (NAME.th / NAME.yaml)")
+    torch_threads: int = Field(0, ge=0, description="0 = torch's default")
+
+    # Normalization defaults (a job may override them)
+    normalize_mode: Literal["loudness", "peak", "off"] = "loudness"
+    target_db: float = Field(-14.0, ge=-70.0, le=0.0, description="LUFS (loudness) or dBFS (peak)")
+    true_peak_ceiling_db: float = Field(-1.0, ge=-20.0, le=0.0)
+    gain_linking: Literal["linked", "per_track"] = "linked"
+    output_encoding: Literal["wav_pcm16", "wav_pcm24", "wav_float32", "flac_pcm16", "flac_pcm24"] = "wav_pcm16"
+
+    # Limits
+    max_upload_bytes: int = Field(500 * 1024 * 1024, gt=0)
+    max_duration_seconds: float = Field(3600.0, gt=0)
+    worker_concurrency: int = Field(
+        2, ge=1, description="requests one worker runs at once; more get RESOURCE_EXHAUSTED"
+    )
+    max_running_jobs: int = Field(2, ge=1, description="jobs the orchestrator runs at once; others wait QUEUED")
+    max_parallel_nodes: int = Field(4, ge=1, description="stage-graph nodes of one job running at once")
+    node_attempts: int = Field(3, ge=1, le=10, description="tries per node on retryable errors")
+    stage_timeout_seconds: float = Field(3600.0, gt=0, description="deadline of one worker call")
+    retention_hours: float = Field(168.0, ge=0, description="delete jobs older than this; 0 keeps them")
+
+    # Observability and security
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    otlp_endpoint: str = Field("", description="OTLP/gRPC collector, e.g. http://otel:4317; empty = no export")
+    cors_origins: CommaList = Field(default_factory=list)
+    api_keys: CommaList = Field(default_factory=list)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @field_validator("cors_origins", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            # A plain folder (the laptop default): absolute, so every process agrees on it.
+            return Path(value).expanduser().resolve().as_uri()
+        if not value.startswith(("file://", "s3://")):
+            raise ValueError("must be a folder, file:///absolute/path or s3://bucket[/prefix]")
+        return value
+
+    @field_validator("orchestrator_addr", "separation_addr", "hpss_addr", "composite_addr", "normalize_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        target = value.removeprefix("dns:///")
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("must be host:port (or dns:///host:port)")
+        return value
+
+    def address_of(self, service: str) -> str:
+        return getattr(self, f"{service}_addr")
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings without secrets, for GetConfig and manifests."""
+        data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key", "api_keys"})
+        data["api_keys_configured"] = len(self.api_keys)
+        return data
+
+    def open_store(self):
+        from audiomesh.store import open_store
+
+        return open_store(
+            self.store_url,
+            s3_endpoint=self.s3_endpoint or None,
+            s3_access_key=self.s3_access_key.get_secret_value() or None,
+            s3_secret_key=self.s3_secret_key.get_secret_value() or None,
+            s3_region=self.s3_region or None,
+            s3_secure=self.s3_secure,
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings once; raise ConfigError naming the first bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            value = err.get("input")
+            problems.append(f"{ENV_PREFIX}{field.upper()}={value!r}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

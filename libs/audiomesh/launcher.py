@@ -1,0 +1,170 @@
+"""Running services: one in this process (``serve``), or the whole mesh as child processes.
+
+``Mesh`` starts every worker (port 0 unless ports are given), waits for each to report
+SERVING through a ready file, then starts the orchestrator pointed at them. Used by
+``audiomesh up``, by ``audiomesh process`` when no mesh is running, and by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from audiomesh.config import DEFAULT_PORTS, SERVICES, Settings, load_settings
+from audiomesh.errors import Unavailable
+from audiomesh.rpc.server import start_server
+from audiomesh.telemetry import configure_logging, configure_tracing, logger
+
+WORKERS = ("separation", "hpss", "composite", "normalize")
+
+
+async def serve(name: str, settings: Settings, *, port: int | None = None, ready_file: Path | None = None) -> None:
+    """Run one service until SIGTERM; write ``ready_file`` (JSON with the port) once SERVING."""
+    if name not in SERVICES:
+        raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+    configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    configure_tracing(name, otlp_endpoint=settings.otlp_endpoint)
+    if port is None:
+        port = int(settings.address_of(name).rpartition(":")[2])
+    spec = importlib.import_module(f"audiomesh.services.{name}.server").build(settings)
+    tls = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        tls = (settings.tls_cert_file.read_bytes(), settings.tls_key_file.read_bytes())
+    running = await start_server(
+        spec.registrations,
+        service=name,
+        bind=f"{settings.host}:{port}",
+        warmup=spec.warmup,
+        concurrency=spec.concurrency,
+        tls=tls,
+    )
+    if ready_file is not None:
+
+        async def announce() -> None:
+            await running.ready.wait()
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"service": name, "port": running.port, "pid": os.getpid()}))
+            tmp.replace(ready_file)
+
+        asyncio.ensure_future(announce())
+    await running.serve_until_signal(before_stop=spec.on_stop)
+    logger().info("stopped")
+
+
+class Mesh:
+    """The five services as child processes on 127.0.0.1."""
+
+    def __init__(
+        self,
+        *,
+        env: dict[str, str] | None = None,
+        ports: dict[str, int] | None = None,
+        log_dir: Path | None = None,
+        inherit_output: bool = False,
+    ) -> None:
+        self.env = {**os.environ, **(env or {})}
+        self.ports = dict(ports or dict.fromkeys(SERVICES, 0))
+        self._run_dir = Path(tempfile.mkdtemp(prefix="audiomesh-mesh-"))
+        self.log_dir = Path(log_dir) if log_dir else self._run_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.inherit_output = inherit_output
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addresses: dict[str, str] = {}
+
+    def _spawn(self, name: str, env: dict[str, str]) -> Path:
+        ready = self._run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "audiomesh.cli",
+            "serve",
+            name,
+            "--port",
+            str(self.ports[name]),
+            "--ready-file",
+            str(ready),
+        ]
+        out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        return ready
+
+    def _wait_ready(self, ready: dict[str, Path], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while ready and time.monotonic() < deadline:
+            for name, path in list(ready.items()):
+                if path.exists():
+                    port = json.loads(path.read_text())["port"]
+                    self.addresses[name] = f"127.0.0.1:{port}"
+                    del ready[name]
+                elif self.procs[name].poll() is not None:
+                    self.stop()
+                    raise Unavailable(
+                        f"{name} exited with code {self.procs[name].returncode}; see {self.log_dir}/{name}.log"
+                    )
+            time.sleep(0.1)
+        if ready:
+            self.stop()
+            raise Unavailable(f"{', '.join(ready)} did not become healthy within {timeout:.0f} s; see {self.log_dir}")
+
+    def start(self, timeout: float = 300.0) -> Mesh:
+        env = dict(self.env)
+        env.setdefault("AUDIOMESH_HOST", "127.0.0.1")
+        # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
+        ready = {name: self._spawn(name, env) for name in WORKERS}
+        self._wait_ready(ready, timeout)
+        for name, addr in self.addresses.items():
+            env[f"AUDIOMESH_{name.upper()}_ADDR"] = addr
+        self.env = env
+        self._wait_ready({"orchestrator": self._spawn("orchestrator", env)}, timeout)
+        return self
+
+    def restart(self, name: str, timeout: float = 120.0) -> None:
+        """Start a stopped (or killed) service again on the same port."""
+        self.ports[name] = int(self.addresses[name].rpartition(":")[2])
+        self._wait_ready({name: self._spawn(name, self.env)}, timeout)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def stop(self, grace: float = 30.0) -> None:
+        order = ["orchestrator", *WORKERS]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    @property
+    def orchestrator(self) -> str:
+        return self.addresses["orchestrator"]
+
+    def __enter__(self) -> Mesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def default_ports(settings: Settings | None = None) -> dict[str, int]:
+    settings = settings or load_settings()
+    return {name: int(settings.address_of(name).rpartition(":")[2]) for name in SERVICES} or DEFAULT_PORTS

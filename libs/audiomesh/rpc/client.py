@@ -1,0 +1,113 @@
+"""One client factory: channel options, retries, keepalive, tracing — for every caller."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from audiomesh import errors
+
+# Transparent retries for calls that never reached a healthy server. Idempotent unary calls
+# (health, ListModels, Measure) also retry UNAVAILABLE; streaming work is retried by the
+# orchestrator, which knows what was written.
+_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "grpc.health.v1.Health"},
+                {"service": "audiomesh.v1.SeparationService", "method": "ListModels"},
+                {"service": "audiomesh.v1.NormalizeService", "method": "Measure"},
+                {"service": "audiomesh.v1.OrchestratorService", "method": "GetJob"},
+                {"service": "audiomesh.v1.OrchestratorService", "method": "ListJobs"},
+                {"service": "audiomesh.v1.OrchestratorService", "method": "GetConfig"},
+                {"service": "audiomesh.v1.OrchestratorService", "method": "ListModels"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+class ClientFactory:
+    """Channels cached per target; stubs made from them.
+
+    ``stub(orchestrator_pb2_grpc.OrchestratorServiceStub, "127.0.0.1:50051")``. Targets may be
+    ``host:port`` or ``dns:///host:port`` (round-robin over a headless Service's pods).
+    """
+
+    def __init__(self, *, root_certificates: bytes | None = None) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._root_certificates = root_certificates
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        if target not in self._channels:
+            interceptors = aio_client_interceptors()
+            if self._root_certificates is not None:
+                creds = grpc.ssl_channel_credentials(self._root_certificates)
+                chan = grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS, interceptors=interceptors)
+            else:
+                chan = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+            self._channels[target] = chan
+        return self._channels[target]
+
+    def stub(self, stub_class: type, target: str):
+        return stub_class(self.channel(target))
+
+    async def health(self, target: str, service: str = "", *, timeout: float = 2.0) -> str:  # noqa: ASYNC109 - a gRPC deadline
+        """Health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
+        stub = health_pb2_grpc.HealthStub(self.channel(target))
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return (
+                "UNREACHABLE"
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                else exc.code().name
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def close(self) -> None:
+        for chan in self._channels.values():
+            await chan.close()
+        self._channels.clear()
+
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.AudiomeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+def status_of(exc: grpc.aio.AioRpcError) -> errors.AudiomeshError:
+    """Turn a worker's status back into our exception (code and message preserved)."""
+    cls = _CODE_TO_ERROR.get(exc.code(), errors.AudiomeshError)
+    err = cls(exc.details() or exc.code().name)
+    if cls is errors.AudiomeshError:
+        err.code = exc.code().name
+    return err

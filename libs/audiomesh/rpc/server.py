@@ -1,0 +1,307 @@
+"""One server bootstrap for every service.
+
+``start_server`` builds a ``grpc.aio`` server with the standard health service (NOT_SERVING
+until warm-up finishes), reflection, OpenTelemetry propagation, and one interceptor that
+logs each call, maps :class:`~audiomesh.errors.AudiomeshError` to its status code and
+bounds concurrency (RESOURCE_EXHAUSTED beyond the limit). ``RunningServer.serve_until_signal``
+drains on SIGTERM: health flips to NOT_SERVING, in-flight calls get ``grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from audiomesh import errors
+from audiomesh.telemetry import logger
+
+T = TypeVar("T")
+_EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+@dataclass
+class Registration:
+    """One servicer to host: ``add`` is the generated ``add_XServicer_to_server``."""
+
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str  # from the descriptor: pb.DESCRIPTOR.services_by_name["X"].full_name
+
+
+class _ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Access log, error mapping and the concurrency bound, around every method."""
+
+    def __init__(self, service: str, concurrency: int | None) -> None:
+        self._log = logger(component="rpc")
+        self._limit = concurrency
+        self._in_flight = 0
+        self._service = service
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        limited = self._limit is not None and not method.startswith(_EXEMPT_PREFIXES)
+        if handler.unary_unary or handler.stream_unary:
+            kind = "unary_unary" if handler.unary_unary else "stream_unary"
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request, context):
+                async with self._call(method, context, limited):
+                    return await inner(request, context)
+
+            wrapped = unary
+        else:
+            kind = "unary_stream" if handler.unary_stream else "stream_stream"
+            inner = handler.unary_stream or handler.stream_stream
+
+            async def streaming(request, context):
+                async with self._call(method, context, limited):
+                    async for response in inner(request, context):
+                        yield response
+
+            wrapped = streaming
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _call(self, method: str, context: grpc.aio.ServicerContext, limited: bool):
+        interceptor = self
+
+        class _Scope:
+            async def __aenter__(self):
+                self.start = time.perf_counter()
+                self.code = "OK"
+                if limited:
+                    if interceptor._in_flight >= interceptor._limit:
+                        self.code = "RESOURCE_EXHAUSTED"
+                        interceptor._log_call(method, self.code, self.start)
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{interceptor._service} is busy: {interceptor._in_flight} requests in flight "
+                            f"(limit {interceptor._limit}); retry later",
+                        )
+                    interceptor._in_flight += 1
+                self.counted = limited
+                return self
+
+            async def __aexit__(self, exc_type, exc, tb):
+                if self.counted:
+                    interceptor._in_flight -= 1
+                if exc is None:
+                    interceptor._log_call(method, self.code, self.start)
+                    return False
+                if isinstance(exc, errors.AudiomeshError):
+                    code = grpc.StatusCode[exc.code]
+                    interceptor._log_call(method, exc.code, self.start, error=str(exc))
+                    await context.abort(code, str(exc))
+                if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    interceptor._log_call(method, "CANCELLED", self.start)
+                    return False
+                if isinstance(exc, grpc.aio.AbortError) or isinstance(exc, grpc.RpcError):
+                    code = context.code() if hasattr(context, "code") else None
+                    interceptor._log_call(method, getattr(code, "name", "ABORTED"), self.start)
+                    return False
+                interceptor._log.exception("unhandled error", method=method)
+                interceptor._log_call(method, "INTERNAL", self.start, error=repr(exc))
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+        return _Scope()
+
+    def _log_call(self, method: str, code: str, start: float, **extra) -> None:
+        if method.startswith(_EXEMPT_PREFIXES):
+            return
+        ms = round((time.perf_counter() - start) * 1000, 1)
+        level = self._log.info if code in ("OK", "CANCELLED") else self._log.warning
+        level("rpc", method=method, code=code, duration_ms=ms, **extra)
+
+
+@dataclass
+class ServiceSpec:
+    """What a service module's ``build(settings)`` returns for the shared bootstrap."""
+
+    registrations: list[Registration]
+    warmup: Callable[[], Awaitable[None]] | None = None
+    concurrency: int | None = None
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: list[str]
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+        if serving:
+            self.ready.set()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def serve_until_signal(
+        self, grace: float = 25.0, before_stop: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Block until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.ensure_future(self.server.wait_for_termination())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            logger().info("draining", grace_s=grace)
+            await self.health.enter_graceful_shutdown()
+            if before_stop is not None:
+                await before_stop()
+            await self.stop(grace)
+        waiter.cancel()
+        stopper.cancel()
+
+
+async def start_server(
+    registrations: Iterable[Registration],
+    *,
+    service: str,
+    bind: str = "127.0.0.1:0",
+    warmup: Callable[[], Awaitable[None]] | None = None,
+    concurrency: int | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+    extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns."""
+    regs = list(registrations)
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency), *extra_interceptors],
+        options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            # New replicas behind a headless Service get traffic: clients reconnect and re-resolve.
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for reg in regs:
+        reg.add(reg.servicer, server)
+    names = [reg.full_name for reg in regs]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if tls:
+        port = server.add_secure_port(bind, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        port = server.add_insecure_port(bind)
+    if port == 0:
+        raise errors.Unavailable(f"cannot bind {bind}: address in use or not available")
+    await server.start()
+    running = RunningServer(server=server, health=health_servicer, port=port, service_names=names)
+    await running.set_serving(False)
+    log = logger()
+    if warmup is None:
+        await running.set_serving(True)
+    else:
+
+        async def _warm() -> None:
+            started = time.perf_counter()
+            try:
+                await warmup()
+            except Exception:
+                log.exception("warm-up failed; staying NOT_SERVING")
+                return
+            log.info("warm-up done", seconds=round(time.perf_counter() - started, 2))
+            await running.set_serving(True)
+
+        running._warm_task = asyncio.ensure_future(_warm())  # type: ignore[attr-defined]
+    log.info("listening", bind=bind, port=port, services=names)
+    return running
+
+
+async def run_in_thread(fn: Callable[[threading.Event], T]) -> T:
+    """Run blocking ``fn(cancel_event)`` in a thread; if the RPC is cancelled (client gone,
+    deadline passed, job cancelled) set the event and wait for ``fn`` to notice and stop."""
+    cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, fn, cancel)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        try:
+            await future
+        except BaseException:  # noqa: BLE001 - the work's own error is moot once cancelled
+            pass
+        raise
+
+
+async def stream_work(
+    fn: Callable[[Callable[[float, str], None], threading.Event], T],
+    *,
+    progress_message: Callable[[float, str], Any],
+    min_interval: float = 0.25,
+) -> AsyncIterator[Any]:
+    """Run blocking ``fn(report, cancel)`` in a thread and yield progress messages while it runs.
+
+    ``report(fraction, text)`` may be called from the worker thread at any rate; messages are
+    throttled to one per ``min_interval`` seconds (plus the final 1.0). The last item yielded
+    is the return value of ``fn`` (not wrapped), so callers build their result message from it.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
+    last = [0.0]
+
+    def report(fraction: float, text: str = "") -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - last[0] < min_interval:
+            return
+        last[0] = now
+        loop.call_soon_threadsafe(queue.put_nowait, (fraction, text))
+
+    task = asyncio.ensure_future(run_in_thread(lambda cancel: fn(report, cancel)))
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                fraction, text = getter.result()
+                yield progress_message(fraction, text)
+                continue
+            getter.cancel()
+            while not queue.empty():
+                fraction, text = queue.get_nowait()
+                yield progress_message(fraction, text)
+            yield task.result()
+            return
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001
+                pass

@@ -1,0 +1,270 @@
+"""``file://`` backend: objects are files under a root directory, written crash-safely.
+
+Every write goes to a temp file in the target's directory (``.amtmp-*.tmp``, hidden from
+:meth:`FileStore.list`), is fsynced, renamed over the target, and the directory is fsynced:
+after a crash a key holds its old or its new content, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat as stat_mod
+import tempfile
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound
+
+from .base import (
+    DEFAULT_CHUNK_SIZE,
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    LimitedReader,
+    ObjectInfo,
+    ObjectStore,
+    validate_key,
+    validate_prefix,
+)
+
+__all__ = ["FileStore"]
+
+_MKSTEMP_ATTEMPTS = 5
+#: mkstemp creates 0600; objects are meant to be readable by every service sharing the volume.
+_FILE_MODE = 0o644
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
+
+
+class FileStore(ObjectStore):
+    """Objects as files below ``root`` (created if missing); key ``a/b.wav`` is ``root/a/b.wav``.
+
+    Parameters
+    ----------
+    root : path-like
+        The directory that holds the objects.
+
+    Notes
+    -----
+    Unlike S3, a file system cannot hold both ``a`` and ``a/b``: storing one while the
+    other exists raises :class:`~audiomesh.errors.FailedPrecondition`.
+    ``etag`` is always None.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = os.path.abspath(os.fspath(root))
+        try:
+            os.makedirs(self._root, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidInput(f"file store root {self._root!r} exists and is not a directory") from None
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def url(self) -> str:
+        return Path(self._root).as_uri()
+
+    # ---- paths
+
+    def _path(self, key: str) -> str:
+        validate_key(key)
+        return os.path.join(self._root, *key.split("/"))
+
+    def _key(self, path: str) -> str:
+        return os.path.relpath(path, self._root).replace(os.sep, "/")
+
+    def _makedirs(self, directory: str, key: str) -> None:
+        """Create ``directory`` and missing parents below the root, fsyncing each new entry."""
+        missing: list[str] = []
+        d = directory
+        while d != self._root and not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise self._conflict(key, self._key(d)) from None
+            except NotADirectoryError:
+                raise self._conflict(key, self._key(os.path.dirname(d))) from None
+            _fsync_dir(os.path.dirname(d))
+
+    @staticmethod
+    def _conflict(key: str, other: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"cannot store {key!r}: {other!r} is an object in this file store, and a file store "
+            "cannot hold both a key and keys below it"
+        )
+
+    def _prune(self, directory: str) -> None:
+        """Remove ``directory`` and its parents while they are empty, up to the root."""
+        while directory != self._root and directory.startswith(self._root + os.sep):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)
+
+    def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            size=st.st_size,
+            etag=None,
+            last_modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+        )
+
+    # ---- writing
+
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO | Iterable[bytes],
+        *,
+        length: int = -1,
+        content_type: str = "application/octet-stream",
+        max_bytes: int | None = None,
+    ) -> ObjectInfo:
+        path = self._path(key)
+        reader = LimitedReader(stream, key=key, length=length, max_bytes=max_bytes)
+        directory, name = os.path.split(path)
+        if os.path.isdir(path):
+            raise FailedPrecondition(
+                f"cannot store {key!r}: keys below {key + '/'!r} exist in this file store, which keeps objects as files"
+            )
+        fd, tmp = -1, ""
+        try:
+            # A concurrent delete() may prune the directory between mkdir and mkstemp: retry.
+            for attempt in range(_MKSTEMP_ATTEMPTS):
+                self._makedirs(directory, key)
+                try:
+                    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name[:40]}.", suffix=TMP_SUFFIX, dir=directory)
+                    os.fchmod(fd, _FILE_MODE)
+                    break
+                except FileNotFoundError:
+                    if attempt == _MKSTEMP_ATTEMPTS - 1:
+                        raise
+            with os.fdopen(fd, "wb") as out:
+                fd = -1
+                while chunk := reader.read(DEFAULT_CHUNK_SIZE):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.replace(tmp, path)
+            except IsADirectoryError:
+                raise FailedPrecondition(
+                    f"cannot store {key!r}: keys below {key + '/'!r} exist in this file store"
+                ) from None
+            tmp = ""
+            _fsync_dir(directory)
+            return self._info(key, os.stat(path))
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            self._prune(directory)
+            raise
+
+    # ---- reading
+
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[BinaryIO]:
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # closed by the with below
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFound(f"no object with key {key!r} in the store") from None
+        with f:
+            yield f
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is None or not stat_mod.S_ISREG(st.st_mode):
+            raise NotFound(f"no object with key {key!r} in the store")
+        return self._info(key, st)
+
+    def _walk_keys(self, prefix: str, recursive: bool) -> list[tuple[str, str]]:
+        head, _, partial = prefix.rpartition("/")
+        base = os.path.join(self._root, *head.split("/")) if head else self._root
+        if not os.path.isdir(base):
+            return []
+        found: list[tuple[str, str]] = []
+        key_head = f"{head}/" if head else ""
+        if not recursive:
+            with os.scandir(base) as it:
+                for entry in it:
+                    if entry.name.startswith(partial) and not _is_tmp(entry.name) and entry.is_file():
+                        found.append((key_head + entry.name, entry.path))
+            return found
+        for dirpath, dirnames, filenames in os.walk(base):
+            if dirpath == base:
+                dirnames[:] = [d for d in dirnames if d.startswith(partial)]
+                filenames = [f for f in filenames if f.startswith(partial)]
+            rel = os.path.relpath(dirpath, base)
+            rel_key = key_head if rel == "." else key_head + rel.replace(os.sep, "/") + "/"
+            for f in filenames:
+                if not _is_tmp(f):
+                    found.append((rel_key + f, os.path.join(dirpath, f)))
+        return found
+
+    def list(self, prefix: str = "", *, recursive: bool = True) -> Iterator[ObjectInfo]:
+        validate_prefix(prefix)
+        # Python's str order is code-point order, which equals S3's UTF-8 byte order.
+        for key, path in sorted(self._walk_keys(prefix, recursive)):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # deleted while listing
+                continue
+            if stat_mod.S_ISREG(st.st_mode):
+                yield self._info(key, st)
+
+    def list_prefixes(self, prefix: str = "") -> Iterator[str]:
+        validate_prefix(prefix)
+        head, _, partial = prefix.rpartition("/")
+        base = os.path.join(self._root, *head.split("/")) if head else self._root
+        if not os.path.isdir(base):
+            return
+        key_head = f"{head}/" if head else ""
+        with os.scandir(base) as it:
+            dirs = sorted(e.name for e in it if e.name.startswith(partial) and e.is_dir(follow_symlinks=False))
+        for d in dirs:
+            if self._has_objects(os.path.join(base, d)):
+                yield f"{key_head}{d}/"
+
+    @staticmethod
+    def _has_objects(directory: str) -> bool:
+        for _, _, filenames in os.walk(directory):
+            if any(not _is_tmp(f) for f in filenames):
+                return True
+        return False
+
+    # ---- deleting
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return
+        self._prune(os.path.dirname(path))

@@ -1,0 +1,110 @@
+"""Moving audio between the object store and numpy, for every worker.
+
+Workers never receive audio over gRPC: they fetch an object key into a scratch folder,
+decode it, compute, and publish results as tracks (written file → sha256, loudness, put).
+:class:`Outputs` records what a request wrote so a failure or cancel removes it again —
+no half-written results are left behind.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from audiomesh.audio.io import AudioInfo, file_sha256, probe, read_audio, write_audio
+from audiomesh.dsp.loudness import Measurement, measure
+from audiomesh.store import ObjectStore
+from audiomesh.v1 import common_pb2
+
+# encoding enum -> (container, soundfile subtype, file extension)
+ENCODINGS: dict[int, tuple[str, str, str]] = {
+    common_pb2.AUDIO_ENCODING_UNSPECIFIED: ("wav", "PCM_16", ".wav"),
+    common_pb2.AUDIO_ENCODING_WAV_PCM16: ("wav", "PCM_16", ".wav"),
+    common_pb2.AUDIO_ENCODING_WAV_PCM24: ("wav", "PCM_24", ".wav"),
+    common_pb2.AUDIO_ENCODING_WAV_FLOAT32: ("wav", "FLOAT", ".wav"),
+    common_pb2.AUDIO_ENCODING_FLAC_PCM16: ("flac", "PCM_16", ".flac"),
+    common_pb2.AUDIO_ENCODING_FLAC_PCM24: ("flac", "PCM_24", ".flac"),
+}
+# Intermediate tracks keep full precision so sums and gains downstream are exact.
+INTERMEDIATE = common_pb2.AUDIO_ENCODING_WAV_FLOAT32
+SILENCE_LUFS = -200.0  # how -inf loudness is stored in messages and manifests
+
+
+def encoding_by_name(name: str) -> int:
+    return common_pb2.AudioEncoding.Value("AUDIO_ENCODING_" + name.upper())
+
+
+def extension(encoding: int) -> str:
+    return ENCODINGS[encoding][2]
+
+
+def loudness_pb(m: Measurement) -> common_pb2.Loudness:
+    def finite(x: float) -> float:
+        return x if math.isfinite(x) else SILENCE_LUFS
+
+    return common_pb2.Loudness(
+        integrated_lufs=finite(m.integrated_lufs),
+        sample_peak_dbfs=finite(m.sample_peak_dbfs),
+        true_peak_dbtp=finite(m.true_peak_dbtp),
+    )
+
+
+def audio_info_pb(info: AudioInfo) -> common_pb2.AudioInfo:
+    return common_pb2.AudioInfo(
+        format=info.format,
+        subtype=info.subtype or "",
+        sample_rate=info.sample_rate,
+        channels=info.channels,
+        frames=info.frames,
+        duration_seconds=info.duration_s,
+    )
+
+
+def fetch_audio(
+    store: ObjectStore,
+    key: str,
+    workdir: Path,
+    *,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Download ``key`` into ``workdir`` and decode it to float32 (channels, frames)."""
+    local = Path(workdir) / ("in-" + Path(key).name)
+    store.get_to_file(key, local)
+    try:
+        return read_audio(local, sample_rate=sample_rate, channels=channels)
+    finally:
+        local.unlink(missing_ok=True)
+
+
+class Outputs:
+    """Publishes tracks and remembers their keys; ``discard()`` deletes them all."""
+
+    def __init__(self, store: ObjectStore, workdir: Path) -> None:
+        self.store = store
+        self.workdir = Path(workdir)
+        self.keys: list[str] = []
+
+    def publish(self, name: str, key: str, y: np.ndarray, sample_rate: int, encoding: int) -> common_pb2.Track:
+        fmt, subtype, ext = ENCODINGS[encoding]
+        local = self.workdir / f"out-{len(self.keys)}{ext}"
+        write_audio(local, y, sample_rate, fmt=fmt, subtype=subtype)
+        track = common_pb2.Track(
+            name=name,
+            key=key,
+            sha256=file_sha256(local),
+            size_bytes=local.stat().st_size,
+            audio=audio_info_pb(probe(local)),
+            loudness=loudness_pb(measure(y, sample_rate)),
+        )
+        self.keys.append(key)
+        self.store.put_file(key, local)
+        local.unlink(missing_ok=True)
+        return track
+
+    def discard(self) -> None:
+        for key in self.keys:
+            self.store.delete(key)
+        self.keys.clear()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README's second command: set up, check contracts and generated code, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/buf lint
+.venv/bin/python scripts/gen_protos.py --check
+.venv/bin/ruff check .
+.venv/bin/python -m pytest "$@"

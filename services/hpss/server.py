@@ -1,0 +1,94 @@
+"""HPSS worker: object key in → harmonic and percussive keys out (librosa-identical)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+
+from audiomesh import errors
+from audiomesh.config import Settings
+from audiomesh.dsp.hpss import hpss, warmup
+from audiomesh.rpc import Registration, ServiceSpec, stream_work
+from audiomesh.store import ObjectStore
+from audiomesh.telemetry import bind_job, logger
+from audiomesh.tracks import Outputs, fetch_audio
+from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
+
+
+def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
+    """Proto options → keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's)."""
+    n_fft = pb.n_fft or 2048
+    return {
+        "kernel_size": (pb.kernel_size_harmonic or 31, pb.kernel_size_percussive or 31),
+        "margin": (
+            pb.margin_harmonic if pb.HasField("margin_harmonic") else 1.0,
+            pb.margin_percussive if pb.HasField("margin_percussive") else 1.0,
+        ),
+        "power": pb.power if pb.HasField("power") else 2.0,
+        "n_fft": n_fft,
+        "hop_length": pb.hop_length or n_fft // 4,
+    }
+
+
+class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def Decompose(self, request: hpss_pb2.DecomposeRequest, context):
+        if not (request.input_key and request.harmonic_key and request.percussive_key):
+            raise errors.InvalidInput("input_key, harmonic_key and percussive_key are required")
+        kwargs = hpss_kwargs(request.options)
+        started = time.perf_counter()
+
+        def work(report, cancel):
+            with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp:
+                outputs = Outputs(self.store, tmp)
+                try:
+                    report(0.0, "loading audio")
+                    y, rate = fetch_audio(self.store, request.input_key, tmp)
+                    report(0.1, "decomposing")
+                    harmonic, percussive = hpss(y, **kwargs)
+                    if cancel.is_set():
+                        raise errors.Cancelled("hpss cancelled")
+                    report(0.9, "writing")
+                    return (
+                        outputs.publish("harmonic", request.harmonic_key, harmonic, rate, request.encoding),
+                        outputs.publish("percussive", request.percussive_key, percussive, rate, request.encoding),
+                    )
+                except BaseException:
+                    outputs.discard()
+                    raise
+
+        with bind_job(request.job_id):
+            async for item in stream_work(
+                work,
+                progress_message=lambda f, text: hpss_pb2.DecomposeResponse(
+                    progress=common_pb2.Progress(fraction=f, message=text)
+                ),
+            ):
+                if isinstance(item, hpss_pb2.DecomposeResponse):
+                    yield item
+                else:
+                    elapsed = time.perf_counter() - started
+                    logger().info("hpss done", input_key=request.input_key, seconds=round(elapsed, 2))
+                    yield hpss_pb2.DecomposeResponse(
+                        result=hpss_pb2.DecomposeResult(harmonic=item[0], percussive=item[1], elapsed_seconds=elapsed)
+                    )
+
+
+def build(settings: Settings) -> ServiceSpec:
+    async def warm() -> None:
+        await asyncio.to_thread(warmup)  # librosa/numba JIT: at start, not in the first job
+
+    return ServiceSpec(
+        registrations=[
+            Registration(
+                hpss_pb2_grpc.add_HpssServiceServicer_to_server,
+                HpssServicer(settings.open_store()),
+                hpss_pb2.DESCRIPTOR.services_by_name["HpssService"].full_name,
+            )
+        ],
+        warmup=warm,
+        concurrency=settings.worker_concurrency,
+    )

@@ -1,0 +1,181 @@
+"""Job records: state in memory, the manifest in the store after every state change.
+
+The manifest is the source of truth across restarts: on start the registry loads every
+``jobs/*/manifest.json``; jobs that were not finished are handed back to the runner.
+Watchers wait on a per-job version counter, so each sees every change after its snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from audiomesh import errors, manifest
+from audiomesh.store import ObjectStore
+from audiomesh.telemetry import logger
+from audiomesh.v1 import common_pb2, orchestrator_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+_PROGRESS_PERSIST_INTERVAL = 2.0  # seconds between manifest writes caused by progress alone
+
+
+def now_pb() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def manifest_key(job_id: str) -> str:
+    return f"jobs/{job_id}/manifest.json"
+
+
+@dataclass
+class JobRecord:
+    job: orchestrator_pb2.Job
+    events: list[str] = field(default_factory=list)
+    version: int = 0
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task | None = None
+    last_persist: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.job.state in TERMINAL
+
+    def node(self, name: str) -> orchestrator_pb2.Node:
+        for node in self.job.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+class JobRegistry:
+    def __init__(self, store: ObjectStore, config: dict) -> None:
+        self.store = store
+        self.records: dict[str, JobRecord] = {}
+        self._config = struct_pb2.Struct()
+        self._config.update(config)
+        self.log = logger(component="jobs")
+
+    # --- lookup -----------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord:
+        validate_job_id(job_id)
+        rec = self.records.get(job_id)
+        if rec is None:
+            raise errors.NotFound(f"job {job_id!r} not found")
+        return rec
+
+    def newest_first(self) -> list[JobRecord]:
+        return sorted(self.records.values(), key=lambda r: r.job.create_time.ToNanoseconds(), reverse=True)
+
+    # --- changes ----------------------------------------------------------------------
+    async def add(self, job: orchestrator_pb2.Job, event: str) -> JobRecord:
+        rec = JobRecord(job=job)
+        self.records[job.job_id] = rec
+        await self.changed(rec, event)
+        return rec
+
+    async def changed(self, rec: JobRecord, event: str | None = None, *, persist: bool = True) -> None:
+        """Publish a change to watchers; write the manifest (progress-only changes: throttled)."""
+        rec.job.update_time.CopyFrom(now_pb())
+        if event:
+            rec.events.append(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {event}")
+            self.log.info(event, job_id=rec.job.job_id)
+        rec.version += 1
+        async with rec.changed:
+            rec.changed.notify_all()
+        due = time.monotonic() - rec.last_persist >= _PROGRESS_PERSIST_INTERVAL
+        if persist or due:
+            await self.persist(rec)
+
+    async def persist(self, rec: JobRecord) -> None:
+        async with rec.write_lock:
+            rec.last_persist = time.monotonic()
+            doc = orchestrator_pb2.Manifest(
+                schema_version=manifest.SCHEMA_VERSION,
+                job=rec.job,
+                software=manifest.software_versions(),
+                config=self._config,
+                events=rec.events,
+            )
+            # One atomic write (file: temp + fsync + rename; S3: one PUT).
+            await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, manifest.dumps(doc))
+
+    async def watch(self, job_id: str) -> AsyncIterator[orchestrator_pb2.Job]:
+        """A snapshot, then every change, until the job is terminal."""
+        rec = self.get(job_id)
+        seen = rec.version
+        yield _copy(rec.job)
+        while not rec.terminal:
+            async with rec.changed:
+                await rec.changed.wait_for(lambda seen=seen: rec.version != seen)
+            seen = rec.version
+            yield _copy(rec.job)
+
+    async def delete(self, job_id: str) -> int:
+        rec = self.get(job_id)
+        count = await asyncio.to_thread(self.store.delete_prefix, f"jobs/{job_id}/")
+        self.records.pop(job_id, None)
+        self.log.info("job deleted", job_id=job_id, objects=count)
+        # Wake watchers so they end.
+        rec.version += 1
+        async with rec.changed:
+            rec.changed.notify_all()
+        return count
+
+    # --- recovery and retention ---------------------------------------------------------
+    async def load_all(self) -> list[JobRecord]:
+        """Read every manifest in the store; return the records that must be resumed."""
+        infos = await asyncio.to_thread(lambda: list(self.store.list("jobs/")))
+        unfinished = []
+        for info in infos:
+            if not info.key.endswith("/manifest.json"):
+                continue
+            try:
+                data = await asyncio.to_thread(self.store.get_bytes, info.key)
+                doc = manifest.loads(data)
+            except errors.AudiomeshError as exc:
+                self.log.warning("skipping unreadable manifest", key=info.key, reason=str(exc))
+                continue
+            rec = JobRecord(job=doc.job, events=list(doc.events))
+            self.records[doc.job.job_id] = rec
+            if not rec.terminal:
+                unfinished.append(rec)
+        return unfinished
+
+    def expired(self, retention_hours: float) -> list[str]:
+        if retention_hours <= 0:
+            return []
+        cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+        return [
+            r.job.job_id
+            for r in self.records.values()
+            if r.terminal and r.job.create_time.ToDatetime(tzinfo=UTC) < cutoff
+        ]
+
+
+def validate_job_id(job_id: str) -> None:
+    """Job ids are UUID4 strings; anything else never touches a key."""
+    import uuid
+
+    try:
+        ok = str(uuid.UUID(job_id)) == job_id
+    except (ValueError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise errors.InvalidInput(f"job_id {job_id!r} is not a job id (a lowercase UUID)")
+
+
+def _copy(job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:
+    out = orchestrator_pb2.Job()
+    out.CopyFrom(job)
+    return out
+
+
+def job_to_dict(job: orchestrator_pb2.Job) -> dict:
+    return json_format.MessageToDict(job)

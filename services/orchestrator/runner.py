@@ -1,0 +1,350 @@
+"""Runs a job's stage graph on the workers.
+
+A node starts as soon as its dependencies succeeded; independent nodes run concurrently
+(bounded per job). Retryable failures (worker gone, busy, internal error) are retried with
+backoff; a request the worker refuses (bad input, unknown model) fails the job at once.
+Cancelling the job's task cancels the in-flight gRPC calls, which stops the workers.
+On resume, nodes that succeeded and whose outputs still exist are reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from audiomesh import errors
+from audiomesh.audio.io import read_audio
+from audiomesh.config import Settings
+from audiomesh.rpc import ClientFactory, status_of
+from audiomesh.store import ObjectStore
+from audiomesh.telemetry import bind_job, logger, tracer
+from audiomesh.tracks import INTERMEDIATE, Outputs, extension
+from audiomesh.v1 import (
+    common_pb2,
+    composite_pb2,
+    composite_pb2_grpc,
+    hpss_pb2,
+    hpss_pb2_grpc,
+    normalize_pb2,
+    normalize_pb2_grpc,
+    orchestrator_pb2,
+    separation_pb2,
+    separation_pb2_grpc,
+)
+
+from .graph import Plan, make_plan, overall_fraction
+from .jobs import JobRecord, JobRegistry, now_pb
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+}
+
+
+class NodeFailed(Exception):
+    def __init__(self, node: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.node, self.code, self.message = node, code, message
+
+
+class Runner:
+    def __init__(self, settings: Settings, store: ObjectStore, registry: JobRegistry, clients: ClientFactory) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.clients = clients
+        self.job_slots = asyncio.Semaphore(settings.max_running_jobs)
+        self.shutting_down = False
+
+    async def shutdown(self) -> None:
+        """Stop running jobs without marking them cancelled: their manifests stay
+        unfinished, so the next start resumes them."""
+        self.shutting_down = True
+        tasks = [r.task for r in self.registry.records.values() if r.task and not r.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- model facts -------------------------------------------------------------------
+    async def list_models(self) -> separation_pb2.ListModelsResponse:
+        stub = self.clients.stub(separation_pb2_grpc.SeparationServiceStub, self.settings.separation_addr)
+        try:
+            return await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise status_of(exc) from None
+
+    async def model_info(self, name: str) -> separation_pb2.ModelInfo:
+        models = await self.list_models()
+        for info in models.models:
+            if info.name == name:
+                return info
+        names = ", ".join(m.name for m in models.models)
+        raise errors.NotFound(f"unknown model {name!r}; available: {names}")
+
+    async def plan(self, job: orchestrator_pb2.Job) -> tuple[Plan, separation_pb2.ModelInfo]:
+        info = await self.model_info(job.options.model)
+        plan = make_plan(
+            job.job_id,
+            sources=list(info.sources),
+            two_stems=job.options.separation.two_stems,
+            main_stems=list(job.options.main_stems),
+            ext=extension(job.options.encoding),
+        )
+        return plan, info
+
+    # --- job lifecycle -----------------------------------------------------------------
+    def start(self, rec: JobRecord) -> None:
+        rec.task = asyncio.ensure_future(self._run(rec))
+
+    async def _run(self, rec: JobRecord) -> None:
+        job = rec.job
+        with bind_job(job.job_id), tracer().start_as_current_span("job", attributes={"job.id": job.job_id}):
+            try:
+                async with self.job_slots:
+                    await self._execute(rec)
+            except asyncio.CancelledError:
+                if self.shutting_down:
+                    await self.registry.changed(rec, "orchestrator stopping; job will resume on restart")
+                    return
+                await self._finish(rec, common_pb2.JOB_STATE_CANCELLED, "job cancelled")
+            except NodeFailed as exc:
+                job.error.CopyFrom(common_pb2.ErrorDetail(code=exc.code, message=exc.message, node=exc.node))
+                await self._finish(rec, common_pb2.JOB_STATE_FAILED, f"job failed in {exc.node}: {exc.message}")
+            except errors.AudiomeshError as exc:
+                job.error.CopyFrom(common_pb2.ErrorDetail(code=exc.code, message=str(exc)))
+                await self._finish(rec, common_pb2.JOB_STATE_FAILED, f"job failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not hang it
+                logger().exception("job crashed")
+                job.error.CopyFrom(common_pb2.ErrorDetail(code="INTERNAL", message=f"{type(exc).__name__}: {exc}"))
+                await self._finish(rec, common_pb2.JOB_STATE_FAILED, "job failed: internal error")
+
+    async def _finish(self, rec: JobRecord, state: int, event: str) -> None:
+        for node in rec.job.nodes:
+            if node.state in (common_pb2.NODE_STATE_RUNNING, common_pb2.NODE_STATE_PENDING):
+                node.state = (
+                    common_pb2.NODE_STATE_CANCELLED
+                    if state == common_pb2.JOB_STATE_CANCELLED
+                    else common_pb2.NODE_STATE_SKIPPED
+                )
+                if node.HasField("start_time") and not node.HasField("end_time"):
+                    node.end_time.CopyFrom(now_pb())
+        rec.job.state = state
+        rec.job.ClearField("eta_seconds")
+        rec.job.current_stage = ""
+        await self.registry.changed(rec, event)
+
+    async def _execute(self, rec: JobRecord) -> None:
+        job = rec.job
+        plan, info = await self.plan(job)
+        if not job.nodes:
+            for name, stage, deps in plan.nodes():
+                job.nodes.add(name=name, stage=stage, state=common_pb2.NODE_STATE_PENDING, depends_on=deps)
+        else:
+            await self._prepare_resume(rec)
+        job.state = common_pb2.JOB_STATE_RUNNING
+        started = time.monotonic()
+        await self.registry.changed(rec, "job running")
+        node_slots = asyncio.Semaphore(self.settings.max_parallel_nodes)
+        running: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                done_names = {n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_SUCCEEDED}
+                if len(done_names) == len(job.nodes):
+                    break
+                for node in job.nodes:
+                    if node.state == common_pb2.NODE_STATE_PENDING and node.name not in running:
+                        if all(d in done_names for d in node.depends_on):
+                            running[node.name] = asyncio.ensure_future(
+                                self._run_node(rec, node, plan, info, node_slots, started)
+                            )
+                if not running:
+                    raise errors.FailedPrecondition("stage graph is stuck: no node can run")
+                finished, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+                for name in [n for n, t in running.items() if t in finished]:
+                    running.pop(name).result()  # raises NodeFailed
+        finally:
+            for task in running.values():
+                task.cancel()
+            if running:
+                await asyncio.gather(*running.values(), return_exceptions=True)
+        normalize = rec.node("normalize")
+        job.ClearField("tracks")
+        job.tracks.extend(normalize.outputs)
+        job.fraction = 1.0
+        await self._finish(rec, common_pb2.JOB_STATE_SUCCEEDED, "job succeeded")
+
+    async def _prepare_resume(self, rec: JobRecord) -> None:
+        """Reuse succeeded nodes whose outputs still exist; everything else runs again."""
+        reused = []
+        for node in rec.job.nodes:
+            if node.state == common_pb2.NODE_STATE_SUCCEEDED:
+                keys = [t.key for t in node.outputs]
+                present = await asyncio.to_thread(lambda ks=keys: all(self.store.exists(k) for k in ks))
+                if present:
+                    reused.append(node.name)
+                    continue
+            node.state = common_pb2.NODE_STATE_PENDING
+            node.fraction = 0.0
+            node.ClearField("outputs")
+        await self.registry.changed(rec, f"job resumed; reusing {', '.join(reused) or 'nothing'}")
+
+    # --- one node ----------------------------------------------------------------------
+    async def _run_node(self, rec, node, plan: Plan, info, slots: asyncio.Semaphore, started: float) -> None:
+        async with slots:
+            node.state = common_pb2.NODE_STATE_RUNNING
+            node.start_time.CopyFrom(now_pb())
+            node.ClearField("end_time")
+            node.ClearField("error")
+            rec.job.current_stage = node.name
+            await self.registry.changed(rec, f"{node.name} started")
+
+            def progress(fraction: float) -> None:
+                node.fraction = max(node.fraction, min(fraction, 1.0))
+                job = rec.job
+                job.fraction = overall_fraction(job.nodes)
+                elapsed = time.monotonic() - started
+                if job.fraction > 0.02:
+                    job.eta_seconds = elapsed * (1 - job.fraction) / job.fraction
+                asyncio.ensure_future(self.registry.changed(rec, persist=False))
+
+            attempts_left = self.settings.node_attempts
+            busy_deadline = time.monotonic() + self.settings.stage_timeout_seconds
+            busy_waits = 0
+            with tracer().start_as_current_span(f"node {node.name}"):
+                while True:
+                    node.attempts += 1
+                    attempts_left -= 1
+                    try:
+                        outputs = await self._dispatch(node, plan, info, rec.job, progress)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() == grpc.StatusCode.CANCELLED and rec.task and rec.task.cancelling():
+                            raise asyncio.CancelledError from None
+                        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < busy_deadline:
+                            # A busy worker is not a failed attempt: wait for a free slot.
+                            node.attempts -= 1
+                            attempts_left += 1
+                            busy_waits += 1
+                            await asyncio.sleep(min(0.2 * busy_waits, 2.0))
+                            continue
+                        retry = exc.code() in _RETRYABLE and attempts_left > 0
+                        err = status_of(exc)
+                        code, message = exc.code().name, str(err)
+                    except errors.AudiomeshError as exc:
+                        retry = isinstance(exc, errors.Unavailable) and attempts_left > 0
+                        code, message = exc.code, str(exc)
+                    if not retry:
+                        node.state = common_pb2.NODE_STATE_FAILED
+                        node.end_time.CopyFrom(now_pb())
+                        node.error.CopyFrom(common_pb2.ErrorDetail(code=code, message=message, node=node.name))
+                        await self.registry.changed(rec, f"{node.name} failed: {code}: {message}")
+                        raise NodeFailed(node.name, code, message)
+                    delay = min(0.5 * 2 ** (node.attempts - 1), 10.0)
+                    await self.registry.changed(
+                        rec, f"{node.name} attempt {node.attempts} failed ({code}: {message}); retrying in {delay:.1f}s"
+                    )
+                    await asyncio.sleep(delay)
+            node.ClearField("outputs")
+            node.outputs.extend(outputs)
+            node.state = common_pb2.NODE_STATE_SUCCEEDED
+            node.fraction = 1.0
+            node.end_time.CopyFrom(now_pb())
+            node.duration_seconds = (node.end_time.ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
+            rec.job.fraction = overall_fraction(rec.job.nodes)
+            await self.registry.changed(rec, f"{node.name} succeeded in {node.duration_seconds:.2f}s")
+
+    async def _dispatch(self, node, plan: Plan, info, job, progress) -> list[common_pb2.Track]:
+        timeout = self.settings.stage_timeout_seconds
+        if node.stage == "decode":
+            return [await self._decode(job, plan, info)]
+        if node.stage == "separation":
+            stub = self.clients.stub(separation_pb2_grpc.SeparationServiceStub, self.settings.separation_addr)
+            call = stub.Separate(
+                separation_pb2.SeparateRequest(
+                    input_key=plan.mix_key,
+                    output_prefix=f"{plan.prefix}/separation",
+                    model=job.options.model,
+                    options=job.options.separation,
+                    encoding=INTERMEDIATE,
+                    job_id=job.job_id,
+                ),
+                timeout=timeout,
+            )
+            async for msg in call:
+                if msg.HasField("progress"):
+                    progress(msg.progress.fraction)
+                else:
+                    return list(msg.result.stems)
+            raise errors.Unavailable("separation stream ended without a result")
+        if node.stage == "hpss":
+            source = node.name.split(":", 1)[1]
+            harmonic_key, percussive_key = plan.hpss_keys(source)
+            stub = self.clients.stub(hpss_pb2_grpc.HpssServiceStub, self.settings.hpss_addr)
+            call = stub.Decompose(
+                hpss_pb2.DecomposeRequest(
+                    input_key=plan.mix_key if source == "mix" else plan.stem_key(source),
+                    harmonic_key=harmonic_key,
+                    percussive_key=percussive_key,
+                    options=job.options.hpss,
+                    encoding=INTERMEDIATE,
+                    job_id=job.job_id,
+                ),
+                timeout=timeout,
+            )
+            async for msg in call:
+                if msg.HasField("progress"):
+                    progress(msg.progress.fraction)
+                else:
+                    return [msg.result.harmonic, msg.result.percussive]
+            raise errors.Unavailable("hpss stream ended without a result")
+        if node.stage == "composite":
+            stub = self.clients.stub(composite_pb2_grpc.CompositeServiceStub, self.settings.composite_addr)
+            request = composite_pb2.CompositeRequest(encoding=INTERMEDIATE, job_id=job.job_id)
+            for name, keys in plan.composites().items():
+                request.composites.add(name=name, input_keys=keys, output_key=plan.key("composite", name))
+            return list((await stub.Composite(request, timeout=timeout)).tracks)
+        if node.stage == "normalize":
+            stub = self.clients.stub(normalize_pb2_grpc.NormalizeServiceStub, self.settings.normalize_addr)
+            request = normalize_pb2.NormalizeRequest(
+                reference_key=plan.mix_key,
+                options=job.options.normalize,
+                encoding=job.options.encoding,
+                job_id=job.job_id,
+            )
+            for name, key in plan.intermediate_tracks().items():
+                request.items.add(name=name, input_key=key, output_key=plan.output_key(name))
+            response = await stub.Normalize(request, timeout=timeout)
+            job.normalization.CopyFrom(
+                orchestrator_pb2.NormalizationSummary(
+                    reference=response.reference,
+                    linked_gain_db=response.linked_gain_db,
+                    limited_by_ceiling=response.limited_by_ceiling,
+                )
+            )
+            out = []
+            for item in response.tracks:
+                out.append(item.track)
+            return out
+        raise errors.FailedPrecondition(f"unknown stage {node.stage!r}")
+
+    async def _decode(self, job, plan: Plan, info) -> common_pb2.Track:
+        """Input → float WAV at the model's rate and channel count, shared by every stage."""
+
+        def work() -> common_pb2.Track:
+            with tempfile.TemporaryDirectory(prefix="audiomesh-decode-") as tmp:
+                local = Path(tmp) / "input"
+                self.store.get_to_file(job.input.key, local)
+                y, rate = read_audio(local, sample_rate=info.sample_rate, channels=info.audio_channels)
+                outputs = Outputs(self.store, tmp)
+                return outputs.publish("mix", plan.mix_key, y, rate, INTERMEDIATE)
+
+        return await asyncio.to_thread(work)
+
+
+__all__ = ["NodeFailed", "Runner"]

@@ -1,0 +1,234 @@
+"""Orchestrator: owns jobs — accepts audio, runs the stage graph, keeps manifests, streams progress."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import audiomesh
+from audiomesh import errors
+from audiomesh.audio.io import file_sha256, probe
+from audiomesh.config import Settings
+from audiomesh.rpc import ClientFactory, Registration, ServiceSpec
+from audiomesh.store import ObjectStore, sanitize_filename
+from audiomesh.telemetry import logger
+from audiomesh.tracks import audio_info_pb
+from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
+from google.protobuf import struct_pb2
+
+from .jobs import JobRegistry, manifest_key, now_pb
+from .runner import Runner
+
+_MAX_PAGE = 200
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, settings: Settings, store: ObjectStore, registry: JobRegistry, runner: Runner) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.runner = runner
+        self.log = logger(component="orchestrator")
+
+    # --- creating jobs -----------------------------------------------------------------
+    async def UploadAudio(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise errors.InvalidInput("the first UploadAudio message must carry metadata (filename, options)")
+        meta = first.metadata
+        limit = self.settings.max_upload_bytes
+        if meta.size_bytes > limit:
+            raise errors.TooLarge(f"upload of {meta.size_bytes} bytes exceeds the limit of {limit} bytes")
+        job_id = str(uuid.uuid4())
+        name = sanitize_filename(meta.filename or "input")
+        options = await self._resolve_options(meta.options) if meta.create_job else meta.options
+        # Spool to a local temp file while counting bytes: nothing is stored before the
+        # whole upload arrived, fits the limit and decodes as audio.
+        fd, spool = tempfile.mkstemp(prefix="audiomesh-upload-")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                async for msg in request_iterator:
+                    if msg.HasField("metadata"):
+                        raise errors.InvalidInput("metadata may only be sent in the first message")
+                    size += len(msg.chunk)
+                    if size > limit:
+                        raise errors.TooLarge(f"upload exceeds the limit of {limit} bytes")
+                    out.write(msg.chunk)
+            job_input = await self._inspect(Path(spool), name, size)
+            key = f"jobs/{job_id}/input/{name}"
+            job_input.key = key
+            await asyncio.to_thread(self.store.put_file, key, spool)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool)
+        response = orchestrator_pb2.UploadAudioResponse(input_key=key, size_bytes=size)
+        if meta.create_job:
+            response.job.CopyFrom(await self._create(job_id, job_input, options))
+        return response
+
+    async def CreateJob(self, request: orchestrator_pb2.CreateJobRequest, context):
+        if not request.input_key:
+            raise errors.InvalidInput("input_key is required")
+        options = await self._resolve_options(request.options)
+        info = await asyncio.to_thread(self.store.stat, request.input_key)  # NotFound names the key
+        if info.size > self.settings.max_upload_bytes:
+            raise errors.TooLarge(
+                f"{request.input_key} is {info.size} bytes; the limit is {self.settings.max_upload_bytes}"
+            )
+        with tempfile.TemporaryDirectory(prefix="audiomesh-create-") as tmp:
+            local = Path(tmp) / "input"
+            await asyncio.to_thread(self.store.get_to_file, request.input_key, local)
+            job_input = await self._inspect(local, sanitize_filename(Path(request.input_key).name), info.size)
+        job_input.key = request.input_key
+        job = await self._create(str(uuid.uuid4()), job_input, options)
+        return orchestrator_pb2.CreateJobResponse(job=job)
+
+    async def _inspect(self, path: Path, name: str, size: int) -> orchestrator_pb2.JobInput:
+        if size == 0:
+            raise errors.InvalidInput(f"{name}: the file is empty (0 bytes)")
+        info = await asyncio.to_thread(lambda: probe(path, name=name))
+        if info.duration_s > self.settings.max_duration_seconds:
+            raise errors.InvalidInput(
+                f"{name}: {info.duration_s:.0f} s of audio exceeds the limit of {self.settings.max_duration_seconds:.0f} s"
+            )
+        return orchestrator_pb2.JobInput(
+            name=name, sha256=await asyncio.to_thread(file_sha256, path), size_bytes=size, audio=audio_info_pb(info)
+        )
+
+    async def _resolve_options(self, options: orchestrator_pb2.JobOptions) -> orchestrator_pb2.JobOptions:
+        """Fill defaults and check the options against the model before anything is stored."""
+        resolved = orchestrator_pb2.JobOptions()
+        resolved.CopyFrom(options)
+        if not resolved.model:
+            resolved.model = self.settings.default_model
+        if not resolved.encoding:
+            from audiomesh.tracks import encoding_by_name
+
+            resolved.encoding = encoding_by_name(self.settings.output_encoding)
+        if resolved.encoding not in common_pb2.AudioEncoding.values():
+            raise errors.InvalidInput(f"unknown encoding {resolved.encoding}")
+        # Plan once now so unknown models, stems and recipes fail the request, not the job.
+        probe_job = orchestrator_pb2.Job(job_id="00000000-0000-4000-8000-000000000000", options=resolved)
+        await self.runner.plan(probe_job)
+        return resolved
+
+    async def _create(self, job_id: str, job_input, options) -> orchestrator_pb2.Job:
+        job = orchestrator_pb2.Job(
+            job_id=job_id,
+            state=common_pb2.JOB_STATE_QUEUED,
+            create_time=now_pb(),
+            input=job_input,
+            options=options,
+            manifest_key=manifest_key(job_id),
+        )
+        rec = await self.registry.add(job, f"job created from {job_input.name} ({job_input.size_bytes} bytes)")
+        self.runner.start(rec)
+        return rec.job
+
+    # --- reading jobs ------------------------------------------------------------------
+    async def GetJob(self, request, context):
+        return orchestrator_pb2.GetJobResponse(job=self.registry.get(request.job_id).job)
+
+    async def ListJobs(self, request, context):
+        size = request.page_size or 20
+        if not 0 < size <= _MAX_PAGE:
+            raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE}")
+        start = _decode_token(request.page_token)
+        records = self.registry.newest_first()
+        page = records[start : start + size]
+        token = _encode_token(start + size) if start + size < len(records) else ""
+        return orchestrator_pb2.ListJobsResponse(jobs=[r.job for r in page], next_page_token=token)
+
+    async def WatchJob(self, request, context):
+        async for job in self.registry.watch(request.job_id):
+            yield orchestrator_pb2.WatchJobResponse(job=job)
+
+    # --- changing jobs -----------------------------------------------------------------
+    async def CancelJob(self, request, context):
+        rec = self.registry.get(request.job_id)
+        if not rec.terminal and rec.task is not None:
+            rec.task.cancel()
+            # Workers stop within one chunk; the runner marks the job CANCELLED.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        return orchestrator_pb2.CancelJobResponse(job=rec.job)
+
+    async def DeleteJob(self, request, context):
+        rec = self.registry.get(request.job_id)
+        if not rec.terminal and rec.task is not None:
+            rec.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        count = await self.registry.delete(request.job_id)
+        return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
+
+    # --- facts -------------------------------------------------------------------------
+    async def GetConfig(self, request, context):
+        config = struct_pb2.Struct()
+        config.update(self.settings.public_dict())
+        return orchestrator_pb2.GetConfigResponse(config=config, version=audiomesh.__version__)
+
+    async def ListModels(self, request, context) -> separation_pb2.ListModelsResponse:
+        return await self.runner.list_models()
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        offset = int(value)
+        if kind != "o" or offset < 0:
+            raise ValueError
+    except ValueError:
+        raise errors.InvalidInput("page_token is not a token returned by ListJobs") from None
+    return offset
+
+
+def build(settings: Settings) -> ServiceSpec:
+    store = settings.open_store()
+    registry = JobRegistry(store, settings.public_dict())
+    runner = Runner(settings, store, registry, ClientFactory())
+    servicer = OrchestratorServicer(settings, store, registry, runner)
+    background: list[asyncio.Task] = []
+
+    async def sweep_forever() -> None:
+        interval = max(60.0, min(3600.0, settings.retention_hours * 360))
+        while True:
+            for job_id in registry.expired(settings.retention_hours):
+                await registry.delete(job_id)
+            await asyncio.sleep(interval)
+
+    async def start() -> None:
+        # Every job is queryable after a restart; unfinished ones run again from their manifest.
+        for rec in await registry.load_all():
+            registry.log.info("resuming job", job_id=rec.job.job_id, state=common_pb2.JobState.Name(rec.job.state))
+            runner.start(rec)
+        background.append(asyncio.ensure_future(sweep_forever()))
+
+    async def stop() -> None:
+        for task in background:
+            task.cancel()
+        await runner.shutdown()
+
+    return ServiceSpec(
+        registrations=[
+            Registration(
+                orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
+                servicer,
+                orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
+            )
+        ],
+        warmup=start,
+        on_stop=stop,
+    )

@@ -1,0 +1,3 @@
+"""Shared fixtures live in tests/helpers/*; register them here."""
+
+pytest_plugins = ["tests.helpers.s3"]

@@ -1,0 +1,157 @@
+"""Bad input gets the documented status code, a message naming the problem, and leaves nothing."""
+
+from __future__ import annotations
+
+import io
+import struct
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from audiomesh.config import load_settings
+from audiomesh.rpc.server import start_server
+from audiomesh.services.orchestrator.server import build
+from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from tests.helpers.mesh import upload, write_song
+
+
+def wav_bytes(y: np.ndarray, rate: int = 44100) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, y.T, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def truncated_wav(tmp_path: Path) -> bytes:
+    data = write_song(tmp_path / "t.wav", 2.0).read_bytes()
+    return data[: len(data) // 3]
+
+
+def zero_frames() -> bytes:
+    return wav_bytes(np.zeros((2, 0), dtype=np.float32))
+
+
+def lying_header() -> bytes:
+    data = bytearray(wav_bytes(np.zeros((2, 4410), dtype=np.float32)))
+    struct.pack_into("<I", data, 40, 0x7FFFFFF0)  # data chunk claims ~2 GB
+    return bytes(data)
+
+
+CASES = {
+    "empty": (lambda tmp: b"", "empty"),
+    "not audio": (lambda tmp: b"this is a text file, not a song\n" * 20, "not a supported audio"),
+    "truncated wav": (truncated_wav, "truncated"),
+    "zero frames": (lambda tmp: zero_frames(), "no audio"),
+    "lying header": (lambda tmp: lying_header(), "truncated"),
+}
+
+
+def job_objects(mesh) -> set[Path]:
+    root = Path(mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://"))
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+async def assert_healthy(channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    resp = await stub.Check(health_pb2.HealthCheckRequest(service="audiomesh.v1.OrchestratorService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_upload_is_refused_and_leaves_nothing(case, file_mesh, tmp_path):
+    make, words = CASES[case]
+    before = job_objects(file_mesh)
+    async with grpc.aio.insecure_channel(file_mesh.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await upload(stub, make(tmp_path), "bad.wav")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in err.value.details().lower()
+        await assert_healthy(channel)
+    assert job_objects(file_mesh) == before
+
+
+async def test_unknown_model_is_not_found(orchestrator, file_mesh, tmp_path):
+    before = job_objects(file_mesh)
+    song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(orchestrator, song, "s.wav", orchestrator_pb2.JobOptions(model="no_such_model"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_model" in err.value.details()
+    assert job_objects(file_mesh) == before
+
+
+async def test_bad_recipe_is_invalid(orchestrator, tmp_path):
+    song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(orchestrator, song, "s.wav", orchestrator_pb2.JobOptions(main_stems=["kazoo"]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kazoo" in err.value.details()
+
+
+async def test_missing_key_is_not_found(orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await orchestrator.CreateJob(orchestrator_pb2.CreateJobRequest(input_key="incoming/nope.wav"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "incoming/nope.wav" in err.value.details()
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs/key.wav", "a//b.wav", "a/\x00.wav"])
+async def test_hostile_key_is_invalid(orchestrator, key):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await orchestrator.CreateJob(orchestrator_pb2.CreateJobRequest(input_key=key))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_and_malformed_job_ids(orchestrator):
+    missing = str(uuid.uuid4())
+    for call in (orchestrator.GetJob, orchestrator.CancelJob, orchestrator.DeleteJob):
+        request_type = {
+            "GetJob": orchestrator_pb2.GetJobRequest,
+            "CancelJob": orchestrator_pb2.CancelJobRequest,
+            "DeleteJob": orchestrator_pb2.DeleteJobRequest,
+        }[call._method.decode().rsplit("/", 1)[1]]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request_type(job_id=missing))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and missing in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request_type(job_id="../../etc"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in orchestrator.WatchJob(orchestrator_pb2.WatchJobRequest(job_id=missing)):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bad_page_token(orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await orchestrator.ListJobs(orchestrator_pb2.ListJobsRequest(page_token="garbage!"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_upload_over_the_limit_is_refused_as_bytes_arrive(file_mesh, tmp_path):
+    """An orchestrator in this process with a 64 kB limit, using the mesh's workers."""
+    env = {k: v for k, v in file_mesh.env.items() if k.startswith("AUDIOMESH_")}
+    settings = load_settings(
+        **{k.removeprefix("AUDIOMESH_").lower(): v for k, v in env.items()}, max_upload_bytes=64 * 1024
+    )
+    spec = build(settings)
+    server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
+    before = job_objects(file_mesh)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            song = write_song(tmp_path / "big.wav", 3.0).read_bytes()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await upload(stub, song, "big.wav")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit" in err.value.details()
+            await assert_healthy(channel)
+    finally:
+        await spec.on_stop()
+        await server.stop(1)
+    assert job_objects(file_mesh) == before
