@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 import soundfile as sf
+
 from audiomesh.audio import AudioInfo, file_sha256, probe, read_audio, resample, write_audio
 from audiomesh.errors import InvalidInput, NotFound
-
 from tests.helpers.audio import (
     sine,
     synth_song,

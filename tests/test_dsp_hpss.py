@@ -40,8 +40,9 @@ def song(sr: int, seconds: float, channels: int, seed: int = 0) -> np.ndarray:
     for start in range(0, n - burst, sr // 4):
         drums[start : start + burst] += 0.5 * rng.standard_normal(burst) * np.exp(-np.arange(burst) / (0.01 * sr))
     harmonic = tones(sr, seconds, channels).astype(np.float64)
-    return np.asarray([(1 - 0.2 * c) * harmonic[c] + (0.6 + 0.4 * c) * drums for c in range(channels)],
-                      dtype=np.float32)
+    return np.asarray(
+        [(1 - 0.2 * c) * harmonic[c] + (0.6 + 0.4 * c) * drums for c in range(channels)], dtype=np.float32
+    )
 
 
 SIGNALS = {"noise": white_noise, "tones": tones, "song": song}
@@ -88,7 +89,8 @@ def test_hpss_matches_librosa_song_44k(dtype: type) -> None:
 
 
 @pytest.mark.parametrize(
-    "settings", [{"window": "hamming"}, {"n_fft": 1023}, {"n_fft": 512, "hop_length": 1024}],
+    "settings",
+    [{"window": "hamming"}, {"n_fft": 1023}, {"n_fft": 512, "hop_length": 1024}],
     ids=["hamming", "odd-n_fft", "hop>n_fft"],
 )
 def test_hpss_matches_stft_decompose_istft(settings: dict) -> None:
@@ -122,8 +124,9 @@ def test_hpss_leading_dimensions_are_channels() -> None:
 # --------------------------------------------------------------------------- invariants
 
 
-@pytest.mark.parametrize("settings", [{}, {"kernel_size": (7, 51)}, {"power": 1.0}, {"power": 4.0},
-                                      {"n_fft": 1024, "hop_length": 256}])
+@pytest.mark.parametrize(
+    "settings", [{}, {"kernel_size": (7, 51)}, {"power": 1.0}, {"power": 4.0}, {"n_fft": 1024, "hop_length": 256}]
+)
 @pytest.mark.parametrize("signal", sorted(SIGNALS))
 def test_margin_one_parts_sum_to_input(signal: str, settings: dict) -> None:
     y = SIGNALS[signal](22050, 1.5, 2)

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from demucs.apply import BagOfModels, apply_model
+from demucs.pretrained import get_model
+
 from audiomesh.errors import (
     AlreadyExists,
     Cancelled,
@@ -37,9 +40,6 @@ from audiomesh.separation import (
     save_model_to_repo,
 )
 from audiomesh.separation import registry as registry_module
-from demucs.apply import BagOfModels, apply_model
-from demucs.pretrained import get_model
-
 from tests.helpers.models import make_tiny_htdemucs, make_tiny_repo, synth_mix
 
 SOURCES = ("drums", "bass", "other", "vocals")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,8 @@ class Worker:
         return y.T
 
 
-async def _worker(build, tmp_path: Path, **overrides) -> AsyncIterator[Worker]:
+@contextlib.asynccontextmanager
+async def running_worker(build, tmp_path: Path, **overrides) -> AsyncIterator[Worker]:
     root = tmp_path / "store"
     settings = load_settings(store_url=f"file://{root}", default_model="demucs_unittest", **overrides)
     spec = build(settings)
@@ -70,31 +72,35 @@ async def separation(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     make_tiny_repo(repo, "tiny_ht")
-    async for w in _worker(build_separation, tmp_path, model_repo=str(repo), worker_concurrency=1):
+    async with running_worker(build_separation, tmp_path, model_repo=str(repo), worker_concurrency=1) as w:
         yield w
 
 
 @pytest.fixture
 async def hpss(tmp_path):
-    async for w in _worker(build_hpss, tmp_path):
+    async with running_worker(build_hpss, tmp_path) as w:
         yield w
 
 
 @pytest.fixture
 async def composite(tmp_path):
-    async for w in _worker(build_composite, tmp_path):
+    async with running_worker(build_composite, tmp_path) as w:
         yield w
 
 
 @pytest.fixture
 async def normalize(tmp_path):
-    async for w in _worker(build_normalize, tmp_path):
+    async with running_worker(build_normalize, tmp_path) as w:
         yield w
 
 
-@pytest.mark.parametrize("name", ["separation", "hpss", "composite", "normalize"])
-async def test_health_and_reflection(name, request):
-    worker: Worker = request.getfixturevalue(name)
+@pytest.mark.parametrize("build", [build_separation, build_hpss, build_composite, build_normalize])
+async def test_health_and_reflection(build, tmp_path):
+    async with running_worker(build, tmp_path) as worker:
+        await _check_health_and_reflection(worker)
+
+
+async def _check_health_and_reflection(worker: Worker) -> None:
     health = health_pb2_grpc.HealthStub(worker.channel)
     for service in ("", worker.full_name):
         resp = await health.Check(health_pb2.HealthCheckRequest(service=service))

@@ -12,10 +12,10 @@ from datetime import datetime
 
 import numpy as np
 import pytest
+
 from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound, TooLarge, Unavailable
 from audiomesh.hashing import sha256_chunks
 from audiomesh.store import FileStore, ObjectStore, S3Store, open_store, sanitize_filename, validate_key
-
 from tests.helpers.s3 import boto3_client, closed_port, incomplete_uploads, open_test_store
 
 MiB = 1 << 20

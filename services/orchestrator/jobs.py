@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
 from audiomesh import errors, manifest
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 from audiomesh.v1 import common_pb2, orchestrator_pb2
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 _PROGRESS_PERSIST_INTERVAL = 2.0  # seconds between manifest writes caused by progress alone
@@ -81,17 +82,18 @@ class JobRegistry:
         return rec
 
     async def changed(self, rec: JobRecord, event: str | None = None, *, persist: bool = True) -> None:
-        """Publish a change to watchers; write the manifest (progress-only changes: throttled)."""
+        """Write the manifest (progress-only changes: throttled), then wake watchers."""
         rec.job.update_time.CopyFrom(now_pb())
         if event:
             rec.events.append(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {event}")
             self.log.info(event, job_id=rec.job.job_id)
-        rec.version += 1
-        async with rec.changed:
-            rec.changed.notify_all()
+        # Persist before telling watchers: a client that sees a state can read it in the manifest.
         due = time.monotonic() - rec.last_persist >= _PROGRESS_PERSIST_INTERVAL
         if persist or due:
             await self.persist(rec)
+        rec.version += 1
+        async with rec.changed:
+            rec.changed.notify_all()
 
     async def persist(self, rec: JobRecord) -> None:
         async with rec.write_lock:
@@ -110,12 +112,15 @@ class JobRegistry:
         """A snapshot, then every change, until the job is terminal."""
         rec = self.get(job_id)
         seen = rec.version
-        yield _copy(rec.job)
-        while not rec.terminal:
+        snapshot = _copy(rec.job)
+        yield snapshot
+        # Decide on the snapshot sent, not the live record: the last message is the final state.
+        while snapshot.state not in TERMINAL and job_id in self.records:
             async with rec.changed:
                 await rec.changed.wait_for(lambda seen=seen: rec.version != seen)
             seen = rec.version
-            yield _copy(rec.job)
+            snapshot = _copy(rec.job)
+            yield snapshot
 
     async def delete(self, job_id: str) -> int:
         rec = self.get(job_id)

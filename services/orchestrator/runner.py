@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+
 from audiomesh import errors
 from audiomesh.audio.io import read_audio
 from audiomesh.config import Settings

@@ -10,6 +10,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from google.protobuf import struct_pb2
+
 import audiomesh
 from audiomesh import errors
 from audiomesh.audio.io import file_sha256, probe
@@ -19,7 +21,6 @@ from audiomesh.store import ObjectStore, sanitize_filename
 from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
-from google.protobuf import struct_pb2
 
 from .jobs import JobRegistry, manifest_key, now_pb
 from .runner import Runner

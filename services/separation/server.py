@@ -7,6 +7,7 @@ import tempfile
 import time
 
 import torch
+
 from audiomesh import errors
 from audiomesh.config import Settings
 from audiomesh.rpc import Registration, ServiceSpec, stream_work

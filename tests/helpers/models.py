@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from audiomesh.separation.repo import build_htdemucs, save_model_to_repo
 
 SAMPLE_RATE = 44100

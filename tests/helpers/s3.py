@@ -11,8 +11,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from audiomesh.store import S3Store, open_store
 from moto.server import ThreadedMotoServer
+
+from audiomesh.store import S3Store, open_store
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"

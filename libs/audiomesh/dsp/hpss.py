@@ -166,8 +166,7 @@ def hpss(
     n = y.shape[-1]
     if n < n_fft:
         raise InvalidInput(
-            f"hpss needs at least n_fft={n_fft} samples per channel, got {n}; "
-            "use a smaller n_fft or a longer signal"
+            f"hpss needs at least n_fft={n_fft} samples per channel, got {n}; use a smaller n_fft or a longer signal"
         )
 
     lead_shape = y.shape[:-1]
@@ -178,8 +177,7 @@ def hpss(
     elif isinstance(max_workers, bool) or not isinstance(max_workers, numbers.Integral) or max_workers < 1:
         raise InvalidInput(f"max_workers must be a positive integer or None, got {max_workers!r}")
 
-    stft_args = {"n_fft": n_fft, "hop_length": hop_length, "win_length": win_length, "window": window,
-                 "center": center}
+    stft_args = {"n_fft": n_fft, "hop_length": hop_length, "win_length": win_length, "window": window, "center": center}
     try:
         stft = librosa.stft(channels, pad_mode=pad_mode, **stft_args)  # (C, F, T)
         magnitude = np.abs(stft)
@@ -188,15 +186,25 @@ def hpss(
         parts = np.empty((2, *stft.shape), dtype=stft.dtype)
         with _executor(max_workers) as pool:
             median_jobs = [
-                (pool.submit(_median_filter, magnitude[c], win_harm, -1),
-                 pool.submit(_median_filter, magnitude[c], win_perc, -2))
+                (
+                    pool.submit(_median_filter, magnitude[c], win_harm, -1),
+                    pool.submit(_median_filter, magnitude[c], win_perc, -2),
+                )
                 for c in range(n_channels)
             ]
             medians = [(h.result(), p.result()) for h, p in median_jobs]
             mask_jobs = [
-                pool.submit(_apply_masks, stft[c, :, cols], magnitude[c, :, cols], medians[c][0][:, cols],
-                            medians[c][1][:, cols], parts[:, c, :, cols],
-                            power=power, margin_harm=margin_harm, margin_perc=margin_perc)
+                pool.submit(
+                    _apply_masks,
+                    stft[c, :, cols],
+                    magnitude[c, :, cols],
+                    medians[c][0][:, cols],
+                    medians[c][1][:, cols],
+                    parts[:, c, :, cols],
+                    power=power,
+                    margin_harm=margin_harm,
+                    margin_perc=margin_perc,
+                )
                 for c in range(n_channels)
                 for cols in _column_blocks(stft.shape[-1], max(1, max_workers // n_channels))
             ]
@@ -384,9 +392,7 @@ def _check_margin(margin: Any) -> tuple[float, float]:
         if not isinstance(m, numbers.Real) or isinstance(m, bool) or not math.isfinite(m):
             raise InvalidInput(f"margin must be a finite number or a pair of them, got {margin!r}")
     if margin_harm < 1 or margin_perc < 1:
-        raise InvalidInput(
-            f"Margins must be >= 1.0, got {margin!r}. A typical range is between 1 and 10."
-        )
+        raise InvalidInput(f"Margins must be >= 1.0, got {margin!r}. A typical range is between 1 and 10.")
     return margin_harm, margin_perc
 
 
@@ -407,8 +413,7 @@ def _check_frames(n_fft: Any, hop_length: Any, win_length: Any) -> tuple[int, in
         hop_length = win_length // 4
         if hop_length < 1:
             raise InvalidInput(
-                f"the default hop_length win_length // 4 is 0 for win_length={win_length}; "
-                "pass hop_length > 0"
+                f"the default hop_length win_length // 4 is 0 for win_length={win_length}; pass hop_length > 0"
             )
     elif not _is_positive_int(hop_length):
         raise InvalidInput(f"hop_length must be a positive integer, got {hop_length!r}")

@@ -209,8 +209,9 @@ def _check_options(mode: Any, target: Any, ceiling_dbtp: Any) -> tuple[str, floa
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
     if not _is_finite_real(target):
-        raise InvalidInput(f"target must be a finite level in {'LUFS' if mode == 'loudness' else 'dBFS'}, "
-                           f"got {target!r}")
+        raise InvalidInput(
+            f"target must be a finite level in {'LUFS' if mode == 'loudness' else 'dBFS'}, got {target!r}"
+        )
     if ceiling_dbtp is not None and not _is_finite_real(ceiling_dbtp):
         raise InvalidInput(f"ceiling_dbtp must be a finite level in dBTP or None, got {ceiling_dbtp!r}")
     return mode, float(target), None if ceiling_dbtp is None else float(ceiling_dbtp)
