@@ -278,6 +278,55 @@ def test_pretrained_name_from_th_files_without_yaml(tmp_path: Path, mix: np.ndar
         SeparatorFactory(tmp_path, allow_download=False).get("htdemucs")
 
 
+def _write_hf_cache(cache: Path, model: torch.nn.Module) -> None:
+    """The HuggingFace cache layout of adefossez/HTDemucs, in demucs 4.1's safetensors format."""
+    import json
+
+    from safetensors.torch import save_file
+
+    snapshot = cache / "models--adefossez--HTDemucs" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "models--adefossez--HTDemucs" / "refs").mkdir()
+    (cache / "models--adefossez--HTDemucs" / "refs" / "main").write_text("0123abcd")
+    (snapshot / "htdemucs.yaml").write_text("models: ['955717e8']\n")
+    args, kwargs = model._init_args_kwargs
+    segment = kwargs["segment"]
+    kwargs = {
+        **kwargs,
+        "segment": {"_type": "fraction", "numerator": segment.numerator, "denominator": segment.denominator},
+    }
+    metadata = {"klass": "demucs.htdemucs.HTDemucs", "args": json.dumps(list(args)), "kwargs": json.dumps(kwargs)}
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(snapshot / "955717e8.safetensors"), metadata=metadata)
+
+
+@pytest.mark.parametrize("cache", ["huggingface", "torch-hub"])
+def test_pretrained_name_from_the_download_caches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mix: np.ndarray, cache: str
+) -> None:
+    """Weights demucs downloaded earlier (HF hub in 4.1, AWS via torch.hub before) load offline."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "torch-hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    original = make_tiny_htdemucs(seed=4)
+    if cache == "huggingface":
+        _write_hf_cache(tmp_path / "hf", original)
+    else:
+        saved = save_model_to_repo(original, "955717e8", hub / "checkpoints")
+        saved.rename(saved.with_name(f"955717e8-{hashlib.sha256(saved.read_bytes()).hexdigest()[:8]}.th"))
+    factory = SeparatorFactory(device="cpu", allow_download=False)
+    assert {i.name: i.available for i in factory.list_models()}["htdemucs"] is True
+    model = factory.get("htdemucs")
+    assert model.info.origin == "pretrained"
+    short = mix[:, :22050]
+    expected = _direct(original, short, seed=0, shifts=0)
+    got = np.stack(list(model.separate(short, options=SeparationOptions(shifts=0)).values()))
+    assert np.abs(got - expected).max() <= 1e-5
+
+
 def test_bag_yaml_with_a_missing_model_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("models: ['cafe1234']\n")
     factory = SeparatorFactory(tmp_path, allow_download=False)
