@@ -92,7 +92,7 @@ def _job_options(args):
     options = orchestrator_pb2.JobOptions(model=args.model or "")
     if getattr(args, "two_stems", None):
         options.separation.two_stems = args.two_stems
-    if getattr(args, "shifts", None):
+    if getattr(args, "shifts", None) is not None:
         options.separation.shifts = args.shifts
     return options
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-seconds", type=float, default=10.0)
     p.add_argument("--model", default="", help="separation model (default: AUDIOMESH_DEFAULT_MODEL)")
     p.add_argument("--two-stems", default="", help="e.g. vocals: vocals + no_vocals only")
-    p.add_argument("--shifts", type=int, default=0)
+    p.add_argument("--shifts", type=int, default=None, help="random shifts averaged (default 1; 0 = none)")
     p.add_argument("--out", default="out", help="folder for the tracks and manifest.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("jobs", help="list jobs, newest first")

@@ -20,7 +20,9 @@ from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 
 def options_from_pb(pb: common_pb2.SeparationOptions) -> SeparationOptions:
-    kwargs = {"shifts": max(pb.shifts, 1), "two_stems": pb.two_stems or None}
+    kwargs = {"two_stems": pb.two_stems or None}
+    if pb.HasField("shifts"):
+        kwargs["shifts"] = pb.shifts
     if pb.HasField("overlap"):
         kwargs["overlap"] = pb.overlap
     if pb.HasField("segment_seconds"):

@@ -275,6 +275,8 @@ class SeparatorFactory:
             Known name whose weights cannot be loaded here; the message says how to
             provide them.
         """
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidInput("model name must be a non-empty string")
         resolved = resolve_device(device or self._device)
         key = (name, resolved)
         with self._guard:

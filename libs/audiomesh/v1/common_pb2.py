@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61udiomesh/v1/common.proto\x12\x0c\x61udiomesh.v1\"}\n\tAudioInfo\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0f\n\x07subtype\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x06 \x01(\x01\"U\n\x08Loudness\x12\x17\n\x0fintegrated_lufs\x18\x01 \x01(\x01\x12\x18\n\x10sample_peak_dbfs\x18\x02 \x01(\x01\x12\x16\n\x0etrue_peak_dbtp\x18\x03 \x01(\x01\"\x98\x01\n\x05Track\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12&\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\x12(\n\x08loudness\x18\x06 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\"-\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\":\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\x8a\x01\n\x11SeparationOptions\x12\x0e\n\x06shifts\x18\x01 \x01(\x05\x12\x14\n\x07overlap\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x0fsegment_seconds\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\ttwo_stems\x18\x04 \x01(\tB\n\n\x08_overlapB\x12\n\x10_segment_seconds\"\xf4\x01\n\x0bHpssOptions\x12\x1c\n\x14kernel_size_harmonic\x18\x01 \x01(\x05\x12\x1e\n\x16kernel_size_percussive\x18\x02 \x01(\x05\x12\x1c\n\x0fmargin_harmonic\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11margin_percussive\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05power\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05n_fft\x18\x06 \x01(\x05\x12\x12\n\nhop_length\x18\x07 \x01(\x05\x42\x12\n\x10_margin_harmonicB\x14\n\x12_margin_percussiveB\x08\n\x06_power\"\xc9\x01\n\x10NormalizeOptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.audiomesh.v1.NormalizeMode\x12\x13\n\x06target\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12#\n\x16true_peak_ceiling_dbtp\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12*\n\x07linking\x18\x04 \x01(\x0e\x32\x19.audiomesh.v1.GainLinkingB\t\n\x07_targetB\x19\n\x17_true_peak_ceiling_dbtp*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xba\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x16\n\x12NODE_STATE_RUNNING\x10\x02\x12\x18\n\x14NODE_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11NODE_STATE_FAILED\x10\x04\x12\x18\n\x14NODE_STATE_CANCELLED\x10\x05\x12\x16\n\x12NODE_STATE_SKIPPED\x10\x06*\xc9\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41UDIO_ENCODING_WAV_PCM16\x10\x01\x12\x1c\n\x18\x41UDIO_ENCODING_WAV_PCM24\x10\x02\x12\x1e\n\x1a\x41UDIO_ENCODING_WAV_FLOAT32\x10\x03\x12\x1d\n\x19\x41UDIO_ENCODING_FLAC_PCM16\x10\x04\x12\x1d\n\x19\x41UDIO_ENCODING_FLAC_PCM24\x10\x05*}\n\rNormalizeMode\x12\x1e\n\x1aNORMALIZE_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17NORMALIZE_MODE_LOUDNESS\x10\x01\x12\x17\n\x13NORMALIZE_MODE_PEAK\x10\x02\x12\x16\n\x12NORMALIZE_MODE_OFF\x10\x03*`\n\x0bGainLinking\x12\x1c\n\x18GAIN_LINKING_UNSPECIFIED\x10\x00\x12\x17\n\x13GAIN_LINKING_LINKED\x10\x01\x12\x1a\n\x16GAIN_LINKING_PER_TRACK\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61udiomesh/v1/common.proto\x12\x0c\x61udiomesh.v1\"}\n\tAudioInfo\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0f\n\x07subtype\x18\x02 \x01(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x05 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x06 \x01(\x01\"U\n\x08Loudness\x12\x17\n\x0fintegrated_lufs\x18\x01 \x01(\x01\x12\x18\n\x10sample_peak_dbfs\x18\x02 \x01(\x01\x12\x16\n\x0etrue_peak_dbtp\x18\x03 \x01(\x01\"\x98\x01\n\x05Track\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12&\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\x12(\n\x08loudness\x18\x06 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\"-\n\x08Progress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\":\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"\x9a\x01\n\x11SeparationOptions\x12\x13\n\x06shifts\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07overlap\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fsegment_seconds\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\ttwo_stems\x18\x04 \x01(\tB\t\n\x07_shiftsB\n\n\x08_overlapB\x12\n\x10_segment_seconds\"\xf4\x01\n\x0bHpssOptions\x12\x1c\n\x14kernel_size_harmonic\x18\x01 \x01(\x05\x12\x1e\n\x16kernel_size_percussive\x18\x02 \x01(\x05\x12\x1c\n\x0fmargin_harmonic\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11margin_percussive\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05power\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05n_fft\x18\x06 \x01(\x05\x12\x12\n\nhop_length\x18\x07 \x01(\x05\x42\x12\n\x10_margin_harmonicB\x14\n\x12_margin_percussiveB\x08\n\x06_power\"\xc9\x01\n\x10NormalizeOptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.audiomesh.v1.NormalizeMode\x12\x13\n\x06target\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12#\n\x16true_peak_ceiling_dbtp\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12*\n\x07linking\x18\x04 \x01(\x0e\x32\x19.audiomesh.v1.GainLinkingB\t\n\x07_targetB\x19\n\x17_true_peak_ceiling_dbtp*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xba\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x16\n\x12NODE_STATE_RUNNING\x10\x02\x12\x18\n\x14NODE_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11NODE_STATE_FAILED\x10\x04\x12\x18\n\x14NODE_STATE_CANCELLED\x10\x05\x12\x16\n\x12NODE_STATE_SKIPPED\x10\x06*\xc9\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41UDIO_ENCODING_WAV_PCM16\x10\x01\x12\x1c\n\x18\x41UDIO_ENCODING_WAV_PCM24\x10\x02\x12\x1e\n\x1a\x41UDIO_ENCODING_WAV_FLOAT32\x10\x03\x12\x1d\n\x19\x41UDIO_ENCODING_FLAC_PCM16\x10\x04\x12\x1d\n\x19\x41UDIO_ENCODING_FLAC_PCM24\x10\x05*}\n\rNormalizeMode\x12\x1e\n\x1aNORMALIZE_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17NORMALIZE_MODE_LOUDNESS\x10\x01\x12\x17\n\x13NORMALIZE_MODE_PEAK\x10\x02\x12\x16\n\x12NORMALIZE_MODE_OFF\x10\x03*`\n\x0bGainLinking\x12\x1c\n\x18GAIN_LINKING_UNSPECIFIED\x10\x00\x12\x17\n\x13GAIN_LINKING_LINKED\x10\x01\x12\x1a\n\x16GAIN_LINKING_PER_TRACK\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'audiomesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1112
-  _globals['_JOBSTATE']._serialized_end=1266
-  _globals['_NODESTATE']._serialized_start=1269
-  _globals['_NODESTATE']._serialized_end=1455
-  _globals['_AUDIOENCODING']._serialized_start=1458
-  _globals['_AUDIOENCODING']._serialized_end=1659
-  _globals['_NORMALIZEMODE']._serialized_start=1661
-  _globals['_NORMALIZEMODE']._serialized_end=1786
-  _globals['_GAINLINKING']._serialized_start=1788
-  _globals['_GAINLINKING']._serialized_end=1884
+  _globals['_JOBSTATE']._serialized_start=1128
+  _globals['_JOBSTATE']._serialized_end=1282
+  _globals['_NODESTATE']._serialized_start=1285
+  _globals['_NODESTATE']._serialized_end=1471
+  _globals['_AUDIOENCODING']._serialized_start=1474
+  _globals['_AUDIOENCODING']._serialized_end=1675
+  _globals['_NORMALIZEMODE']._serialized_start=1677
+  _globals['_NORMALIZEMODE']._serialized_end=1802
+  _globals['_GAINLINKING']._serialized_start=1804
+  _globals['_GAINLINKING']._serialized_end=1900
   _globals['_AUDIOINFO']._serialized_start=43
   _globals['_AUDIOINFO']._serialized_end=168
   _globals['_LOUDNESS']._serialized_start=170
@@ -52,9 +52,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERRORDETAIL']._serialized_start=459
   _globals['_ERRORDETAIL']._serialized_end=517
   _globals['_SEPARATIONOPTIONS']._serialized_start=520
-  _globals['_SEPARATIONOPTIONS']._serialized_end=658
-  _globals['_HPSSOPTIONS']._serialized_start=661
-  _globals['_HPSSOPTIONS']._serialized_end=905
-  _globals['_NORMALIZEOPTIONS']._serialized_start=908
-  _globals['_NORMALIZEOPTIONS']._serialized_end=1109
+  _globals['_SEPARATIONOPTIONS']._serialized_end=674
+  _globals['_HPSSOPTIONS']._serialized_start=677
+  _globals['_HPSSOPTIONS']._serialized_end=921
+  _globals['_NORMALIZEOPTIONS']._serialized_start=924
+  _globals['_NORMALIZEOPTIONS']._serialized_end=1125
 # @@protoc_insertion_point(module_scope)

@@ -315,7 +315,7 @@ class SeparationOptions(_message.Message):
     SEGMENT_SECONDS_FIELD_NUMBER: _builtins.int
     TWO_STEMS_FIELD_NUMBER: _builtins.int
     shifts: _builtins.int
-    """random time shifts averaged; 0 or 1 = none"""
+    """random time shifts averaged, as demucs --shifts; default 1, 0 = none"""
     overlap: _builtins.float
     """between split segments, default 0.25"""
     segment_seconds: _builtins.float
@@ -325,23 +325,27 @@ class SeparationOptions(_message.Message):
     def __init__(
         self,
         *,
-        shifts: _builtins.int = ...,
+        shifts: _builtins.int | None = ...,
         overlap: _builtins.float | None = ...,
         segment_seconds: _builtins.float | None = ...,
         two_stems: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_overlap", b"_overlap", "_segment_seconds", b"_segment_seconds", "overlap", b"overlap", "segment_seconds", b"segment_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_overlap", b"_overlap", "_segment_seconds", b"_segment_seconds", "_shifts", b"_shifts", "overlap", b"overlap", "segment_seconds", b"segment_seconds", "shifts", b"shifts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_overlap", b"_overlap", "_segment_seconds", b"_segment_seconds", "overlap", b"overlap", "segment_seconds", b"segment_seconds", "shifts", b"shifts", "two_stems", b"two_stems"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_overlap", b"_overlap", "_segment_seconds", b"_segment_seconds", "_shifts", b"_shifts", "overlap", b"overlap", "segment_seconds", b"segment_seconds", "shifts", b"shifts", "two_stems", b"two_stems"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__overlap: _TypeAlias = _typing.Literal["overlap"]  # noqa: Y015
     _WhichOneofArgType__overlap: _TypeAlias = _typing.Literal["_overlap", b"_overlap"]  # noqa: Y015
     _WhichOneofReturnType__segment_seconds: _TypeAlias = _typing.Literal["segment_seconds"]  # noqa: Y015
     _WhichOneofArgType__segment_seconds: _TypeAlias = _typing.Literal["_segment_seconds", b"_segment_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__shifts: _TypeAlias = _typing.Literal["shifts"]  # noqa: Y015
+    _WhichOneofArgType__shifts: _TypeAlias = _typing.Literal["_shifts", b"_shifts"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__overlap) -> _WhichOneofReturnType__overlap | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__segment_seconds) -> _WhichOneofReturnType__segment_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shifts) -> _WhichOneofReturnType__shifts | None: ...
 
 Global___SeparationOptions: _TypeAlias = SeparationOptions  # noqa: Y015
 

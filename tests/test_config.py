@@ -1,0 +1,79 @@
+"""Settings: defaults for a laptop, environment over .env, errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from audiomesh.config import load_settings
+from audiomesh.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in list(__import__("os").environ):
+        if name.startswith("AUDIOMESH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_suit_one_laptop(tmp_path):
+    s = load_settings()
+    assert s.store_url == (tmp_path / "data").resolve().as_uri()
+    assert s.orchestrator_addr == "127.0.0.1:50051"
+    assert s.max_upload_bytes == 500 * 1024 * 1024
+    assert (s.target_db, s.true_peak_ceiling_db, s.gain_linking) == (-14.0, -1.0, "linked")
+
+
+def test_environment_wins_over_dotenv(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("AUDIOMESH_TARGET_DB=-16\nAUDIOMESH_DEFAULT_MODEL=from_dotenv\n")
+    monkeypatch.setenv("AUDIOMESH_TARGET_DB", "-18")
+    s = load_settings()
+    assert s.target_db == -18.0
+    assert s.default_model == "from_dotenv"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("AUDIOMESH_TARGET_DB", "loud"),
+        ("AUDIOMESH_TARGET_DB", "3"),
+        ("AUDIOMESH_DEVICE", "tpu"),
+        ("AUDIOMESH_STORE_URL", "ftp://x"),
+        ("AUDIOMESH_HPSS_ADDR", "nohostport"),
+        ("AUDIOMESH_MAX_UPLOAD_BYTES", "0"),
+        ("AUDIOMESH_LOG_FORMAT", "xml"),
+    ],
+)
+def test_invalid_value_names_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_lists_and_secrets(monkeypatch):
+    monkeypatch.setenv("AUDIOMESH_API_KEYS", "k1, k2")
+    monkeypatch.setenv("AUDIOMESH_CORS_ORIGINS", "http://a.example,http://b.example")
+    monkeypatch.setenv("AUDIOMESH_S3_SECRET_KEY", "hunter2")
+    s = load_settings()
+    assert s.api_keys == ["k1", "k2"]
+    assert s.cors_origins == ["http://a.example", "http://b.example"]
+    public = s.public_dict()
+    assert "hunter2" not in str(public) and "k1" not in str(public)
+    assert public["api_keys_configured"] == 2
+
+
+def test_invalid_settings_stop_a_service_at_start(monkeypatch):
+    """`audiomesh serve` exits with a message naming the variable (no traceback)."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "AUDIOMESH_WORKER_CONCURRENCY": "none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "audiomesh.cli", "serve", "composite", "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "AUDIOMESH_WORKER_CONCURRENCY" in done.stderr and "Traceback" not in done.stderr
+    assert Path.cwd().exists()
