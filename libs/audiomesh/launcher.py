@@ -125,6 +125,7 @@ class Mesh:
             env[f"AUDIOMESH_{name.upper()}_ADDR"] = addr
         self.env = env
         self._wait_ready({"orchestrator": self._spawn("orchestrator", env)}, timeout)
+        self.env["AUDIOMESH_ORCHESTRATOR_ADDR"] = self.addresses["orchestrator"]
         return self
 
     def restart(self, name: str, timeout: float = 120.0) -> None:

@@ -1,0 +1,72 @@
+"""The `audiomesh` command as a user runs it (subprocesses, real mesh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+
+from audiomesh import manifest
+from tests.helpers.mesh import BASE_ENV, write_song
+
+TRACKS = {"vocals", "drums", "bass", "other", "harmonic", "percussive", "main", "main_harmonic", "main_percussive"}
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "audiomesh.cli", *args],
+        env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def mesh_env(mesh) -> dict[str, str]:
+    return {k: v for k, v in mesh.env.items() if k.startswith(("AUDIOMESH_", "HF_"))}
+
+
+def test_process_demo_without_a_running_mesh(tmp_path):
+    """The README's first command: starts an ephemeral mesh, shows progress, writes every track."""
+    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": "127.0.0.1:1"}  # nothing listens there
+    done = run_cli("process", "--demo", "--demo-seconds", "3", "--model", "demucs_unittest", "--out", "out",
+                   env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting one" in done.stderr and "%" in done.stderr  # the progress bar
+    out = tmp_path / "out" / "demo"
+    assert {p.stem for p in out.glob("*.wav")} == TRACKS
+    doc = json.loads((out / "manifest.json").read_text())
+    jsonschema.validate(doc, manifest.schema())
+    assert (tmp_path / "data" / "jobs").is_dir()  # the embedded default store: ./data
+
+
+def test_process_jobs_show_models_against_a_running_mesh(file_mesh, tmp_path):
+    env = mesh_env(file_mesh)
+    song = write_song(tmp_path / "tune.wav", 2.0)
+    done = run_cli("process", str(song), "--out", "out", "--quiet", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting one" not in done.stderr
+    assert {p.stem for p in (tmp_path / "out" / "tune").glob("*.wav")} == TRACKS
+    job_id = done.stdout.split("job ", 1)[1].split()[0]
+
+    listed = run_cli("jobs", env=env, cwd=tmp_path)
+    assert listed.returncode == 0 and job_id in listed.stdout
+    shown = run_cli("show", job_id, env=env, cwd=tmp_path)
+    assert json.loads(shown.stdout)["state"] == "JOB_STATE_SUCCEEDED"
+    models = run_cli("models", env=env, cwd=tmp_path)
+    assert "demucs_unittest" in models.stdout and "htdemucs" in models.stdout
+    missing = run_cli("show", "5b1c1d3e-0000-4000-8000-000000000000", env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_default_model_without_weights_fails_fast_and_says_how(file_mesh, tmp_path):
+    env = mesh_env(file_mesh)
+    song = write_song(tmp_path / "tune.wav", 2.0)
+    started = time.monotonic()
+    done = run_cli("process", str(song), "--model", "htdemucs", "--quiet", env=env, cwd=tmp_path, timeout=120)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1
+    assert "AUDIOMESH_MODEL_REPO" in done.stderr and "demucs_unittest" in done.stderr
+    assert "Traceback" not in done.stderr
