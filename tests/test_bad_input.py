@@ -93,6 +93,34 @@ async def test_bad_recipe_is_invalid(orchestrator, tmp_path):
     assert "kazoo" in err.value.details()
 
 
+def _options(**fields) -> orchestrator_pb2.JobOptions:
+    from google.protobuf import json_format
+
+    return json_format.ParseDict(fields, orchestrator_pb2.JobOptions())
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (_options(hpss={"marginHarmonic": 0.5}), "margin"),
+        (_options(hpss={"kernelSizePercussive": -3}), "kernel"),
+        (_options(hpss={"hopLength": -5}), "hop"),
+        (_options(normalize={"target": "NaN"}), "target"),
+        (_options(separation={"twoStems": "kazoo"}), "kazoo"),
+        (_options(separation={"overlap": 1.5}), "overlap"),
+        (_options(encoding=42), "encoding"),
+    ],
+)
+async def test_bad_options_are_refused_before_anything_is_stored(orchestrator, file_mesh, tmp_path, options, words):
+    before = job_objects(file_mesh)
+    song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(orchestrator, song, "s.wav", options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in err.value.details().lower()
+    assert job_objects(file_mesh) == before
+
+
 async def test_missing_key_is_not_found(orchestrator):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await orchestrator.CreateJob(orchestrator_pb2.CreateJobRequest(input_key="incoming/nope.wav"))

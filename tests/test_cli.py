@@ -20,7 +20,11 @@ TRACKS = {"vocals", "drums", "bass", "other", "harmonic", "percussive", "main", 
 def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "audiomesh.cli", *args],
-        env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -31,8 +35,9 @@ def mesh_env(mesh) -> dict[str, str]:
 def test_process_demo_without_a_running_mesh(tmp_path):
     """The README's first command: starts an ephemeral mesh, shows progress, writes every track."""
     env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": "127.0.0.1:1"}  # nothing listens there
-    done = run_cli("process", "--demo", "--demo-seconds", "3", "--model", "demucs_unittest", "--out", "out",
-                   env=env, cwd=tmp_path)
+    done = run_cli(
+        "process", "--demo", "--demo-seconds", "3", "--model", "demucs_unittest", "--out", "out", env=env, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting one" in done.stderr and "%" in done.stderr  # the progress bar
     out = tmp_path / "out" / "demo"

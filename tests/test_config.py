@@ -72,7 +72,10 @@ def test_invalid_settings_stop_a_service_at_start(monkeypatch):
     env = {**__import__("os").environ, "AUDIOMESH_WORKER_CONCURRENCY": "none"}
     done = subprocess.run(
         [sys.executable, "-m", "audiomesh.cli", "serve", "composite", "--port", "0"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "AUDIOMESH_WORKER_CONCURRENCY" in done.stderr and "Traceback" not in done.stderr

@@ -9,26 +9,12 @@ import time
 from audiomesh import errors
 from audiomesh.config import Settings
 from audiomesh.dsp.hpss import hpss, warmup
+from audiomesh.options import hpss_kwargs
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
 from audiomesh.tracks import Outputs, fetch_audio
 from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
-
-
-def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
-    """Proto options → keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's)."""
-    n_fft = pb.n_fft or 2048
-    return {
-        "kernel_size": (pb.kernel_size_harmonic or 31, pb.kernel_size_percussive or 31),
-        "margin": (
-            pb.margin_harmonic if pb.HasField("margin_harmonic") else 1.0,
-            pb.margin_percussive if pb.HasField("margin_percussive") else 1.0,
-        ),
-        "power": pb.power if pb.HasField("power") else 2.0,
-        "n_fft": n_fft,
-        "hop_length": pb.hop_length or n_fft // 4,
-    }
 
 
 class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):

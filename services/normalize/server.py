@@ -15,37 +15,12 @@ from audiomesh.audio.io import probe, read_audio
 from audiomesh.config import Settings
 from audiomesh.dsp.loudness import measure
 from audiomesh.dsp.normalize import apply_gain_db, linked_gain_db, per_track_gain_db
+from audiomesh.options import normalization
 from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job
 from audiomesh.tracks import Outputs, audio_info_pb, fetch_audio, loudness_pb
-from audiomesh.v1 import common_pb2, normalize_pb2, normalize_pb2_grpc
-
-_MODES = {
-    common_pb2.NORMALIZE_MODE_UNSPECIFIED: "loudness",
-    common_pb2.NORMALIZE_MODE_LOUDNESS: "loudness",
-    common_pb2.NORMALIZE_MODE_PEAK: "peak",
-    common_pb2.NORMALIZE_MODE_OFF: "off",
-}
-
-
-def resolve_options(pb: common_pb2.NormalizeOptions, settings: Settings) -> tuple[str, float, float, bool]:
-    """(mode, target, ceiling, linked) with the configured defaults filled in."""
-    mode = _MODES.get(pb.mode)
-    if mode is None:
-        raise errors.InvalidInput(f"unknown normalize mode {pb.mode}; use LOUDNESS, PEAK or OFF")
-    if pb.HasField("target"):
-        target = pb.target
-    elif mode == "peak":
-        target = -1.0
-    else:
-        target = settings.target_db
-    ceiling = pb.true_peak_ceiling_dbtp if pb.HasField("true_peak_ceiling_dbtp") else settings.true_peak_ceiling_db
-    if pb.linking == common_pb2.GAIN_LINKING_UNSPECIFIED:
-        linked = settings.gain_linking == "linked"
-    else:
-        linked = pb.linking == common_pb2.GAIN_LINKING_LINKED
-    return mode, target, ceiling, linked
+from audiomesh.v1 import normalize_pb2, normalize_pb2_grpc
 
 
 class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
@@ -59,7 +34,8 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
         for item in request.items:
             if not (item.name and item.input_key and item.output_key):
                 raise errors.InvalidInput(f"item {item.name!r} needs a name, an input_key and an output_key")
-        mode, target, ceiling, linked = resolve_options(request.options, self.settings)
+        norm = normalization(request.options, self.settings)
+        mode, target, ceiling, linked = norm.mode, norm.target, norm.ceiling_dbtp, norm.linked
 
         def work(cancel):
             with tempfile.TemporaryDirectory(prefix="audiomesh-norm-") as tmp:

@@ -19,6 +19,7 @@ import grpc
 from audiomesh import errors
 from audiomesh.audio.io import read_audio
 from audiomesh.config import Settings
+from audiomesh.options import check_separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger, tracer
@@ -90,6 +91,7 @@ class Runner:
 
     async def plan(self, job: orchestrator_pb2.Job) -> tuple[Plan, separation_pb2.ModelInfo]:
         info = await self.model_info(job.options.model)
+        check_separation_options(job.options.separation, info)
         plan = make_plan(
             job.job_id,
             sources=list(info.sources),

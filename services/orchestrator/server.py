@@ -16,6 +16,7 @@ import audiomesh
 from audiomesh import errors
 from audiomesh.audio.io import file_sha256, probe
 from audiomesh.config import Settings
+from audiomesh.options import hpss_kwargs, normalization
 from audiomesh.rpc import ClientFactory, Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename
 from audiomesh.telemetry import logger
@@ -114,7 +115,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             resolved.encoding = encoding_by_name(self.settings.output_encoding)
         if resolved.encoding not in common_pb2.AudioEncoding.values():
             raise errors.InvalidInput(f"unknown encoding {resolved.encoding}")
-        # Plan once now so unknown models, stems and recipes fail the request, not the job.
+        # Check everything now so bad options, unknown models, stems and recipes fail the
+        # request, not the job minutes later.
+        hpss_kwargs(resolved.hpss)
+        normalization(resolved.normalize, self.settings)
         probe_job = orchestrator_pb2.Job(job_id="00000000-0000-4000-8000-000000000000", options=resolved)
         await self.runner.plan(probe_job)
         return resolved

@@ -10,24 +10,14 @@ import torch
 
 from audiomesh import errors
 from audiomesh.config import Settings
+from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
-from audiomesh.separation import SeparationOptions, SeparatorFactory
+from audiomesh.separation import SeparatorFactory
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
 from audiomesh.tracks import Outputs, fetch_audio
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
-
-
-def options_from_pb(pb: common_pb2.SeparationOptions) -> SeparationOptions:
-    kwargs = {"two_stems": pb.two_stems or None}
-    if pb.HasField("shifts"):
-        kwargs["shifts"] = pb.shifts
-    if pb.HasField("overlap"):
-        kwargs["overlap"] = pb.overlap
-    if pb.HasField("segment_seconds"):
-        kwargs["segment"] = pb.segment_seconds
-    return SeparationOptions(**kwargs)
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
@@ -40,6 +30,7 @@ def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> sepa
         available=getattr(info, "available", available),
         loaded=getattr(info, "loaded", loaded),
         description=getattr(info, "description", ""),
+        max_segment_seconds=info.max_segment,
     )
 
 
@@ -54,7 +45,7 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
             raise errors.InvalidInput("input_key and output_prefix are required")
         name = request.model or self.settings.default_model
         model = await asyncio.to_thread(self.factory.get, name)
-        options = options_from_pb(request.options)
+        options = separation_options(request.options)
         options.validate(model)
         started = time.perf_counter()
 

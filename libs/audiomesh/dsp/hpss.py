@@ -156,13 +156,16 @@ def hpss(
     >>> harmonic, percussive = hpss(y, kernel_size=(13, 31), margin=(1.0, 5.0))
     """
     y = _check_audio(y)
-    win_harm, win_perc = _check_kernel_size(kernel_size)
-    margin_harm, margin_perc = _check_margin(margin)
-    power = _check_power(power)
-    n_fft, hop_length, win_length = _check_frames(n_fft, hop_length, win_length)
-    _check_window(window, win_length)
-    if pad_mode not in PAD_MODES:
-        raise InvalidInput(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+    (win_harm, win_perc), (margin_harm, margin_perc), power, (n_fft, hop_length, win_length) = check_options(
+        kernel_size=kernel_size,
+        power=power,
+        margin=margin,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        pad_mode=pad_mode,
+    )
     n = y.shape[-1]
     if n < n_fft:
         raise InvalidInput(
@@ -215,6 +218,32 @@ def hpss(
     except ParameterError as exc:  # a rule librosa checks that the checks above missed
         raise InvalidInput(f"hpss: {exc}") from exc
     return out[0].reshape(*lead_shape, n), out[1].reshape(*lead_shape, n)
+
+
+def check_options(
+    *,
+    kernel_size: int | tuple[int, int] = 31,
+    power: float = 2.0,
+    margin: float | tuple[float, float] = 1.0,
+    n_fft: int = 2048,
+    hop_length: int | None = None,
+    win_length: int | None = None,
+    window: Any = "hann",
+    pad_mode: str = "constant",
+) -> tuple[tuple[int, int], tuple[float, float], float, tuple[int, int, int]]:
+    """Validate :func:`hpss` options without a signal (so a job can be refused up front).
+
+    Returns ``((kernel_h, kernel_p), (margin_h, margin_p), power, (n_fft, hop_length, win_length))``
+    with defaults resolved; raises :class:`~audiomesh.errors.InvalidInput` stating the rule.
+    """
+    kernels = _check_kernel_size(kernel_size)
+    margins = _check_margin(margin)
+    power = _check_power(power)
+    frames = _check_frames(n_fft, hop_length, win_length)
+    _check_window(window, frames[2])
+    if pad_mode not in PAD_MODES:
+        raise InvalidInput(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
+    return kernels, margins, power, frames
 
 
 def warmup() -> None:

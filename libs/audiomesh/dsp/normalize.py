@@ -86,7 +86,7 @@ def per_track_gain_db(
     >>> per_track_gain_db(quiet, mode="peak", target=-1.0)  # +7 dB would pass -1 dBTP
     6.5
     """
-    mode, target, ceiling_dbtp = _check_options(mode, target, ceiling_dbtp)
+    mode, target, ceiling_dbtp = check_options(mode, target, ceiling_dbtp)
     _check_measurement(m, "m")
     return _gain(_level(m, mode), target, [m], ceiling_dbtp)
 
@@ -145,7 +145,7 @@ def linked_gain_db(
     >>> linked_gain_db(mix, [drums])  # 6 dB would put the drums at +2 dBTP
     3.0
     """
-    mode, target, ceiling_dbtp = _check_options(mode, target, ceiling_dbtp)
+    mode, target, ceiling_dbtp = check_options(mode, target, ceiling_dbtp)
     _check_measurement(reference, "reference")
     if isinstance(tracks, Measurement) or not isinstance(tracks, Sequence):
         raise InvalidInput("tracks must be a sequence of Measurement (it may be empty)")
@@ -205,7 +205,7 @@ def _is_finite_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_options(mode: Any, target: Any, ceiling_dbtp: Any) -> tuple[str, float, float | None]:
+def check_options(mode: Any, target: Any, ceiling_dbtp: Any) -> tuple[str, float, float | None]:
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}")
     if not _is_finite_real(target):

@@ -116,8 +116,8 @@ class SeparationOptions:
     two_stems: str | None = None
     split: bool = True
 
-    def validate(self, model: SeparatorModel) -> SeparationOptions:
-        """Check every option against ``model``; return ``self``.
+    def validate(self, model: SeparatorModel | ModelInfo) -> SeparationOptions:
+        """Check every option against ``model`` (a loaded model or its description); return ``self``.
 
         Raises
         ------

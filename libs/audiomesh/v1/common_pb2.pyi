@@ -77,7 +77,7 @@ class _AudioEncoding:
 class _AudioEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioEncoding.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     AUDIO_ENCODING_UNSPECIFIED: _AudioEncoding.ValueType  # 0
-    """WAV 16-bit PCM"""
+    """the configured default (AUDIOMESH_OUTPUT_ENCODING: WAV 16-bit)"""
     AUDIO_ENCODING_WAV_PCM16: _AudioEncoding.ValueType  # 1
     AUDIO_ENCODING_WAV_PCM24: _AudioEncoding.ValueType  # 2
     AUDIO_ENCODING_WAV_FLOAT32: _AudioEncoding.ValueType  # 3
@@ -88,7 +88,7 @@ class AudioEncoding(_AudioEncoding, metaclass=_AudioEncodingEnumTypeWrapper):
     """Encoding of written tracks."""
 
 AUDIO_ENCODING_UNSPECIFIED: AudioEncoding.ValueType  # 0
-"""WAV 16-bit PCM"""
+"""the configured default (AUDIOMESH_OUTPUT_ENCODING: WAV 16-bit)"""
 AUDIO_ENCODING_WAV_PCM16: AudioEncoding.ValueType  # 1
 AUDIO_ENCODING_WAV_PCM24: AudioEncoding.ValueType  # 2
 AUDIO_ENCODING_WAV_FLOAT32: AudioEncoding.ValueType  # 3
@@ -103,7 +103,7 @@ class _NormalizeMode:
 class _NormalizeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NormalizeMode.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NORMALIZE_MODE_UNSPECIFIED: _NormalizeMode.ValueType  # 0
-    """loudness"""
+    """the configured default (AUDIOMESH_NORMALIZE_MODE: loudness)"""
     NORMALIZE_MODE_LOUDNESS: _NormalizeMode.ValueType  # 1
     """ITU-R BS.1770 integrated loudness, target in LUFS"""
     NORMALIZE_MODE_PEAK: _NormalizeMode.ValueType  # 2
@@ -114,7 +114,7 @@ class _NormalizeModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Normali
 class NormalizeMode(_NormalizeMode, metaclass=_NormalizeModeEnumTypeWrapper): ...
 
 NORMALIZE_MODE_UNSPECIFIED: NormalizeMode.ValueType  # 0
-"""loudness"""
+"""the configured default (AUDIOMESH_NORMALIZE_MODE: loudness)"""
 NORMALIZE_MODE_LOUDNESS: NormalizeMode.ValueType  # 1
 """ITU-R BS.1770 integrated loudness, target in LUFS"""
 NORMALIZE_MODE_PEAK: NormalizeMode.ValueType  # 2
@@ -130,7 +130,7 @@ class _GainLinking:
 class _GainLinkingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GainLinking.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GAIN_LINKING_UNSPECIFIED: _GainLinking.ValueType  # 0
-    """linked"""
+    """the configured default (AUDIOMESH_GAIN_LINKING: linked)"""
     GAIN_LINKING_LINKED: _GainLinking.ValueType  # 1
     """one gain for every track, from the mix: stems still sum to the mix"""
     GAIN_LINKING_PER_TRACK: _GainLinking.ValueType  # 2
@@ -139,7 +139,7 @@ class _GainLinkingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GainLinki
 class GainLinking(_GainLinking, metaclass=_GainLinkingEnumTypeWrapper): ...
 
 GAIN_LINKING_UNSPECIFIED: GainLinking.ValueType  # 0
-"""linked"""
+"""the configured default (AUDIOMESH_GAIN_LINKING: linked)"""
 GAIN_LINKING_LINKED: GainLinking.ValueType  # 1
 """one gain for every track, from the mix: stems still sum to the mix"""
 GAIN_LINKING_PER_TRACK: GainLinking.ValueType  # 2

@@ -124,6 +124,7 @@ class ModelInfo(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MAX_SEGMENT_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     sample_rate: _builtins.int
     audio_channels: _builtins.int
@@ -133,6 +134,8 @@ class ModelInfo(_message.Message):
     """weights can be loaded here"""
     loaded: _builtins.bool
     description: _builtins.str
+    max_segment_seconds: _builtins.float
+    """Transformer models cannot run longer chunks"""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -146,12 +149,15 @@ class ModelInfo(_message.Message):
         available: _builtins.bool = ...,
         loaded: _builtins.bool = ...,
         description: _builtins.str = ...,
+        max_segment_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "max_segment_seconds", b"max_segment_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_channels", b"audio_channels", "available", b"available", "description", b"description", "loaded", b"loaded", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "description", b"description", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_segment_seconds: _TypeAlias = _typing.Literal["max_segment_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_segment_seconds: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_segment_seconds) -> _WhichOneofReturnType__max_segment_seconds | None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 

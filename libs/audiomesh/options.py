@@ -1,0 +1,96 @@
+"""Job options as protobuf messages → keyword arguments of the pure kernels, defaults filled.
+
+Shared by the workers (which run the kernels) and the orchestrator (which checks a job's
+options when it is created, so a bad option fails the request instead of the job later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from audiomesh import errors
+from audiomesh.config import Settings
+from audiomesh.dsp import hpss as hpss_kernel
+from audiomesh.dsp import normalize as normalize_kernel
+from audiomesh.separation.base import ModelInfo, SeparationOptions
+from audiomesh.v1 import common_pb2, separation_pb2
+
+_MODES = {
+    common_pb2.NORMALIZE_MODE_UNSPECIFIED: None,  # the configured default
+    common_pb2.NORMALIZE_MODE_LOUDNESS: "loudness",
+    common_pb2.NORMALIZE_MODE_PEAK: "peak",
+    common_pb2.NORMALIZE_MODE_OFF: "off",
+}
+
+
+def separation_options(pb: common_pb2.SeparationOptions) -> SeparationOptions:
+    """The model layer's options; check them with ``.validate(model_or_info)``."""
+    kwargs: dict = {"two_stems": pb.two_stems or None}
+    if pb.HasField("shifts"):
+        kwargs["shifts"] = pb.shifts
+    if pb.HasField("overlap"):
+        kwargs["overlap"] = pb.overlap
+    if pb.HasField("segment_seconds"):
+        kwargs["segment"] = pb.segment_seconds
+    return SeparationOptions(**kwargs)
+
+
+def check_separation_options(pb: common_pb2.SeparationOptions, info: separation_pb2.ModelInfo) -> None:
+    """Validate against a model described by the separation worker's ListModels."""
+    described = ModelInfo(
+        name=info.name,
+        sources=tuple(info.sources),
+        sample_rate=info.sample_rate,
+        audio_channels=info.audio_channels,
+        origin=info.origin,
+        max_segment=info.max_segment_seconds if info.HasField("max_segment_seconds") else None,
+    )
+    separation_options(pb).validate(described)
+
+
+def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
+    """Keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's); checked."""
+    n_fft = pb.n_fft or 2048
+    kwargs = {
+        "kernel_size": (pb.kernel_size_harmonic or 31, pb.kernel_size_percussive or 31),
+        "margin": (
+            pb.margin_harmonic if pb.HasField("margin_harmonic") else 1.0,
+            pb.margin_percussive if pb.HasField("margin_percussive") else 1.0,
+        ),
+        "power": pb.power if pb.HasField("power") else 2.0,
+        "n_fft": n_fft,
+        "hop_length": pb.hop_length or n_fft // 4,
+    }
+    hpss_kernel.check_options(**kwargs)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mode: str  # loudness | peak | off
+    target: float
+    ceiling_dbtp: float
+    linked: bool
+
+
+def normalization(pb: common_pb2.NormalizeOptions, settings: Settings) -> Normalization:
+    """Resolve a job's normalization against the configured defaults; checked."""
+    if pb.mode not in _MODES:
+        raise errors.InvalidInput(f"unknown normalize mode {pb.mode}; use LOUDNESS, PEAK or OFF")
+    mode = _MODES[pb.mode] or settings.normalize_mode
+    if pb.HasField("target"):
+        target = pb.target
+    elif mode == "peak" and settings.normalize_mode != "peak":
+        target = -1.0  # the configured target is a loudness; a peak job gets a peak default
+    else:
+        target = settings.target_db
+    ceiling = pb.true_peak_ceiling_dbtp if pb.HasField("true_peak_ceiling_dbtp") else settings.true_peak_ceiling_db
+    if pb.linking == common_pb2.GAIN_LINKING_UNSPECIFIED:
+        linked = settings.gain_linking == "linked"
+    elif pb.linking in (common_pb2.GAIN_LINKING_LINKED, common_pb2.GAIN_LINKING_PER_TRACK):
+        linked = pb.linking == common_pb2.GAIN_LINKING_LINKED
+    else:
+        raise errors.InvalidInput(f"unknown gain linking {pb.linking}; use LINKED or PER_TRACK")
+    if mode != "off":
+        normalize_kernel.check_options(mode, target, ceiling)
+    return Normalization(mode=mode, target=target, ceiling_dbtp=ceiling, linked=linked)
