@@ -21,7 +21,7 @@ from pathlib import Path
 from audiomesh.config import DEFAULT_PORTS, SERVICES, Settings, load_settings
 from audiomesh.errors import Unavailable
 from audiomesh.rpc.server import start_server
-from audiomesh.telemetry import configure_logging, configure_tracing, logger
+from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
 
 WORKERS = ("separation", "hpss", "composite", "normalize")
 
@@ -56,6 +56,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
 
         asyncio.ensure_future(announce())
     await running.serve_until_signal(before_stop=spec.on_stop)
+    shutdown_tracing()
     logger().info("stopped")
 
 

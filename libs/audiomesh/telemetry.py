@@ -72,9 +72,17 @@ def configure_tracing(service: str, *, otlp_endpoint: str = "") -> None:
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+        insecure = otlp_endpoint.startswith("http://")
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)))
     trace.set_tracer_provider(provider)
     _configured_tracing = True
+
+
+def shutdown_tracing() -> None:
+    """Flush spans still buffered for export (called when a service stops)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
 
 
 def tracer() -> trace.Tracer:

@@ -124,7 +124,17 @@ class JobRegistry:
 
     async def delete(self, job_id: str) -> int:
         rec = self.get(job_id)
-        count = await asyncio.to_thread(self.store.delete_prefix, f"jobs/{job_id}/")
+
+        def delete_objects() -> int:
+            # The manifest goes last: a crash half-way leaves a job that is still listed (and
+            # swept again), never orphaned objects that nothing refers to.
+            keys = [o.key for o in self.store.list(f"jobs/{job_id}/") if o.key != rec.job.manifest_key]
+            for key in keys:
+                self.store.delete(key)
+            self.store.delete(rec.job.manifest_key)
+            return len(keys) + 1
+
+        count = await asyncio.to_thread(delete_objects)
         self.records.pop(job_id, None)
         self.log.info("job deleted", job_id=job_id, objects=count)
         # Wake watchers so they end.

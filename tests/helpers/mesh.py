@@ -34,8 +34,10 @@ def start_mesh(tmp: Path, **env: str) -> Mesh:
 
 
 @pytest.fixture(scope="session")
-def file_mesh(tmp_path_factory) -> Iterator[Mesh]:
-    mesh = start_mesh(tmp_path_factory.mktemp("mesh"))
+def file_mesh(tmp_path_factory, otlp_collector) -> Iterator[Mesh]:
+    """The shared mesh; its services export spans to the session's OTLP collector."""
+    _, endpoint = otlp_collector
+    mesh = start_mesh(tmp_path_factory.mktemp("mesh"), AUDIOMESH_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
     try:
         yield mesh
     finally:
