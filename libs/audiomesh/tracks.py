@@ -108,3 +108,11 @@ class Outputs:
         for key in self.keys:
             self.store.delete(key)
         self.keys.clear()
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Failed or cancelled (any exception, KeyboardInterrupt included): remove what was written.
+        if exc_type is not None:
+            self.discard()

@@ -25,22 +25,17 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
             if not spec.name or not spec.output_key or not spec.input_keys:
                 raise errors.InvalidInput(f"composite {spec.name!r} needs a name, an output_key and input_keys")
 
-        def work(cancel):
-            with tempfile.TemporaryDirectory(prefix="audiomesh-comp-") as tmp:
-                outputs = Outputs(self.store, tmp)
-                try:
-                    tracks = []
-                    for spec in request.composites:
-                        signals, rate = {}, None
-                        for key in spec.input_keys:
-                            signals[key], rate = fetch_audio(self.store, key, tmp)
-                            if cancel.is_set():
-                                raise errors.Cancelled("composite cancelled")
-                        tracks.append(outputs.publish(spec.name, spec.output_key, mix(signals), rate, request.encoding))
-                    return tracks
-                except BaseException:
-                    outputs.discard()
-                    raise
+        def work(cancel) -> list:
+            with tempfile.TemporaryDirectory(prefix="audiomesh-comp-") as tmp, Outputs(self.store, tmp) as outputs:
+                tracks = []
+                for spec in request.composites:
+                    signals, rate = {}, None
+                    for key in spec.input_keys:
+                        signals[key], rate = fetch_audio(self.store, key, tmp)
+                        if cancel.is_set():
+                            raise errors.Cancelled("composite cancelled")
+                    tracks.append(outputs.publish(spec.name, spec.output_key, mix(signals), rate, request.encoding))
+                return tracks
 
         with bind_job(request.job_id):
             return composite_pb2.CompositeResponse(tracks=await run_in_thread(work))

@@ -27,40 +27,34 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         kwargs = hpss_kwargs(request.options)
         started = time.perf_counter()
 
-        def work(report, cancel):
-            with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp:
-                outputs = Outputs(self.store, tmp)
-                try:
-                    report(0.0, "loading audio")
-                    y, rate = fetch_audio(self.store, request.input_key, tmp)
-                    report(0.1, "decomposing")
-                    harmonic, percussive = hpss(y, **kwargs)
-                    if cancel.is_set():
-                        raise errors.Cancelled("hpss cancelled")
-                    report(0.9, "writing")
-                    return (
-                        outputs.publish("harmonic", request.harmonic_key, harmonic, rate, request.encoding),
-                        outputs.publish("percussive", request.percussive_key, percussive, rate, request.encoding),
-                    )
-                except BaseException:
-                    outputs.discard()
-                    raise
+        def work(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
+            with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp, Outputs(self.store, tmp) as outputs:
+                report(0.0, "loading audio")
+                y, rate = fetch_audio(self.store, request.input_key, tmp)
+                report(0.1, "decomposing")
+                harmonic, percussive = hpss(y, **kwargs)
+                if cancel.is_set():
+                    raise errors.Cancelled("hpss cancelled")
+                report(0.9, "writing")
+                return (
+                    outputs.publish("harmonic", request.harmonic_key, harmonic, rate, request.encoding),
+                    outputs.publish("percussive", request.percussive_key, percussive, rate, request.encoding),
+                )
+
+        def result(tracks: tuple[common_pb2.Track, common_pb2.Track]) -> hpss_pb2.DecomposeResponse:
+            elapsed = time.perf_counter() - started
+            logger().info("hpss done", input_key=request.input_key, seconds=round(elapsed, 2))
+            return hpss_pb2.DecomposeResponse(
+                result=hpss_pb2.DecomposeResult(harmonic=tracks[0], percussive=tracks[1], elapsed_seconds=elapsed)
+            )
 
         with bind_job(request.job_id):
-            async for item in stream_work(
-                work,
-                progress_message=lambda f, text: hpss_pb2.DecomposeResponse(
-                    progress=common_pb2.Progress(fraction=f, message=text)
-                ),
-            ):
-                if isinstance(item, hpss_pb2.DecomposeResponse):
-                    yield item
-                else:
-                    elapsed = time.perf_counter() - started
-                    logger().info("hpss done", input_key=request.input_key, seconds=round(elapsed, 2))
-                    yield hpss_pb2.DecomposeResponse(
-                        result=hpss_pb2.DecomposeResult(harmonic=item[0], percussive=item[1], elapsed_seconds=elapsed)
-                    )
+            async for message in stream_work(work, progress_message=_progress, result_message=result):
+                yield message
+
+
+def _progress(fraction: float, text: str) -> hpss_pb2.DecomposeResponse:
+    return hpss_pb2.DecomposeResponse(progress=common_pb2.Progress(fraction=fraction, message=text))
 
 
 def build(settings: Settings) -> ServiceSpec:

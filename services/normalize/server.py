@@ -63,8 +63,7 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
                     }
                 if cancel.is_set():
                     raise errors.Cancelled("normalize cancelled")
-                outputs = Outputs(self.store, tmp)
-                try:
+                with Outputs(self.store, tmp) as outputs:
                     tracks = []
                     for item in request.items:
                         y, rate = signals[item.name]
@@ -76,9 +75,6 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
                                 track=track, before=loudness_pb(before[item.name]), gain_db=gains[item.name]
                             )
                         )
-                except BaseException:
-                    outputs.discard()
-                    raise
                 return normalize_pb2.NormalizeResponse(
                     tracks=tracks,
                     reference=loudness_pb(reference),

@@ -279,12 +279,7 @@ class Runner:
                 ),
                 timeout=timeout,
             )
-            async for msg in call:
-                if msg.HasField("progress"):
-                    progress(msg.progress.fraction)
-                else:
-                    return list(msg.result.stems)
-            raise errors.Unavailable("separation stream ended without a result")
+            return list((await _follow(call, progress, "separation")).stems)
         if node.stage == "hpss":
             source = node.name.split(":", 1)[1]
             harmonic_key, percussive_key = plan.hpss_keys(source)
@@ -300,12 +295,8 @@ class Runner:
                 ),
                 timeout=timeout,
             )
-            async for msg in call:
-                if msg.HasField("progress"):
-                    progress(msg.progress.fraction)
-                else:
-                    return [msg.result.harmonic, msg.result.percussive]
-            raise errors.Unavailable("hpss stream ended without a result")
+            result = await _follow(call, progress, "hpss")
+            return [result.harmonic, result.percussive]
         if node.stage == "composite":
             stub = self.clients.stub(composite_pb2_grpc.CompositeServiceStub, self.settings.composite_addr)
             request = composite_pb2.CompositeRequest(encoding=INTERMEDIATE, job_id=job.job_id)
@@ -330,10 +321,7 @@ class Runner:
                     limited_by_ceiling=response.limited_by_ceiling,
                 )
             )
-            out = []
-            for item in response.tracks:
-                out.append(item.track)
-            return out
+            return [item.track for item in response.tracks]
         raise errors.FailedPrecondition(f"unknown stage {node.stage!r}")
 
     async def _decode(self, job, plan: Plan, info) -> common_pb2.Track:
@@ -348,6 +336,16 @@ class Runner:
                 return outputs.publish("mix", plan.mix_key, y, rate, INTERMEDIATE)
 
         return await asyncio.to_thread(work)
+
+
+async def _follow(call, progress, stage: str):
+    """Relay a worker's progress stream; return its result message."""
+    async for msg in call:
+        if msg.HasField("progress"):
+            progress(msg.progress.fraction)
+        else:
+            return msg.result
+    raise errors.Unavailable(f"{stage} stream ended without a result")
 
 
 __all__ = ["NodeFailed", "Runner"]

@@ -157,19 +157,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     # --- changing jobs -----------------------------------------------------------------
     async def CancelJob(self, request, context):
         rec = self.registry.get(request.job_id)
-        if not rec.terminal and rec.task is not None:
-            rec.task.cancel()
-            # Workers stop within one chunk; the runner marks the job CANCELLED.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        await _cancel(rec)
         return orchestrator_pb2.CancelJobResponse(job=rec.job)
 
     async def DeleteJob(self, request, context):
-        rec = self.registry.get(request.job_id)
-        if not rec.terminal and rec.task is not None:
-            rec.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        await _cancel(self.registry.get(request.job_id))
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 
@@ -181,6 +173,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def ListModels(self, request, context) -> separation_pb2.ListModelsResponse:
         return await self.runner.list_models()
+
+
+async def _cancel(rec) -> None:
+    """Cancel a running job and wait (bounded) until the runner has marked it CANCELLED."""
+    if not rec.terminal and rec.task is not None:
+        rec.task.cancel()
+        # Cancelling the task cancels the workers' calls; they stop within one chunk.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
 
 
 def _encode_token(offset: int) -> str:

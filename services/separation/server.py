@@ -34,6 +34,10 @@ def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> sepa
     )
 
 
+def _progress(fraction: float, text: str) -> separation_pb2.SeparateResponse:
+    return separation_pb2.SeparateResponse(progress=common_pb2.Progress(fraction=fraction, message=text))
+
+
 class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
     def __init__(self, settings: Settings, store: ObjectStore, factory: SeparatorFactory) -> None:
         self.settings = settings
@@ -49,51 +53,36 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         options.validate(model)
         started = time.perf_counter()
 
-        def work(report, cancel):
-            with tempfile.TemporaryDirectory(prefix="audiomesh-sep-") as tmp:
-                outputs = Outputs(self.store, tmp)
-                try:
-                    report(0.0, "loading audio")
-                    mix, rate = fetch_audio(
-                        self.store,
-                        request.input_key,
-                        tmp,
-                        sample_rate=model.sample_rate,
-                        channels=model.audio_channels,
-                    )
-                    stems = model.separate(
-                        mix, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
-                    )
-                    if cancel.is_set():
-                        raise errors.Cancelled("separation cancelled")
-                    report(0.95, "writing stems")
-                    return [
-                        outputs.publish(src, f"{request.output_prefix}/{src}.wav", y, rate, request.encoding)
-                        for src, y in stems.items()
-                    ]
-                except BaseException:
-                    outputs.discard()
-                    raise
+        def work(report, cancel) -> list[common_pb2.Track]:
+            with tempfile.TemporaryDirectory(prefix="audiomesh-sep-") as tmp, Outputs(self.store, tmp) as outputs:
+                report(0.0, "loading audio")
+                mix, rate = fetch_audio(
+                    self.store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels
+                )
+                stems = model.separate(
+                    mix, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
+                )
+                if cancel.is_set():
+                    raise errors.Cancelled("separation cancelled")
+                report(0.95, "writing stems")
+                return [
+                    outputs.publish(src, f"{request.output_prefix}/{src}.wav", y, rate, request.encoding)
+                    for src, y in stems.items()
+                ]
+
+        def result(stems: list[common_pb2.Track]) -> separation_pb2.SeparateResponse:
+            elapsed = time.perf_counter() - started
+            logger(model=name).info("separate done", seconds=round(elapsed, 2))
+            return separation_pb2.SeparateResponse(
+                result=separation_pb2.SeparateResult(
+                    stems=stems, model=name, elapsed_seconds=elapsed, device=str(model.device)
+                )
+            )
 
         with bind_job(request.job_id):
-            log = logger(model=name)
-            log.info("separate start", input_key=request.input_key)
-            async for item in stream_work(
-                work,
-                progress_message=lambda f, text: separation_pb2.SeparateResponse(
-                    progress=common_pb2.Progress(fraction=f, message=text)
-                ),
-            ):
-                if isinstance(item, separation_pb2.SeparateResponse):
-                    yield item
-                else:
-                    elapsed = time.perf_counter() - started
-                    log.info("separate done", seconds=round(elapsed, 2))
-                    yield separation_pb2.SeparateResponse(
-                        result=separation_pb2.SeparateResult(
-                            stems=item, model=name, elapsed_seconds=elapsed, device=str(model.device)
-                        )
-                    )
+            logger(model=name).info("separate start", input_key=request.input_key)
+            async for message in stream_work(work, progress_message=_progress, result_message=result):
+                yield message
 
     async def ListModels(self, request, context):
         infos = await asyncio.to_thread(self.factory.list_models)

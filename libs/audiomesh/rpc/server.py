@@ -264,13 +264,14 @@ async def stream_work(
     fn: Callable[[Callable[[float, str], None], threading.Event], T],
     *,
     progress_message: Callable[[float, str], Any],
+    result_message: Callable[[T], Any],
     min_interval: float = 0.25,
 ) -> AsyncIterator[Any]:
-    """Run blocking ``fn(report, cancel)`` in a thread and yield progress messages while it runs.
+    """Run blocking ``fn(report, cancel)`` in a thread; yield progress messages, then the result's.
 
     ``report(fraction, text)`` may be called from the worker thread at any rate; messages are
-    throttled to one per ``min_interval`` seconds (plus the final 1.0). The last item yielded
-    is the return value of ``fn`` (not wrapped), so callers build their result message from it.
+    throttled to one per ``min_interval`` seconds (plus the final 1.0). The last message is
+    ``result_message(fn's return value)``.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
@@ -296,7 +297,7 @@ async def stream_work(
             while not queue.empty():
                 fraction, text = queue.get_nowait()
                 yield progress_message(fraction, text)
-            yield task.result()
+            yield result_message(task.result())
             return
     finally:
         if not task.done():
