@@ -489,3 +489,11 @@ def test_s3_endpoint_as_url(s3_server: str) -> None:
         assert store.endpoint == s3_server
         store.put_bytes("k", b"v")
         assert store.get_bytes("k") == b"v"
+
+
+@pytest.mark.parametrize(("start", "length"), [(0, None), (0, 10), (5, 7), (4090, None), (4095, 1), (4000, 96)])
+def test_ranged_reads(store: ObjectStore, start: int, length: int | None) -> None:
+    data = bytes(range(256)) * 16  # 4096 bytes
+    store.put_bytes("r/obj.bin", data)
+    got = b"".join(store.iter_chunks("r/obj.bin", 3, start=start, length=length))
+    assert got == data[start : None if length is None else start + length]

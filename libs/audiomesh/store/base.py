@@ -353,8 +353,9 @@ class ObjectStore(ABC):
     # ---- reading
 
     @abstractmethod
-    def open(self, key: str) -> AbstractContextManager[BinaryIO]:
-        """A context manager yielding a streamed, readable binary file for ``key``.
+    def open(self, key: str, *, offset: int = 0) -> AbstractContextManager[BinaryIO]:
+        """A context manager yielding a streamed, readable binary file for ``key``, from byte
+        ``offset`` on (HTTP Range requests read from the middle).
 
         Raises NotFound (on entering) if the key does not exist.
         """
@@ -376,15 +377,25 @@ class ObjectStore(ABC):
         with self.open(key) as f:
             return f.read()
 
-    def iter_chunks(self, key: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the content of ``key`` in chunks of at most ``chunk_size`` bytes.
+    def iter_chunks(
+        self, key: str, chunk_size: int = DEFAULT_CHUNK_SIZE, *, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """Yield the content of ``key`` (or ``length`` bytes from ``start``) in chunks of at most
+        ``chunk_size`` bytes.
 
         NotFound is raised on the first ``next()``, not when the generator is created.
         """
         if chunk_size <= 0:
             raise InvalidInput(f"chunk_size must be > 0, got {chunk_size}")
-        with self.open(key) as f:
-            while chunk := f.read(chunk_size):
+        if start < 0 or (length is not None and length < 0):
+            raise InvalidInput(f"start and length must be >= 0, got {start} and {length}")
+        remaining = -1 if length is None else length
+        with self.open(key, offset=start) as f:
+            while remaining:
+                chunk = f.read(chunk_size if remaining < 0 else min(chunk_size, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk) if remaining > 0 else 0
                 yield chunk
 
     def get_to_file(self, key: str, path: str | os.PathLike[str]) -> ObjectInfo:

@@ -185,13 +185,15 @@ class FileStore(ObjectStore):
     # ---- reading
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[BinaryIO]:
+    def open(self, key: str, *, offset: int = 0) -> Iterator[BinaryIO]:
         path = self._path(key)
         try:
             f = open(path, "rb")  # closed by the with below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"no object with key {key!r} in the store") from None
         with f:
+            if offset:
+                f.seek(offset)
             yield f
 
     def stat(self, key: str) -> ObjectInfo:

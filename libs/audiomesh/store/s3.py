@@ -310,10 +310,10 @@ class S3Store(ObjectStore):
     # ---- reading
 
     @contextlib.contextmanager
-    def open(self, key: str) -> Iterator[BinaryIO]:
+    def open(self, key: str, *, offset: int = 0) -> Iterator[BinaryIO]:
         name = self._name(validate_key(key))
         with self._translate(f"read {key!r}", key):
-            response = self._client.get_object(self._bucket, name)
+            response = self._client.get_object(self._bucket, name, offset=offset)
         try:
             yield _S3Reader(response, self, key)  # type: ignore[misc]
         finally:
