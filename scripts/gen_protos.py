@@ -62,22 +62,6 @@ def generate(out_root: Path) -> None:
 
 # --- manifest JSON Schema, derived from the Manifest message (proto3 JSON mapping) ---
 
-_SCALARS = {
-    "TYPE_DOUBLE": {"type": ["number", "string"]},  # "Infinity"/"-Infinity"/"NaN" are strings
-    "TYPE_FLOAT": {"type": ["number", "string"]},
-    "TYPE_INT32": {"type": "integer"},
-    "TYPE_UINT32": {"type": "integer"},
-    "TYPE_SINT32": {"type": "integer"},
-    "TYPE_INT64": {"type": ["string", "integer"]},
-    "TYPE_UINT64": {"type": ["string", "integer"]},
-    "TYPE_BOOL": {"type": "boolean"},
-    "TYPE_STRING": {"type": "string"},
-    "TYPE_BYTES": {"type": "string"},
-}
-_WELL_KNOWN = {
-    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
-    "google.protobuf.Struct": {"type": "object"},
-}
 # Fields the manifest always carries, beyond the types.
 _REQUIRED = {
     "audiomesh.v1.Manifest": ["schemaVersion", "job"],
@@ -88,52 +72,19 @@ _REQUIRED = {
 
 
 def manifest_schema(schema_version: int) -> dict:
-    from google.protobuf.descriptor import FieldDescriptor
-
     sys.path.insert(0, str(ROOT / "libs"))
+    from audiomesh.protojson import message_schemas
     from audiomesh.v1 import orchestrator_pb2
 
-    defs: dict[str, dict] = {}
-    type_names = {v: k for k, v in FieldDescriptor.__dict__.items() if k.startswith("TYPE_")}
-
-    def field_schema(field) -> dict:
-        if field.message_type is not None:
-            full = field.message_type.full_name
-            if field.message_type.GetOptions().map_entry:
-                value = field.message_type.fields_by_name["value"]
-                return {"type": "object", "additionalProperties": field_schema(value)}
-            if full in _WELL_KNOWN:
-                return dict(_WELL_KNOWN[full])
-            add_message(field.message_type)
-            return {"$ref": f"#/$defs/{full}"}
-        if field.enum_type is not None:
-            return {"enum": [v.name for v in field.enum_type.values]}
-        return dict(_SCALARS[type_names[field.type]])
-
-    def add_message(desc) -> None:
-        if desc.full_name in defs:
-            return
-        defs[desc.full_name] = {}  # placeholder: recursion guard
-        props = {}
-        for field in desc.fields:
-            schema = field_schema(field)
-            if field.is_repeated and not (field.message_type is not None and field.message_type.GetOptions().map_entry):
-                schema = {"type": "array", "items": schema}
-            props[field.json_name] = schema
-        body = {"type": "object", "properties": props, "additionalProperties": False}
-        if desc.full_name in _REQUIRED:
-            body["required"] = _REQUIRED[desc.full_name]
-        defs[desc.full_name] = body
-
     root = orchestrator_pb2.Manifest.DESCRIPTOR
-    add_message(root)
+    defs = message_schemas(root, required=_REQUIRED)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://audiomesh.dev/schemas/manifest-v{schema_version}.json",
         "title": "audiomesh job manifest",
         "description": "Generated from audiomesh.v1.Manifest by scripts/gen_protos.py. Do not edit.",
         **defs[root.full_name],
-        "$defs": {k: v for k, v in sorted(defs.items()) if k != root.full_name},
+        "$defs": {k: v for k, v in defs.items() if k != root.full_name},
     }
     schema["properties"]["schemaVersion"] = {"const": schema_version}
     return schema

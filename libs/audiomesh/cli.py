@@ -174,12 +174,13 @@ def cmd_up(args, settings: Settings) -> int:
 
     from audiomesh.launcher import Mesh, default_ports
 
-    mesh = Mesh(ports=default_ports(settings), inherit_output=True)
+    mesh = Mesh(ports=default_ports(settings), inherit_output=True, gateway=True)
     mesh.start()
     print("audiomesh is up (Ctrl-C to stop):")
     for name in SERVICES:
         print(f"  {name:<13} {mesh.addresses[name]}")
     print(f"  store         {settings.store_url}")
+    print(f"  web page      {mesh.url}/   (API: {mesh.url}/openapi.json)")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -225,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiomesh", description="Music separation as a mesh of gRPC services.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run one service in this process")
-    p.add_argument("service", choices=SERVICES)
+    p.add_argument("service", choices=[*SERVICES, "gateway"])
     p.add_argument("--port", type=int, default=None, help="0 picks a free port; default from AUDIOMESH_<NAME>_ADDR")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port} here once SERVING")
-    sub.add_parser("up", help="start every service on localhost (file store in ./data)")
+    sub.add_parser("up", help="start every service and the web page on localhost (file store in ./data)")
     p = sub.add_parser("process", help="separate files (starts a mesh when none is running)")
     p.add_argument("files", nargs="*")
     p.add_argument("--demo", action="store_true", help="also process a synthesized demo clip")

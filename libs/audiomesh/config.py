@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     hpss_addr: str = f"127.0.0.1:{DEFAULT_PORTS['hpss']}"
     composite_addr: str = f"127.0.0.1:{DEFAULT_PORTS['composite']}"
     normalize_addr: str = f"127.0.0.1:{DEFAULT_PORTS['normalize']}"
+    gateway_addr: str = Field("127.0.0.1:8080", description="where the HTTP facade listens (host:port)")
 
     # Separation
     device: Literal["cpu", "cuda", "auto"] = "auto"
@@ -94,7 +95,9 @@ class Settings(BaseSettings):
             raise ValueError("must be a folder, file:///absolute/path or s3://bucket[/prefix]")
         return value
 
-    @field_validator("orchestrator_addr", "separation_addr", "hpss_addr", "composite_addr", "normalize_addr")
+    @field_validator(
+        "orchestrator_addr", "separation_addr", "hpss_addr", "composite_addr", "normalize_addr", "gateway_addr"
+    )
     @classmethod
     def _host_port(cls, value: str) -> str:
         target = value.removeprefix("dns:///")

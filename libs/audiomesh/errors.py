@@ -8,15 +8,24 @@ from __future__ import annotations
 
 
 class AudiomeshError(Exception):
-    """Base class. ``code`` is the gRPC status code name this error maps to."""
+    """Base class. ``code`` is the gRPC status code name this error maps to; ``reason``, when
+    set, travels as a google.rpc.ErrorInfo detail so the HTTP facade can be more precise
+    (e.g. 415 for audio it cannot decode, 413 for a too-large upload)."""
 
     code = "INTERNAL"
+    reason: str | None = None
 
 
 class InvalidInput(AudiomeshError):
     """The request or its audio breaks a documented rule (HTTP 400)."""
 
     code = "INVALID_ARGUMENT"
+
+
+class UnsupportedAudio(InvalidInput):
+    """The bytes are not audio any decoder here can read (HTTP 415)."""
+
+    reason = "UNSUPPORTED_AUDIO"
 
 
 class NotFound(AudiomeshError):
@@ -36,9 +45,10 @@ class FailedPrecondition(AudiomeshError):
 
 
 class TooLarge(AudiomeshError):
-    """An upload or a duration exceeds a configured limit."""
+    """An upload exceeds the configured size limit (HTTP 413)."""
 
     code = "RESOURCE_EXHAUSTED"
+    reason = "TOO_LARGE"
 
 
 class ResourceExhausted(AudiomeshError):

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from audiomesh.config import DEFAULT_PORTS, SERVICES, Settings, load_settings
+from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import Unavailable
 from audiomesh.rpc.server import start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
@@ -28,10 +28,16 @@ WORKERS = ("separation", "hpss", "composite", "normalize")
 
 async def serve(name: str, settings: Settings, *, port: int | None = None, ready_file: Path | None = None) -> None:
     """Run one service until SIGTERM; write ``ready_file`` (JSON with the port) once SERVING."""
-    if name not in SERVICES:
-        raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+    if name not in (*SERVICES, "gateway"):
+        raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}, gateway")
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
     configure_tracing(name, otlp_endpoint=settings.otlp_endpoint)
+    if name == "gateway":
+        from audiomesh.gateway.server import serve_gateway
+
+        await serve_gateway(settings, port=port, ready_file=ready_file)
+        shutdown_tracing()
+        return
     if port is None:
         port = int(settings.address_of(name).rpartition(":")[2])
     spec = importlib.import_module(f"audiomesh.services.{name}.server").build(settings)
@@ -70,9 +76,11 @@ class Mesh:
         ports: dict[str, int] | None = None,
         log_dir: Path | None = None,
         inherit_output: bool = False,
+        gateway: bool = False,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
-        self.ports = dict(ports or dict.fromkeys(SERVICES, 0))
+        self.ports = dict(ports or dict.fromkeys((*SERVICES, "gateway"), 0))
+        self.gateway = gateway
         self._run_dir = Path(tempfile.mkdtemp(prefix="audiomesh-mesh-"))
         self.log_dir = Path(log_dir) if log_dir else self._run_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +135,8 @@ class Mesh:
         self.env = env
         self._wait_ready({"orchestrator": self._spawn("orchestrator", env)}, timeout)
         self.env["AUDIOMESH_ORCHESTRATOR_ADDR"] = self.addresses["orchestrator"]
+        if self.gateway:
+            self._wait_ready({"gateway": self._spawn("gateway", self.env)}, timeout)
         return self
 
     def restart(self, name: str, timeout: float = 120.0) -> None:
@@ -140,7 +150,7 @@ class Mesh:
         proc.wait(timeout=30)
 
     def stop(self, grace: float = 30.0) -> None:
-        order = ["orchestrator", *WORKERS]
+        order = ["gateway", "orchestrator", *WORKERS]
         for name in order:
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
@@ -160,6 +170,11 @@ class Mesh:
     def orchestrator(self) -> str:
         return self.addresses["orchestrator"]
 
+    @property
+    def url(self) -> str:
+        """The HTTP facade's base URL (when started with ``gateway=True``)."""
+        return f"http://{self.addresses['gateway']}"
+
     def __enter__(self) -> Mesh:
         return self.start()
 
@@ -169,4 +184,4 @@ class Mesh:
 
 def default_ports(settings: Settings | None = None) -> dict[str, int]:
     settings = settings or load_settings()
-    return {name: int(settings.address_of(name).rpartition(":")[2]) for name in SERVICES} or DEFAULT_PORTS
+    return {name: int(settings.address_of(name).rpartition(":")[2]) for name in (*SERVICES, "gateway")}

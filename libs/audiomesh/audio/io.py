@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from audiomesh.errors import InvalidInput, NotFound
+from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
 from audiomesh.hashing import file_sha256
 
 __all__ = [
@@ -200,7 +200,7 @@ def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tu
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         detail = lines[-1] if lines else f"exit status {proc.returncode}"
         looks = f"; it looks like {sniffed[1]}" if sniffed else ""
-        raise InvalidInput(f"{shown} is not an audio file that soundfile or ffmpeg can decode{looks} ({detail})")
+        raise UnsupportedAudio(f"{shown} is not an audio file that soundfile or ffmpeg can decode{looks} ({detail})")
 
 
 @contextlib.contextmanager
@@ -248,7 +248,7 @@ def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) 
             f"({_libsndfile_reason(exc)})"
         )
     looks = f" (it looks like {sniffed[1]})" if sniffed else ""
-    return InvalidInput(
+    return UnsupportedAudio(
         f"{shown} is not a supported audio file ({SUPPORTED_INPUTS}){looks}; install ffmpeg for other formats"
     )
 

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
@@ -104,10 +105,30 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.AudiomeshError]] = {
 }
 
 
+def rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status of a failed call: from the standard trailer, else code + message."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return status_pb2.Status(code=exc.code().value[0], message=exc.details() or "")
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason a server attached (e.g. UNSUPPORTED_AUDIO), if any."""
+    for detail in rich_status(exc).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return None
+
+
 def status_of(exc: grpc.aio.AioRpcError) -> errors.AudiomeshError:
-    """Turn a worker's status back into our exception (code and message preserved)."""
+    """Turn a worker's status back into our exception (code, message and reason preserved)."""
     cls = _CODE_TO_ERROR.get(exc.code(), errors.AudiomeshError)
     err = cls(exc.details() or exc.code().name)
     if cls is errors.AudiomeshError:
         err.code = exc.code().name
+    err.reason = error_reason(exc)
     return err

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -28,6 +30,18 @@ from audiomesh.telemetry import logger
 T = TypeVar("T")
 _EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 _MAX_MESSAGE = 64 * 1024 * 1024
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_details(exc: errors.AudiomeshError) -> tuple[tuple[str, bytes], ...]:
+    """google.rpc.Status with an ErrorInfo (reason, domain) in the standard trailer, when the
+    error has a reason; read back by :func:`audiomesh.rpc.client.error_reason`."""
+    if not exc.reason:
+        return ()
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain="audiomesh"))
+    status = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=str(exc), details=[detail])
+    return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 @dataclass
@@ -109,7 +123,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(exc, errors.AudiomeshError):
                     code = grpc.StatusCode[exc.code]
                     interceptor._log_call(method, exc.code, self.start, error=str(exc))
-                    await context.abort(code, str(exc))
+                    await context.abort(code, str(exc), trailing_metadata=status_details(exc))
                 if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                     interceptor._log_call(method, "CANCELLED", self.start)
                     return False

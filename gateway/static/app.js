@@ -1,0 +1,923 @@
+// audiomesh web page: upload a song, follow its job live, play and download the stems.
+// Plain ES2020 module, no dependencies; talks to the gateway's JSON API (proto3 JSON names).
+// Fields with default values (0, "", false, []) may be absent from any response: every
+// read below has a fallback.
+
+// app.js is served at <root>/static/app.js; the API lives at <root>/v1/..., so the page also
+// works when the gateway is mounted under a path prefix.
+const ROOT = new URL("../", import.meta.url);
+const url = (path) => new URL(path, ROOT).toString();
+
+const TERMINAL = new Set(["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"]);
+const JOB_STATE_LABELS = {
+  JOB_STATE_UNSPECIFIED: "Unknown",
+  JOB_STATE_QUEUED: "Queued",
+  JOB_STATE_RUNNING: "Running",
+  JOB_STATE_SUCCEEDED: "Done",
+  JOB_STATE_FAILED: "Failed",
+  JOB_STATE_CANCELLED: "Cancelled",
+};
+const NODE_STATE_LABELS = {
+  NODE_STATE_UNSPECIFIED: "Waiting",
+  NODE_STATE_PENDING: "Waiting",
+  NODE_STATE_RUNNING: "Running",
+  NODE_STATE_SUCCEEDED: "Done",
+  NODE_STATE_FAILED: "Failed",
+  NODE_STATE_CANCELLED: "Cancelled",
+  NODE_STATE_SKIPPED: "Skipped",
+};
+const STAGE_LABELS = {
+  decode: "Reading the file",
+  validate: "Checking the file",
+  separation: "Separating stems",
+  hpss: "Splitting harmonic and percussive parts",
+  composite: "Mixing the main tracks",
+  normalize: "Normalizing loudness",
+};
+const TRACK_LABELS = {
+  vocals: "Vocals",
+  no_vocals: "Everything but vocals",
+  drums: "Drums",
+  bass: "Bass",
+  other: "Other",
+  guitar: "Guitar",
+  piano: "Piano",
+  harmonic: "Harmonic (whole song)",
+  percussive: "Percussive (whole song)",
+  main: "Instrumental (main)",
+  main_harmonic: "Instrumental, harmonic",
+  main_percussive: "Instrumental, percussive",
+};
+const ENCODINGS = {
+  wav_pcm16: "AUDIO_ENCODING_WAV_PCM16",
+  wav_pcm24: "AUDIO_ENCODING_WAV_PCM24",
+  wav_float32: "AUDIO_ENCODING_WAV_FLOAT32",
+  flac_pcm16: "AUDIO_ENCODING_FLAC_PCM16",
+  flac_pcm24: "AUDIO_ENCODING_FLAC_PCM24",
+};
+// gRPC code numbers, as they appear in google.rpc.Status bodies.
+const GRPC = { CANCELLED: 1, INVALID_ARGUMENT: 3, NOT_FOUND: 5, PERMISSION_DENIED: 7, RESOURCE_EXHAUSTED: 8,
+  FAILED_PRECONDITION: 9, UNIMPLEMENTED: 12, UNAVAILABLE: 14, UNAUTHENTICATED: 16 };
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, props = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child);
+  }
+  return node;
+};
+
+const state = {
+  config: {},
+  models: [],
+  defaultModel: "",
+  xhr: null, // the upload in flight
+  jobId: "", // the job shown in the job panel
+  job: null,
+  source: null, // its EventSource
+  retryTimer: 0,
+  retryDelay: 1000,
+  tracksSignature: "",
+  historyToken: "",
+};
+
+// ---------------------------------------------------------------- formatting
+
+function fmtBytes(n) {
+  n = Number(n) || 0;
+  if (n < 1024) return `${n} B`;
+  const units = ["KB", "MB", "GB", "TB"];
+  let i = -1;
+  do {
+    n /= 1024;
+    i += 1;
+  } while (n >= 1024 && i < units.length - 1);
+  return `${n >= 100 || Number.isInteger(n) ? Math.round(n) : n.toFixed(1)} ${units[i]}`;
+}
+
+function fmtDuration(seconds) {
+  let s = Math.max(0, Number(seconds) || 0);
+  if (s < 10) return `${s.toFixed(1)} s`;
+  s = Math.round(s);
+  if (s < 60) return `${s} s`;
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = s % 60;
+  return h ? `${h} h ${m} min` : `${m}:${String(sec).padStart(2, "0")}`;
+}
+
+function fmtEta(seconds) {
+  const s = Math.max(0, Math.round(Number(seconds) || 0));
+  if (s < 5) return "Almost done";
+  if (s < 60) return `About ${s} s left`;
+  if (s < 3600) {
+    const m = Math.floor(s / 60);
+    const rest = s % 60;
+    return `About ${m} min${rest && m < 10 ? ` ${rest} s` : ""} left`;
+  }
+  return `About ${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min left`;
+}
+
+function parseTime(text) {
+  if (!text) return null;
+  // RFC 3339 with up to nanoseconds: keep milliseconds, which Date parses everywhere.
+  const d = new Date(String(text).replace(/(\.\d{3})\d+/, "$1"));
+  return Number.isNaN(d.getTime()) ? null : d;
+}
+
+function fmtWhen(date) {
+  if (!date) return "";
+  const now = new Date();
+  const time = date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === now.toDateString()) return `Today, ${time}`;
+  const opts = { month: "short", day: "numeric" };
+  if (date.getFullYear() !== now.getFullYear()) opts.year = "numeric";
+  return `${date.toLocaleDateString(undefined, opts)}, ${time}`;
+}
+
+function fmtLufs(value) {
+  if (value === undefined || value === null) return "";
+  const v = Number(value);
+  if (!Number.isFinite(v) || v <= -150) return "silent";
+  return `${v.toFixed(1).replace("-", "−")} LUFS`;
+}
+
+const pct = (fraction) => `${Math.floor(Math.min(1, Math.max(0, Number(fraction) || 0)) * 100)} %`;
+
+function stageLabel(name) {
+  if (!name) return "";
+  const [stage, part] = String(name).split(":");
+  const base = STAGE_LABELS[stage] || stage.replace(/_/g, " ");
+  return part ? `${base} (${part.replace(/_/g, " ")})` : base;
+}
+
+const trackLabel = (name) => TRACK_LABELS[name] || name.replace(/_/g, " ");
+
+// ---------------------------------------------------------------- messages
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+class NetworkError extends Error {}
+
+function statusMessage(body, fallback) {
+  if (body && typeof body === "object") {
+    const err = body.error && typeof body.error === "object" ? body.error : body;
+    if (typeof err.message === "string" && err.message) return { code: err.code, message: err.message };
+  }
+  return { code: undefined, message: fallback };
+}
+
+function parseJson(text) {
+  try {
+    return text ? JSON.parse(text) : {};
+  } catch {
+    return null;
+  }
+}
+
+function errorFromResponse(status, statusText, text) {
+  const body = parseJson(text);
+  const fallback = (body === null && text ? text.slice(0, 200) : "") || statusText || `HTTP ${status}`;
+  const { code, message } = statusMessage(body, fallback);
+  return new ApiError(status, code, message);
+}
+
+const sentence = (text) => {
+  const t = String(text || "").trim();
+  return t && !/[.!?…)]$/.test(t) ? `${t}.` : t;
+};
+
+// A sentence a person can act on; `context` is "upload", "job" or "" (anything else).
+function describe(err, context = "") {
+  if (err instanceof NetworkError) {
+    return "Can't reach the audiomesh server. Check your connection (and that the service is running), then try again.";
+  }
+  if (!(err instanceof ApiError)) return sentence(`Something went wrong in this page: ${err && err.message}`);
+  const msg = sentence(err.message);
+  const { status, code } = err;
+  const limit = state.config.max_upload_bytes ? ` (limit ${fmtBytes(state.config.max_upload_bytes)})` : "";
+  const tooLarge = status === 413 || (code === GRPC.RESOURCE_EXHAUSTED && /too large|too big|exceed|limit|bytes/i.test(err.message));
+  if (tooLarge) return `The file is too large${limit}: ${msg}`;
+  if (status === 401 || status === 403 || code === GRPC.UNAUTHENTICATED || code === GRPC.PERMISSION_DENIED) {
+    return `This server needs you to sign in or send an API key: ${msg}`;
+  }
+  if (status === 404 || code === GRPC.NOT_FOUND) {
+    if (context === "job") return `That job doesn't exist any more (it may have been deleted): ${msg}`;
+    return `Not found: ${msg}`;
+  }
+  if (context === "upload" && (status === 415 || status === 400 || code === GRPC.INVALID_ARGUMENT)) {
+    if (/option|model|stem|encoding/i.test(err.message) && !/audio|decode|format|empty|truncat/i.test(err.message)) {
+      return `Those options were refused: ${msg}`;
+    }
+    return `That file isn't audio we can read: ${msg}`;
+  }
+  if (status === 400 || code === GRPC.INVALID_ARGUMENT) return `The server refused the request: ${msg}`;
+  if (code === GRPC.FAILED_PRECONDITION) return `This can't be done here: ${msg}`;
+  if (status === 429 || code === GRPC.RESOURCE_EXHAUSTED) return `The server is busy right now — please try again in a minute. (${err.message})`;
+  if (status === 503 || code === GRPC.UNAVAILABLE) return `The separation service isn't available at the moment — please try again shortly. (${err.message})`;
+  if (status === 504) return `The server took too long to answer — please try again. (${err.message})`;
+  if (status === 499 || code === GRPC.CANCELLED) return `The request was cancelled: ${msg}`;
+  return `Something went wrong on the server (HTTP ${status}): ${msg}`;
+}
+
+function showMessage(region, text) {
+  region.replaceChildren(
+    el("p", { class: "message-text", text }),
+    el("button", { type: "button", class: "dismiss", "aria-label": "Dismiss message", text: "×", onclick: () => clearMessage(region) }),
+  );
+  region.classList.add("is-visible");
+}
+
+function clearMessage(region) {
+  region.replaceChildren();
+  region.classList.remove("is-visible");
+}
+
+const showError = (text) => {
+  clearMessage($("notice"));
+  showMessage($("alert"), text);
+};
+const showNotice = (text) => showMessage($("notice"), text);
+const clearAlert = () => clearMessage($("alert"));
+
+// ---------------------------------------------------------------- API
+
+async function api(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(url(path), init);
+  } catch (e) {
+    throw new NetworkError(String(e));
+  }
+  const text = await resp.text();
+  if (!resp.ok) throw errorFromResponse(resp.status, resp.statusText, text);
+  return parseJson(text) || {};
+}
+
+const jobPath = (id) => `v1/jobs/${encodeURIComponent(id)}`;
+const downloadUrl = (id, what) => url(`download/${encodeURIComponent(id)}/${encodeURIComponent(what)}`);
+
+// ---------------------------------------------------------------- options
+
+function fillModels() {
+  const select = $("model-select");
+  const models = state.models;
+  if (!models.length) {
+    select.replaceChildren(el("option", { value: "", text: "Server default" }));
+    updateModelHelp();
+    return;
+  }
+  const byName = new Map(models.map((m) => [m.name, m]));
+  let chosen = byName.get(state.defaultModel);
+  // The default without weights here would only fail: start on a model that can run.
+  if (!chosen || chosen.available === false) chosen = models.find((m) => m.available) || chosen || models[0];
+  select.replaceChildren(
+    ...models.map((m) => {
+      let text = m.name;
+      if (m.name === state.defaultModel) text += " (default)";
+      if (!m.available) text += " (no weights here)";
+      return el("option", { value: m.name, disabled: !m.available, selected: m === chosen, text });
+    }),
+  );
+  select.value = chosen.name;
+  updateModelHelp();
+}
+
+function updateModelHelp() {
+  const model = state.models.find((m) => m.name === $("model-select").value);
+  const help = $("model-help");
+  const twoStems = $("two-stems-select");
+  const previous = twoStems.value;
+  const sources = (model && model.sources) || ["vocals", "drums", "bass", "other"];
+  twoStems.replaceChildren(
+    el("option", { value: "", text: "No — every stem" }),
+    ...sources.map((s) => el("option", { value: s, text: `${trackLabel(s)} + everything else` })),
+  );
+  twoStems.value = sources.includes(previous) ? previous : "";
+  if (!model) {
+    help.textContent = "";
+    return;
+  }
+  const parts = [];
+  if (model.description) parts.push(sentence(model.description));
+  if (model.sources && model.sources.length) parts.push(`Stems: ${model.sources.join(", ")}.`);
+  if (!model.available) parts.push("Its weights aren't on this server, so jobs with it will fail.");
+  help.textContent = parts.join(" ");
+}
+
+function jobOptions() {
+  const options = {};
+  const model = $("model-select").value;
+  if (model) options.model = model;
+  const twoStems = $("two-stems-select").value;
+  if (twoStems) options.separation = { twoStems };
+  const encoding = $("encoding-select").value;
+  if (encoding) options.encoding = encoding;
+  return options;
+}
+
+// ---------------------------------------------------------------- upload
+
+function startUpload(file) {
+  if (state.xhr) {
+    showError("One upload at a time, please — wait for this one to finish or stop it first.");
+    return;
+  }
+  clearAlert();
+  clearMessage($("notice"));
+  const limit = Number(state.config.max_upload_bytes) || 0;
+  if (limit && file.size > limit) {
+    showError(`The file is too large (limit ${fmtBytes(limit)}): “${file.name}” is ${fmtBytes(file.size)}.`);
+    return;
+  }
+  if (file.size === 0) {
+    showError(`“${file.name}” is empty — choose a file that contains audio.`);
+    return;
+  }
+
+  const form = new FormData();
+  form.append("options", JSON.stringify(jobOptions())); // before the file: read first by the server
+  form.append("file", file, file.name);
+
+  const xhr = new XMLHttpRequest();
+  state.xhr = xhr;
+  const bar = $("upload-progress");
+  const label = $("upload-label");
+  $("upload-status").hidden = false;
+  $("upload-name").textContent = file.name;
+  $("upload-abort").hidden = false;
+  $("drop-zone").classList.add("is-busy");
+  bar.value = 0;
+  bar.removeAttribute("data-done");
+  label.textContent = `Uploading… 0 % of ${fmtBytes(file.size)}`;
+
+  const finish = () => {
+    state.xhr = null;
+    $("upload-abort").hidden = true;
+    $("drop-zone").classList.remove("is-busy");
+  };
+
+  xhr.upload.onprogress = (ev) => {
+    const total = ev.lengthComputable ? ev.total : file.size;
+    const f = total ? ev.loaded / total : 0;
+    bar.value = Math.round(f * 100);
+    label.textContent =
+      f >= 1 ? "Uploaded — checking the file…" : `Uploading… ${pct(f)} (${fmtBytes(ev.loaded)} of ${fmtBytes(total)})`;
+  };
+  xhr.onload = () => {
+    finish();
+    if (xhr.status >= 200 && xhr.status < 300) {
+      bar.value = 100;
+      bar.dataset.done = "true";
+      const data = parseJson(xhr.responseText) || {};
+      label.textContent = `Uploaded ${fmtBytes(data.sizeBytes || file.size)}.`;
+      if (data.job && data.job.jobId) {
+        label.textContent += " Separation started.";
+        openJob(data.job);
+        upsertHistory(data.job, { prepend: true });
+      }
+    } else {
+      bar.value = 0;
+      label.textContent = "Upload failed.";
+      showError(describe(errorFromResponse(xhr.status, xhr.statusText, xhr.responseText), "upload"));
+    }
+  };
+  xhr.onerror = () => {
+    finish();
+    bar.value = 0;
+    label.textContent = "Upload failed.";
+    showError(describe(new NetworkError("upload failed"), "upload"));
+  };
+  xhr.onabort = () => {
+    finish();
+    bar.value = 0;
+    label.textContent = "Upload stopped.";
+  };
+  xhr.open("POST", url("v1/jobs:upload"));
+  xhr.setRequestHeader("Accept", "application/json");
+  xhr.send(form);
+}
+
+function setupUpload() {
+  const input = $("file-input");
+  const zone = $("drop-zone");
+  input.addEventListener("change", () => {
+    const file = input.files && input.files[0];
+    if (file) startUpload(file);
+    input.value = ""; // choosing the same file again starts another job
+  });
+  $("upload-abort").addEventListener("click", () => state.xhr && state.xhr.abort());
+
+  // Clicks anywhere in the zone open the picker (the label button does so on its own).
+  zone.addEventListener("click", (ev) => {
+    if (ev.target.closest("label, input, button, a")) return;
+    input.click();
+  });
+
+  let depth = 0;
+  const hasFiles = (ev) => ev.dataTransfer && Array.from(ev.dataTransfer.types || []).includes("Files");
+  zone.addEventListener("dragenter", (ev) => {
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    depth += 1;
+    zone.classList.add("is-dragover");
+  });
+  zone.addEventListener("dragover", (ev) => {
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    ev.dataTransfer.dropEffect = "copy";
+  });
+  zone.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (!depth) zone.classList.remove("is-dragover");
+  });
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    depth = 0;
+    zone.classList.remove("is-dragover");
+    const files = Array.from((ev.dataTransfer && ev.dataTransfer.files) || []);
+    if (!files.length) return;
+    if (files.length > 1) showNotice(`One file at a time: uploading “${files[0].name}”.`);
+    startUpload(files[0]);
+  });
+  // A file dropped next to the zone must not navigate away from the page.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (ev) => {
+      if (!zone.contains(ev.target) && hasFiles(ev)) {
+        ev.preventDefault();
+        if (ev.dataTransfer) ev.dataTransfer.dropEffect = "none";
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- the job panel
+
+function openJob(job) {
+  const id = job.jobId;
+  if (id !== state.jobId) {
+    stopWatching();
+    state.jobId = id;
+    state.tracksSignature = "";
+    $("job-connection").textContent = "";
+  }
+  renderJob(job);
+  markCurrentInHistory();
+  if (!TERMINAL.has(job.state)) watch(id);
+}
+
+async function openJobById(id) {
+  clearAlert();
+  try {
+    const data = await api("GET", jobPath(id));
+    if (data.job) {
+      openJob(data.job);
+      $("job").scrollIntoView({ behavior: "smooth", block: "start" });
+      $("job-heading").focus({ preventScroll: true });
+    }
+  } catch (err) {
+    showError(describe(err, "job"));
+    if (err instanceof ApiError && err.status === 404) removeFromHistory(id);
+  }
+}
+
+function stopWatching() {
+  if (state.source) state.source.close();
+  state.source = null;
+  clearTimeout(state.retryTimer);
+  state.retryTimer = 0;
+}
+
+function watch(id) {
+  stopWatching();
+  const source = new EventSource(url(`${jobPath(id)}:watch`));
+  state.source = source;
+  source.onopen = () => {
+    $("job-connection").textContent = "";
+  };
+  source.onmessage = (ev) => {
+    if (state.source !== source) return;
+    const payload = parseJson(ev.data);
+    if (!payload) return;
+    if (payload.error) {
+      stopWatching();
+      const { code, message } = statusMessage(payload, "the progress stream failed");
+      showError(describe(new ApiError(0, code, message), "job"));
+      refreshJob(id);
+      return;
+    }
+    const job = payload.result && payload.result.job;
+    if (!job || job.jobId && job.jobId !== id) return;
+    state.retryDelay = 1000;
+    renderJob(job);
+    upsertHistory(job);
+    if (TERMINAL.has(job.state)) stopWatching();
+  };
+  source.onerror = () => {
+    // EventSource would reconnect by itself; we ask for the job first so a deleted job or a
+    // server error turns into words instead of an endless retry.
+    if (state.source !== source) return;
+    stopWatching();
+    $("job-connection").textContent = "Connection lost — reconnecting…";
+    const delay = state.retryDelay;
+    state.retryDelay = Math.min(15000, delay * 2);
+    state.retryTimer = setTimeout(() => refreshJob(id, { rewatch: true }), delay);
+  };
+}
+
+async function refreshJob(id, { rewatch = false } = {}) {
+  if (state.jobId !== id) return;
+  try {
+    const data = await api("GET", jobPath(id));
+    if (state.jobId !== id || !data.job) return;
+    $("job-connection").textContent = "";
+    renderJob(data.job);
+    upsertHistory(data.job);
+    if (rewatch && !TERMINAL.has(data.job.state)) watch(id);
+  } catch (err) {
+    if (state.jobId !== id) return;
+    if (err instanceof NetworkError || (err instanceof ApiError && err.status >= 500)) {
+      $("job-connection").textContent = "Can't reach the server — still trying…";
+      if (rewatch) {
+        const delay = state.retryDelay;
+        state.retryDelay = Math.min(15000, delay * 2);
+        state.retryTimer = setTimeout(() => refreshJob(id, { rewatch: true }), delay);
+      }
+    } else {
+      $("job-connection").textContent = "";
+      showError(describe(err, "job"));
+    }
+  }
+}
+
+function renderJob(job) {
+  state.job = job;
+  const id = job.jobId;
+  const jobState = job.state || "JOB_STATE_UNSPECIFIED";
+  const terminal = TERMINAL.has(jobState);
+  const succeeded = jobState === "JOB_STATE_SUCCEEDED";
+  $("job").hidden = false;
+  $("job-name").textContent = (job.input && job.input.name) || "Untitled";
+  $("job-id").textContent = `Job ${id}`;
+
+  const badge = $("job-state");
+  badge.textContent = JOB_STATE_LABELS[jobState] || jobState;
+  badge.dataset.state = jobState;
+  badge.className = `badge ${stateClass(jobState)}`;
+
+  const fraction = succeeded ? 1 : Math.min(1, Math.max(0, Number(job.fraction) || 0));
+  const bar = $("job-progress");
+  bar.value = fraction;
+  bar.dataset.state = jobState;
+  bar.setAttribute("aria-valuetext", `${pct(fraction)}, ${JOB_STATE_LABELS[jobState] || ""}`);
+  $("job-percent").textContent = pct(fraction);
+
+  const stage = $("job-stage");
+  const eta = $("job-eta");
+  if (jobState === "JOB_STATE_QUEUED") {
+    stage.textContent = "Waiting for a free slot…";
+    eta.textContent = "";
+  } else if (jobState === "JOB_STATE_RUNNING") {
+    stage.textContent = job.currentStage ? `${stageLabel(job.currentStage)}…` : "Starting…";
+    eta.textContent = job.etaSeconds === undefined || job.etaSeconds === null ? "Estimating time left…" : fmtEta(job.etaSeconds);
+  } else {
+    stage.textContent = { JOB_STATE_SUCCEEDED: "Done", JOB_STATE_FAILED: "Failed", JOB_STATE_CANCELLED: "Cancelled" }[jobState] || "";
+    const start = parseTime(job.createTime);
+    const end = parseTime(job.updateTime);
+    eta.textContent = succeeded && start && end ? `Took ${fmtDuration((end - start) / 1000)}` : "";
+  }
+  stage.dataset.stage = job.currentStage || "";
+
+  renderJobError(job);
+  $("job-cancel").hidden = terminal;
+  const del = $("job-delete");
+  del.hidden = !terminal;
+  if (del.hidden) resetConfirm(del);
+  renderNodes(job.nodes || []);
+  renderTracks(job);
+}
+
+function renderJobError(job) {
+  const box = $("job-error");
+  const err = job.error || {};
+  if (job.state === "JOB_STATE_FAILED") {
+    const where = err.node ? ` in the step “${stageLabel(err.node)}” (${err.node})` : "";
+    box.replaceChildren(
+      el("strong", { text: `The separation failed${where}.` }),
+      el("p", { class: "error-message", text: sentence(err.message || "No reason was given.") }),
+      err.code ? el("p", { class: "help mono", text: err.code }) : null,
+    );
+    box.hidden = false;
+  } else if (job.state === "JOB_STATE_CANCELLED") {
+    box.replaceChildren(el("strong", { text: "This job was cancelled." }), err.message ? el("p", { text: sentence(err.message) }) : null);
+    box.hidden = false;
+  } else {
+    box.hidden = true;
+    box.replaceChildren();
+  }
+  box.className = `job-error ${job.state === "JOB_STATE_CANCELLED" ? "is-cancelled" : ""}`;
+}
+
+function stateClass(jobState) {
+  return `state-${String(jobState).replace(/^(JOB|NODE)_STATE_/, "").toLowerCase()}`;
+}
+
+function renderNodes(nodes) {
+  const list = $("job-nodes");
+  const existing = new Map(Array.from(list.children).map((li) => [li.dataset.node, li]));
+  const wanted = [];
+  let done = 0;
+  for (const node of nodes) {
+    const nodeState = node.state || "NODE_STATE_PENDING";
+    if (nodeState === "NODE_STATE_SUCCEEDED" || nodeState === "NODE_STATE_SKIPPED") done += 1;
+    const li = existing.get(node.name) || el("li", { class: "node", dataset: { node: node.name } });
+    const fraction = nodeState === "NODE_STATE_SUCCEEDED" ? 1 : Number(node.fraction) || 0;
+    const details = [];
+    if (nodeState === "NODE_STATE_RUNNING") details.push(pct(fraction));
+    if (nodeState === "NODE_STATE_SUCCEEDED" && node.durationSeconds) details.push(fmtDuration(node.durationSeconds));
+    if ((node.attempts || 0) > 1) details.push(`try ${node.attempts}`);
+    li.dataset.state = nodeState;
+    li.className = `node ${stateClass(nodeState)}`;
+    li.replaceChildren(
+      el("span", { class: "node-dot", "aria-hidden": "true" }),
+      el(
+        "span",
+        { class: "node-text" },
+        el("span", { class: "node-name", text: stageLabel(node.name) }),
+        el("span", { class: "node-id mono", text: node.name }),
+      ),
+      el("span", { class: "node-state", text: [NODE_STATE_LABELS[nodeState] || nodeState, ...details].join(" · ") }),
+      el("span", { class: "node-bar", "aria-hidden": "true" }, el("span", { style: `width:${Math.round(fraction * 100)}%` })),
+      node.error && node.error.message ? el("span", { class: "node-error", text: node.error.message }) : null,
+    );
+    wanted.push(li);
+  }
+  list.replaceChildren(...wanted);
+  $("nodes-summary").textContent = nodes.length ? `— ${done} of ${nodes.length} done` : "";
+  $("nodes-details").hidden = nodes.length === 0;
+}
+
+function renderTracks(job) {
+  const results = $("results");
+  const tracks = job.state === "JOB_STATE_SUCCEEDED" ? job.tracks || [] : [];
+  const signature = `${job.jobId}|${tracks.map((t) => `${t.name}:${t.sha256 || ""}`).join(",")}`;
+  if (signature === state.tracksSignature) return; // keep players as they are (a song may be playing)
+  state.tracksSignature = signature;
+  const list = $("tracks");
+  if (!tracks.length) {
+    results.hidden = true;
+    list.replaceChildren();
+    return;
+  }
+  const base = ((job.input && job.input.name) || "song").replace(/\.[^.]+$/, "");
+  list.replaceChildren(
+    ...tracks.map((track) => {
+      const href = downloadUrl(job.jobId, track.name);
+      const ext = ((track.key || "").match(/\.([a-z0-9]+)$/i) || [null, "wav"])[1];
+      const audio = track.audio || {};
+      const meta = [
+        audio.durationSeconds ? fmtDuration(audio.durationSeconds) : "",
+        track.loudness ? fmtLufs(track.loudness.integratedLufs ?? -200) : "",
+        track.sizeBytes ? fmtBytes(track.sizeBytes) : "",
+      ].filter(Boolean);
+      return el(
+        "li",
+        { class: "track", dataset: { track: track.name } },
+        el(
+          "div",
+          { class: "track-info" },
+          el("span", { class: "track-name", text: trackLabel(track.name) }),
+          el("span", { class: "track-meta" }, el("span", { class: "mono", text: `${track.name}.${ext}` }), meta.length ? ` · ${meta.join(" · ")}` : ""),
+        ),
+        el("audio", { controls: true, preload: "none", src: href, "aria-label": `Play ${trackLabel(track.name)}` }),
+        el("a", {
+          class: "download button small",
+          href,
+          download: `${base}-${track.name}.${ext}`,
+          "aria-label": `Download ${trackLabel(track.name)}`,
+          text: "Download",
+        }),
+      );
+    }),
+  );
+  const all = $("download-all");
+  all.href = downloadUrl(job.jobId, "all");
+  all.setAttribute("download", `${base}-stems.zip`);
+  $("manifest-link").href = downloadUrl(job.jobId, "manifest");
+  results.hidden = false;
+}
+
+// ---------------------------------------------------------------- cancel / delete
+
+async function cancelJob(id, button) {
+  button.disabled = true;
+  try {
+    const data = await api("POST", `${jobPath(id)}:cancel`, {});
+    if (data.job) {
+      if (id === state.jobId) renderJob(data.job);
+      upsertHistory(data.job);
+    }
+    showNotice("Cancelling the job…");
+  } catch (err) {
+    showError(describe(err, "job"));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Two clicks to delete: the first arms the button for a few seconds (no blocking dialog).
+function confirmThen(button, action) {
+  if (button.dataset.armed === "true") {
+    resetConfirm(button);
+    action();
+    return;
+  }
+  button.dataset.armed = "true";
+  button.dataset.label = button.textContent;
+  button.textContent = "Click again to delete";
+  button.classList.add("is-armed");
+  button._timer = setTimeout(() => resetConfirm(button), 4000);
+}
+
+function resetConfirm(button) {
+  if (button.dataset.armed !== "true") return;
+  clearTimeout(button._timer);
+  button.dataset.armed = "false";
+  button.textContent = button.dataset.label || "Delete";
+  button.classList.remove("is-armed");
+}
+
+async function deleteJob(id, name) {
+  try {
+    await api("DELETE", jobPath(id));
+    removeFromHistory(id);
+    if (id === state.jobId) {
+      stopWatching();
+      state.jobId = "";
+      state.job = null;
+      state.tracksSignature = "";
+      $("job").hidden = true;
+    }
+    showNotice(`Deleted “${name}” and its files.`);
+  } catch (err) {
+    showError(describe(err, "job"));
+  }
+}
+
+// ---------------------------------------------------------------- history
+
+function historyItem(job) {
+  const id = job.jobId;
+  const jobState = job.state || "JOB_STATE_UNSPECIFIED";
+  const name = (job.input && job.input.name) || "Untitled";
+  const created = parseTime(job.createTime);
+  const terminal = TERMINAL.has(jobState);
+  const stateText =
+    jobState === "JOB_STATE_RUNNING" ? `${JOB_STATE_LABELS[jobState]} ${pct(job.fraction)}` : JOB_STATE_LABELS[jobState] || jobState;
+  const actions = terminal
+    ? el("button", { type: "button", class: "button small ghost", text: "Delete", "aria-label": `Delete ${name}`,
+        onclick: (ev) => confirmThen(ev.currentTarget, () => deleteJob(id, name)) })
+    : el("button", { type: "button", class: "button small danger-outline", text: "Cancel", "aria-label": `Cancel ${name}`,
+        onclick: (ev) => cancelJob(id, ev.currentTarget) });
+  return el(
+    "li",
+    { class: "history-item", dataset: { jobId: id, state: jobState }, "aria-current": id === state.jobId ? "true" : null },
+    el(
+      "button",
+      { type: "button", class: "history-open", onclick: () => openJobById(id), title: "Show this job" },
+      el("span", { class: "history-name", text: name }),
+      el(
+        "span",
+        { class: "history-meta" },
+        el("span", { class: `badge small ${stateClass(jobState)}`, text: stateText }),
+        created ? el("time", { datetime: job.createTime, text: fmtWhen(created) }) : null,
+      ),
+    ),
+    el("span", { class: "history-actions" }, actions),
+  );
+}
+
+function upsertHistory(job, { prepend = false } = {}) {
+  if (!job || !job.jobId) return;
+  const list = $("history");
+  const old = list.querySelector(`[data-job-id="${CSS.escape(job.jobId)}"]`);
+  if (old && old.dataset.state === job.state && job.state !== "JOB_STATE_RUNNING") return;
+  // Keep an armed delete button as it is while the state hasn't changed.
+  const item = historyItem(job);
+  if (old) old.replaceWith(item);
+  else if (prepend || job.jobId === state.jobId) list.prepend(item);
+  else return;
+  $("history-empty").hidden = true;
+}
+
+function removeFromHistory(id) {
+  const item = $("history").querySelector(`[data-job-id="${CSS.escape(id)}"]`);
+  if (item) item.remove();
+  $("history-empty").hidden = $("history").children.length > 0;
+}
+
+function markCurrentInHistory() {
+  for (const item of $("history").children) {
+    if (item.dataset.jobId === state.jobId) item.setAttribute("aria-current", "true");
+    else item.removeAttribute("aria-current");
+  }
+}
+
+async function loadHistory({ more = false } = {}) {
+  const params = new URLSearchParams({ pageSize: "20" });
+  if (more && state.historyToken) params.set("pageToken", state.historyToken);
+  const button = more ? $("history-more") : $("history-refresh");
+  button.disabled = true;
+  try {
+    const data = await api("GET", `v1/jobs?${params}`);
+    const list = $("history");
+    const items = (data.jobs || []).filter((j) => j.jobId).map(historyItem);
+    if (more) {
+      const seen = new Set(Array.from(list.children, (li) => li.dataset.jobId));
+      list.append(...items.filter((li) => !seen.has(li.dataset.jobId)));
+    } else {
+      list.replaceChildren(...items);
+    }
+    state.historyToken = data.nextPageToken || "";
+    $("history-more").hidden = !state.historyToken;
+    $("history-empty").hidden = list.children.length > 0;
+  } catch (err) {
+    showError(`The job history couldn't be loaded. ${describe(err)}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- start
+
+async function loadConfig() {
+  try {
+    const data = await api("GET", "v1/config");
+    state.config = data.config || {};
+    if (data.version) $("version").textContent = `v${data.version}`;
+    const limit = Number(state.config.max_upload_bytes) || 0;
+    if (limit) $("size-limit").textContent = `, up to ${fmtBytes(limit)}`;
+    const encoding = ENCODINGS[state.config.output_encoding];
+    if (encoding) $("encoding-select").value = encoding;
+    const hours = Number(state.config.retention_hours) || 0;
+    if (hours > 0) {
+      const span = hours % 24 === 0 ? `${hours / 24} day${hours === 24 ? "" : "s"}` : `${hours} hours`;
+      $("footer-note").textContent = `Your files are processed on this server; finished jobs are deleted after ${span}.`;
+    }
+    if (!state.defaultModel && state.config.default_model) state.defaultModel = state.config.default_model;
+  } catch (err) {
+    showError(`The server's settings couldn't be loaded. ${describe(err)}`);
+  }
+}
+
+async function loadModels() {
+  try {
+    const data = await api("GET", "v1/models");
+    state.models = (data.models || []).filter((m) => m.name);
+    state.defaultModel = data.defaultModel || state.defaultModel;
+  } catch (err) {
+    state.models = [];
+    showError(`The list of models couldn't be loaded, so the server's default will be used. ${describe(err)}`);
+  }
+  fillModels();
+}
+
+function main() {
+  setupUpload();
+  $("model-select").addEventListener("change", updateModelHelp);
+  $("history-refresh").addEventListener("click", () => loadHistory());
+  $("history-more").addEventListener("click", () => loadHistory({ more: true }));
+  $("job-cancel").addEventListener("click", (ev) => state.jobId && cancelJob(state.jobId, ev.currentTarget));
+  $("job-delete").addEventListener("click", (ev) => {
+    const { jobId, job } = state;
+    if (jobId) confirmThen(ev.currentTarget, () => deleteJob(jobId, (job && job.input && job.input.name) || "the job"));
+  });
+  $("job-heading").setAttribute("tabindex", "-1");
+  window.addEventListener("pagehide", stopWatching);
+  document.body.dataset.ready = "loading";
+  Promise.all([loadConfig().then(loadModels), loadHistory()]).finally(() => {
+    document.body.dataset.ready = "true";
+  });
+}
+
+main();

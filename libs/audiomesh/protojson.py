@@ -1,0 +1,73 @@
+"""JSON Schemas for protobuf messages, following the proto3 JSON mapping (json_format).
+
+One converter serves the manifest's committed schema (scripts/gen_protos.py) and the HTTP
+facade's OpenAPI document, so both describe exactly what ``json_format`` writes and reads.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+_SCALARS = {
+    FieldDescriptor.TYPE_DOUBLE: {"type": ["number", "string"]},  # "Infinity", "NaN" are strings
+    FieldDescriptor.TYPE_FLOAT: {"type": ["number", "string"]},
+    FieldDescriptor.TYPE_INT32: {"type": "integer"},
+    FieldDescriptor.TYPE_UINT32: {"type": "integer"},
+    FieldDescriptor.TYPE_SINT32: {"type": "integer"},
+    FieldDescriptor.TYPE_INT64: {"type": ["string", "integer"]},  # json_format writes strings
+    FieldDescriptor.TYPE_UINT64: {"type": ["string", "integer"]},
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+    FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
+}
+_WELL_KNOWN = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string"},
+    "google.protobuf.Struct": {"type": "object"},
+    "google.protobuf.Value": {},
+    "google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}}},
+}
+
+
+def message_schemas(
+    *roots: Descriptor, ref_prefix: str = "#/$defs/", required: dict[str, list[str]] | None = None
+) -> dict[str, dict]:
+    """Schemas of ``roots`` and every message they reach, keyed by full name."""
+    defs: dict[str, dict] = {}
+    required = required or {}
+
+    def field_schema(field: FieldDescriptor) -> dict:
+        if field.message_type is not None:
+            full = field.message_type.full_name
+            if field.message_type.GetOptions().map_entry:
+                return {
+                    "type": "object",
+                    "additionalProperties": field_schema(field.message_type.fields_by_name["value"]),
+                }
+            if full in _WELL_KNOWN:
+                return dict(_WELL_KNOWN[full])
+            add(field.message_type)
+            return {"$ref": ref_prefix + full}
+        if field.enum_type is not None:
+            return {"enum": [v.name for v in field.enum_type.values]}
+        return dict(_SCALARS[field.type])
+
+    def add(desc: Descriptor) -> None:
+        if desc.full_name in defs:
+            return
+        defs[desc.full_name] = {}  # recursion guard
+        props = {}
+        for field in desc.fields:
+            schema = field_schema(field)
+            is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+            if field.is_repeated and not is_map:
+                schema = {"type": "array", "items": schema}
+            props[field.json_name] = schema
+        body: dict = {"type": "object", "properties": props, "additionalProperties": False}
+        if desc.full_name in required:
+            body["required"] = required[desc.full_name]
+        defs[desc.full_name] = body
+
+    for root in roots:
+        add(root)
+    return dict(sorted(defs.items()))
