@@ -164,9 +164,8 @@ async def test_bad_page_token(orchestrator):
 async def test_upload_over_the_limit_is_refused_as_bytes_arrive(file_mesh, tmp_path):
     """An orchestrator in this process with a 64 kB limit, using the mesh's workers."""
     env = {k: v for k, v in file_mesh.env.items() if k.startswith("AUDIOMESH_")}
-    settings = load_settings(
-        **{k.removeprefix("AUDIOMESH_").lower(): v for k, v in env.items()}, max_upload_bytes=64 * 1024
-    )
+    overrides = {k.removeprefix("AUDIOMESH_").lower(): v for k, v in env.items()}
+    settings = load_settings(**{**overrides, "max_upload_bytes": 64 * 1024})
     spec = build(settings)
     server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
     before = job_objects(file_mesh)

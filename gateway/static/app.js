@@ -220,6 +220,7 @@ function describe(err, context = "") {
     if (context === "job") return `That job doesn't exist any more (it may have been deleted): ${msg}`;
     return `Not found: ${msg}`;
   }
+  if (code === GRPC.FAILED_PRECONDITION) return `This can't be done here: ${msg}`;
   if (context === "upload" && (status === 415 || status === 400 || code === GRPC.INVALID_ARGUMENT)) {
     if (/option|model|stem|encoding/i.test(err.message) && !/audio|decode|format|empty|truncat/i.test(err.message)) {
       return `Those options were refused: ${msg}`;
@@ -227,7 +228,6 @@ function describe(err, context = "") {
     return `That file isn't audio we can read: ${msg}`;
   }
   if (status === 400 || code === GRPC.INVALID_ARGUMENT) return `The server refused the request: ${msg}`;
-  if (code === GRPC.FAILED_PRECONDITION) return `This can't be done here: ${msg}`;
   if (status === 429 || code === GRPC.RESOURCE_EXHAUSTED) return `The server is busy right now — please try again in a minute. (${err.message})`;
   if (status === 503 || code === GRPC.UNAVAILABLE) return `The separation service isn't available at the moment — please try again shortly. (${err.message})`;
   if (status === 504) return `The server took too long to answer — please try again. (${err.message})`;
@@ -713,7 +713,7 @@ function renderTracks(job) {
         el("a", {
           class: "download button small",
           href,
-          download: `${base}-${track.name}.${ext}`,
+          download: `${base}_${track.name}.${ext}`, // as the server names it
           "aria-label": `Download ${trackLabel(track.name)}`,
           text: "Download",
         }),
@@ -722,7 +722,7 @@ function renderTracks(job) {
   );
   const all = $("download-all");
   all.href = downloadUrl(job.jobId, "all");
-  all.setAttribute("download", `${base}-stems.zip`);
+  all.setAttribute("download", `${base}_${job.jobId.slice(0, 8)}.zip`);
   $("manifest-link").href = downloadUrl(job.jobId, "manifest");
   results.hidden = false;
 }

@@ -27,21 +27,33 @@ BASE_ENV = {
 }
 
 
-def start_mesh(tmp: Path, **env: str) -> Mesh:
+def start_mesh(tmp: Path, *, gateway: bool = False, **env: str) -> Mesh:
     data = tmp / "data"
     settings_env = {**BASE_ENV, "AUDIOMESH_STORE_URL": f"file://{data}", **env}
-    return Mesh(env=settings_env, log_dir=tmp / "logs").start(timeout=240)
+    return Mesh(env=settings_env, log_dir=tmp / "logs", gateway=gateway).start(timeout=240)
 
 
 @pytest.fixture(scope="session")
 def file_mesh(tmp_path_factory, otlp_collector) -> Iterator[Mesh]:
     """The shared mesh; its services export spans to the session's OTLP collector."""
     _, endpoint = otlp_collector
-    mesh = start_mesh(tmp_path_factory.mktemp("mesh"), AUDIOMESH_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
+    mesh = start_mesh(
+        tmp_path_factory.mktemp("mesh"),
+        gateway=True,
+        AUDIOMESH_OTLP_ENDPOINT=endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="200",
+        AUDIOMESH_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
+    )
     try:
         yield mesh
     finally:
         mesh.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(file_mesh: Mesh) -> str:
+    """The HTTP facade in front of the shared mesh (a real uvicorn process)."""
+    return file_mesh.url
 
 
 @pytest.fixture
