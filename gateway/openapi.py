@@ -11,6 +11,30 @@ from audiomesh.v1 import orchestrator_pb2
 from .routes import HttpRoute
 
 _REF = "#/components/schemas/"
+# Path parameters with a documented shape (job ids are UUID4 strings; tracks are names).
+_PATH_SCHEMAS = {
+    "job_id": {
+        "type": "string",
+        "format": "uuid",
+        "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
+    },
+    "track": {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"},
+}
+
+
+# Object keys: the server accepts more (see audiomesh.store.validate_key); the schema promises
+# a conservative subset that is always valid: '/'-separated names without dot segments.
+_KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}){0,7}$"}
+_FIELD_OVERRIDES = {
+    "audiomesh.v1.CreateJobRequest.input_key": _KEY,
+    "audiomesh.v1.ListJobsRequest.page_size": {"minimum": 0, "maximum": 200},  # 0 = default (20)
+}
+
+
+def _path_param(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(name, {"type": "string"})}
+
+
 _ERROR = {
     "description": "google.rpc.Status",
     "content": {"application/json": {"schema": {"$ref": _REF + "google.rpc.Status"}}},
@@ -33,7 +57,7 @@ def _query_params(route: HttpRoute, schemas: dict) -> list[dict]:
 def openapi_document(routes: list[HttpRoute]) -> dict:
     roots = [r.request_class.DESCRIPTOR for r in routes] + [r.response_class.DESCRIPTOR for r in routes]
     roots += [orchestrator_pb2.UploadAudioResponse.DESCRIPTOR, status_pb2.Status.DESCRIPTOR]
-    schemas = message_schemas(*roots, ref_prefix=_REF)
+    schemas = message_schemas(*roots, ref_prefix=_REF, field_overrides=_FIELD_OVERRIDES)
     paths: dict[str, dict] = {}
     for route in routes:
         response_ref = {"$ref": _REF + route.response_class.DESCRIPTOR.full_name}
@@ -49,10 +73,7 @@ def openapi_document(routes: list[HttpRoute]) -> dict:
         operation = {
             "operationId": route.method.name,
             "tags": [route.service.name],
-            "parameters": [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in route.path_params
-            ]
-            + _query_params(route, schemas),
+            "parameters": [_path_param(p) for p in route.path_params] + _query_params(route, schemas),
             "responses": {"200": ok, **_ERRORS},
         }
         if route.body:
@@ -61,7 +82,7 @@ def openapi_document(routes: list[HttpRoute]) -> dict:
                 "content": {"application/json": {"schema": {"$ref": _REF + route.request_class.DESCRIPTOR.full_name}}},
             }
         paths.setdefault(route.template, {})[route.verb.lower()] = operation
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    job_id = _path_param("job_id")
     json_ok = lambda ref: {"description": "OK", "content": {"application/json": {"schema": {"$ref": _REF + ref}}}}  # noqa: E731
     upload = {
         "operationId": "UploadFile",
@@ -142,7 +163,7 @@ def openapi_document(routes: list[HttpRoute]) -> dict:
     paths["/download/{job_id}/{track}"] = {
         "get": {
             "operationId": "DownloadTrack",
-            "parameters": [job_id, {"name": "track", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [job_id, _path_param("track")],
             "responses": {"200": binary, "206": binary, "416": {"description": "range not satisfiable"}, **_ERRORS},
         }
     }

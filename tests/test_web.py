@@ -178,8 +178,10 @@ def _whole_job(driver, base: str, tmp_path: Path) -> None:
             assert names == {f"{t}.wav" for t in TRACKS} | {"manifest.json"}
             manifest = json.loads(archive.read("manifest.json"))
         assert json.dumps(manifest).count(job_id) >= 1
-        head = http.get(rows["drums"].find_element(By.CSS_SELECTOR, "a.download").get_attribute("href"),
-                        headers={"Range": "bytes=0-11"})
+        head = http.get(
+            rows["drums"].find_element(By.CSS_SELECTOR, "a.download").get_attribute("href"),
+            headers={"Range": "bytes=0-11"},
+        )
         assert head.status_code == 206 and head.content[:4] == b"RIFF" and head.content[8:12] == b"WAVE"
 
     # --- the job is in the history; after a reload it reopens from there
@@ -191,8 +193,12 @@ def _whole_job(driver, base: str, tmp_path: Path) -> None:
     wait(driver, 20, lambda d: d.find_elements(By.CSS_SELECTOR, item), "the job is not in the history after a reload")
     assert not css(driver, "#job").is_displayed()
     css(driver, f"{item} .history-open").click()
-    wait(driver, 20, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tracks [data-track]")) == len(TRACKS),
-         "reopening the job from the history did not show its tracks")
+    wait(
+        driver,
+        20,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tracks [data-track]")) == len(TRACKS),
+        "reopening the job from the history did not show its tracks",
+    )
     assert css(driver, "#job-state").get_attribute("data-state") == "JOB_STATE_SUCCEEDED"
     assert css(driver, item).get_attribute("aria-current") == "true"
     assert severe_logs(driver) == []

@@ -75,6 +75,8 @@ const el = (tag, props = {}, ...children) => {
   }
   return node;
 };
+// replaceChildren() would print null as "null": skip empty children.
+const setChildren = (node, ...children) => node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
 
 const state = {
   config: {},
@@ -252,7 +254,12 @@ const showError = (text) => {
   clearMessage($("notice"));
   showMessage($("alert"), text);
 };
-const showNotice = (text) => showMessage($("notice"), text);
+let noticeTimer = 0;
+const showNotice = (text) => {
+  showMessage($("notice"), text);
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => clearMessage($("notice")), 8000);
+};
 const clearAlert = () => clearMessage($("alert"));
 
 // ---------------------------------------------------------------- API
@@ -394,6 +401,9 @@ function startUpload(file) {
       if (data.job && data.job.jobId) {
         label.textContent += " Separation started.";
         openJob(data.job);
+        // On a small screen the job panel starts below the fold: bring it into view.
+        const panel = $("job");
+        if (panel.getBoundingClientRect().top > window.innerHeight * 0.6) panel.scrollIntoView({ behavior: "smooth", block: "start" });
         upsertHistory(data.job, { prepend: true });
       }
     } else {
@@ -571,9 +581,13 @@ async function refreshJob(id, { rewatch = false } = {}) {
 }
 
 function renderJob(job) {
-  state.job = job;
   const id = job.jobId;
   const jobState = job.state || "JOB_STATE_UNSPECIFIED";
+  const previous = state.job && state.job.jobId === id ? state.job.state : null;
+  state.job = job;
+  // Steps are open while the job runs or when it failed; folded away once it succeeded
+  // (only when the state changes, so a person's own toggling is kept).
+  if (previous !== jobState) $("nodes-details").open = jobState !== "JOB_STATE_SUCCEEDED";
   const terminal = TERMINAL.has(jobState);
   const succeeded = jobState === "JOB_STATE_SUCCEEDED";
   $("job").hidden = false;
@@ -598,7 +612,7 @@ function renderJob(job) {
     stage.textContent = "Waiting for a free slot…";
     eta.textContent = "";
   } else if (jobState === "JOB_STATE_RUNNING") {
-    stage.textContent = job.currentStage ? `${stageLabel(job.currentStage)}…` : "Starting…";
+    stage.textContent = runningText(job);
     eta.textContent = job.etaSeconds === undefined || job.etaSeconds === null ? "Estimating time left…" : fmtEta(job.etaSeconds);
   } else {
     stage.textContent = { JOB_STATE_SUCCEEDED: "Done", JOB_STATE_FAILED: "Failed", JOB_STATE_CANCELLED: "Cancelled" }[jobState] || "";
@@ -613,8 +627,19 @@ function renderJob(job) {
   const del = $("job-delete");
   del.hidden = !terminal;
   if (del.hidden) resetConfirm(del);
-  renderNodes(job.nodes || []);
+  renderNodes(job.nodes || [], job.error || {});
   renderTracks(job);
+}
+
+// What runs now. currentStage names the node started last, which may already be done while
+// an earlier one still runs: prefer the nodes that are running.
+function runningText(job) {
+  const running = (job.nodes || []).filter((n) => n.state === "NODE_STATE_RUNNING").map((n) => n.name);
+  if (running.includes(job.currentStage)) running.unshift(...running.splice(running.indexOf(job.currentStage), 1));
+  const first = running[0] || job.currentStage;
+  if (!first) return "Starting…";
+  const more = running.length - 1;
+  return `${stageLabel(first)}${more > 0 ? ` + ${more} more step${more > 1 ? "s" : ""}` : ""}…`;
 }
 
 function renderJobError(job) {
@@ -622,14 +647,15 @@ function renderJobError(job) {
   const err = job.error || {};
   if (job.state === "JOB_STATE_FAILED") {
     const where = err.node ? ` in the step “${stageLabel(err.node)}” (${err.node})` : "";
-    box.replaceChildren(
+    setChildren(
+      box,
       el("strong", { text: `The separation failed${where}.` }),
       el("p", { class: "error-message", text: sentence(err.message || "No reason was given.") }),
       err.code ? el("p", { class: "help mono", text: err.code }) : null,
     );
     box.hidden = false;
   } else if (job.state === "JOB_STATE_CANCELLED") {
-    box.replaceChildren(el("strong", { text: "This job was cancelled." }), err.message ? el("p", { text: sentence(err.message) }) : null);
+    setChildren(box, el("strong", { text: "This job was cancelled." }), err.message ? el("p", { text: sentence(err.message) }) : null);
     box.hidden = false;
   } else {
     box.hidden = true;
@@ -642,7 +668,7 @@ function stateClass(jobState) {
   return `state-${String(jobState).replace(/^(JOB|NODE)_STATE_/, "").toLowerCase()}`;
 }
 
-function renderNodes(nodes) {
+function renderNodes(nodes, jobError = {}) {
   const list = $("job-nodes");
   const existing = new Map(Array.from(list.children).map((li) => [li.dataset.node, li]));
   const wanted = [];
@@ -658,7 +684,8 @@ function renderNodes(nodes) {
     if ((node.attempts || 0) > 1) details.push(`try ${node.attempts}`);
     li.dataset.state = nodeState;
     li.className = `node ${stateClass(nodeState)}`;
-    li.replaceChildren(
+    setChildren(
+      li,
       el("span", { class: "node-dot", "aria-hidden": "true" }),
       el(
         "span",
@@ -668,7 +695,10 @@ function renderNodes(nodes) {
       ),
       el("span", { class: "node-state", text: [NODE_STATE_LABELS[nodeState] || nodeState, ...details].join(" · ") }),
       el("span", { class: "node-bar", "aria-hidden": "true" }, el("span", { style: `width:${Math.round(fraction * 100)}%` })),
-      node.error && node.error.message ? el("span", { class: "node-error", text: node.error.message }) : null,
+      // The failed node's message is already in the job's error box above.
+      node.error && node.error.message && node.error.message !== jobError.message
+        ? el("span", { class: "node-error", text: node.error.message })
+        : null,
     );
     wanted.push(li);
   }
@@ -707,7 +737,7 @@ function renderTracks(job) {
           "div",
           { class: "track-info" },
           el("span", { class: "track-name", text: trackLabel(track.name) }),
-          el("span", { class: "track-meta" }, el("span", { class: "mono", text: `${track.name}.${ext}` }), meta.length ? ` · ${meta.join(" · ")}` : ""),
+          el("span", { class: "track-meta" }, [`${track.name}.${ext}`, ...meta].map((text, i) => el("span", { class: i ? "" : "mono", text }))),
         ),
         el("audio", { controls: true, preload: "none", src: href, "aria-label": `Play ${trackLabel(track.name)}` }),
         el("a", {
@@ -805,7 +835,7 @@ function historyItem(job) {
     el(
       "button",
       { type: "button", class: "history-open", onclick: () => openJobById(id), title: "Show this job" },
-      el("span", { class: "history-name", text: name }),
+      el("span", { class: "history-name", text: name, title: name }),
       el(
         "span",
         { class: "history-meta" },

@@ -6,6 +6,7 @@ facade's OpenAPI document, so both describe exactly what ``json_format`` writes 
 
 from __future__ import annotations
 
+from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _SCALARS = {
@@ -30,11 +31,19 @@ _WELL_KNOWN = {
 
 
 def message_schemas(
-    *roots: Descriptor, ref_prefix: str = "#/$defs/", required: dict[str, list[str]] | None = None
+    *roots: Descriptor,
+    ref_prefix: str = "#/$defs/",
+    required: dict[str, list[str]] | None = None,
+    field_overrides: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
-    """Schemas of ``roots`` and every message they reach, keyed by full name."""
+    """Schemas of ``roots`` and every message they reach, keyed by full name.
+
+    Fields annotated ``(google.api.field_behavior) = REQUIRED`` are listed as required;
+    ``required`` adds more per message, ``field_overrides`` (by field full name) adds keywords.
+    """
     defs: dict[str, dict] = {}
     required = required or {}
+    field_overrides = field_overrides or {}
 
     def field_schema(field: FieldDescriptor) -> dict:
         if field.message_type is not None:
@@ -57,15 +66,19 @@ def message_schemas(
             return
         defs[desc.full_name] = {}  # recursion guard
         props = {}
+        must = list(required.get(desc.full_name, []))
         for field in desc.fields:
-            schema = field_schema(field)
+            schema = field_schema(field) | field_overrides.get(field.full_name, {})
             is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
             if field.is_repeated and not is_map:
                 schema = {"type": "array", "items": schema}
             props[field.json_name] = schema
+            behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+            if field_behavior_pb2.REQUIRED in behaviors and field.json_name not in must:
+                must.append(field.json_name)
         body: dict = {"type": "object", "properties": props, "additionalProperties": False}
-        if desc.full_name in required:
-            body["required"] = required[desc.full_name]
+        if must:
+            body["required"] = must
         defs[desc.full_name] = body
 
     for root in roots:

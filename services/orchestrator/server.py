@@ -26,7 +26,7 @@ from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, se
 from .jobs import JobRegistry, manifest_key, now_pb
 from .runner import Runner
 
-_MAX_PAGE = 200
+_MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
@@ -141,9 +141,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.GetJobResponse(job=self.registry.get(request.job_id).job)
 
     async def ListJobs(self, request, context):
+        if not 0 <= request.page_size <= _MAX_PAGE:
+            raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE} (0 means 20)")
         size = request.page_size or 20
-        if not 0 < size <= _MAX_PAGE:
-            raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE}")
         start = _decode_token(request.page_token)
         records = self.registry.newest_first()
         page = records[start : start + size]

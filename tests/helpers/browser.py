@@ -44,7 +44,9 @@ def browser(tmp_path: Path) -> Iterator:
     """
     if not _executable(CHROMIUM):
         if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing: CI must run the browser tests (apt-get install chromium chromium-driver)")
+            pytest.fail(
+                f"{CHROMIUM} is missing: CI must run the browser tests (apt-get install chromium chromium-driver)"
+            )
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver): browser tests skipped")
     if not _executable(CHROMEDRIVER):
         pytest.fail(f"{CHROMIUM} is here but {CHROMEDRIVER} is not: apt-get install chromium-driver")

@@ -25,11 +25,12 @@ _sym_db = _symbol_database.Default()
 from audiomesh.v1 import common_pb2 as audiomesh_dot_v1_dot_common__pb2
 from audiomesh.v1 import separation_pb2 as audiomesh_dot_v1_dot_separation__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61udiomesh/v1/orchestrator.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\x1a\x1d\x61udiomesh/v1/separation.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\nJobOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nseparation\x18\x02 \x01(\x0b\x32\x1f.audiomesh.v1.SeparationOptions\x12\'\n\x04hpss\x18\x03 \x01(\x0b\x32\x19.audiomesh.v1.HpssOptions\x12\x31\n\tnormalize\x18\x04 \x01(\x0b\x32\x1e.audiomesh.v1.NormalizeOptions\x12\x12\n\nmain_stems\x18\x05 \x03(\t\x12-\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\"q\n\x08JobInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12&\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\"\xcb\x02\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.audiomesh.v1.NodeState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x10\n\x08\x66raction\x18\x08 \x01(\x01\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.audiomesh.v1.ErrorDetail\x12$\n\x07outputs\x18\n \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\x12\n\ndepends_on\x18\x0b \x03(\t\"\x86\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.audiomesh.v1.JobState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05input\x18\x05 \x01(\x0b\x32\x16.audiomesh.v1.JobInput\x12)\n\x07options\x18\x06 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\x12!\n\x05nodes\x18\x07 \x03(\x0b\x32\x12.audiomesh.v1.Node\x12#\n\x06tracks\x18\x08 \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\x10\n\x08\x66raction\x18\t \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\n \x01(\x01H\x00\x88\x01\x01\x12(\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x19.audiomesh.v1.ErrorDetail\x12\x14\n\x0cmanifest_key\x18\x0c \x01(\t\x12\x15\n\rcurrent_stage\x18\r \x01(\t\x12\x39\n\rnormalization\x18\x0e \x01(\x0b\x32\".audiomesh.v1.NormalizationSummaryB\x0e\n\x0c_eta_seconds\"u\n\x14NormalizationSummary\x12)\n\treference\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x16\n\x0elinked_gain_db\x18\x02 \x01(\x01\x12\x1a\n\x12limited_by_ceiling\x18\x03 \x01(\x08\"\xe4\x01\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\x05\x12\x1e\n\x03job\x18\x02 \x01(\x0b\x32\x11.audiomesh.v1.Job\x12\x36\n\x08software\x18\x03 \x03(\x0b\x32$.audiomesh.v1.Manifest.SoftwareEntry\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x65vents\x18\x05 \x03(\t\x1a/\n\rSoftwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\x12\x12\n\ncreate_job\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"b\n\x12UploadAudioRequest\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1c.audiomesh.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\\\n\x13UploadAudioResponse\x12\x11\n\tinput_key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1e\n\x03job\x18\x03 \x01(\x0b\x32\x11.audiomesh.v1.Job\"P\n\x10\x43reateJobRequest\x12\x11\n\tinput_key\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.audiomesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x11\x44\x65leteJobResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x05\"\x12\n\x10GetConfigRequest\"M\n\x11GetConfigResponse\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x02 \x01(\t2\x9c\x07\n\x13OrchestratorService\x12T\n\x0bUploadAudio\x12 .audiomesh.v1.UploadAudioRequest\x1a!.audiomesh.v1.UploadAudioResponse(\x01\x12\x61\n\tCreateJob\x12\x1e.audiomesh.v1.CreateJobRequest\x1a\x1f.audiomesh.v1.CreateJobResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/jobs:\x01*\x12^\n\x06GetJob\x12\x1b.audiomesh.v1.GetJobRequest\x1a\x1c.audiomesh.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/jobs/{job_id}\x12[\n\x08ListJobs\x12\x1d.audiomesh.v1.ListJobsRequest\x1a\x1e.audiomesh.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12l\n\x08WatchJob\x12\x1d.audiomesh.v1.WatchJobRequest\x1a\x1e.audiomesh.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/jobs/{job_id}:watch0\x01\x12q\n\tCancelJob\x12\x1e.audiomesh.v1.CancelJobRequest\x1a\x1f.audiomesh.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/jobs/{job_id}:cancel:\x01*\x12g\n\tDeleteJob\x12\x1e.audiomesh.v1.DeleteJobRequest\x1a\x1f.audiomesh.v1.DeleteJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/jobs/{job_id}\x12`\n\tGetConfig\x12\x1e.audiomesh.v1.GetConfigRequest\x1a\x1f.audiomesh.v1.GetConfigResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/config\x12\x63\n\nListModels\x12\x1f.audiomesh.v1.ListModelsRequest\x1a .audiomesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/modelsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61udiomesh/v1/orchestrator.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\x1a\x1d\x61udiomesh/v1/separation.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\nJobOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x33\n\nseparation\x18\x02 \x01(\x0b\x32\x1f.audiomesh.v1.SeparationOptions\x12\'\n\x04hpss\x18\x03 \x01(\x0b\x32\x19.audiomesh.v1.HpssOptions\x12\x31\n\tnormalize\x18\x04 \x01(\x0b\x32\x1e.audiomesh.v1.NormalizeOptions\x12\x12\n\nmain_stems\x18\x05 \x03(\t\x12-\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\"q\n\x08JobInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12&\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\"\xcb\x02\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.audiomesh.v1.NodeState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x10\n\x08\x66raction\x18\x08 \x01(\x01\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.audiomesh.v1.ErrorDetail\x12$\n\x07outputs\x18\n \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\x12\n\ndepends_on\x18\x0b \x03(\t\"\x86\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.audiomesh.v1.JobState\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05input\x18\x05 \x01(\x0b\x32\x16.audiomesh.v1.JobInput\x12)\n\x07options\x18\x06 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\x12!\n\x05nodes\x18\x07 \x03(\x0b\x32\x12.audiomesh.v1.Node\x12#\n\x06tracks\x18\x08 \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\x10\n\x08\x66raction\x18\t \x01(\x01\x12\x18\n\x0b\x65ta_seconds\x18\n \x01(\x01H\x00\x88\x01\x01\x12(\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x19.audiomesh.v1.ErrorDetail\x12\x14\n\x0cmanifest_key\x18\x0c \x01(\t\x12\x15\n\rcurrent_stage\x18\r \x01(\t\x12\x39\n\rnormalization\x18\x0e \x01(\x0b\x32\".audiomesh.v1.NormalizationSummaryB\x0e\n\x0c_eta_seconds\"u\n\x14NormalizationSummary\x12)\n\treference\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x16\n\x0elinked_gain_db\x18\x02 \x01(\x01\x12\x1a\n\x12limited_by_ceiling\x18\x03 \x01(\x08\"\xe4\x01\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\x05\x12\x1e\n\x03job\x18\x02 \x01(\x0b\x32\x11.audiomesh.v1.Job\x12\x36\n\x08software\x18\x03 \x03(\x0b\x32$.audiomesh.v1.Manifest.SoftwareEntry\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06\x65vents\x18\x05 \x03(\t\x1a/\n\rSoftwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\x12\x12\n\ncreate_job\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\"b\n\x12UploadAudioRequest\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1c.audiomesh.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\\\n\x13UploadAudioResponse\x12\x11\n\tinput_key\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x1e\n\x03job\x18\x03 \x01(\x0b\x32\x11.audiomesh.v1.Job\"V\n\x10\x43reateJobRequest\x12\x17\n\tinput_key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.audiomesh.v1.JobOptions\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"%\n\rGetJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.audiomesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x0fWatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"(\n\x10\x43\x61ncelJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.audiomesh.v1.Job\"(\n\x10\x44\x65leteJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\",\n\x11\x44\x65leteJobResponse\x12\x17\n\x0f\x64\x65leted_objects\x18\x01 \x01(\x05\"\x12\n\x10GetConfigRequest\"M\n\x11GetConfigResponse\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x02 \x01(\t2\x9c\x07\n\x13OrchestratorService\x12T\n\x0bUploadAudio\x12 .audiomesh.v1.UploadAudioRequest\x1a!.audiomesh.v1.UploadAudioResponse(\x01\x12\x61\n\tCreateJob\x12\x1e.audiomesh.v1.CreateJobRequest\x1a\x1f.audiomesh.v1.CreateJobResponse\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/jobs:\x01*\x12^\n\x06GetJob\x12\x1b.audiomesh.v1.GetJobRequest\x1a\x1c.audiomesh.v1.GetJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/jobs/{job_id}\x12[\n\x08ListJobs\x12\x1d.audiomesh.v1.ListJobsRequest\x1a\x1e.audiomesh.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12l\n\x08WatchJob\x12\x1d.audiomesh.v1.WatchJobRequest\x1a\x1e.audiomesh.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/jobs/{job_id}:watch0\x01\x12q\n\tCancelJob\x12\x1e.audiomesh.v1.CancelJobRequest\x1a\x1f.audiomesh.v1.CancelJobResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/jobs/{job_id}:cancel:\x01*\x12g\n\tDeleteJob\x12\x1e.audiomesh.v1.DeleteJobRequest\x1a\x1f.audiomesh.v1.DeleteJobResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/jobs/{job_id}\x12`\n\tGetConfig\x12\x1e.audiomesh.v1.GetConfigRequest\x1a\x1f.audiomesh.v1.GetConfigResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/config\x12\x63\n\nListModels\x12\x1f.audiomesh.v1.ListModelsRequest\x1a .audiomesh.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/modelsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MANIFEST_SOFTWAREENTRY']._loaded_options = None
   _globals['_MANIFEST_SOFTWAREENTRY']._serialized_options = b'8\001'
+  _globals['_CREATEJOBREQUEST'].fields_by_name['input_key']._loaded_options = None
+  _globals['_CREATEJOBREQUEST'].fields_by_name['input_key']._serialized_options = b'\342A\001\002'
+  _globals['_GETJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_GETJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_WATCHJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_CANCELJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_CANCELJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEJOBREQUEST'].fields_by_name['job_id']._loaded_options = None
+  _globals['_DELETEJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CreateJob']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CreateJob']._serialized_options = b'\202\323\344\223\002\r\"\010/v1/jobs:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetJob']._loaded_options = None
@@ -54,54 +65,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetConfig']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/config'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
-  _globals['_JOBOPTIONS']._serialized_start=201
-  _globals['_JOBOPTIONS']._serialized_end=440
-  _globals['_JOBINPUT']._serialized_start=442
-  _globals['_JOBINPUT']._serialized_end=555
-  _globals['_NODE']._serialized_start=558
-  _globals['_NODE']._serialized_end=889
-  _globals['_JOB']._serialized_start=892
-  _globals['_JOB']._serialized_end=1410
-  _globals['_NORMALIZATIONSUMMARY']._serialized_start=1412
-  _globals['_NORMALIZATIONSUMMARY']._serialized_end=1529
-  _globals['_MANIFEST']._serialized_start=1532
-  _globals['_MANIFEST']._serialized_end=1760
-  _globals['_MANIFEST_SOFTWAREENTRY']._serialized_start=1713
-  _globals['_MANIFEST_SOFTWAREENTRY']._serialized_end=1760
-  _globals['_UPLOADMETADATA']._serialized_start=1762
-  _globals['_UPLOADMETADATA']._serialized_end=1879
-  _globals['_UPLOADAUDIOREQUEST']._serialized_start=1881
-  _globals['_UPLOADAUDIOREQUEST']._serialized_end=1979
-  _globals['_UPLOADAUDIORESPONSE']._serialized_start=1981
-  _globals['_UPLOADAUDIORESPONSE']._serialized_end=2073
-  _globals['_CREATEJOBREQUEST']._serialized_start=2075
-  _globals['_CREATEJOBREQUEST']._serialized_end=2155
-  _globals['_CREATEJOBRESPONSE']._serialized_start=2157
-  _globals['_CREATEJOBRESPONSE']._serialized_end=2208
-  _globals['_GETJOBREQUEST']._serialized_start=2210
-  _globals['_GETJOBREQUEST']._serialized_end=2241
-  _globals['_GETJOBRESPONSE']._serialized_start=2243
-  _globals['_GETJOBRESPONSE']._serialized_end=2291
-  _globals['_LISTJOBSREQUEST']._serialized_start=2293
-  _globals['_LISTJOBSREQUEST']._serialized_end=2349
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2351
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2427
-  _globals['_WATCHJOBREQUEST']._serialized_start=2429
-  _globals['_WATCHJOBREQUEST']._serialized_end=2462
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2464
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2514
-  _globals['_CANCELJOBREQUEST']._serialized_start=2516
-  _globals['_CANCELJOBREQUEST']._serialized_end=2550
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2552
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2603
-  _globals['_DELETEJOBREQUEST']._serialized_start=2605
-  _globals['_DELETEJOBREQUEST']._serialized_end=2639
-  _globals['_DELETEJOBRESPONSE']._serialized_start=2641
-  _globals['_DELETEJOBRESPONSE']._serialized_end=2685
-  _globals['_GETCONFIGREQUEST']._serialized_start=2687
-  _globals['_GETCONFIGREQUEST']._serialized_end=2705
-  _globals['_GETCONFIGRESPONSE']._serialized_start=2707
-  _globals['_GETCONFIGRESPONSE']._serialized_end=2784
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2787
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3711
+  _globals['_JOBOPTIONS']._serialized_start=234
+  _globals['_JOBOPTIONS']._serialized_end=473
+  _globals['_JOBINPUT']._serialized_start=475
+  _globals['_JOBINPUT']._serialized_end=588
+  _globals['_NODE']._serialized_start=591
+  _globals['_NODE']._serialized_end=922
+  _globals['_JOB']._serialized_start=925
+  _globals['_JOB']._serialized_end=1443
+  _globals['_NORMALIZATIONSUMMARY']._serialized_start=1445
+  _globals['_NORMALIZATIONSUMMARY']._serialized_end=1562
+  _globals['_MANIFEST']._serialized_start=1565
+  _globals['_MANIFEST']._serialized_end=1793
+  _globals['_MANIFEST_SOFTWAREENTRY']._serialized_start=1746
+  _globals['_MANIFEST_SOFTWAREENTRY']._serialized_end=1793
+  _globals['_UPLOADMETADATA']._serialized_start=1795
+  _globals['_UPLOADMETADATA']._serialized_end=1912
+  _globals['_UPLOADAUDIOREQUEST']._serialized_start=1914
+  _globals['_UPLOADAUDIOREQUEST']._serialized_end=2012
+  _globals['_UPLOADAUDIORESPONSE']._serialized_start=2014
+  _globals['_UPLOADAUDIORESPONSE']._serialized_end=2106
+  _globals['_CREATEJOBREQUEST']._serialized_start=2108
+  _globals['_CREATEJOBREQUEST']._serialized_end=2194
+  _globals['_CREATEJOBRESPONSE']._serialized_start=2196
+  _globals['_CREATEJOBRESPONSE']._serialized_end=2247
+  _globals['_GETJOBREQUEST']._serialized_start=2249
+  _globals['_GETJOBREQUEST']._serialized_end=2286
+  _globals['_GETJOBRESPONSE']._serialized_start=2288
+  _globals['_GETJOBRESPONSE']._serialized_end=2336
+  _globals['_LISTJOBSREQUEST']._serialized_start=2338
+  _globals['_LISTJOBSREQUEST']._serialized_end=2394
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2396
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2472
+  _globals['_WATCHJOBREQUEST']._serialized_start=2474
+  _globals['_WATCHJOBREQUEST']._serialized_end=2513
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2515
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2565
+  _globals['_CANCELJOBREQUEST']._serialized_start=2567
+  _globals['_CANCELJOBREQUEST']._serialized_end=2607
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2609
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2660
+  _globals['_DELETEJOBREQUEST']._serialized_start=2662
+  _globals['_DELETEJOBREQUEST']._serialized_end=2702
+  _globals['_DELETEJOBRESPONSE']._serialized_start=2704
+  _globals['_DELETEJOBRESPONSE']._serialized_end=2748
+  _globals['_GETCONFIGREQUEST']._serialized_start=2750
+  _globals['_GETCONFIGREQUEST']._serialized_end=2768
+  _globals['_GETCONFIGRESPONSE']._serialized_start=2770
+  _globals['_GETCONFIGRESPONSE']._serialized_end=2847
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2850
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3774
 # @@protoc_insertion_point(module_scope)

@@ -403,6 +403,7 @@ class CreateJobRequest(_message.Message):
     INPUT_KEY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     input_key: _builtins.str
+    """An object already in the store, e.g. "incoming/song.wav"."""
     @_builtins.property
     def options(self) -> Global___JobOptions: ...
     def __init__(

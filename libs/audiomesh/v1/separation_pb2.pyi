@@ -31,7 +31,7 @@ class SeparateRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     input_key: _builtins.str
     output_prefix: _builtins.str
-    """stems are written as {output_prefix}/{source}.wav"""
+    """Stems are written as {output_prefix}/{source}.wav."""
     model: _builtins.str
     """empty = the worker's default model"""
     encoding: _common_pb2.AudioEncoding.ValueType
