@@ -21,10 +21,13 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from audiomesh.demo import synth_song
+from tests.helpers import browser as browser_helpers
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 TRACKS = ["vocals", "drums", "bass", "other", "harmonic", "percussive", "main", "main_harmonic", "main_percussive"]
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
+# The fixture (tests/helpers/browser.py), usable here whether or not conftest registers it.
+browser = browser_helpers.browser
 
 # Records every state and progress value the page shows, to check progress was live.
 RECORD_PROGRESS = """
@@ -59,14 +62,17 @@ def severe_logs(driver, *, expected: tuple[str, ...] = ()) -> list[str]:
 def screenshot(driver, name: str) -> Path:
     """The whole page (not only the viewport), via the DevTools protocol."""
     ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")  # sticky parts as a person first sees them
     metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
     size = metrics.get("cssContentSize") or metrics["contentSize"]
+    # Captured beyond the viewport the page has no scrollbar, so it lays out at the full width.
+    width = max(size["width"], driver.execute_script("return window.innerWidth"))
     shot = driver.execute_cdp_cmd(
         "Page.captureScreenshot",
         {
             "format": "png",
             "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            "clip": {"x": 0, "y": 0, "width": width, "height": size["height"], "scale": 1},
         },
     )
     path = ARTIFACTS / name
@@ -215,6 +221,17 @@ def _whole_job(driver, base: str, tmp_path: Path) -> None:
     assert len(message.split(":", 1)[1].strip()) > 10, message  # the server's reason follows
     # Chrome logs the refused upload itself (HTTP 4xx) as a console error; nothing else may appear.
     assert severe_logs(driver, expected=("jobs:upload",)) == []
+
+    # --- a file over the upload limit is refused before any byte is sent, in words
+    limit = int(httpx.get(f"{base}/v1/config", timeout=10).json()["config"]["max_upload_bytes"])
+    big = tmp_path / "huge.wav"
+    with big.open("wb") as f:
+        f.truncate(limit + 1)  # sparse: costs no disk
+    css(driver, "#alert .dismiss").click()
+    assert css(driver, "#alert").text == ""
+    css(driver, "#file-input").send_keys(str(big))
+    wait(driver, 10, lambda d: "too large" in css(d, "#alert").text, "no error shown for a file over the limit")
+    assert "limit" in css(driver, "#alert").text
 
     # --- phone width: nothing overflows sideways
     driver.set_window_size(375, 800)

@@ -201,7 +201,7 @@ function errorFromResponse(status, statusText, text) {
 
 const sentence = (text) => {
   const t = String(text || "").trim();
-  return t && !/[.!?…)]$/.test(t) ? `${t}.` : t;
+  return t && !/[.!?…]$/.test(t) ? `${t}.` : t;
 };
 
 // A sentence a person can act on; `context` is "upload", "job" or "" (anything else).
@@ -326,7 +326,7 @@ function updateModelHelp() {
     return;
   }
   const parts = [];
-  if (model.description) parts.push(sentence(model.description));
+  if (model.description) parts.push(sentence(model.description.charAt(0).toUpperCase() + model.description.slice(1)));
   if (model.sources && model.sources.length) parts.push(`Stems: ${model.sources.join(", ")}.`);
   if (!model.available) parts.push("Its weights aren't on this server, so jobs with it will fail.");
   help.textContent = parts.join(" ");

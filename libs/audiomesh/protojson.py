@@ -6,17 +6,21 @@ facade's OpenAPI document, so both describe exactly what ``json_format`` writes 
 
 from __future__ import annotations
 
+import copy
+
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+_FLOAT = {"anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]}
+_INT64 = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]{1,19}$"}]}  # written as strings
 _SCALARS = {
-    FieldDescriptor.TYPE_DOUBLE: {"type": ["number", "string"]},  # "Infinity", "NaN" are strings
-    FieldDescriptor.TYPE_FLOAT: {"type": ["number", "string"]},
-    FieldDescriptor.TYPE_INT32: {"type": "integer"},
-    FieldDescriptor.TYPE_UINT32: {"type": "integer"},
-    FieldDescriptor.TYPE_SINT32: {"type": "integer"},
-    FieldDescriptor.TYPE_INT64: {"type": ["string", "integer"]},  # json_format writes strings
-    FieldDescriptor.TYPE_UINT64: {"type": ["string", "integer"]},
+    FieldDescriptor.TYPE_DOUBLE: _FLOAT,
+    FieldDescriptor.TYPE_FLOAT: _FLOAT,
+    FieldDescriptor.TYPE_INT32: {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+    FieldDescriptor.TYPE_UINT32: {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+    FieldDescriptor.TYPE_SINT32: {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+    FieldDescriptor.TYPE_INT64: _INT64,
+    FieldDescriptor.TYPE_UINT64: _INT64,
     FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
     FieldDescriptor.TYPE_STRING: {"type": "string"},
     FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
@@ -59,7 +63,7 @@ def message_schemas(
             return {"$ref": ref_prefix + full}
         if field.enum_type is not None:
             return {"enum": [v.name for v in field.enum_type.values]}
-        return dict(_SCALARS[field.type])
+        return copy.deepcopy(_SCALARS[field.type])
 
     def add(desc: Descriptor) -> None:
         if desc.full_name in defs:
