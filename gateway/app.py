@@ -459,12 +459,18 @@ class _MultipartUpload:
 
 
 def create_app(
-    settings: Settings, *, clients: ClientFactory | None = None, store: ObjectStore | None = None
+    settings: Settings,
+    *,
+    clients: ClientFactory | None = None,
+    store: ObjectStore | None = None,
+    services: tuple = (ORCHESTRATOR,),
 ) -> Starlette:
+    """The ASGI app; ``services`` are the descriptors whose annotated methods become routes
+    (all served at the orchestrator's address)."""
     clients = clients or ClientFactory()
     gateway = Gateway(settings, clients, store or settings.open_store())
     routes: list = []
-    annotated = http_routes(ORCHESTRATOR)
+    annotated = http_routes(*services)
     # Custom verbs first so `/v1/jobs/{id}:watch` is never read as a job id.
     for route in sorted(annotated, key=lambda r: ":" not in r.template.rsplit("/", 1)[-1]):
         path = route.template

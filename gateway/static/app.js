@@ -384,10 +384,14 @@ function startUpload(file) {
     $("drop-zone").classList.remove("is-busy");
   };
 
+  let step = -1;
   xhr.upload.onprogress = (ev) => {
     const total = ev.lengthComputable ? ev.total : file.size;
     const f = total ? ev.loaded / total : 0;
     bar.value = Math.round(f * 100);
+    // The label is a live region: new words every 10 %, not on every event.
+    if (Math.floor(f * 10) === step) return;
+    step = Math.floor(f * 10);
     label.textContent =
       f >= 1 ? "Uploaded — checking the file…" : `Uploading… ${pct(f)} (${fmtBytes(ev.loaded)} of ${fmtBytes(total)})`;
   };
@@ -898,6 +902,25 @@ async function loadHistory({ more = false } = {}) {
   }
 }
 
+// Jobs in the list that are still going (other than the one watched) are looked at again now
+// and then, so their state and percentage stay current.
+async function pollHistory() {
+  if (document.hidden) return;
+  const items = Array.from($("history").children).filter(
+    (li) => li.dataset.jobId !== state.jobId && !TERMINAL.has(li.dataset.state),
+  );
+  for (const li of items.slice(0, 10)) {
+    const id = li.dataset.jobId;
+    try {
+      const data = await api("GET", jobPath(id));
+      if (data.job) upsertHistory(data.job);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) removeFromHistory(id);
+      else return; // the server is away: try again next round
+    }
+  }
+}
+
 // ---------------------------------------------------------------- start
 
 async function loadConfig() {
@@ -944,6 +967,10 @@ function main() {
   });
   $("job-heading").setAttribute("tabindex", "-1");
   window.addEventListener("pagehide", stopWatching);
+  setInterval(pollHistory, 5000);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) loadHistory();
+  });
   document.body.dataset.ready = "loading";
   Promise.all([loadConfig().then(loadModels), loadHistory()]).finally(() => {
     document.body.dataset.ready = "true";
