@@ -204,7 +204,7 @@ class Runner:
             node.start_time.CopyFrom(now_pb())
             node.ClearField("end_time")
             node.ClearField("error")
-            rec.job.current_stage = node.name
+            _set_current_stage(rec.job)
             await self.registry.changed(rec, f"{node.name} started")
 
             def progress(fraction: float) -> None:
@@ -256,6 +256,7 @@ class Runner:
             node.ClearField("outputs")
             node.outputs.extend(outputs)
             node.state = common_pb2.NODE_STATE_SUCCEEDED
+            _set_current_stage(rec.job)
             node.fraction = 1.0
             node.end_time.CopyFrom(now_pb())
             node.duration_seconds = (node.end_time.ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
@@ -336,6 +337,11 @@ class Runner:
                 return outputs.publish("mix", plan.mix_key, y, rate, INTERMEDIATE)
 
         return await asyncio.to_thread(work)
+
+
+def _set_current_stage(job: orchestrator_pb2.Job) -> None:
+    """What is running now, e.g. "separation, hpss:mix" (nodes run concurrently)."""
+    job.current_stage = ", ".join(n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_RUNNING)
 
 
 async def _follow(call, progress, stage: str):

@@ -178,6 +178,7 @@ class Job(_message.Message):
     eta_seconds: _builtins.float
     manifest_key: _builtins.str
     current_stage: _builtins.str
+    """nodes running now, comma-separated (e.g. "separation, hpss:mix")"""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
