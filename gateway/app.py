@@ -85,7 +85,12 @@ class Gateway:
 
     def metadata(self, request: Request) -> tuple[tuple[str, str], ...]:
         md = [("x-request-id", request.state.request_id)]
-        if auth := request.headers.get("authorization"):
+        # Browsers cannot set headers on EventSource or <audio src>: a key may come as
+        # ?access_token= instead (never logged: the access log records the path only).
+        auth = request.headers.get("authorization")
+        if not auth and (token := request.query_params.get("access_token")):
+            auth = f"Bearer {token}"
+        if auth:
             md.append(("authorization", auth))
         return tuple(md)
 
@@ -120,7 +125,7 @@ class Gateway:
             if raw.strip():
                 json_format.Parse(raw, message)
         for key in request.query_params:
-            if key in route.path_params:
+            if key in route.path_params or key == "access_token":
                 continue
             values = request.query_params.getlist(key)
             field = message.DESCRIPTOR.fields_by_camelcase_name.get(key) or message.DESCRIPTOR.fields_by_name.get(key)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from google.protobuf import json_format
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from starlette.responses import JSONResponse
 
 from audiomesh.rpc.client import error_reason, rich_status
@@ -50,7 +52,14 @@ def error_response(
 def rpc_error_response(exc: grpc.aio.AioRpcError) -> JSONResponse:
     status = rich_status(exc)
     http = REASON_STATUS.get(error_reason(exc) or "", HTTP_STATUS.get(exc.code(), 500))
-    return JSONResponse(status_json(status), status_code=http)
+    headers = {}
+    for detail in status.details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            headers["Retry-After"] = str(max(1, math.ceil(info.retry_delay.ToMilliseconds() / 1000)))
+    if http == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="audiomesh"'
+    return JSONResponse(status_json(status), status_code=http, headers=headers)
 
 
 def rpc_error_json(exc: grpc.aio.AioRpcError) -> dict:

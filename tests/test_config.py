@@ -44,6 +44,7 @@ def test_environment_wins_over_dotenv(monkeypatch, tmp_path):
         ("AUDIOMESH_HPSS_ADDR", "nohostport"),
         ("AUDIOMESH_MAX_UPLOAD_BYTES", "0"),
         ("AUDIOMESH_LOG_FORMAT", "xml"),
+        ("AUDIOMESH_API_KEYS", "alice=plaintext-key"),
     ],
 )
 def test_invalid_value_names_the_variable(monkeypatch, name, value):
@@ -53,14 +54,17 @@ def test_invalid_value_names_the_variable(monkeypatch, name, value):
 
 
 def test_lists_and_secrets(monkeypatch):
-    monkeypatch.setenv("AUDIOMESH_API_KEYS", "k1, k2")
+    from audiomesh.auth import hash_key
+
+    monkeypatch.setenv("AUDIOMESH_API_KEYS", f"alice=sha256:{hash_key('k1')}, sha256:{hash_key('k2')}")
     monkeypatch.setenv("AUDIOMESH_CORS_ORIGINS", "http://a.example,http://b.example")
     monkeypatch.setenv("AUDIOMESH_S3_SECRET_KEY", "hunter2")
     s = load_settings()
-    assert s.api_keys == ["k1", "k2"]
+    assert s.key_ring().principal("Bearer k1") == "alice"
+    assert s.key_ring().principal("Bearer k2").startswith("key-")
     assert s.cors_origins == ["http://a.example", "http://b.example"]
     public = s.public_dict()
-    assert "hunter2" not in str(public) and "k1" not in str(public)
+    assert "hunter2" not in str(public) and hash_key("k1") not in str(public)
     assert public["api_keys_configured"] == 2
 
 

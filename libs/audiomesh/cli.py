@@ -101,7 +101,7 @@ async def _process(args, settings: Settings, target: str) -> int:
     from audiomesh.rpc import ClientFactory
     from audiomesh.v1 import orchestrator_pb2_grpc
 
-    clients = ClientFactory()
+    clients = ClientFactory(api_key=settings.api_key.get_secret_value())
     stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
     files = [Path(f) for f in args.files]
     tmp = None
@@ -197,7 +197,7 @@ async def _simple(args, settings: Settings) -> int:
     from audiomesh.rpc import ClientFactory
     from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
-    clients = ClientFactory()
+    clients = ClientFactory(api_key=settings.api_key.get_secret_value())
     stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, settings.orchestrator_addr)
     try:
         if args.command == "jobs":
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job_id")
     sub.add_parser("models", help="list separation models")
+    p = sub.add_parser("hash-key", help="print an AUDIOMESH_API_KEYS entry for a key (a new key if none given)")
+    p.add_argument("name", help="the principal this key stands for, e.g. alice")
+    p.add_argument("--key", default=None, help="an existing key (default: generate one)")
     return parser
 
 
@@ -260,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "up":
             return cmd_up(args, settings)
+        if args.command == "hash-key":
+            from audiomesh.auth import hash_key, new_key
+
+            key = args.key or new_key()
+            if not args.key:
+                print(f"key (give this to the client; it is not stored): {key}")
+            print(f"AUDIOMESH_API_KEYS entry: {args.name}=sha256:{hash_key(key)}")
+            return 0
         if args.command == "process":
             return cmd_process(args, settings)
         return asyncio.run(_simple(args, settings))

@@ -74,7 +74,17 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     otlp_endpoint: str = Field("", description="OTLP/gRPC collector, e.g. http://otel:4317; empty = no export")
     cors_origins: CommaList = Field(default_factory=list)
-    api_keys: CommaList = Field(default_factory=list)
+    api_keys: CommaList = Field(
+        default_factory=list, description="NAME=sha256:<hex>,… (hashes of keys: audiomesh hash-key); empty = open mode"
+    )
+    api_key: SecretStr = Field(SecretStr(""), description="the key the CLI sends (client side)")
+    service_token: SecretStr = Field(SecretStr(""), description="shared secret services send each other; empty = none")
+    rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per API key; 0 = unlimited")
+    max_active_jobs_per_principal: int = Field(20, ge=1, description="queued + running jobs one key may have")
+    max_queued_jobs: int = Field(200, ge=1, description="queued jobs in all; more get RESOURCE_EXHAUSTED")
+    max_channels: int = Field(8, ge=1, le=64, description="most channels an input may have")
+    min_sample_rate: int = Field(8000, ge=1000, description="lowest accepted input sample rate (Hz)")
+    max_sample_rate: int = Field(192000, le=768000, description="highest accepted input sample rate (Hz)")
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
 
@@ -83,6 +93,14 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed_keys(cls, value: list[str]) -> list[str]:
+        from audiomesh.auth import parse_key_entries
+
+        parse_key_entries(value)  # ValueError names the bad entry
         return value
 
     @field_validator("store_url")
@@ -106,12 +124,19 @@ class Settings(BaseSettings):
             raise ValueError("must be host:port (or dns:///host:port)")
         return value
 
+    def key_ring(self):
+        from audiomesh.auth import KeyRing, parse_key_entries
+
+        return KeyRing(parse_key_entries(self.api_keys))
+
     def address_of(self, service: str) -> str:
         return getattr(self, f"{service}_addr")
 
     def public_dict(self) -> dict[str, Any]:
         """Settings without secrets, for GetConfig and manifests."""
-        data = self.model_dump(mode="json", exclude={"s3_access_key", "s3_secret_key", "api_keys"})
+        data = self.model_dump(
+            mode="json", exclude={"s3_access_key", "s3_secret_key", "api_keys", "api_key", "service_token"}
+        )
         data["api_keys_configured"] = len(self.api_keys)
         return data
 

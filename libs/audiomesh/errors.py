@@ -52,9 +52,22 @@ class TooLarge(AudiomeshError):
 
 
 class ResourceExhausted(AudiomeshError):
-    """A bounded queue or concurrency limit is full; retry later (HTTP 429)."""
+    """A bounded queue, rate or concurrency limit is full; retry later (HTTP 429).
+
+    ``retry_after`` (seconds) travels as a google.rpc.RetryInfo detail (Retry-After in HTTP).
+    """
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(AudiomeshError):
+    """No API key, or one that is not known (HTTP 401)."""
+
+    code = "UNAUTHENTICATED"
 
 
 class Cancelled(AudiomeshError):

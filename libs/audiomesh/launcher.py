@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from audiomesh.auth import RateLimiter
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import Unavailable
-from audiomesh.rpc.server import start_server
+from audiomesh.rpc.server import AuthPolicy, start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
 
 WORKERS = ("separation", "hpss", "composite", "normalize")
@@ -51,6 +52,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         warmup=spec.warmup,
         concurrency=spec.concurrency,
         tls=tls,
+        auth=auth_policy(settings, name),
     )
     if ready_file is not None:
 
@@ -64,6 +66,19 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
     await running.serve_until_signal(before_stop=spec.on_stop)
     shutdown_tracing()
     logger().info("stopped")
+
+
+def auth_policy(settings: Settings, name: str) -> AuthPolicy | None:
+    """The orchestrator faces users (API keys, rate limit); workers face the orchestrator
+    (the service token, when one is configured)."""
+    if name == "orchestrator":
+        ring = settings.key_ring()
+        if ring.open_mode:
+            logger().warning("no API keys configured: open mode, every caller can see and change every job")
+        limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+        return AuthPolicy(key_ring=None if ring.open_mode else ring, rate_limiter=limiter)
+    token = settings.service_token.get_secret_value()
+    return AuthPolicy(service_token=token) if token else None
 
 
 class Mesh:

@@ -15,10 +15,11 @@ from google.protobuf import struct_pb2
 import audiomesh
 from audiomesh import errors
 from audiomesh.audio.io import file_sha256, probe
+from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
 from audiomesh.options import hpss_kwargs, normalization
 from audiomesh.rpc import ClientFactory, Registration, ServiceSpec
-from audiomesh.store import ObjectStore, sanitize_filename
+from audiomesh.store import ObjectStore, sanitize_filename, validate_key
 from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
@@ -29,6 +30,10 @@ from .runner import Runner
 _MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
 
 
+def _principal() -> str:
+    return current_principal.get()
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def __init__(self, settings: Settings, store: ObjectStore, registry: JobRegistry, runner: Runner) -> None:
         self.settings = settings
@@ -37,12 +42,50 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.runner = runner
         self.log = logger(component="orchestrator")
 
+    def _own(self, job_id: str):
+        """The caller's job: another principal's job is NOT_FOUND, exactly like a missing one."""
+        rec = self.registry.get(job_id)
+        if rec.job.owner != _principal():
+            raise errors.NotFound(f"job {job_id!r} not found")
+        return rec
+
+    def _admit_job(self) -> None:
+        """Bounded queue and per-principal limit, checked before any byte is stored."""
+        active = [r for r in self.registry.records.values() if not r.terminal]
+        mine = sum(1 for r in active if r.job.owner == _principal())
+        if mine >= self.settings.max_active_jobs_per_principal:
+            raise errors.ResourceExhausted(
+                f"you have {mine} jobs queued or running (limit {self.settings.max_active_jobs_per_principal}); "
+                "retry when one has finished",
+                retry_after=30.0,
+            )
+        queued = sum(1 for r in active if r.job.state == common_pb2.JOB_STATE_QUEUED)
+        if queued >= self.settings.max_queued_jobs:
+            raise errors.ResourceExhausted(f"the queue is full ({queued} jobs waiting); retry later", retry_after=60.0)
+
+    def _check_key_access(self, key: str) -> None:
+        """With API keys, a job may only read its owner's objects: jobs/<own job>/… or
+        incoming/<principal>/…. (Open mode: any key.)"""
+        principal = _principal()
+        if principal == ANONYMOUS:
+            return
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[0] == "jobs":
+            rec = self.registry.records.get(parts[1])
+            if rec is not None and rec.job.owner == principal:
+                return
+        elif len(parts) >= 3 and parts[0] == "incoming" and parts[1] == principal:
+            return
+        raise errors.NotFound(f"no object with key {key!r} in the store")
+
     # --- creating jobs -----------------------------------------------------------------
     async def UploadAudio(self, request_iterator, context):
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
             raise errors.InvalidInput("the first UploadAudio message must carry metadata (filename, options)")
         meta = first.metadata
+        if meta.create_job:
+            self._admit_job()
         limit = self.settings.max_upload_bytes
         if meta.size_bytes > limit:
             raise errors.TooLarge(f"upload of {meta.size_bytes} bytes exceeds the limit of {limit} bytes")
@@ -77,6 +120,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CreateJob(self, request: orchestrator_pb2.CreateJobRequest, context):
         if not request.input_key:
             raise errors.InvalidInput("input_key is required")
+        validate_key(request.input_key)
+        self._check_key_access(request.input_key)
+        self._admit_job()
         options = await self._resolve_options(request.options)
         info = await asyncio.to_thread(self.store.stat, request.input_key)  # NotFound names the key
         if info.size > self.settings.max_upload_bytes:
@@ -95,6 +141,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if size == 0:
             raise errors.InvalidInput(f"{name}: the file is empty (0 bytes)")
         info = await asyncio.to_thread(lambda: probe(path, name=name))
+        limits = self.settings
+        if info.channels > limits.max_channels:
+            raise errors.InvalidInput(f"{name}: {info.channels} channels; at most {limits.max_channels} are accepted")
+        if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
+            raise errors.InvalidInput(
+                f"{name}: sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}–{limits.max_sample_rate} Hz"
+            )
         if info.duration_s > self.settings.max_duration_seconds:
             raise errors.InvalidInput(
                 f"{name}: {info.duration_s:.0f} s of audio exceeds the limit of {self.settings.max_duration_seconds:.0f} s"
@@ -131,6 +184,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             input=job_input,
             options=options,
             manifest_key=manifest_key(job_id),
+            owner=_principal(),
         )
         rec = await self.registry.add(job, f"job created from {job_input.name} ({job_input.size_bytes} bytes)")
         self.runner.start(rec)
@@ -138,30 +192,31 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     # --- reading jobs ------------------------------------------------------------------
     async def GetJob(self, request, context):
-        return orchestrator_pb2.GetJobResponse(job=self.registry.get(request.job_id).job)
+        return orchestrator_pb2.GetJobResponse(job=self._own(request.job_id).job)
 
     async def ListJobs(self, request, context):
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE} (0 means 20)")
         size = request.page_size or 20
         start = _decode_token(request.page_token)
-        records = self.registry.newest_first()
+        records = [r for r in self.registry.newest_first() if r.job.owner == _principal()]
         page = records[start : start + size]
         token = _encode_token(start + size) if start + size < len(records) else ""
         return orchestrator_pb2.ListJobsResponse(jobs=[r.job for r in page], next_page_token=token)
 
     async def WatchJob(self, request, context):
+        self._own(request.job_id)
         async for job in self.registry.watch(request.job_id):
             yield orchestrator_pb2.WatchJobResponse(job=job)
 
     # --- changing jobs -----------------------------------------------------------------
     async def CancelJob(self, request, context):
-        rec = self.registry.get(request.job_id)
+        rec = self._own(request.job_id)
         await _cancel(rec)
         return orchestrator_pb2.CancelJobResponse(job=rec.job)
 
     async def DeleteJob(self, request, context):
-        await _cancel(self.registry.get(request.job_id))
+        await _cancel(self._own(request.job_id))
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 
@@ -204,7 +259,7 @@ def _decode_token(token: str) -> int:
 def build(settings: Settings) -> ServiceSpec:
     store = settings.open_store()
     registry = JobRegistry(store, settings.public_dict())
-    runner = Runner(settings, store, registry, ClientFactory())
+    runner = Runner(settings, store, registry, ClientFactory(service_token=settings.service_token.get_secret_value()))
     servicer = OrchestratorServicer(settings, store, registry, runner)
     background: list[asyncio.Task] = []
 

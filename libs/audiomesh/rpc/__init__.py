@@ -11,6 +11,7 @@ from audiomesh.rpc.server import (
 )
 
 __all__ = [
+    "AuthPolicy",
     "ClientFactory",
     "Registration",
     "RunningServer",

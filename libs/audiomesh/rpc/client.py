@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from audiomesh import errors
+from audiomesh.auth import SERVICE_TOKEN_HEADER
 
 # Transparent retries for calls that never reached a healthy server. Idempotent unary calls
 # (health, ListModels, Measure) also retry UNAVAILABLE; streaming work is retried by the
@@ -50,6 +51,36 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+class _AddMetadata:
+    """Adds fixed metadata (service token, API key) to every call. grpc.aio files an
+    interceptor under the first call type it implements, so there is one class per type."""
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+
+    def _details(self, details):
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.pairs))
+
+
+class _UnaryUnaryMetadata(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamMetadata(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnaryMetadata(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+def metadata_interceptors(pairs: tuple[tuple[str, str], ...]) -> list:
+    return [cls(pairs) for cls in (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata)]
+
+
 class ClientFactory:
     """Channels cached per target; stubs made from them.
 
@@ -57,13 +88,20 @@ class ClientFactory:
     ``host:port`` or ``dns:///host:port`` (round-robin over a headless Service's pods).
     """
 
-    def __init__(self, *, root_certificates: bytes | None = None) -> None:
+    def __init__(self, *, root_certificates: bytes | None = None, service_token: str = "", api_key: str = "") -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._root_certificates = root_certificates
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if service_token:
+            self._metadata += ((SERVICE_TOKEN_HEADER, service_token),)
+        if api_key:
+            self._metadata += (("authorization", f"Bearer {api_key}"),)
 
     def channel(self, target: str) -> grpc.aio.Channel:
         if target not in self._channels:
-            interceptors = aio_client_interceptors()
+            interceptors = list(aio_client_interceptors())
+            if self._metadata:
+                interceptors += metadata_interceptors(self._metadata)
             if self._root_certificates is not None:
                 creds = grpc.ssl_channel_credentials(self._root_certificates)
                 chan = grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS, interceptors=interceptors)
@@ -102,6 +140,7 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.AudiomeshError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.CANCELLED: errors.Cancelled,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 
 

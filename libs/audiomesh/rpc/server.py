@@ -10,6 +10,7 @@ drains on SIGTERM: health flips to NOT_SERVING, in-flight calls get ``grace`` se
 from __future__ import annotations
 
 import asyncio
+import hmac
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from audiomesh import errors
+from audiomesh.auth import ANONYMOUS, SERVICE_TOKEN_HEADER, KeyRing, RateLimiter, current_principal
 from audiomesh.telemetry import logger
 
 T = TypeVar("T")
@@ -36,11 +38,19 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 def status_details(exc: errors.AudiomeshError) -> tuple[tuple[str, bytes], ...]:
     """google.rpc.Status with an ErrorInfo (reason, domain) in the standard trailer, when the
     error has a reason; read back by :func:`audiomesh.rpc.client.error_reason`."""
-    if not exc.reason:
+    details = []
+    if exc.reason:
+        details.append(any_pb2.Any())
+        details[-1].Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain="audiomesh"))
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromMilliseconds(max(1, int(retry_after * 1000)))
+        details.append(any_pb2.Any())
+        details[-1].Pack(info)
+    if not details:
         return ()
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain="audiomesh"))
-    status = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=str(exc), details=[detail])
+    status = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=str(exc), details=details)
     return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
@@ -53,14 +63,38 @@ class Registration:
     full_name: str  # from the descriptor: pb.DESCRIPTOR.services_by_name["X"].full_name
 
 
-class _ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Access log, error mapping and the concurrency bound, around every method."""
+@dataclass
+class AuthPolicy:
+    """Who may call. ``key_ring`` (orchestrator): API keys → principals, plus a per-principal
+    rate limit; ``service_token`` (workers): the shared secret the orchestrator sends."""
 
-    def __init__(self, service: str, concurrency: int | None) -> None:
+    key_ring: KeyRing | None = None
+    service_token: str = ""
+    rate_limiter: RateLimiter | None = None
+
+    def admit(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        if self.service_token:
+            given = metadata.get(SERVICE_TOKEN_HEADER, "")
+            if not hmac.compare_digest(given.encode(), self.service_token.encode()):
+                raise errors.Unauthenticated("missing or wrong service token")
+        principal = ANONYMOUS
+        if self.key_ring is not None:
+            principal = self.key_ring.principal(metadata.get("authorization"))
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(principal)
+        return principal
+
+
+class _ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Access log, authentication, error mapping and the concurrency bound, around every method."""
+
+    def __init__(self, service: str, concurrency: int | None, auth: AuthPolicy | None = None) -> None:
         self._log = logger(component="rpc")
         self._limit = concurrency
         self._in_flight = 0
         self._service = service
+        self._auth = auth
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -74,6 +108,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 async with self._call(method, context, limited):
+                    self._admit(method, context)
                     return await inner(request, context)
 
             wrapped = unary
@@ -83,6 +118,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def streaming(request, context):
                 async with self._call(method, context, limited):
+                    self._admit(method, context)
                     async for response in inner(request, context):
                         yield response
 
@@ -93,6 +129,13 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Authenticate (health and reflection stay open for probes); the principal is
+        visible to the handler through ``audiomesh.auth.current_principal``."""
+        if self._auth is None or method.startswith(_EXEMPT_PREFIXES):
+            return
+        current_principal.set(self._auth.admit(context))
 
     def _call(self, method: str, context: grpc.aio.ServicerContext, limited: bool):
         interceptor = self
@@ -207,12 +250,13 @@ async def start_server(
     warmup: Callable[[], Awaitable[None]] | None = None,
     concurrency: int | None = None,
     tls: tuple[bytes, bytes] | None = None,
+    auth: AuthPolicy | None = None,
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns."""
     regs = list(registrations)
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency), *extra_interceptors],
+        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency, auth), *extra_interceptors],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),

@@ -171,6 +171,7 @@ class Job(_message.Message):
     MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     CURRENT_STAGE_FIELD_NUMBER: _builtins.int
     NORMALIZATION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     fraction: _builtins.float
@@ -179,6 +180,8 @@ class Job(_message.Message):
     manifest_key: _builtins.str
     current_stage: _builtins.str
     """nodes running now, comma-separated (e.g. "separation, hpss:mix")"""
+    owner: _builtins.str
+    """principal of the API key that created it; empty in open mode"""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -214,10 +217,11 @@ class Job(_message.Message):
         manifest_key: _builtins.str = ...,
         current_stage: _builtins.str = ...,
         normalization: Global___NormalizationSummary | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "state", b"state", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "state", b"state", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
