@@ -99,7 +99,7 @@ class Gateway:
         async def handle(request: Request) -> Response:
             try:
                 message = await self._request_message(route, request)
-            except json_format.ParseError as exc:
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
                 return error_response(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}")
             with tracer().start_as_current_span(f"HTTP {route.verb} {route.template}"):
                 if route.server_streaming:

@@ -152,9 +152,13 @@ def test_channel_adaptation(tmp_path) -> None:
     both, sr = read_audio(stereo, channels=1, sample_rate=22050)
     assert both.shape == (1, SR // 4) and sr == 22050
 
-    three = write_wav(tmp_path / "three.wav", synth_song(0.2, SR, 3), SR)
-    with pytest.raises(InvalidInput, match="has 3 channels and 2 are needed; only mono -> stereo"):
-        read_audio(three, channels=2)
+    y3 = synth_song(0.2, SR, 3)
+    three = write_wav(tmp_path / "three.wav", y3, SR, subtype="FLOAT")
+    stereo3, _ = read_audio(three, channels=2)  # 1st+3rd left, 2nd right
+    np.testing.assert_allclose(stereo3[0], (y3[0] + y3[2]) / 2, atol=1e-6)
+    np.testing.assert_allclose(stereo3[1], y3[1], atol=1e-6)
+    with pytest.raises(InvalidInput, match="has 3 channels and 4 are needed"):
+        read_audio(three, channels=4)
     assert read_audio(three)[0].shape[0] == 3
 
 

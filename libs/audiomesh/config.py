@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     # Limits
     max_upload_bytes: int = Field(500 * 1024 * 1024, gt=0)
     max_duration_seconds: float = Field(3600.0, gt=0)
+    min_duration_seconds: float = Field(0.5, ge=0, description="shortest accepted song")
     worker_concurrency: int = Field(
         2, ge=1, description="requests one worker runs at once; more get RESOURCE_EXHAUSTED"
     )

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 
 import audiomesh
 from audiomesh import errors
-from audiomesh.audio.io import file_sha256, probe
+from audiomesh.audio.io import file_sha256, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
 from audiomesh.options import hpss_kwargs, normalization
@@ -148,6 +148,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.InvalidInput(
                 f"{name}: sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}–{limits.max_sample_rate} Hz"
             )
+        if info.duration_s < limits.min_duration_seconds:
+            raise errors.InvalidInput(
+                f"{name}: {info.duration_s:.3f} s of audio is too short; at least {limits.min_duration_seconds:g} s"
+            )
+        await asyncio.to_thread(lambda: scan_samples(path, name=name))  # NaN/Inf refused before storing
         if info.duration_s > self.settings.max_duration_seconds:
             raise errors.InvalidInput(
                 f"{name}: {info.duration_s:.0f} s of audio exceeds the limit of {self.settings.max_duration_seconds:.0f} s"

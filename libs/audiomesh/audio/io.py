@@ -27,6 +27,7 @@ from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
 from audiomesh.hashing import file_sha256
 
 __all__ = [
+    "scan_samples",
     "AudioInfo",
     "OUTPUT_FORMATS",
     "OUTPUT_SUBTYPES",
@@ -372,12 +373,39 @@ def _adapt_channels(y: np.ndarray, channels: int, shown: str) -> np.ndarray:
         return y
     if have == 1:
         return np.repeat(y, channels, axis=0)
-    if have == 2 and channels == 1:
+    if channels == 1:
         return y.mean(axis=0, keepdims=True, dtype=np.float32)
+    if channels == 2:
+        # Multichannel → stereo: odd-numbered channels (1st, 3rd, …) left, the others right,
+        # each side the average of its channels (keeps levels; a plain, documented downmix).
+        return np.stack([y[0::2].mean(axis=0, dtype=np.float32), y[1::2].mean(axis=0, dtype=np.float32)])
     raise InvalidInput(
-        f"{shown} has {have} channels and {channels} are needed; only mono -> stereo (duplicate) and "
-        "stereo -> mono (average) conversions are supported"
+        f"{shown} has {have} channels and {channels} are needed; supported: mono -> any (duplicate), "
+        "any -> mono (average), any -> stereo (alternate channels averaged per side)"
     )
+
+
+def scan_samples(path: str | os.PathLike[str], *, name: str | None = None, block_frames: int = 1 << 16) -> int:
+    """Read every sample once, in blocks (bounded memory): InvalidInput on NaN/Inf samples.
+
+    Returns the number of frames read. Formats only ffmpeg decodes are checked later, when
+    decoded.
+    """
+    shown = _display(str(path), name)
+    frames = 0
+    try:
+        with sf.SoundFile(path) as f:
+            for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+                bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+                if bad:
+                    raise InvalidInput(
+                        f"{shown} contains NaN or infinite samples (first near frame {frames}); "
+                        "audio samples must be finite numbers"
+                    )
+                frames += len(block)
+    except sf.LibsndfileError:
+        return frames
+    return frames
 
 
 def resample(y: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "VHQ") -> np.ndarray:
