@@ -88,4 +88,5 @@ def test_route_table_covers_every_annotation():
     assert routes[("GET", "/v1/jobs/{job_id}:watch")] == "WatchJob"
     assert routes[("POST", "/v1/jobs/{job_id}:cancel")] == "CancelJob"
     assert routes[("DELETE", "/v1/jobs/{job_id}")] == "DeleteJob"
-    assert len(routes) == 8
+    assert routes[("POST", "/v1/jobs/{job_id}:retry")] == "RetryJob"
+    assert len(routes) == 9

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from audiomesh import bench
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job_id")
     sub.add_parser("models", help="list separation models")
+    bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs and librosa (BENCHMARKS.md)"))
     p = sub.add_parser("hash-key", help="print an AUDIOMESH_API_KEYS entry for a key (a new key if none given)")
     p.add_argument("name", help="the principal this key stands for, e.g. alice")
     p.add_argument("--key", default=None, help="an existing key (default: generate one)")
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "process":
             return cmd_process(args, settings)
+        if args.command == "bench":
+            return bench.cmd_bench(args)
         return asyncio.run(_simple(args, settings))
     except AudiomeshError as exc:
         print(f"error: {exc}", file=sys.stderr)

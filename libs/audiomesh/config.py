@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(2, ge=1, description="jobs the orchestrator runs at once; others wait QUEUED")
     max_parallel_nodes: int = Field(4, ge=1, description="stage-graph nodes of one job running at once")
     node_attempts: int = Field(3, ge=1, le=10, description="tries per node on retryable errors")
+    unavailable_budget_seconds: float = Field(
+        120.0, ge=0, description="how long a node keeps retrying a worker or store that cannot be reached"
+    )
     stage_timeout_seconds: float = Field(3600.0, gt=0, description="deadline of one worker call")
     retention_hours: float = Field(168.0, ge=0, description="delete jobs older than this; 0 keeps them")
 

@@ -64,6 +64,13 @@ class ResourceExhausted(AudiomeshError):
         self.retry_after = retry_after
 
 
+class StoreFull(AudiomeshError):
+    """The object store has no space left; nothing half-written was kept."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "STORE_FULL"
+
+
 class Unauthenticated(AudiomeshError):
     """No API key, or one that is not known (HTTP 401)."""
 

@@ -43,6 +43,7 @@ class JobRecord:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task | None = None
     last_persist: float = 0.0
+    persist_error: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -56,8 +57,9 @@ class JobRecord:
 
 
 class JobRegistry:
-    def __init__(self, store: ObjectStore, config: dict) -> None:
+    def __init__(self, store: ObjectStore, config: dict, *, outage_budget: float = 60.0) -> None:
         self.store = store
+        self.outage_budget = outage_budget
         self.records: dict[str, JobRecord] = {}
         self._config = struct_pb2.Struct()
         self._config.update(config)
@@ -96,6 +98,10 @@ class JobRegistry:
             rec.changed.notify_all()
 
     async def persist(self, rec: JobRecord) -> None:
+        """One atomic write (file: temp + fsync + rename; S3: one PUT). A store that cannot be
+        reached is retried for ``outage_budget`` seconds; a full or unreachable store leaves the
+        previous manifest intact and is logged — the job goes on in memory and the next change
+        writes again."""
         async with rec.write_lock:
             rec.last_persist = time.monotonic()
             doc = orchestrator_pb2.Manifest(
@@ -105,8 +111,27 @@ class JobRegistry:
                 config=self._config,
                 events=rec.events,
             )
-            # One atomic write (file: temp + fsync + rename; S3: one PUT).
-            await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, manifest.dumps(doc))
+            data = manifest.dumps(doc)
+            deadline = time.monotonic() + self.outage_budget
+            delay = 0.25
+            while True:
+                try:
+                    await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, data)
+                    rec.persist_error = ""
+                    return
+                except errors.Unavailable as exc:
+                    if time.monotonic() + delay > deadline:
+                        self._persist_failed(rec, exc)
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                except errors.AudiomeshError as exc:  # StoreFull and the like
+                    self._persist_failed(rec, exc)
+                    return
+
+    def _persist_failed(self, rec: JobRecord, exc: Exception) -> None:
+        rec.persist_error = str(exc)
+        self.log.error("manifest not written; the previous one is kept", job_id=rec.job.job_id, reason=str(exc))
 
     async def watch(self, job_id: str) -> AsyncIterator[orchestrator_pb2.Job]:
         """A snapshot, then every change, until the job is terminal."""

@@ -40,13 +40,9 @@ from audiomesh.v1 import (
 from .graph import Plan, make_plan, overall_fraction
 from .jobs import JobRecord, JobRegistry, now_pb
 
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.ABORTED,
-}
+# Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
+# RESOURCE_EXHAUSTED without a reason means "busy" and waits without using attempts).
+_RETRYABLE_CODES = {"RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED", "DEADLINE_EXCEEDED"}
 
 
 class NodeFailed(Exception):
@@ -104,6 +100,16 @@ class Runner:
     # --- job lifecycle -----------------------------------------------------------------
     def start(self, rec: JobRecord) -> None:
         rec.task = asyncio.ensure_future(self._run(rec))
+
+    def retry(self, rec: JobRecord) -> None:
+        """Queue a FAILED/CANCELLED job again; resume reuses the nodes whose outputs exist."""
+        rec.job.state = common_pb2.JOB_STATE_QUEUED
+        rec.job.ClearField("error")
+        for node in rec.job.nodes:
+            if node.state != common_pb2.NODE_STATE_SUCCEEDED:
+                node.state = common_pb2.NODE_STATE_PENDING
+                node.ClearField("error")
+        self.start(rec)
 
     async def _run(self, rec: JobRecord) -> None:
         job = rec.job
@@ -218,6 +224,7 @@ class Runner:
 
             attempts_left = self.settings.node_attempts
             busy_deadline = time.monotonic() + self.settings.stage_timeout_seconds
+            unavailable_deadline = time.monotonic() + self.settings.unavailable_budget_seconds
             busy_waits = 0
             with tracer().start_as_current_span(f"node {node.name}"):
                 while True:
@@ -229,26 +236,30 @@ class Runner:
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.CANCELLED and rec.task and rec.task.cancelling():
                             raise asyncio.CancelledError from None
-                        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < busy_deadline:
+                        err = status_of(exc)
+                    except errors.AudiomeshError as exc:
+                        err = exc
+                    if isinstance(err, errors.ResourceExhausted) and err.reason is None:
+                        if time.monotonic() < busy_deadline:
                             # A busy worker is not a failed attempt: wait for a free slot.
                             node.attempts -= 1
                             attempts_left += 1
                             busy_waits += 1
                             await asyncio.sleep(min(0.2 * busy_waits, 2.0))
                             continue
-                        retry = exc.code() in _RETRYABLE and attempts_left > 0
-                        err = status_of(exc)
-                        code, message = exc.code().name, str(err)
-                    except errors.AudiomeshError as exc:
-                        retry = isinstance(exc, errors.Unavailable) and attempts_left > 0
-                        code, message = exc.code, str(exc)
+                    if isinstance(err, errors.Unavailable):
+                        # Gone workers or store: keep trying for the budget, not a fixed count.
+                        retry = time.monotonic() < unavailable_deadline
+                    else:
+                        retry = err.code in _RETRYABLE_CODES and attempts_left > 0
+                    code, message = err.code, str(err)
                     if not retry:
                         node.state = common_pb2.NODE_STATE_FAILED
                         node.end_time.CopyFrom(now_pb())
                         node.error.CopyFrom(common_pb2.ErrorDetail(code=code, message=message, node=node.name))
                         await self.registry.changed(rec, f"{node.name} failed: {code}: {message}")
                         raise NodeFailed(node.name, code, message)
-                    delay = min(0.5 * 2 ** (node.attempts - 1), 10.0)
+                    delay = min(0.5 * 2 ** (node.attempts - 1), 5.0)
                     await self.registry.changed(
                         rec, f"{node.name} attempt {node.attempts} failed ({code}: {message}); retrying in {delay:.1f}s"
                     )

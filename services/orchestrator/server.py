@@ -220,6 +220,17 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await _cancel(rec)
         return orchestrator_pb2.CancelJobResponse(job=rec.job)
 
+    async def RetryJob(self, request, context):
+        rec = self._own(request.job_id)
+        if rec.job.state not in (common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED):
+            state = common_pb2.JobState.Name(rec.job.state)
+            raise errors.FailedPrecondition(
+                f"job {request.job_id} is {state}; only FAILED or CANCELLED jobs can be retried"
+            )
+        self.runner.retry(rec)
+        await self.registry.changed(rec, "job retried; nodes that succeeded will be reused")
+        return orchestrator_pb2.RetryJobResponse(job=rec.job)
+
     async def DeleteJob(self, request, context):
         await _cancel(self._own(request.job_id))
         count = await self.registry.delete(request.job_id)
@@ -263,7 +274,7 @@ def _decode_token(token: str) -> int:
 
 def build(settings: Settings) -> ServiceSpec:
     store = settings.open_store()
-    registry = JobRegistry(store, settings.public_dict())
+    registry = JobRegistry(store, settings.public_dict(), outage_budget=settings.unavailable_budget_seconds)
     runner = Runner(settings, store, registry, ClientFactory(service_token=settings.service_token.get_secret_value()))
     servicer = OrchestratorServicer(settings, store, registry, runner)
     background: list[asyncio.Task] = []

@@ -8,6 +8,7 @@ after a crash a key holds its old or its new content, never a partial one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat as stat_mod
 import tempfile
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound
+from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound, StoreFull
 
 from .base import (
     DEFAULT_CHUNK_SIZE,
@@ -173,13 +174,18 @@ class FileStore(ObjectStore):
             tmp = ""
             _fsync_dir(directory)
             return self._info(key, os.stat(path))
-        except BaseException:
+        except BaseException as exc:
             if fd >= 0:
                 os.close(fd)
             if tmp:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             self._prune(directory)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The old object (e.g. the previous manifest) is untouched: only the temp file failed.
+                raise StoreFull(
+                    f"the file store at {self.root} is full: cannot write {key!r} ({exc.strerror})"
+                ) from None
             raise
 
     # ---- reading

@@ -67,6 +67,11 @@ class OrchestratorServiceStub:
                 request_serializer=audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/audiomesh.v1.OrchestratorService/RetryJob',
+                request_serializer=audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
         self.DeleteJob = channel.unary_unary(
                 '/audiomesh.v1.OrchestratorService/DeleteJob',
                 request_serializer=audiomesh_dot_v1_dot_orchestrator__pb2.DeleteJobRequest.SerializeToString,
@@ -130,6 +135,13 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryJob(self, request, context):
+        """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteJob(self, request, context):
         """Deletes the job's objects and manifest; a running job is cancelled first.
         """
@@ -181,6 +193,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobRequest.FromString,
                     response_serializer=audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobRequest.FromString,
+                    response_serializer=audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobResponse.SerializeToString,
             ),
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteJob,
@@ -362,6 +379,33 @@ class OrchestratorService:
             '/audiomesh.v1.OrchestratorService/CancelJob',
             audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
             audiomesh_dot_v1_dot_orchestrator__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/audiomesh.v1.OrchestratorService/RetryJob',
+            audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobRequest.SerializeToString,
+            audiomesh_dot_v1_dot_orchestrator__pb2.RetryJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,8 @@ class OrchestratorServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchJobRequest, _orchestrator_pb2.WatchJobResponse]
     """A snapshot of the job, then one message per change, until the job ends."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.CancelJobResponse]
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.RetryJobResponse]
+    """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused)."""
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteJobRequest, _orchestrator_pb2.DeleteJobResponse]
     """Deletes the job's objects and manifest; a running job is cancelled first."""
     GetConfig: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetConfigRequest, _orchestrator_pb2.GetConfigResponse]
@@ -72,6 +74,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchJobRequest, _orchestrator_pb2.WatchJobResponse]  # type: ignore[assignment]
     """A snapshot of the job, then one message per change, until the job ends."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.CancelJobResponse]  # type: ignore[assignment]
+    RetryJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused)."""
     DeleteJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteJobRequest, _orchestrator_pb2.DeleteJobResponse]  # type: ignore[assignment]
     """Deletes the job's objects and manifest; a running job is cancelled first."""
     GetConfig: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetConfigRequest, _orchestrator_pb2.GetConfigResponse]  # type: ignore[assignment]
@@ -129,6 +133,14 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.CancelJobResponse, _abc.Awaitable[_orchestrator_pb2.CancelJobResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _orchestrator_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.RetryJobResponse, _abc.Awaitable[_orchestrator_pb2.RetryJobResponse]]:
+        """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused)."""
 
     @_abc_1.abstractmethod
     def DeleteJob(

@@ -1,0 +1,666 @@
+"""``audiomesh bench``: audiomesh measured against raw Demucs and librosa, side by side, in one run.
+
+What one run does (every step bounded in time; a step that fails or runs out of time is
+reported as missing, the others still run):
+
+1. Synthesizes a stereo 44.1 kHz song of ``--duration`` seconds (:func:`audiomesh.demo.synth_song`)
+   and writes it as a 16-bit WAV, as a user would upload it.
+2. Builds the separation model: by default an HTDemucs with the configuration of the released
+   ``htdemucs`` and random weights (same compute as the real one; nothing is downloaded),
+   saved into a temporary local model repository.
+3. ``raw``: ``demucs.apply.apply_model`` on the song in a child process (so its peak RSS is its
+   own), with the options a job uses by default (``shifts=1, overlap=0.25, split=True``) and
+   the input normalized as ``demucs.api.Separator`` does; only the ``apply_model`` call is timed.
+4. ``hpss``: ``librosa.effects.hpss`` (STFT → ``decompose.hpss`` → ISTFT) versus
+   :func:`audiomesh.dsp.hpss.hpss` on the same stereo float32 signal, each in its own child
+   process after its numba JIT is warm: times, speedup, max abs difference, peak RSS.
+5. ``e2e``: an ephemeral :class:`~audiomesh.launcher.Mesh` (every service a process, file store
+   in a temp folder) with ``AUDIOMESH_MODEL_REPO`` pointing at that repository. After a short
+   warm-up job, the song is uploaded over gRPC, the job followed to its end and every delivered
+   track read back from the store: ``e2e_s`` is submit → last byte of the last track. Per-node
+   wall times come from the job's manifest; ``critical_path_s`` is the longest dependency chain
+   of node durations and ``overhead_s = e2e_s - critical_path_s`` (upload, scheduling, reading
+   tracks back). Peak RSS (``VmHWM``) of every service is read from ``/proc`` before the mesh stops.
+
+Figures are reported, never asserted; :data:`KEYS` are always present in the JSON (``null``
+when a step did not produce them, with the reason in ``errors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["KEYS", "add_arguments", "cmd_bench", "critical_path", "read_peak_rss_mb", "run_bench"]
+
+SAMPLE_RATE = 44100
+
+#: Keys every JSON report has (``None`` when the step that measures it failed).
+KEYS = (
+    "duration_s",
+    "model",
+    "raw_separation_s",
+    "raw_separation_peak_rss_mb",
+    "e2e_s",
+    "e2e_over_raw",
+    "hpss_reference_s",
+    "hpss_s",
+    "hpss_speedup",
+    "hpss_max_abs_diff",
+    "hpss_signal_s",
+    "hpss_reference_peak_rss_mb",
+    "hpss_peak_rss_mb",
+    "stage_s",
+    "critical_path",
+    "critical_path_s",
+    "overhead_s",
+    "separation_peak_rss_mb",
+    "service_peak_rss_mb",
+    "mesh_start_s",
+    "thread_budget",
+    "machine",
+    "errors",
+)
+
+#: Models ``--model`` accepts: name → HTDemucs overrides (None: demucs' built-in ``demucs_unittest``).
+MODELS: Mapping[str, dict[str, Any] | None] = {
+    "htdemucs": {},  # the released configuration, random weights
+    "tiny": {"channels": 8, "bottom_channels": 0, "t_layers": 1},  # same shape, ~1/100 of the compute
+    "demucs_unittest": None,
+}
+_REPO_NAME = {"htdemucs": "bench_htdemucs", "tiny": "bench_tiny_htdemucs"}
+
+_CHILD = "_child"  # argv[1] of this module's child processes
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``audiomesh bench`` (kept here so the CLI entry stays one line)."""
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds of synthesized song (default 180)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="htdemucs",
+        help="htdemucs: released configuration with random weights (default); tiny: same architecture, "
+        "shrunk; demucs_unittest: demucs' built-in test model",
+    )
+    parser.add_argument("--shifts", type=int, default=1, help="apply_model shifts, for raw and the job (default 1)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["raw", "hpss", "e2e"],
+        help="leave a step out (repeatable)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for the whole run (default 600 + 12 x duration); each step gets what is left",
+    )
+    parser.add_argument(
+        "--no-warmup-job",
+        action="store_true",
+        help="measure the first job of a fresh mesh (default: run a 3 s job first)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the mesh's services, e.g. AUDIOMESH_THREAD_BUDGET=false (repeatable)",
+    )
+    parser.add_argument("--keep", type=Path, default=None, help="keep the work folder (song, repo, store, logs) here")
+    return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``audiomesh bench``: run, print the table, write the JSON; 0 when every step produced figures."""
+    extra_env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"error: --env expects NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        extra_env[name] = value
+    if not args.duration > 0:
+        print("error: --duration must be > 0", file=sys.stderr)
+        return 2
+    report = run_bench(
+        duration=args.duration,
+        model=args.model,
+        shifts=args.shifts,
+        skip=set(args.skip),
+        timeout=args.timeout,
+        warmup_job=not args.no_warmup_job,
+        mesh_env=extra_env,
+        keep=args.keep,
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    print(format_table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        print(f"figures written to {args.json}")
+    return 1 if report["errors"] else 0
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        left = max(0.0, self.end - time.monotonic())
+        return left if cap is None else min(left, cap)
+
+
+def run_bench(
+    *,
+    duration: float = 180.0,
+    model: str = "htdemucs",
+    shifts: int = 1,
+    skip: set[str] | frozenset[str] = frozenset(),
+    timeout: float | None = None,
+    warmup_job: bool = True,
+    mesh_env: Mapping[str, str] | None = None,
+    keep: Path | None = None,
+    log: Callable[[str], None] = lambda _text: None,
+) -> dict[str, Any]:
+    """Run the benchmark; return the report (a dict with every key of :data:`KEYS`)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    deadline = _Deadline(timeout if timeout is not None else 600.0 + 12.0 * duration)
+    report: dict[str, Any] = dict.fromkeys(KEYS)
+    report.update(duration_s=float(duration), errors=[], stage_s={}, service_peak_rss_mb={}, critical_path=[])
+    report["machine"] = machine_facts()
+    work = Path(tempfile.mkdtemp(prefix="audiomesh-bench-")) if keep is None else Path(keep)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        log(f"bench: {duration:g} s song, model {model}, work folder {work}")
+        from audiomesh.demo import synth_song
+
+        song = synth_song(duration, SAMPLE_RATE)
+        np.save(work / "song.npy", song)
+        _write_wav(work / "song.wav", song)
+        del song
+        repo, name, params = _prepare_model(model, work / "models")
+        report["model"] = {
+            "kind": model,
+            "name": name,
+            "parameters_m": round(params / 1e6, 3),
+            "shifts": shifts,
+            "overlap": 0.25,
+        }
+        if "raw" not in skip:
+            _step(report, "raw", log, lambda: _raw(report, work, repo, name, shifts, deadline))
+        if "hpss" not in skip:
+            _step(report, "hpss", log, lambda: _hpss(report, work, deadline))
+        if "e2e" not in skip:
+            _step(
+                report,
+                "e2e",
+                log,
+                lambda: _e2e(report, work, repo, name, shifts, deadline, warmup_job, dict(mesh_env or {}), log),
+            )
+        raw, e2e = report["raw_separation_s"], report["e2e_s"]
+        if raw and e2e:
+            report["e2e_over_raw"] = round(e2e / raw, 4)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _step(report: dict[str, Any], what: str, log: Callable[[str], None], fn: Callable[[], None]) -> None:
+    started = time.perf_counter()
+    log(f"bench: {what} ...")
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - a failed step is reported, the others still run
+        report["errors"].append(f"{what}: {type(exc).__name__}: {exc}")
+        log(f"bench: {what} failed: {exc}")
+    else:
+        log(f"bench: {what} done in {time.perf_counter() - started:.1f} s")
+
+
+def _write_wav(path: Path, y: np.ndarray) -> None:
+    import soundfile as sf
+
+    sf.write(path, y.T, SAMPLE_RATE, subtype="PCM_16")
+
+
+def _prepare_model(kind: str, folder: Path) -> tuple[Path | None, str, int]:
+    """(repo folder or None, model name, parameter count)."""
+    overrides = MODELS[kind]
+    if overrides is None:
+        from demucs.pretrained import get_model
+
+        model = get_model(kind)
+        return None, kind, sum(p.numel() for p in model.parameters())
+    from audiomesh.separation.repo import build_htdemucs, save_model_to_repo
+
+    model = build_htdemucs(seed=0, **overrides)
+    name = _REPO_NAME[kind]
+    save_model_to_repo(model, name, folder)
+    return folder, name, sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _run_child(mode: str, spec: dict[str, Any], timeout: float, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m audiomesh.bench _child MODE SPEC``; return the JSON it prints last."""
+    if timeout <= 1:
+        raise TimeoutError(f"no time left for {mode}")
+    cmd = [sys.executable, "-m", "audiomesh.bench", _CHILD, mode, json.dumps(spec)]
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{mode} did not finish within {timeout:.0f} s") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{mode} exited with {proc.returncode}: " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def _raw(report: dict[str, Any], work: Path, repo: Path | None, name: str, shifts: int, deadline: _Deadline) -> None:
+    spec = {"song": str(work / "song.npy"), "repo": str(repo) if repo else None, "name": name, "shifts": shifts}
+    result = _run_child("raw", spec, deadline.left())
+    report["raw_separation_s"] = round(result["seconds"], 3)
+    report["raw_separation_peak_rss_mb"] = result["peak_rss_mb"]
+    report["machine"]["raw_torch_threads"] = result["torch_threads"]
+
+
+def _hpss(report: dict[str, Any], work: Path, deadline: _Deadline) -> None:
+    song = np.load(work / "song.npy", mmap_mode="r")
+    frames = song.shape[-1]
+    # librosa needs ~35x the signal at its peak; compare on the longest prefix that fits in memory.
+    available = _meminfo_mb("MemAvailable") * 1e6 * 0.8
+    fits = int(available / (35 * 4 * song.shape[0])) if available > 0 else frames
+    length = min(frames, max(fits, SAMPLE_RATE))
+    report["hpss_signal_s"] = round(length / SAMPLE_RATE, 3)
+    ref_out = work / "hpss_reference.npz"
+    spec = {"song": str(work / "song.npy"), "frames": length, "out": str(ref_out)}
+    ref = _run_child("hpss_reference", spec, deadline.left())
+    ours = _run_child("hpss_ours", {**spec, "reference": str(ref_out)}, deadline.left())
+    ref_out.unlink(missing_ok=True)
+    report["hpss_reference_s"] = round(ref["seconds"], 3)
+    report["hpss_s"] = round(ours["seconds"], 3)
+    report["hpss_speedup"] = round(ref["seconds"] / ours["seconds"], 2)
+    report["hpss_max_abs_diff"] = ours["max_abs_diff"]
+    report["hpss_reference_peak_rss_mb"] = ref["peak_rss_mb"]
+    report["hpss_peak_rss_mb"] = ours["peak_rss_mb"]
+
+
+def _child(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
+    if mode == "raw":
+        return _child_raw(spec)
+    if mode == "hpss_reference":
+        return _child_hpss_reference(spec)
+    if mode == "hpss_ours":
+        return _child_hpss_ours(spec)
+    raise SystemExit(f"unknown child mode {mode!r}")
+
+
+def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from demucs.apply import apply_model
+    from demucs.pretrained import get_model
+
+    model = get_model(spec["name"], repo=Path(spec["repo"]) if spec["repo"] else None)
+    model.eval()
+    mix = torch.from_numpy(np.load(spec["song"]))
+    with torch.inference_mode():
+        # As demucs.api.Separator (and audiomesh's DemucsModel) feed it: normalized by the mix.
+        ref = mix.mean(0)
+        mean, std = ref.mean(), ref.std() + 1e-8
+        normalized = ((mix - mean) / std)[None]
+        started = time.perf_counter()
+        out = apply_model(
+            model, normalized, shifts=int(spec["shifts"]), split=True, overlap=0.25, device="cpu", num_workers=0
+        )
+        seconds = time.perf_counter() - started
+        out = out[0] * std + mean
+    assert out.shape[-1] == mix.shape[-1]
+    return {"seconds": seconds, "peak_rss_mb": read_peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+
+
+def _child_hpss_reference(spec: dict[str, Any]) -> dict[str, Any]:
+    import librosa
+
+    from audiomesh.dsp.hpss import warmup
+
+    y = np.ascontiguousarray(np.load(spec["song"], mmap_mode="r")[:, : spec["frames"]])
+    warmup()
+    librosa.effects.hpss(y[:, :SAMPLE_RATE])  # librosa's own path JIT-compiled too
+    started = time.perf_counter()
+    harmonic, percussive = librosa.effects.hpss(y)
+    seconds = time.perf_counter() - started
+    peak = read_peak_rss_mb()
+    np.savez(spec["out"], harmonic=harmonic, percussive=percussive)
+    return {"seconds": seconds, "peak_rss_mb": peak}
+
+
+def _child_hpss_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    from audiomesh.dsp.hpss import hpss, warmup
+
+    y = np.ascontiguousarray(np.load(spec["song"], mmap_mode="r")[:, : spec["frames"]])
+    warmup()
+    started = time.perf_counter()
+    harmonic, percussive = hpss(y)
+    seconds = time.perf_counter() - started
+    peak = read_peak_rss_mb()
+    with np.load(spec["reference"]) as ref:
+        diff = max(
+            float(np.abs(harmonic - ref["harmonic"]).max()),
+            float(np.abs(percussive - ref["percussive"]).max()),
+        )
+    return {"seconds": seconds, "peak_rss_mb": peak, "max_abs_diff": diff}
+
+
+# --------------------------------------------------------------------------- the mesh
+
+
+def _e2e(
+    report: dict[str, Any],
+    work: Path,
+    repo: Path | None,
+    name: str,
+    shifts: int,
+    deadline: _Deadline,
+    warmup_job: bool,
+    extra_env: dict[str, str],
+    log: Callable[[str], None],
+) -> None:
+    from audiomesh.launcher import Mesh
+
+    env = {
+        "AUDIOMESH_STORE_URL": (work / "store").resolve().as_uri(),
+        "AUDIOMESH_DEFAULT_MODEL": name,
+        "AUDIOMESH_LOG_FORMAT": "json",
+        "AUDIOMESH_RETENTION_HOURS": "0",
+        "AUDIOMESH_OTLP_ENDPOINT": "",
+        "AUDIOMESH_API_KEYS": "",
+        "HF_HUB_OFFLINE": "1",
+        **extra_env,
+    }
+    if repo is not None:
+        env["AUDIOMESH_MODEL_REPO"] = str(repo)
+    started = time.perf_counter()
+    mesh = Mesh(env=env, log_dir=work / "logs")
+    try:
+        mesh.start(timeout=deadline.left(600.0))
+        report["mesh_start_s"] = round(time.perf_counter() - started, 2)
+        report["thread_budget"] = _mesh_thread_env(mesh)
+        log(f"bench: mesh up in {report['mesh_start_s']:.1f} s")
+        store_url = env["AUDIOMESH_STORE_URL"]
+        if warmup_job:
+            from audiomesh.demo import synth_song
+
+            _write_wav(work / "warmup.wav", synth_song(3.0, SAMPLE_RATE, seed=1))
+            asyncio.run(_one_job(mesh.orchestrator, store_url, work / "warmup.wav", shifts, deadline.left(600.0)))
+            log("bench: warm-up job done")
+        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, store_url, work / "song.wav", shifts, deadline.left()))
+        report["service_peak_rss_mb"] = {
+            service: read_peak_rss_mb(proc.pid) for service, proc in mesh.procs.items() if proc.poll() is None
+        }
+        report["separation_peak_rss_mb"] = report["service_peak_rss_mb"].get("separation")
+    finally:
+        mesh.stop()
+    nodes = doc["job"]["nodes"]
+    durations = {n["name"]: round(float(n.get("durationSeconds", 0.0)), 3) for n in nodes}
+    report["stage_s"] = durations
+    path, total = critical_path({n["name"]: (durations[n["name"]], list(n.get("dependsOn", []))) for n in nodes})
+    report["critical_path"] = path
+    report["critical_path_s"] = round(total, 3)
+    report["e2e_s"] = round(e2e_s, 3)
+    report["overhead_s"] = round(e2e_s - total, 3)
+
+
+def _mesh_thread_env(mesh: Any) -> dict[str, Any]:
+    """What each service was started with (the launcher's per-worker thread budget), from /proc."""
+    keys = (
+        "AUDIOMESH_TORCH_THREADS",
+        "AUDIOMESH_HPSS_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMBA_NUM_THREADS",
+    )
+    out: dict[str, Any] = {}
+    for service, proc in mesh.procs.items():
+        try:
+            raw = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        environ = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+        out[service] = {k: environ[k] for k in keys if k in environ}
+        try:
+            out[service]["nice"] = int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+async def _one_job(target: str, store_url: str, song: Path, shifts: int, limit_s: float) -> tuple[float, dict]:
+    """Submit ``song``, follow the job, read every delivered track; (seconds, manifest)."""
+    from audiomesh.rpc import ClientFactory
+    from audiomesh.store import open_store
+    from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+    clients = ClientFactory()
+    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
+    store = open_store(store_url)
+    options = orchestrator_pb2.JobOptions()
+    options.separation.shifts = shifts
+    size_bytes = await asyncio.to_thread(lambda: song.stat().st_size)
+
+    async def messages():
+        yield orchestrator_pb2.UploadAudioRequest(
+            metadata=orchestrator_pb2.UploadMetadata(
+                filename=song.name, options=options, create_job=True, size_bytes=size_bytes
+            )
+        )
+        with song.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                yield orchestrator_pb2.UploadAudioRequest(chunk=chunk)
+
+    def read_tracks(keys: list[str]) -> int:
+        return sum(len(chunk) for key in keys for chunk in store.iter_chunks(key, 1 << 20))
+
+    async def run() -> tuple[float, dict]:
+        started = time.perf_counter()
+        response = await stub.UploadAudio(messages())
+        job = response.job
+        async for message in stub.WatchJob(orchestrator_pb2.WatchJobRequest(job_id=job.job_id)):
+            job = message.job
+        if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(
+                f"job {job.job_id} ended {common_pb2.JobState.Name(job.state)}: {job.error.code} {job.error.message}"
+            )
+        size = await asyncio.to_thread(read_tracks, [t.key for t in job.tracks])
+        elapsed = time.perf_counter() - started
+        if size <= 0:
+            raise RuntimeError("the delivered tracks are empty")
+        doc = json.loads(await asyncio.to_thread(store.get_bytes, job.manifest_key))
+        return elapsed, doc
+
+    try:
+        async with asyncio.timeout(limit_s):
+            return await run()
+    except TimeoutError:
+        raise TimeoutError(f"the job did not finish within {limit_s:.0f} s") from None
+    finally:
+        await clients.close()
+        store.close()
+
+
+def critical_path(nodes: Mapping[str, tuple[float, list[str]]]) -> tuple[list[str], float]:
+    """Longest chain of node durations through the dependencies: (node names in order, seconds).
+
+    >>> critical_path({"a": (1.0, []), "b": (5.0, ["a"]), "c": (2.0, ["a"]), "d": (1.0, ["b", "c"])})
+    (['a', 'b', 'd'], 7.0)
+    """
+    finish: dict[str, tuple[float, list[str]]] = {}
+
+    def visit(name: str, seen: tuple[str, ...] = ()) -> tuple[float, list[str]]:
+        if name in finish:
+            return finish[name]
+        if name in seen:
+            raise ValueError(f"dependency cycle through {name!r}")
+        duration, deps = nodes[name]
+        best: tuple[float, list[str]] = (0.0, [])
+        for dep in deps:
+            candidate = visit(dep, (*seen, name))
+            if candidate[0] > best[0]:
+                best = candidate
+        finish[name] = (best[0] + duration, [*best[1], name])
+        return finish[name]
+
+    total, path = max((visit(name) for name in nodes), key=lambda item: item[0], default=(0.0, []))
+    return path, total
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def read_peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident set size (``VmHWM``) of a process in MB (10^6 bytes), or None if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _meminfo_mb(field: str) -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
+def machine_facts() -> dict[str, Any]:
+    """Cores, CPU model, memory, thread settings and versions of what the figures depend on."""
+    import torch
+
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("audiomesh", "torch", "demucs", "numpy", "scipy", "librosa", "numba", "bottleneck", "grpcio"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_total_mb": round(_meminfo_mb("MemTotal")),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The report as aligned text lines."""
+    model = report.get("model") or {}
+    machine = report.get("machine") or {}
+    rows: list[tuple[str, str]] = [
+        ("song", f"{report['duration_s']:g} s stereo 44.1 kHz (synthesized)"),
+        (
+            "model",
+            f"{model.get('name', '?')} ({model.get('parameters_m', '?')} M params, shifts={model.get('shifts')})",
+        ),
+        (
+            "machine",
+            f"{machine.get('usable_cpus')} CPUs ({machine.get('cpu_model') or '?'}), "
+            f"torch {machine.get('versions', {}).get('torch')} with {machine.get('torch_threads')} threads",
+        ),
+        ("raw apply_model", _fmt(report["raw_separation_s"], " s")),
+        ("raw peak RSS", _fmt(report["raw_separation_peak_rss_mb"], " MB", 0)),
+        ("end to end (mesh)", _fmt(report["e2e_s"], " s")),
+        ("e2e / raw", _fmt(report["e2e_over_raw"], "x", 3)),
+        ("critical path", f"{_fmt(report['critical_path_s'], ' s')}  ({' > '.join(report['critical_path'] or [])})"),
+        ("overhead", _fmt(report["overhead_s"], " s", 3)),
+        ("hpss signal", _fmt(report["hpss_signal_s"], " s stereo", 1)),
+        ("hpss librosa", _fmt(report["hpss_reference_s"], " s")),
+        ("hpss audiomesh", _fmt(report["hpss_s"], " s")),
+        ("hpss speedup", _fmt(report["hpss_speedup"], "x")),
+        ("hpss max abs diff", "—" if report["hpss_max_abs_diff"] is None else f"{report['hpss_max_abs_diff']:.3g}"),
+        (
+            "hpss peak RSS",
+            f"librosa {_fmt(report['hpss_reference_peak_rss_mb'], ' MB', 0)}, "
+            f"audiomesh {_fmt(report['hpss_peak_rss_mb'], ' MB', 0)}",
+        ),
+        ("mesh start", _fmt(report["mesh_start_s"], " s", 1)),
+    ]
+    for node, seconds in (report.get("stage_s") or {}).items():
+        rows.append((f"  node {node}", _fmt(seconds, " s")))
+    for service, mb in (report.get("service_peak_rss_mb") or {}).items():
+        rows.append((f"  peak RSS {service}", _fmt(mb, " MB", 0)))
+    for error in report.get("errors") or []:
+        rows.append(("ERROR", error))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == _CHILD:
+        print(json.dumps(_child(sys.argv[2], json.loads(sys.argv[3]))), flush=True)
+    else:
+        raise SystemExit(cmd_bench(add_arguments(argparse.ArgumentParser(prog="audiomesh bench")).parse_args()))
