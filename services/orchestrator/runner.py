@@ -253,6 +253,10 @@ class Runner:
                     else:
                         retry = err.code in _RETRYABLE_CODES and attempts_left > 0
                     code, message = err.code, str(err)
+                    if isinstance(err, errors.Unavailable) and _transport_failure(message):
+                        budget = self.settings.unavailable_budget_seconds
+                        where = self.settings.address_of(node.stage)
+                        message = f"the {node.stage} worker at {where} could not be reached for {budget:g} s: {message}"
                     if not retry:
                         node.state = common_pb2.NODE_STATE_FAILED
                         node.end_time.CopyFrom(now_pb())
@@ -348,6 +352,12 @@ class Runner:
                 return outputs.publish("mix", plan.mix_key, y, rate, INTERMEDIATE)
 
         return await asyncio.to_thread(work)
+
+
+def _transport_failure(message: str) -> bool:
+    """gRPC's own words for "nobody answered" (as opposed to a worker reporting UNAVAILABLE)."""
+    text = message.lower()
+    return any(m in text for m in ("failed to connect", "connections to all backends failing", "socket closed"))
 
 
 def _set_current_stage(job: orchestrator_pb2.Job) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -34,11 +35,25 @@ def s3_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    _RUNNING["server"], _RUNNING["port"] = server, port
     try:
         yield f"{host}:{port}"
     finally:
-        server.stop()
+        _RUNNING["server"].stop()
         env.undo()
+
+
+_RUNNING: dict = {}
+
+
+def restart_server(downtime: float) -> None:
+    """Stop the session's S3 server, wait ``downtime`` seconds, start it again on the same port
+    (moto keeps buckets and objects in this process, as a real store keeps them on disk)."""
+    _RUNNING["server"].stop()
+    time.sleep(downtime)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_RUNNING["port"], verbose=False)
+    server.start()
+    _RUNNING["server"] = server
 
 
 def open_test_store(endpoint: str, bucket: str | None = None, prefix: str = "") -> S3Store:
