@@ -60,7 +60,13 @@ async def running_worker(build, tmp_path: Path, **overrides) -> AsyncIterator[Wo
     root = tmp_path / "store"
     settings = load_settings(store_url=f"file://{root}", default_model="demucs_unittest", **overrides)
     spec = build(settings)
-    server = await start_server(spec.registrations, service="test", warmup=spec.warmup, concurrency=spec.concurrency)
+    server = await start_server(
+        spec.registrations,
+        service="test",
+        warmup=spec.warmup,
+        concurrency=spec.concurrency,
+        light_methods=spec.light_methods,
+    )
     await asyncio.wait_for(server.ready.wait(), 120)
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield Worker(channel, root, spec.registrations[0].full_name)
@@ -186,6 +192,8 @@ async def test_separate_busy_worker_says_resource_exhausted(separation):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _separate(stub, request)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Cheap calls still answer while the heavy slot is taken.
+    assert (await stub.ListModels(separation_pb2.ListModelsRequest())).models
     first.cancel()  # the client going away cancels the work
 
 

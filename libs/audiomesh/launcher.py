@@ -51,6 +51,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         bind=f"{settings.host}:{port}",
         warmup=spec.warmup,
         concurrency=spec.concurrency,
+        light_methods=spec.light_methods,
         tls=tls,
         auth=auth_policy(settings, name),
     )

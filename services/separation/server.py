@@ -116,4 +116,5 @@ def build(settings: Settings) -> ServiceSpec:
         ],
         warmup=warmup,
         concurrency=settings.worker_concurrency,
+        light_methods=(f"/{separation_pb2.DESCRIPTOR.services_by_name['SeparationService'].full_name}/ListModels",),
     )

@@ -89,7 +89,10 @@ class AuthPolicy:
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Access log, authentication, error mapping and the concurrency bound, around every method."""
 
-    def __init__(self, service: str, concurrency: int | None, auth: AuthPolicy | None = None) -> None:
+    def __init__(
+        self, service: str, concurrency: int | None, auth: AuthPolicy | None = None, light: Iterable[str] = ()
+    ) -> None:
+        self._light = frozenset(light)
         self._log = logger(component="rpc")
         self._limit = concurrency
         self._in_flight = 0
@@ -101,7 +104,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        limited = self._limit is not None and not method.startswith(_EXEMPT_PREFIXES)
+        limited = self._limit is not None and not method.startswith(_EXEMPT_PREFIXES) and method not in self._light
         if handler.unary_unary or handler.stream_unary:
             kind = "unary_unary" if handler.unary_unary else "stream_unary"
             inner = handler.unary_unary or handler.stream_unary
@@ -195,6 +198,8 @@ class ServiceSpec:
     registrations: list[Registration]
     warmup: Callable[[], Awaitable[None]] | None = None
     concurrency: int | None = None
+    # Cheap methods ("/pkg.Service/Method") that do not count against ``concurrency``.
+    light_methods: tuple[str, ...] = ()
     on_stop: Callable[[], Awaitable[None]] | None = None
 
 
@@ -249,6 +254,7 @@ async def start_server(
     bind: str = "127.0.0.1:0",
     warmup: Callable[[], Awaitable[None]] | None = None,
     concurrency: int | None = None,
+    light_methods: Iterable[str] = (),
     tls: tuple[bytes, bytes] | None = None,
     auth: AuthPolicy | None = None,
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
@@ -256,7 +262,7 @@ async def start_server(
     """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns."""
     regs = list(registrations)
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency, auth), *extra_interceptors],
+        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency, auth, light_methods), *extra_interceptors],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
