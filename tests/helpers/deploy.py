@@ -200,7 +200,9 @@ def _lint(chart: Path, values: dict, folder: Path) -> list[dict]:
     merged = deep_merge(yaml.safe_load((chart / "values.yaml").read_text()) or {}, values)
     (copy / "values.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     result = asyncio.run(Lint(Configuration()).run(str(copy)))
-    return [{"severity": m["Severity"], "path": m["Path"], "error": str(m.get("Err") or "")} for m in result["Messages"]]
+    return [
+        {"severity": m["Severity"], "path": m["Path"], "error": str(m.get("Err") or "")} for m in result["Messages"]
+    ]
 
 
 def _render(chart: Path, release: str, namespace: str, values: dict, kubeconfig: Path) -> dict:
@@ -214,7 +216,12 @@ def _render(chart: Path, release: str, namespace: str, values: dict, kubeconfig:
     except Exception as exc:  # noqa: BLE001 - the message is the result
         return {"error": f"{type(exc).__name__}: {exc}"}
     hooks = [{"events": h.get("events", []), "manifest": _documents(h["manifest"])} for h in rel.get("hooks") or []]
-    return {"error": None, "manifest": _documents(rel["manifest"]), "hooks": hooks, "notes": rel["info"].get("notes", "")}
+    return {
+        "error": None,
+        "manifest": _documents(rel["manifest"]),
+        "hooks": hooks,
+        "notes": rel["info"].get("notes", ""),
+    }
 
 
 def _k8s_errors(docs: list[dict], versions: list[str]) -> list[str]:

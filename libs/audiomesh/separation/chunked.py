@@ -1,0 +1,611 @@
+"""Separation in bounded memory: Demucs' own overlap-add, streamed; tracks written as they come.
+
+``demucs.apply.apply_model`` holds the whole song several times over: the mix, a padded copy
+of it for the shift trick, one ``(sources, channels, frames)`` accumulator per shift and per
+model of a bag, the weights' sum, and the result — memory that grows with the song (1.66 GB
+for 180 s with HTDemucs, most of it length-dependent past the model's own ~1.2 GB).
+
+:class:`StreamingSeparator` computes exactly what ``apply_model(model, mix, shifts, split=True,
+overlap, segment)`` computes — the same chunks, padded from the same neighbouring samples, the
+same model calls (demucs' ``apply_model(split=False)`` on each chunk), the same triangular
+transition weights, the same float32 additions in the same order — but keeps only the region
+where chunks still overlap: a sample is final once the next chunk starts past it, and it is
+handed out then. Each (model of a bag, shift) pass is advanced chunk by chunk, the one that is
+furthest behind first, and a block of output is released as soon as every pass has finished
+it. The random shift offsets are drawn from :mod:`random` in apply_model's order, so with the
+same ``random`` state and the same normalisation the output equals apply_model's (the tests
+hold it to 1e-6; any difference comes from the model's own arithmetic, not the chunking).
+
+Memory is the model's for one chunk plus a few chunks of audio, whatever the song's length:
+the mix is read from a :class:`MixSource` (a file read in place, or an array) and the output
+goes wherever the caller writes it, e.g. :class:`TrackWriter`, which encodes a track to a file
+block by block and measures it on the way (:class:`StreamingMeasure`: the same BS.1770
+integrated loudness, sample peak and 4x true peak as :func:`audiomesh.dsp.loudness.measure`,
+from a few seconds of state).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from audiomesh.errors import Cancelled, InvalidInput
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "ArraySource",
+    "MixSource",
+    "SoundFileSource",
+    "StreamingMeasure",
+    "StreamingSeparator",
+    "TrackWriter",
+    "mix_stats",
+]
+
+#: Frames read at once when a whole source is scanned (mean/std, finiteness).
+SCAN_FRAMES = 1 << 20
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class MixSource(Protocol):
+    """Random access to a mix: ``read(start, stop)`` → float32 ``(channels, stop - start)``."""
+
+    frames: int
+    channels: int
+    sample_rate: int
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A mix already in memory, ``(channels, frames)``."""
+
+    def __init__(self, mix: np.ndarray, sample_rate: int) -> None:
+        if mix.ndim != 2:
+            raise InvalidInput(f"mix must have shape (channels, frames), got {mix.shape}")
+        self.mix = np.ascontiguousarray(mix, dtype=np.float32)
+        self.channels, self.frames = self.mix.shape
+        self.sample_rate = int(sample_rate)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.mix[:, start:stop]
+
+
+class SoundFileSource:
+    """A mix in a file soundfile reads (WAV, FLAC, ...), read in place: nothing held but the open file.
+
+    Reads are serialised with a lock (one file position).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        import soundfile as sf
+
+        self.path = Path(path)
+        self._file = sf.SoundFile(str(self.path))
+        self.channels = int(self._file.channels)
+        self.frames = int(self._file.frames)
+        self.sample_rate = int(self._file.samplerate)
+        self._lock = threading.Lock()
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        with self._lock:
+            self._file.seek(start)
+            block = self._file.read(stop - start, dtype="float32", always_2d=True)
+        if block.shape[0] != stop - start:
+            raise InvalidInput(f"{self.path.name}: expected {stop - start} frames at {start}, read {block.shape[0]}")
+        return np.ascontiguousarray(block.T)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SoundFileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_padded(source: MixSource, start: int, stop: int) -> np.ndarray:
+    """``source`` on ``[start, stop)``, zero outside ``[0, frames)``."""
+    out = np.zeros((source.channels, stop - start), dtype=np.float32)
+    lo, hi = max(start, 0), min(stop, source.frames)
+    if hi > lo:
+        out[:, lo - start : hi - start] = source.read(lo, hi)
+    return out
+
+
+def mix_stats(source: MixSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std + 1e-8)`` of the channel mean of ``source``, as float32 scalars.
+
+    What ``demucs.api.Separator`` (and :class:`~audiomesh.separation.DemucsModel`) normalise the
+    mix by: ``ref = mix.mean(0); mean = ref.mean(); std = ref.std() + 1e-8``. For an
+    :class:`ArraySource` it is computed that way, bit for bit; for other sources in one pass of
+    float64 block moments (Chan et al.), equal to within float32 rounding.
+    Also checks that every sample is finite (raises ``InvalidInput``).
+    """
+    if isinstance(source, ArraySource):
+        wav = torch.from_numpy(source.mix)
+        if not torch.isfinite(wav).all():
+            raise InvalidInput("mix must hold finite samples (found NaN or infinity)")
+        ref = wav.mean(0)
+        std = ref.std() if source.frames > 1 else torch.zeros(())
+        return ref.mean(), std + 1e-8
+    count, mean, m2 = 0, 0.0, 0.0
+    for start in range(0, source.frames, SCAN_FRAMES):
+        block = source.read(start, min(start + SCAN_FRAMES, source.frames))
+        if not np.isfinite(block).all():
+            raise InvalidInput("mix must hold finite samples (found NaN or infinity)")
+        ref = torch.from_numpy(block).mean(0).double().numpy()
+        n = ref.size
+        block_mean = float(ref.mean())
+        block_m2 = float(np.square(ref - block_mean).sum())
+        delta = block_mean - mean
+        total = count + n
+        mean += delta * n / total
+        m2 += block_m2 + delta * delta * count * n / total
+        count = total
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32) + 1e-8
+
+
+# --------------------------------------------------------------------------- separation
+
+
+@dataclass
+class _Pass:
+    """One (model of the bag, shift) pass of apply_model's split loop, advanced chunk by chunk.
+
+    Local position ``p`` (apply_model's coordinates for this pass) is mix frame ``p - lead``.
+    """
+
+    model: nn.Module
+    model_index: int
+    lead: int  # mix frame of local 0 is -lead (max_shift - offset with shifts, else 0)
+    length: int  # local positions: [0, length)
+    segment_length: int
+    stride: int
+    weight: torch.Tensor  # (segment_length,) on the device
+    next_chunk: int = 0  # local offset of the next chunk
+    acc_start: int = 0  # local position of acc[..., 0]
+    acc: torch.Tensor | None = None  # (sources, channels, n) weighted sum, float32
+    acc_weight: torch.Tensor | None = None  # (n,) sum of weights
+    done: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # finished (mix start, block)
+
+    @property
+    def chunks(self) -> int:
+        return max(1, math.ceil(self.length / self.stride))
+
+    @property
+    def finished_to(self) -> int:
+        """Mix frames below this are final in this pass."""
+        if self.next_chunk >= self.length:
+            return 1 << 62
+        return self.next_chunk - self.lead
+
+
+class StreamingSeparator:
+    """``apply_model(model, mix, shifts, split=True, overlap, segment)``, block by block.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A demucs model or ``BagOfModels``, on ``device`` and in eval mode.
+    shifts, overlap, segment
+        As for ``apply_model`` (``segment=None``: each model's own).
+    device : str
+        Where the model runs; the overlap-add accumulates on the CPU, as apply_model does
+        for a CPU mix.
+    transition_power : float
+        apply_model's ``transition_power`` (1 = linear cross-fades).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        shifts: int = 1,
+        overlap: float = 0.25,
+        segment: float | None = None,
+        device: str = "cpu",
+        transition_power: float = 1.0,
+    ) -> None:
+        from demucs.apply import BagOfModels
+
+        if transition_power < 1:
+            raise InvalidInput("transition_power must be >= 1 (as apply_model requires)")
+        if not 0 <= overlap < 1:
+            raise InvalidInput(f"overlap must be in [0, 1), got {overlap}")
+        self.model = model
+        self.shifts = int(shifts)
+        self.overlap = float(overlap)
+        self.segment = segment
+        self.device = torch.device(device)
+        self.transition_power = float(transition_power)
+        if isinstance(model, BagOfModels):
+            self.submodels = list(model.models)
+            self.bag_weights: list[list[float]] | None = [list(map(float, w)) for w in model.weights]
+        else:
+            self.submodels = [model]
+            self.bag_weights = None
+        self.sources = list(model.sources)
+
+    def _passes(self, frames: int) -> list[_Pass]:
+        passes = []
+        for index, sub in enumerate(self.submodels):
+            segment = self.segment if self.segment is not None else sub.segment
+            segment_length = int(sub.samplerate * segment)
+            stride = int((1 - self.overlap) * segment_length)
+            if stride < 1:
+                raise InvalidInput("segment x (1 - overlap) must span at least one frame")
+            weight = torch.cat(
+                [
+                    torch.arange(1, segment_length // 2 + 1, device=self.device),
+                    torch.arange(segment_length - segment_length // 2, 0, -1, device=self.device),
+                ]
+            )
+            weight = (weight / weight.max()) ** self.transition_power
+            if self.shifts:
+                max_shift = int(0.5 * sub.samplerate)
+                # apply_model draws one offset per shift, models in bag order, shifts in order.
+                for _ in range(self.shifts):
+                    offset = random.randint(0, max_shift)
+                    lead = max_shift - offset
+                    passes.append(_Pass(sub, index, lead, frames + lead, segment_length, stride, weight))
+            else:
+                passes.append(_Pass(sub, index, 0, frames, segment_length, stride, weight))
+        return passes
+
+    def _chunk(self, p: _Pass, source: MixSource) -> torch.Tensor:
+        """The model's output for the pass's next chunk: what apply_model(split=False) returns."""
+        from demucs.apply import TensorChunk, apply_model
+        from demucs.htdemucs import HTDemucs
+
+        length = min(p.segment_length, p.length - p.next_chunk)
+        if isinstance(p.model, HTDemucs) and self.segment is not None:
+            valid_length = int(self.segment * p.model.samplerate)
+        elif hasattr(p.model, "valid_length"):
+            valid_length = p.model.valid_length(length)
+        else:
+            valid_length = length
+        delta = valid_length - length
+        start = p.next_chunk - p.lead - delta // 2  # mix frame of the padded chunk's first sample
+        window = torch.from_numpy(_read_padded(source, start, start + valid_length))[None]
+        return apply_model(
+            p.model,
+            TensorChunk(window, delta // 2, length),
+            shifts=0,
+            split=False,
+            overlap=self.overlap,
+            transition_power=self.transition_power,
+            device=self.device,
+            segment=self.segment,
+        )
+
+    def _advance(self, p: _Pass, source: MixSource, frames: int) -> None:
+        chunk_out = self._chunk(p, source)[0].to("cpu")  # (sources, channels, length)
+        offset = p.next_chunk
+        length = chunk_out.shape[-1]
+        weight = p.weight[:length]
+        contribution = (weight * chunk_out).to("cpu")
+        end = offset + length
+        if p.acc is None:
+            p.acc_start = offset
+            p.acc = torch.zeros(*chunk_out.shape[:-1], length)
+            p.acc_weight = torch.zeros(length)
+        have = p.acc_start + p.acc.shape[-1]
+        if end > have:
+            grow = end - have
+            p.acc = torch.cat([p.acc, torch.zeros(*p.acc.shape[:-1], grow)], dim=-1)
+            p.acc_weight = torch.cat([p.acc_weight, torch.zeros(grow)])
+        lo = offset - p.acc_start
+        p.acc[..., lo : lo + length] += contribution
+        p.acc_weight[lo : lo + length] += weight.to("cpu")
+        p.next_chunk = offset + p.stride
+        final_to = min(p.next_chunk, p.length) if p.next_chunk < p.length else p.acc_start + p.acc.shape[-1]
+        cut = final_to - p.acc_start
+        if cut <= 0:
+            return
+        block = p.acc[..., :cut] / p.acc_weight[:cut]
+        block_start = p.acc_start - p.lead  # mix frame
+        p.acc, p.acc_weight = p.acc[..., cut:].clone(), p.acc_weight[cut:].clone()
+        p.acc_start += cut
+        # Keep only mix frames [0, frames): with shifts, local positions before `lead` are padding.
+        lo, hi = max(0, -block_start), min(block.shape[-1], frames - block_start)
+        if hi > lo:
+            p.done.append((block_start + lo, block[..., lo:hi]))
+
+    @staticmethod
+    def _take(p: _Pass, start: int, stop: int) -> torch.Tensor:
+        """Pop the pass's finished frames [start, stop) (they are contiguous from ``start``)."""
+        parts, need = [], stop - start
+        while need > 0:
+            block_start, block = p.done[0]
+            assert block_start == start + (stop - start - need)
+            n = min(need, block.shape[-1])
+            parts.append(block[..., :n])
+            if n == block.shape[-1]:
+                p.done.pop(0)
+            else:
+                p.done[0] = (block_start + n, block[..., n:])
+            need -= n
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _combine(self, passes: list[_Pass], start: int, stop: int) -> torch.Tensor:
+        """apply_model's averaging of shifts and weighting of bag models, on frames [start, stop)."""
+        estimates: float | torch.Tensor = 0.0
+        totals = [0.0] * len(self.sources)
+        for index in range(len(self.submodels)):
+            out: float | torch.Tensor = 0.0
+            mine = [p for p in passes if p.model_index == index]
+            for p in mine:
+                out = out + self._take(p, start, stop) if isinstance(out, float) else out.add_(self._take(p, start, stop))
+            assert isinstance(out, torch.Tensor)
+            if self.shifts:
+                out /= self.shifts
+            if self.bag_weights is None:
+                return out
+            for k, inst_weight in enumerate(self.bag_weights[index]):
+                out[k, :, :] *= inst_weight
+                totals[k] += inst_weight
+            estimates = estimates + out if isinstance(estimates, float) else estimates.add_(out)
+        assert isinstance(estimates, torch.Tensor)
+        for k in range(estimates.shape[0]):
+            estimates[k, :, :] /= totals[k]
+        return estimates
+
+    def chunk_count(self, frames: int) -> int:
+        """Model calls a separation of ``frames`` makes (for progress); draws no random numbers."""
+        count = 0
+        for sub in self.submodels:
+            segment = self.segment if self.segment is not None else sub.segment
+            segment_length = int(sub.samplerate * segment)
+            stride = max(1, int((1 - self.overlap) * segment_length))
+            if self.shifts:
+                # The exact count depends on the random offset: at most one chunk more.
+                lead = int(0.5 * sub.samplerate) // 2
+                count += self.shifts * max(1, math.ceil((frames + lead) / stride))
+            else:
+                count += max(1, math.ceil(frames / stride))
+        return count
+
+    def blocks(
+        self,
+        source: MixSource,
+        *,
+        progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, block)``: the separation of mix frames ``[start, start + n)`` in order.
+
+        ``block`` is float32 ``(sources, channels, n)`` on the CPU, what ``apply_model(...)[0]``
+        holds there. ``source`` must already be normalised the way the caller wants (see
+        :func:`normalized`). ``progress`` gets the fraction of model calls done; ``cancel``
+        is checked before every model call (raises ``Cancelled``).
+        """
+        frames = source.frames
+        if frames < 1:
+            raise InvalidInput("mix must have at least one frame")
+        passes = self._passes(frames)
+        total = sum(p.chunks for p in passes)
+        calls = 0
+        emitted = 0
+        with torch.inference_mode():
+            while emitted < frames:
+                p = min((q for q in passes if q.next_chunk < q.length), key=lambda q: q.finished_to, default=None)
+                if p is not None:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("separation cancelled")
+                    self._advance(p, source, frames)
+                    calls += 1
+                    if progress is not None:
+                        progress(min(calls / total, 1.0))
+                ready = min(min(q.finished_to for q in passes), frames)
+                if ready > emitted:
+                    yield emitted, self._combine(passes, emitted, ready)
+                    emitted = ready
+                elif p is None:  # pragma: no cover - every pass done but frames missing: a bug
+                    raise RuntimeError(f"streaming separation stalled at frame {emitted} of {frames}")
+
+
+class _Normalized:
+    """A source seen through ``(x - mean) / std`` (float32, as DemucsModel feeds the model)."""
+
+    def __init__(self, source: MixSource, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.source, self.mean, self.std = source, mean, std
+        self.frames, self.channels, self.sample_rate = source.frames, source.channels, source.sample_rate
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return ((torch.from_numpy(np.ascontiguousarray(self.source.read(start, stop))) - self.mean) / self.std).numpy()
+
+
+def normalized(source: MixSource, mean: torch.Tensor, std: torch.Tensor) -> MixSource:
+    """``source`` normalised by ``mean`` and ``std`` (see :func:`mix_stats`) on every read."""
+    return _Normalized(source, mean, std)
+
+
+# --------------------------------------------------------------------------- measuring and writing
+
+
+class StreamingMeasure:
+    """:func:`audiomesh.dsp.loudness.measure`, fed block by block in bounded memory.
+
+    Integrated loudness follows ``pyloudnorm.Meter.integrated_loudness`` step for step (the
+    K-weighting filters run with carried state, the 400 ms blocks are summed from the same
+    samples, the gates are the same code), sample peak is exact, and the 4x true peak upsamples
+    each block with 64 frames of context on both sides (the polyphase filter reaches 11), which
+    gives the values ``scipy.signal.resample_poly`` gives on the whole signal.
+    """
+
+    _CONTEXT = 64
+
+    def __init__(self, sample_rate: int, channels: int) -> None:
+        from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, _meter
+
+        if channels > MAX_LOUDNESS_CHANNELS:
+            raise InvalidInput(f"loudness is defined for at most {MAX_LOUDNESS_CHANNELS} channels, got {channels}")
+        self.rate = sample_rate
+        self.channels = channels
+        self.meter = _meter(sample_rate)
+        self.stages = list(self.meter._filters.values())
+        self.states: list[list[np.ndarray | None]] = [[None] * channels for _ in self.stages]
+        self.frames = 0
+        self.peak = 0.0
+        self.upsampled_peak = 0.0
+        self.block_size = self.meter.block_size
+        self.step = 1.0 - self.meter.overlap
+        # Filtered samples from `kept_start` on (those later blocks still need), and block sums.
+        self.kept: np.ndarray = np.zeros((0, channels))
+        self.kept_start = 0
+        self.z: list[np.ndarray] = []
+        self.tail = np.zeros((channels, 0), dtype=np.float64)  # last frames, true-peak context
+
+    def _bounds(self, j: int) -> tuple[int, int]:
+        T_g, step, rate = self.block_size, self.step, self.rate
+        return int(T_g * (j * step) * rate), int(T_g * (j * step + 1) * rate)
+
+    def _filter(self, block: np.ndarray) -> np.ndarray:
+        import scipy.signal
+
+        out = np.empty((block.shape[1], self.channels))
+        for ch in range(self.channels):
+            x = block[ch].astype(np.float64)
+            for s, stage in enumerate(self.stages):
+                zi = self.states[s][ch]
+                if zi is None:
+                    zi = np.zeros(max(len(stage.a), len(stage.b)) - 1)
+                raw, self.states[s][ch] = scipy.signal.lfilter(stage.b, stage.a, x, zi=zi)
+                x = stage.passband_gain * raw
+            out[:, ch] = x
+        return out
+
+    def _blocks(self, available: int) -> None:
+        while True:
+            lo, hi = self._bounds(len(self.z))
+            if hi > available:
+                return
+            seg = self.kept[lo - self.kept_start : hi - self.kept_start]
+            self.z.append(np.array([(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]))
+            next_lo = self._bounds(len(self.z))[0]
+            drop = next_lo - self.kept_start
+            if drop > 0:
+                self.kept = self.kept[drop:]
+                self.kept_start = next_lo
+
+    def _true_peak(self, x: np.ndarray, final: bool) -> None:
+        """Upsample what has enough context on both sides (all of it when ``final``)."""
+        import scipy.signal
+
+        c = self._CONTEXT
+        joined = np.concatenate([self.tail, x.astype(np.float64)], axis=1)
+        joined_start = self.frames - self.tail.shape[1]  # first frame of `joined` (before this block)
+        # Frames already measured end at `self.tp_done`; measure up to `stop`.
+        start = getattr(self, "tp_done", 0)
+        stop = joined_start + joined.shape[1] if final else joined_start + joined.shape[1] - c
+        if stop > start:
+            lo = max(start - c, joined_start)
+            hi = min(stop + c, joined_start + joined.shape[1])
+            piece = joined[:, lo - joined_start : hi - joined_start]
+            for channel in piece:
+                up = scipy.signal.resample_poly(channel, 4, 1)
+                keep = up[4 * (start - lo) : 4 * (stop - lo)]
+                if keep.size:
+                    self.upsampled_peak = max(self.upsampled_peak, float(np.max(np.abs(keep))))
+            self.tp_done = stop
+        self.tail = joined[:, -2 * c :] if joined.shape[1] > 2 * c else joined
+
+    def update(self, block: np.ndarray) -> None:
+        """Add ``(channels, n)`` float samples (finite)."""
+        if block.shape[1] == 0:
+            return
+        self.peak = max(self.peak, float(np.max(np.abs(block))))
+        self.kept = np.concatenate([self.kept, self._filter(block)])
+        self._true_peak(block, final=False)
+        self.frames += block.shape[1]
+        self._blocks(self.frames)
+
+    def result(self):
+        """The :class:`~audiomesh.dsp.loudness.Measurement` of everything fed so far."""
+        import warnings
+
+        from audiomesh.dsp.loudness import Measurement, _db
+
+        self._true_peak(np.zeros((self.channels, 0)), final=True)
+        sample_peak = _db(self.peak)
+        true_peak = _db(max(self.peak, self.upsampled_peak))
+        if self.frames < self.block_size * self.rate:
+            return Measurement(float("-inf"), sample_peak, true_peak)
+        T = self.frames / self.rate
+        num_blocks = int(np.round(((T - self.block_size) / (self.block_size * self.step))) + 1)
+        z = list(self.z[:num_blocks])
+        while len(z) < num_blocks:  # blocks reaching past the end: summed over what there is
+            lo, hi = self._bounds(len(z))
+            seg = self.kept[max(lo - self.kept_start, 0) : max(hi - self.kept_start, 0)]
+            z.append(np.array([(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]))
+        zz = np.stack(z, axis=1) if z else np.zeros((self.channels, 0))
+        G = [1.0, 1.0, 1.0, 1.41, 1.41]
+        Gamma_a = -70.0
+        channels, j_range = self.channels, range(num_blocks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            loud = [-0.691 + 10.0 * np.log10(np.sum([G[i] * zz[i, j] for i in range(channels)])) for j in j_range]
+            J_g = [j for j, l_j in enumerate(loud) if l_j >= Gamma_a]
+            z_avg = [np.mean([zz[i, j] for j in J_g]) for i in range(channels)]
+            Gamma_r = -0.691 + 10.0 * np.log10(np.sum([G[i] * z_avg[i] for i in range(channels)])) - 10.0
+            J_g = [j for j, l_j in enumerate(loud) if (l_j > Gamma_r and l_j > Gamma_a)]
+            z_avg = np.nan_to_num(np.array([np.mean([zz[i, j] for j in J_g]) for i in range(channels)]))
+        with np.errstate(divide="ignore"):
+            lufs = -0.691 + 10.0 * np.log10(np.sum([G[i] * z_avg[i] for i in range(channels)]))
+        return Measurement(float(lufs), sample_peak, true_peak)
+
+
+class TrackWriter:
+    """Encode a track to ``path`` block by block (WAV/FLAC as :func:`~audiomesh.audio.io.write_audio`
+    does: PCM clipped to [-1, 1]) and measure it on the way.
+
+    ``write((channels, n) float32)`` any number of times, then ``close()`` → the
+    :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written.
+    """
+
+    def __init__(self, path: Path | str, sample_rate: int, channels: int, *, fmt: str = "wav", subtype: str = "FLOAT"):
+        import soundfile as sf
+
+        self.path = Path(path)
+        self.subtype = subtype.upper()
+        self.channels = channels
+        self.measure = StreamingMeasure(sample_rate, channels)
+        self.frames = 0
+        self._file = sf.SoundFile(
+            str(self.path), "w", samplerate=int(sample_rate), channels=channels, format=fmt.upper(), subtype=self.subtype
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32)
+        if block.shape[0] != self.channels:
+            raise InvalidInput(f"expected {self.channels} channels, got a block of shape {block.shape}")
+        if not np.isfinite(block).all():
+            raise InvalidInput("the audio to write must be finite (no NaN or infinity)")
+        self.measure.update(block)
+        self._file.write((np.clip(block, -1.0, 1.0) if self.subtype != "FLOAT" else block).T)
+        self.frames += block.shape[1]
+
+    def close(self) -> Any:
+        if not self._file.closed:
+            self._file.close()
+        return self.measure.result()
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
