@@ -187,3 +187,18 @@ async def test_create_job_cannot_read_another_principals_objects(keyed_mesh, ali
         ):
             final = msg.job
         assert final.state == common_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_web_page_asks_for_the_key_then_shows_the_callers_jobs(keyed_mesh, alice_job, browser):
+    """The page on a keyed server: a readable error first; with Alice's key, her job."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{keyed_mesh.url}/")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "alert").text.strip())
+    assert "API key" in browser.find_element(By.ID, "alert").text
+    browser.find_element(By.CSS_SELECTOR, "details.api-key summary").click()
+    browser.find_element(By.ID, "api-key").send_keys(ALICE)
+    browser.find_element(By.CSS_SELECTOR, "#api-key-form button").click()
+    selector = f'#history [data-job-id="{alice_job["jobId"]}"]'
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, selector))

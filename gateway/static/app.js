@@ -8,6 +8,25 @@
 const ROOT = new URL("../", import.meta.url);
 const url = (path) => new URL(path, ROOT).toString();
 
+// API key (servers with AUDIOMESH_API_KEYS): kept in this browser only. fetch and XHR send
+// it as a header; EventSource, <audio> and download links cannot, so they carry it as
+// ?access_token= (the gateway never logs query strings).
+const KEY_STORAGE = "audiomesh.apiKey";
+const apiKey = () => {
+  try {
+    return localStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return "";
+  }
+};
+const authHeaders = () => (apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {});
+const withKey = (href) => {
+  if (!apiKey()) return href;
+  const u = new URL(href);
+  u.searchParams.set("access_token", apiKey());
+  return u.toString();
+};
+
 const TERMINAL = new Set(["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"]);
 const JOB_STATE_LABELS = {
   JOB_STATE_UNSPECIFIED: "Unknown",
@@ -216,7 +235,7 @@ function describe(err, context = "") {
   const tooLarge = status === 413 || (code === GRPC.RESOURCE_EXHAUSTED && /too large|too big|exceed|limit|bytes/i.test(err.message));
   if (tooLarge) return `The file is too large${limit}: ${msg}`;
   if (status === 401 || status === 403 || code === GRPC.UNAUTHENTICATED || code === GRPC.PERMISSION_DENIED) {
-    return `This server needs you to sign in or send an API key: ${msg}`;
+    return `This server needs an API key: enter yours under "API key" at the top of the page. (${msg})`;
   }
   if (status === 404 || code === GRPC.NOT_FOUND) {
     if (context === "job") return `That job doesn't exist any more (it may have been deleted): ${msg}`;
@@ -265,7 +284,7 @@ const clearAlert = () => clearMessage($("alert"));
 // ---------------------------------------------------------------- API
 
 async function api(method, path, body) {
-  const init = { method, headers: { Accept: "application/json" } };
+  const init = { method, headers: { Accept: "application/json", ...authHeaders() } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -282,7 +301,7 @@ async function api(method, path, body) {
 }
 
 const jobPath = (id) => `v1/jobs/${encodeURIComponent(id)}`;
-const downloadUrl = (id, what) => url(`download/${encodeURIComponent(id)}/${encodeURIComponent(what)}`);
+const downloadUrl = (id, what) => withKey(url(`download/${encodeURIComponent(id)}/${encodeURIComponent(what)}`));
 
 // ---------------------------------------------------------------- options
 
@@ -428,6 +447,7 @@ function startUpload(file) {
     label.textContent = "Upload stopped.";
   };
   xhr.open("POST", url("v1/jobs:upload"));
+  for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
   xhr.setRequestHeader("Accept", "application/json");
   xhr.send(form);
 }
@@ -524,7 +544,7 @@ function stopWatching() {
 
 function watch(id) {
   stopWatching();
-  const source = new EventSource(url(`${jobPath(id)}:watch`));
+  const source = new EventSource(withKey(url(`${jobPath(id)}:watch`)));
   state.source = source;
   source.onopen = () => {
     $("job-connection").textContent = "";
@@ -971,9 +991,32 @@ function main() {
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) loadHistory();
   });
+  setupApiKey();
   document.body.dataset.ready = "loading";
   Promise.all([loadConfig().then(loadModels), loadHistory()]).finally(() => {
     document.body.dataset.ready = "true";
+  });
+}
+
+function setupApiKey() {
+  const input = $("api-key");
+  const status = $("api-key-status");
+  const show = () => {
+    status.textContent = apiKey() ? "Key saved in this browser." : "No key (open servers need none).";
+  };
+  input.value = apiKey();
+  show();
+  $("api-key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    try {
+      if (input.value.trim()) localStorage.setItem(KEY_STORAGE, input.value.trim());
+      else localStorage.removeItem(KEY_STORAGE);
+    } catch {
+      /* storage blocked: the key lasts until the page closes */
+    }
+    show();
+    clearAlert();
+    Promise.all([loadConfig().then(loadModels), loadHistory()]);
   });
 }
 
