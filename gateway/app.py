@@ -472,7 +472,7 @@ def create_app(
 ) -> Starlette:
     """The ASGI app; ``services`` are the descriptors whose annotated methods become routes
     (all served at the orchestrator's address)."""
-    clients = clients or ClientFactory()
+    clients = clients or settings.client_factory()
     gateway = Gateway(settings, clients, store or settings.open_store())
     routes: list = []
     annotated = http_routes(*services)

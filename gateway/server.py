@@ -11,7 +11,6 @@ from pathlib import Path
 import uvicorn
 
 from audiomesh.config import Settings
-from audiomesh.rpc import ClientFactory
 from audiomesh.telemetry import logger
 
 from .app import create_app
@@ -20,7 +19,7 @@ from .app import create_app
 async def serve_gateway(settings: Settings, *, port: int | None = None, ready_file: Path | None = None) -> None:
     if port is None:
         port = int(settings.gateway_addr.rpartition(":")[2])
-    clients = ClientFactory()
+    clients = settings.client_factory()
     app = create_app(settings, clients=clients)
     # Bind first so port 0 works and the ready file can name the real port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

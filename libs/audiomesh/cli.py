@@ -99,10 +99,9 @@ def _job_options(args):
 
 
 async def _process(args, settings: Settings, target: str) -> int:
-    from audiomesh.rpc import ClientFactory
     from audiomesh.v1 import orchestrator_pb2_grpc
 
-    clients = ClientFactory(api_key=settings.api_key.get_secret_value())
+    clients = settings.client_factory(as_user=True)
     stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
     files = [Path(f) for f in args.files]
     tmp = None
@@ -147,9 +146,8 @@ async def _process(args, settings: Settings, target: str) -> int:
 
 
 async def _mesh_running(target: str) -> bool:
-    from audiomesh.rpc import ClientFactory
 
-    clients = ClientFactory()
+    clients = load_settings().client_factory()
     try:
         return await clients.health(target, timeout=1.0) == "SERVING"
     finally:
@@ -195,10 +193,9 @@ def cmd_up(args, settings: Settings) -> int:
 
 
 async def _simple(args, settings: Settings) -> int:
-    from audiomesh.rpc import ClientFactory
     from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
-    clients = ClientFactory(api_key=settings.api_key.get_secret_value())
+    clients = settings.client_factory(as_user=True)
     stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, settings.orchestrator_addr)
     try:
         if args.command == "jobs":

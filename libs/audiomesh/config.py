@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     max_channels: int = Field(8, ge=1, le=64, description="most channels an input may have")
     min_sample_rate: int = Field(8000, ge=1000, description="lowest accepted input sample rate (Hz)")
     max_sample_rate: int = Field(192000, le=768000, description="highest accepted input sample rate (Hz)")
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_cert_file: Path | None = Field(None, description="serve gRPC and HTTP over TLS with this certificate")
+    tls_key_file: Path | None = Field(None, description="the certificate's private key")
+    tls_ca_file: Path | None = Field(None, description="CA bundle clients trust when services use TLS")
 
     @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
@@ -127,6 +128,17 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit():
             raise ValueError("must be host:port (or dns:///host:port)")
         return value
+
+    def client_factory(self, *, as_user: bool = False, as_service: bool = False):
+        """The one way to make gRPC clients: TLS trust from AUDIOMESH_TLS_CA_FILE, and the
+        caller's credentials (the CLI's API key, or the service token between services)."""
+        from audiomesh.rpc import ClientFactory
+
+        return ClientFactory(
+            root_certificates=self.tls_ca_file.read_bytes() if self.tls_ca_file else None,
+            api_key=self.api_key.get_secret_value() if as_user else "",
+            service_token=self.service_token.get_secret_value() if as_service else "",
+        )
 
     def key_ring(self):
         from audiomesh.auth import KeyRing, parse_key_entries

@@ -18,7 +18,7 @@ from audiomesh.audio.io import file_sha256, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
 from audiomesh.options import hpss_kwargs, normalization
-from audiomesh.rpc import ClientFactory, Registration, ServiceSpec
+from audiomesh.rpc import Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename, validate_key
 from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
@@ -275,7 +275,7 @@ def _decode_token(token: str) -> int:
 def build(settings: Settings) -> ServiceSpec:
     store = settings.open_store()
     registry = JobRegistry(store, settings.public_dict(), outage_budget=settings.unavailable_budget_seconds)
-    runner = Runner(settings, store, registry, ClientFactory(service_token=settings.service_token.get_secret_value()))
+    runner = Runner(settings, store, registry, settings.client_factory(as_service=True))
     servicer = OrchestratorServicer(settings, store, registry, runner)
     background: list[asyncio.Task] = []
 

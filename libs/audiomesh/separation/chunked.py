@@ -347,13 +347,16 @@ class StreamingSeparator:
         estimates: float | torch.Tensor = 0.0
         totals = [0.0] * len(self.sources)
         for index in range(len(self.submodels)):
-            out: float | torch.Tensor = 0.0
             mine = [p for p in passes if p.model_index == index]
-            for p in mine:
-                out = out + self._take(p, start, stop) if isinstance(out, float) else out.add_(self._take(p, start, stop))
-            assert isinstance(out, torch.Tensor)
             if self.shifts:
+                out: float | torch.Tensor = 0.0
+                for p in mine:
+                    block = self._take(p, start, stop)
+                    out = out + block if isinstance(out, float) else out.add_(block)
+                assert isinstance(out, torch.Tensor)
                 out /= self.shifts
+            else:
+                out = self._take(mine[0], start, stop)
             if self.bag_weights is None:
                 return out
             for k, inst_weight in enumerate(self.bag_weights[index]):
@@ -470,6 +473,7 @@ class StreamingMeasure:
         self.kept_start = 0
         self.z: list[np.ndarray] = []
         self.tail = np.zeros((channels, 0), dtype=np.float64)  # last frames, true-peak context
+        self.tp_done = 0  # frames whose 4x upsampled values are measured
 
     def _bounds(self, j: int) -> tuple[int, int]:
         T_g, step, rate = self.block_size, self.step, self.rate
@@ -496,7 +500,11 @@ class StreamingMeasure:
             if hi > available:
                 return
             seg = self.kept[lo - self.kept_start : hi - self.kept_start]
-            self.z.append(np.array([(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]))
+            self.z.append(
+                np.array(
+                    [(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]
+                )
+            )
             next_lo = self._bounds(len(self.z))[0]
             drop = next_lo - self.kept_start
             if drop > 0:
@@ -510,8 +518,7 @@ class StreamingMeasure:
         c = self._CONTEXT
         joined = np.concatenate([self.tail, x.astype(np.float64)], axis=1)
         joined_start = self.frames - self.tail.shape[1]  # first frame of `joined` (before this block)
-        # Frames already measured end at `self.tp_done`; measure up to `stop`.
-        start = getattr(self, "tp_done", 0)
+        start = self.tp_done
         stop = joined_start + joined.shape[1] if final else joined_start + joined.shape[1] - c
         if stop > start:
             lo = max(start - c, joined_start)
@@ -547,12 +554,16 @@ class StreamingMeasure:
         if self.frames < self.block_size * self.rate:
             return Measurement(float("-inf"), sample_peak, true_peak)
         T = self.frames / self.rate
-        num_blocks = int(np.round(((T - self.block_size) / (self.block_size * self.step))) + 1)
+        num_blocks = int(np.round((T - self.block_size) / (self.block_size * self.step)) + 1)
         z = list(self.z[:num_blocks])
         while len(z) < num_blocks:  # blocks reaching past the end: summed over what there is
             lo, hi = self._bounds(len(z))
             seg = self.kept[max(lo - self.kept_start, 0) : max(hi - self.kept_start, 0)]
-            z.append(np.array([(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]))
+            z.append(
+                np.array(
+                    [(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]
+                )
+            )
         zz = np.stack(z, axis=1) if z else np.zeros((self.channels, 0))
         G = [1.0, 1.0, 1.0, 1.41, 1.41]
         Gamma_a = -70.0
@@ -587,7 +598,12 @@ class TrackWriter:
         self.measure = StreamingMeasure(sample_rate, channels)
         self.frames = 0
         self._file = sf.SoundFile(
-            str(self.path), "w", samplerate=int(sample_rate), channels=channels, format=fmt.upper(), subtype=self.subtype
+            str(self.path),
+            "w",
+            samplerate=int(sample_rate),
+            channels=channels,
+            format=fmt.upper(),
+            subtype=self.subtype,
         )
 
     def write(self, block: np.ndarray) -> None:

@@ -13,27 +13,35 @@
   every chunk; :class:`_ChunkProgress` turns that into a fraction and raises
   ``Cancelled`` from it when the cancel event is set, which unwinds apply_model
   (it shuts its pool down on any exception) at the next chunk boundary.
+
+:meth:`DemucsModel.separate_stream` computes the same separation in bounded memory: the mix is
+read from a :class:`~audiomesh.separation.chunked.MixSource` (a file read in place) and the stems
+come out block by block as soon as no later chunk overlaps them (see :mod:`.chunked`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from audiomesh.errors import Cancelled
+from audiomesh.errors import Cancelled, InvalidInput
 from audiomesh.separation.base import (
     ModelInfo,
     Origin,
     ProgressFn,
     SeparationOptions,
     SeparatorModel,
+    _MonotonicProgress,
+    _two_stems,
     resolve_device,
 )
+from audiomesh.separation.chunked import MixSource, StreamingSeparator, mix_stats, normalized
 
 if TYPE_CHECKING:
     from torch import nn
@@ -177,6 +185,79 @@ class DemucsModel(SeparatorModel):
             )
             out = (out[0] * std + mean).to("cpu", torch.float32)
         return {name: out[index].numpy() for index, name in enumerate(self.sources)}
+
+
+    def separate_stream(
+        self,
+        source: MixSource,
+        *,
+        options: SeparationOptions | None = None,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Separate a mix of any length in bounded memory; yield ``(start, stems)`` in order.
+
+        The same result as :meth:`separate` (``apply_model`` with the same options and, for the
+        same ``random`` state, the same shifts), delivered as consecutive blocks: ``stems`` maps
+        every source (or the two stems of ``options.two_stems``) to float32 ``(channels, n)``
+        for mix frames ``[start, start + n)``. Memory holds the model's work on one chunk and a
+        few chunks of audio, whatever the length of the mix.
+
+        Parameters
+        ----------
+        source : MixSource
+            The mix at :attr:`sample_rate` with :attr:`audio_channels` channels (e.g. a
+            :class:`~audiomesh.separation.chunked.SoundFileSource`).
+        options, progress, cancel
+            As for :meth:`separate`; ``options.split`` must be True (``split=False`` runs the
+            whole mix at once, which :meth:`separate` does).
+        stats : (mean, std) or None
+            The normalisation (see :func:`~audiomesh.separation.chunked.mix_stats`); computed
+            from ``source`` (one extra read of it) when None.
+
+        Raises
+        ------
+        InvalidInput
+            Bad options, channel count or samples (non-finite), or ``split=False``.
+        Cancelled
+            ``cancel`` was set.
+        """
+        options = (options or SeparationOptions()).validate(self)
+        if not options.split:
+            raise InvalidInput("separate_stream needs split=True; split=False runs the whole mix at once")
+        if source.channels != self.audio_channels:
+            raise InvalidInput(
+                f"mix must have {self.audio_channels} channels for model '{self.name}', got {source.channels}"
+            )
+        if source.sample_rate != self.sample_rate:
+            raise InvalidInput(
+                f"mix must be at {self.sample_rate} Hz for model '{self.name}', got {source.sample_rate} Hz"
+            )
+        if source.frames < 1:
+            raise InvalidInput("mix must have at least one frame")
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("separation cancelled")
+        report = _MonotonicProgress(progress)
+        report(0.0)
+        mean, std = stats if stats is not None else mix_stats(source)
+        separator = StreamingSeparator(
+            self._model,
+            shifts=int(options.shifts),
+            overlap=float(options.overlap),
+            segment=None if options.segment is None else float(options.segment),
+            device=self._device,
+        )
+        with torch.inference_mode():
+            for start, block in separator.blocks(normalized(source, mean, std), progress=report, cancel=cancel):
+                out = (block * std + mean).to("cpu", torch.float32)
+                stems = {name: out[index].numpy() for index, name in enumerate(self.sources)}
+                if options.two_stems is not None:
+                    stems = _two_stems(stems, options.two_stems)
+                yield start, stems
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("separation cancelled")
+        report(1.0)
 
 
 class _ChunkProgress:
