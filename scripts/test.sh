@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_helm.sh
 .venv/bin/buf lint
 .venv/bin/python scripts/gen_protos.py --check
 .venv/bin/ruff check .

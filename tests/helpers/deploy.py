@@ -37,7 +37,7 @@ def require_helm_venv() -> Path:
     if HELM_PYTHON.exists():
         return HELM_PYTHON
     message = f"{HELM_VENV.name}/ is missing: run `bash scripts/setup_helm.sh` (helm-sdkpy needs Python >= 3.12)"
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         pytest.fail(message + " (CI is set: these checks must run)")
     pytest.skip(message)
 

@@ -34,9 +34,7 @@ async def grpc_health(settings) -> dict[str, str]:
 
     clients = ClientFactory()
     try:
-        statuses = await asyncio.gather(
-            *(clients.health(settings.address_of(name), timeout=5.0) for name in SERVICES)
-        )
+        statuses = await asyncio.gather(*(clients.health(settings.address_of(name), timeout=5.0) for name in SERVICES))
     finally:
         await clients.close()
     return dict(zip(SERVICES, statuses, strict=True))
@@ -53,6 +51,8 @@ def http(method: str, url: str, *, key: str, body: bytes | None = None, content_
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except OSError as exc:  # refused, reset, timed out (URLError is one)
+        raise SystemExit(f"FAIL {method} {url}: {getattr(exc, 'reason', exc)}") from None
 
 
 def demo_wav(seconds: float) -> bytes:
@@ -107,7 +107,8 @@ def run_job(base: str, *, key: str, model: str, seconds: float, timeout: float) 
     if not tracks:
         raise SystemExit(f"FAIL job {job_id} succeeded without tracks")
     status, raw = http("GET", f"{base}/download/{job_id}/manifest", key=key)
-    if status != 200 or json.loads(raw).get("state") != "SUCCEEDED":
+    manifest = json.loads(raw) if status == 200 else {}
+    if not str(manifest.get("job", manifest).get("state", "")).endswith("SUCCEEDED"):
         raise SystemExit(f"FAIL manifest of {job_id}: HTTP {status}: {raw[:300].decode(errors='replace')}")
     log(f"job {job_id} SUCCEEDED: {', '.join(tracks)}")
     return job
