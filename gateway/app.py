@@ -244,10 +244,7 @@ class Gateway:
 
     async def download(self, request: Request) -> Response:
         job_id, name = request.path_params["job_id"], request.path_params["track"]
-        try:
-            job = await self._job(request, job_id)
-        except grpc.aio.AioRpcError as exc:
-            return rpc_error_response(exc)
+        job = await self._job(request, job_id)  # a gRPC error becomes its HTTP answer (handler below)
         files = self._files(job)
         if name not in files:
             state = common_pb2.JobState.Name(job.state)
@@ -287,10 +284,7 @@ class Gateway:
     async def download_all(self, request: Request) -> Response:
         """Every track and manifest.json as one ZIP, streamed as it is built (never whole)."""
         job_id = request.path_params["job_id"]
-        try:
-            job = await self._job(request, job_id)
-        except grpc.aio.AioRpcError as exc:
-            return rpc_error_response(exc)
+        job = await self._job(request, job_id)  # a gRPC error becomes its HTTP answer (handler below)
         if job.state != common_pb2.JOB_STATE_SUCCEEDED:
             return error_response(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -325,10 +319,7 @@ class Gateway:
 
     async def job_outputs(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        try:
-            job = await self._job(request, job_id)
-        except grpc.aio.AioRpcError as exc:
-            return rpc_error_response(exc)
+        job = await self._job(request, job_id)  # a gRPC error becomes its HTTP answer (handler below)
         outputs = []
         for track in job.tracks:
             entry = to_json(track)
@@ -517,6 +508,9 @@ def create_app(
             )
         )
 
+    async def rpc_error(request: Request, exc: Exception) -> Response:
+        return rpc_error_response(exc)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         if isinstance(exc, errors.AudiomeshError):
             code = grpc.StatusCode[exc.code]
@@ -537,7 +531,12 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={Exception: unexpected, 404: not_found, 405: not_found},
+        exception_handlers={
+            grpc.aio.AioRpcError: rpc_error,
+            Exception: unexpected,
+            404: not_found,
+            405: not_found,
+        },
     )
     app.state.gateway = gateway
     return app

@@ -24,6 +24,7 @@ import soundfile as sf
 import soxr
 
 from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
+from audiomesh.fsutil import atomic_path
 from audiomesh.hashing import file_sha256
 
 __all__ = [
@@ -485,26 +486,8 @@ def write_audio(
     _check_finite(y, "the audio to write")
     if subtype != "FLOAT":
         y = np.clip(y, -1.0, 1.0)
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base[:60]}.", suffix=".tmp", dir=directory)
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs unreadable to other service users
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         try:
             sf.write(tmp, y.T, int(sample_rate), format=fmt_l.upper(), subtype=subtype)
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
             raise InvalidInput(f"cannot write {fmt_l.upper()} {subtype} at {sample_rate} Hz: {exc}") from None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -8,8 +8,16 @@ operations, so the output is bit-identical. What changes is the cost:
   ``bottleneck.move_median`` over a symmetrically padded axis (the same values, ~8× faster);
 - both soft masks share one normalisation when the margins are 1;
 - both components are inverted by one ISTFT call;
+- the soft masks and the phase are one fused numba loop (the same float operations, in
+  the same order, as librosa's numpy expressions) instead of ~20 passes over the spectrogram;
 - the median filters (per channel and direction) and the masks (per block of frames) run
-  on a thread pool: bottleneck and numpy's element-wise loops release the GIL.
+  on a thread pool: bottleneck and the fused loop release the GIL;
+- long signals are processed in blocks of frames (:func:`hpss_blocks`): each block's STFT,
+  medians, masks and ISTFT see exactly the frames and samples the whole-signal computation
+  sees for it (the harmonic median's ``kernel // 2`` neighbouring frames, the ISTFT's
+  overlapping frames, the centring pad at the true ends only), so the output is still equal
+  to librosa's — while the working memory is that of one block (~0.2 GB for stereo with the
+  defaults) instead of ~31x the signal.
 
 Pure functions: no I/O, no module state, nothing read from the environment.
 """
@@ -19,22 +27,28 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import bottleneck
 import librosa
+import numba
 import numpy as np
 import scipy.ndimage
 from librosa.util.exceptions import ParameterError
 
 from audiomesh.errors import InvalidInput
 
-__all__ = ["hpss", "warmup"]
+__all__ = ["BLOCK_FRAMES", "hpss", "hpss_blocks", "warmup"]
 
 #: ``np.pad`` modes that ``librosa.stft`` accepts for centred frames.
 PAD_MODES = ("constant", "edge", "linear_ramp", "reflect", "symmetric")
+
+#: Default STFT frames per block of :func:`hpss_blocks` (~12 s at 44.1 kHz with hop 512):
+#: small enough for the caches and ~0.1 GB per stereo block, large enough that the frames
+#: shared between blocks (``n_fft / hop - 1 + kernel_harmonic - 1``, 33 by default) cost ~3 %.
+BLOCK_FRAMES = 1024
 
 _T = TypeVar("_T")
 
@@ -52,6 +66,7 @@ def hpss(
     center: bool = True,
     pad_mode: str = "constant",
     max_workers: int | None = None,
+    block_frames: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split an audio signal into its harmonic and percussive parts.
 
@@ -94,6 +109,10 @@ def hpss(
     max_workers : int > 0 or None
         Threads for the median filters and masks. ``None`` uses
         ``min(usable CPUs, 2 * channels)``; ``1`` runs everything on the calling thread.
+    block_frames : int > 0 or None
+        Work on blocks of this many STFT frames (``None``: :data:`BLOCK_FRAMES`); the result
+        does not depend on it, the working memory does. Signals of up to about one block
+        are done in one piece.
 
     Returns
     -------
@@ -117,8 +136,9 @@ def hpss(
     Output equals ``librosa.effects.hpss(y, kernel_size=..., power=..., margin=...,
     n_fft=..., hop_length=..., win_length=..., center=..., pad_mode=...)`` bit for bit
     (librosa 0.11, scipy 1.17, numpy 2.4 on x86-64; the tests hold it to 1e-5), in about a
-    tenth of the time on two cores. Peak memory is librosa's: about ``31 * y.nbytes`` with
-    the default frames (330 MB for 30 s of stereo float32 at 44.1 kHz).
+    tenth of the time on two cores. Beyond the input and the two outputs, the working memory
+    is that of one block of frames (see :func:`hpss_blocks`), whatever the signal's length;
+    librosa needs about ``31 * y.nbytes`` (330 MB for 30 s of stereo float32 at 44.1 kHz).
     Differences from librosa 0.11, all where librosa is wrong or fails:
 
     - ``window`` is used by both the STFT and the ISTFT; ``librosa.effects.hpss``
@@ -175,10 +195,27 @@ def hpss(
     lead_shape = y.shape[:-1]
     channels = y.reshape(-1, n)
     n_channels = channels.shape[0]
-    if max_workers is None:
-        max_workers = min(_usable_cpus(), 2 * n_channels)
-    elif isinstance(max_workers, bool) or not isinstance(max_workers, numbers.Integral) or max_workers < 1:
-        raise InvalidInput(f"max_workers must be a positive integer or None, got {max_workers!r}")
+    max_workers = _check_workers(max_workers, n_channels)
+    block_frames = _check_block_frames(block_frames)
+    geometry = _Geometry(n, n_fft, hop_length, center)
+    if geometry.frames > block_frames + 2 * win_harm + 2 * (n_fft // hop_length):
+        harmonic, percussive = np.empty_like(channels), np.empty_like(channels)
+        blocks = _blocks(
+            _Array(channels),
+            geometry,
+            kernels=(win_harm, win_perc),
+            margins=(margin_harm, margin_perc),
+            power=power,
+            win_length=win_length,
+            window=window,
+            pad_mode=pad_mode,
+            max_workers=max_workers,
+            block_frames=block_frames,
+        )
+        for start, h_block, p_block in blocks:
+            harmonic[:, start : start + h_block.shape[-1]] = h_block
+            percussive[:, start : start + p_block.shape[-1]] = p_block
+        return harmonic.reshape(*lead_shape, n), percussive.reshape(*lead_shape, n)
 
     stft_args = {"n_fft": n_fft, "hop_length": hop_length, "win_length": win_length, "window": window, "center": center}
     try:
@@ -218,6 +255,261 @@ def hpss(
     except ParameterError as exc:  # a rule librosa checks that the checks above missed
         raise InvalidInput(f"hpss: {exc}") from exc
     return out[0].reshape(*lead_shape, n), out[1].reshape(*lead_shape, n)
+
+
+def hpss_blocks(
+    source: Any,
+    *,
+    kernel_size: int | tuple[int, int] | list[int] = 31,
+    power: float = 2.0,
+    margin: float | tuple[float, float] | list[float] = 1.0,
+    n_fft: int = 2048,
+    hop_length: int | None = None,
+    win_length: int | None = None,
+    window: Any = "hann",
+    center: bool = True,
+    pad_mode: str = "constant",
+    max_workers: int | None = None,
+    block_frames: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """:func:`hpss` of a signal read block by block; yield ``(start, harmonic, percussive)`` in order.
+
+    Parameters
+    ----------
+    source
+        Anything with ``frames``, ``channels`` and ``read(start, stop)`` returning float32 or
+        float64 ``(channels, stop - start)`` (e.g. :class:`audiomesh.audio.stream.SoundFileSource`
+        for a file read in place). Every sample is read about once (plus the frames blocks
+        share); samples must be finite.
+    kernel_size, power, margin, n_fft, hop_length, win_length, window, center, pad_mode, max_workers
+        As for :func:`hpss`.
+    block_frames : int > 0 or None
+        STFT frames per block (``None``: :data:`BLOCK_FRAMES`).
+
+    Yields
+    ------
+    start : int
+        First sample of the block.
+    harmonic, percussive : np.ndarray [shape=(channels, n)]
+        The parts for samples ``[start, start + n)``, in the source's dtype; consecutive
+        blocks tile the signal. Concatenated, they equal ``hpss`` of the whole signal.
+
+    Notes
+    -----
+    Memory is that of one block: about ``31 * 4 * channels * block_frames * hop_length``
+    bytes for float32 (0.13 GB for stereo with the defaults), whatever the length.
+    """
+    n, n_channels = int(source.frames), int(source.channels)
+    (win_harm, win_perc), margins, power, (n_fft, hop_length, win_length) = check_options(
+        kernel_size=kernel_size,
+        power=power,
+        margin=margin,
+        n_fft=n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        pad_mode=pad_mode,
+    )
+    if n < n_fft:
+        raise InvalidInput(
+            f"hpss needs at least n_fft={n_fft} samples per channel, got {n}; use a smaller n_fft or a longer signal"
+        )
+    max_workers = _check_workers(max_workers, n_channels)
+    block_frames = _check_block_frames(block_frames)
+    geometry = _Geometry(n, n_fft, hop_length, center)
+    if geometry.frames <= block_frames + 2 * win_harm + 2 * (n_fft // hop_length):
+        y = _check_audio(np.asarray(source.read(0, n)))
+        harmonic, percussive = hpss(
+            y,
+            kernel_size=(win_harm, win_perc),
+            power=power,
+            margin=margins,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=win_length,
+            window=window,
+            center=center,
+            pad_mode=pad_mode,
+            max_workers=max_workers,
+        )
+        yield 0, harmonic, percussive
+        return
+    yield from _blocks(
+        source,
+        geometry,
+        kernels=(win_harm, win_perc),
+        margins=margins,
+        power=power,
+        win_length=win_length,
+        window=window,
+        pad_mode=pad_mode,
+        max_workers=max_workers,
+        block_frames=block_frames,
+    )
+
+
+class _Array:
+    """A (channels, n) array as a block source."""
+
+    def __init__(self, y: np.ndarray) -> None:
+        self.y = y
+        self.channels, self.frames = y.shape
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.y[:, start:stop]
+
+
+class _Geometry:
+    """Where frames sit. Padded position ``q`` is sample ``q - offset``; frame ``t`` covers
+    padded positions ``[t * hop, t * hop + n_fft)`` (what librosa's STFT and ISTFT use)."""
+
+    def __init__(self, n: int, n_fft: int, hop: int, center: bool) -> None:
+        self.n, self.n_fft, self.hop, self.center = n, n_fft, hop, center
+        self.offset = n_fft // 2 if center else 0
+        self.frames = 1 + (n + 2 * self.offset - n_fft) // hop
+
+    def frames_for(self, a: int, b: int) -> tuple[int, int]:
+        """Frames whose ISTFT reaches padded positions ``[a, b)``."""
+        lo = max(0, -(-(a - self.n_fft + 1) // self.hop))
+        hi = min(self.frames, (b - 1) // self.hop + 1)
+        return lo, hi
+
+
+def _blocks(
+    source: Any,
+    geo: _Geometry,
+    *,
+    kernels: tuple[int, int],
+    margins: tuple[float, float],
+    power: float,
+    win_length: int,
+    window: Any,
+    pad_mode: str,
+    max_workers: int,
+    block_frames: int,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    win_harm, win_perc = kernels
+    radius = win_harm // 2
+    n, n_fft, hop = geo.n, geo.n_fft, geo.hop
+    stft_args = {"n_fft": n_fft, "hop_length": hop, "win_length": win_length, "window": window, "center": False}
+    step = block_frames * hop
+    with _executor(max_workers) as pool:
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            t_lo, t_hi = geo.frames_for(start + geo.offset, stop + geo.offset)
+            u_lo, u_hi = max(0, t_lo - radius), min(geo.frames, t_hi + radius)
+            y = _padded_samples(source, geo, u_lo * hop, (u_hi - 1) * hop + n_fft, pad_mode)
+            try:
+                stft = librosa.stft(y, **stft_args)  # (C, F, u_hi - u_lo)
+            except ParameterError as exc:
+                raise InvalidInput(f"hpss: {exc}") from exc
+            del y
+            magnitude = np.abs(stft)
+            parts = _masked(
+                stft[..., t_lo - u_lo : t_hi - u_lo],
+                magnitude,
+                (t_lo - u_lo, t_hi - u_lo),
+                _reflect_index(u_lo, u_hi, t_lo - radius, t_hi + radius, geo.frames),
+                kernels=kernels,
+                margins=margins,
+                power=power,
+                pool=pool,
+                max_workers=max_workers,
+            )
+            del stft, magnitude
+            try:
+                out = librosa.istft(parts, dtype=parts.real.dtype, **stft_args)  # (2, C, samples)
+            except ParameterError as exc:
+                raise InvalidInput(f"hpss: {exc}") from exc
+            del parts
+            first = start + geo.offset - t_lo * hop  # index of sample `start` in `out`
+            have = max(0, min(stop - start, out.shape[-1] - first))
+            harmonic = np.zeros((out.shape[1], stop - start), dtype=out.dtype)
+            percussive = np.zeros_like(harmonic)
+            harmonic[:, :have] = out[0, :, first : first + have]
+            percussive[:, :have] = out[1, :, first : first + have]
+            del out
+            yield start, harmonic, percussive
+
+
+def _padded_samples(source: Any, geo: _Geometry, a: int, b: int, pad_mode: str) -> np.ndarray:
+    """Padded positions ``[a, b)``: the samples, with librosa's centring pad at the true ends."""
+    lo, hi = a - geo.offset, b - geo.offset
+    core = _check_audio(np.asarray(source.read(max(lo, 0), min(hi, geo.n))))
+    left, right = max(0, -lo), max(0, hi - geo.n)
+    if not (left or right):
+        return core
+    return np.pad(core, ((0, 0), (left, right)), mode=pad_mode)
+
+
+def _reflect_index(u_lo: int, u_hi: int, lo: int, hi: int, frames: int) -> np.ndarray:
+    """Columns of the magnitude block ``[u_lo, u_hi)`` that make frames ``[lo, hi)`` with
+    scipy's ``reflect`` (numpy's ``symmetric``) extension past ``[0, frames)``."""
+    t = np.arange(lo, hi)
+    t = np.where(t < 0, -1 - t, t)
+    t = np.where(t >= frames, 2 * frames - 1 - t, t)
+    if t.min() < u_lo or t.max() >= u_hi:  # pragma: no cover - blocks are sized so this cannot happen
+        raise AssertionError("hpss block too small for its median filter")
+    return t - u_lo
+
+
+def _masked(
+    stft: np.ndarray,
+    magnitude: np.ndarray,
+    own: tuple[int, int],
+    extended: np.ndarray,
+    *,
+    kernels: tuple[int, int],
+    margins: tuple[float, float],
+    power: float,
+    pool: Executor,
+    max_workers: int,
+) -> np.ndarray:
+    """Masked harmonic and percussive spectra of frames ``own`` of a block: ``(2, C, F, frames)``.
+
+    ``extended`` lists the magnitude columns that make the harmonic median's neighbourhood of
+    those frames (reflected at the true ends), ``kernels[0] // 2`` on each side.
+    """
+    win_harm, win_perc = kernels
+    radius = win_harm // 2
+    lo, hi = own
+    n_channels = stft.shape[0]
+    parts = np.empty((2, *stft.shape), dtype=stft.dtype)
+    mag_own = magnitude[..., lo:hi]
+
+    def harmonic_median(c: int) -> np.ndarray:
+        x = magnitude[c][:, extended]
+        if win_harm == 1:
+            return x[:, radius : x.shape[-1] - radius]
+        if win_harm % 2:
+            return bottleneck.move_median(x, window=win_harm, axis=-1)[:, win_harm - 1 :]
+        filtered = scipy.ndimage.median_filter(x, size=(1, win_harm), mode="reflect")
+        return filtered[:, radius : radius + (hi - lo)]
+
+    median_jobs = [
+        (pool.submit(harmonic_median, c), pool.submit(_median_filter, mag_own[c], win_perc, -2))
+        for c in range(n_channels)
+    ]
+    medians = [(h.result(), p.result()) for h, p in median_jobs]
+    margin_harm, margin_perc = margins
+    mask_jobs = [
+        pool.submit(
+            _apply_masks,
+            stft[c, :, cols],
+            mag_own[c, :, cols],
+            medians[c][0][:, cols],
+            medians[c][1][:, cols],
+            parts[:, c, :, cols],
+            power=power,
+            margin_harm=margin_harm,
+            margin_perc=margin_perc,
+        )
+        for c in range(n_channels)
+        for cols in _column_blocks(hi - lo, max(1, max_workers // n_channels))
+    ]
+    for job in mask_jobs:
+        job.result()
+    return parts
 
 
 def check_options(
@@ -324,6 +616,9 @@ def _apply_masks(
     (``util.softmask`` twice, ``magphase``), which makes the result bit-identical; with both
     margins at 1 the two masks share their normalisation, ``max(H, P)`` and ``a + b``.
     """
+    if margin_harm == 1 and margin_perc == 1 and power == 2.0:
+        _fused_masks_power2(spec, mag, harm, perc, out[0], out[1], np.finfo(mag.dtype).tiny)
+        return
     if margin_harm == 1 and margin_perc == 1 and np.isfinite(power):
         z = np.maximum(harm, perc)
         bad = z < np.finfo(z.dtype).tiny
@@ -356,6 +651,43 @@ def _apply_masks(
     np.multiply(mask_perc, phase, out=out[1])
 
 
+@numba.njit(nogil=True, cache=True)
+def _fused_masks_power2(spec, mag, harm, perc, out_harm, out_perc, tiny):  # pragma: no cover - compiled
+    """:func:`_apply_masks` for margins 1 and power 2 in one pass: per bin, the float operations
+    of the numpy path in the same order (``max``, two divisions, two squares, the sum, two
+    divisions; 0.5 where both medians are below ``tiny``; librosa's ``magphase``; the complex
+    product with a zero imaginary part), so the values are the same."""
+    zero = mag.dtype.type(0)
+    one = mag.dtype.type(1)
+    half = mag.dtype.type(0.5)
+    for f in range(spec.shape[0]):
+        for t in range(spec.shape[1]):
+            h = harm[f, t]
+            p = perc[f, t]
+            z = h if h >= p else p
+            if z < tiny:
+                mask_h = half
+                mask_p = half
+            else:
+                a = h / z
+                a = a * a
+                b = p / z
+                b = b * b
+                total = a + b
+                mask_h = a / total
+                mask_p = b / total
+            m = mag[f, t]
+            s = spec[f, t]
+            flag = one if m == zero else zero
+            safe = m + flag
+            phase_re = s.real / safe + flag
+            phase_im = s.imag / safe
+            vh = mask_h * m
+            vp = mask_p * m
+            out_harm[f, t] = complex(vh * phase_re - zero * phase_im, vh * phase_im + zero * phase_re)
+            out_perc[f, t] = complex(vp * phase_re - zero * phase_im, vp * phase_im + zero * phase_re)
+
+
 def _column_blocks(n_cols: int, n_blocks: int) -> list[slice]:
     step = max(1, math.ceil(n_cols / n_blocks))
     return [slice(start, min(start + step, n_cols)) for start in range(0, n_cols, step)]
@@ -379,6 +711,22 @@ def _usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _check_workers(max_workers: Any, n_channels: int) -> int:
+    if max_workers is None:
+        return min(_usable_cpus(), 2 * n_channels)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, numbers.Integral) or max_workers < 1:
+        raise InvalidInput(f"max_workers must be a positive integer or None, got {max_workers!r}")
+    return int(max_workers)
+
+
+def _check_block_frames(block_frames: Any) -> int:
+    if block_frames is None:
+        return BLOCK_FRAMES
+    if not _is_positive_int(block_frames):
+        raise InvalidInput(f"block_frames must be a positive integer or None, got {block_frames!r}")
+    return int(block_frames)
 
 
 def _executor(max_workers: int) -> Executor:

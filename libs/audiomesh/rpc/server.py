@@ -262,7 +262,11 @@ async def start_server(
     """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns."""
     regs = list(registrations)
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), _ServiceInterceptor(service, concurrency, auth, light_methods), *extra_interceptors],
+        interceptors=[
+            aio_server_interceptor(),
+            _ServiceInterceptor(service, concurrency, auth, light_methods),
+            *extra_interceptors,
+        ],
         options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),

@@ -12,16 +12,16 @@ transition weights, the same float32 additions in the same order — but keeps o
 where chunks still overlap: a sample is final once the next chunk starts past it, and it is
 handed out then. Each (model of a bag, shift) pass is advanced chunk by chunk, the one that is
 furthest behind first, and a block of output is released as soon as every pass has finished
-it. The random shift offsets are drawn from :mod:`random` in apply_model's order, so with the
-same ``random`` state and the same normalisation the output equals apply_model's (the tests
-hold it to 1e-6; any difference comes from the model's own arithmetic, not the chunking).
+it. The random shift offsets are drawn from :mod:`random` as apply_model draws them (each model
+call sees the ``random`` state it would see there, see :func:`_consume_forward_draws`), so with
+the same ``random`` state and the same normalisation the output equals apply_model's bit for bit
+(the tests check it for HTDemucs, HDemucs and bags, with and without shifts).
 
 Memory is the model's for one chunk plus a few chunks of audio, whatever the song's length:
-the mix is read from a :class:`MixSource` (a file read in place, or an array) and the output
-goes wherever the caller writes it, e.g. :class:`TrackWriter`, which encodes a track to a file
-block by block and measures it on the way (:class:`StreamingMeasure`: the same BS.1770
-integrated loudness, sample peak and 4x true peak as :func:`audiomesh.dsp.loudness.measure`,
-from a few seconds of state).
+the mix is read from a :class:`~audiomesh.audio.stream.MixSource` (a file read in place, or an
+array) and the output goes wherever the caller writes it, e.g. a
+:class:`~audiomesh.audio.stream.TrackWriter`, which encodes a track to a file block by block and
+measures it on the way.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource, StreamingMeasure, TrackWriter
 from audiomesh.errors import Cancelled, InvalidInput
 
 if TYPE_CHECKING:
@@ -50,71 +50,11 @@ __all__ = [
     "StreamingSeparator",
     "TrackWriter",
     "mix_stats",
+    "normalized",
 ]
 
 #: Frames read at once when a whole source is scanned (mean/std, finiteness).
 SCAN_FRAMES = 1 << 20
-
-
-# --------------------------------------------------------------------------- sources
-
-
-class MixSource(Protocol):
-    """Random access to a mix: ``read(start, stop)`` → float32 ``(channels, stop - start)``."""
-
-    frames: int
-    channels: int
-    sample_rate: int
-
-    def read(self, start: int, stop: int) -> np.ndarray: ...
-
-
-class ArraySource:
-    """A mix already in memory, ``(channels, frames)``."""
-
-    def __init__(self, mix: np.ndarray, sample_rate: int) -> None:
-        if mix.ndim != 2:
-            raise InvalidInput(f"mix must have shape (channels, frames), got {mix.shape}")
-        self.mix = np.ascontiguousarray(mix, dtype=np.float32)
-        self.channels, self.frames = self.mix.shape
-        self.sample_rate = int(sample_rate)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.mix[:, start:stop]
-
-
-class SoundFileSource:
-    """A mix in a file soundfile reads (WAV, FLAC, ...), read in place: nothing held but the open file.
-
-    Reads are serialised with a lock (one file position).
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        import soundfile as sf
-
-        self.path = Path(path)
-        self._file = sf.SoundFile(str(self.path))
-        self.channels = int(self._file.channels)
-        self.frames = int(self._file.frames)
-        self.sample_rate = int(self._file.samplerate)
-        self._lock = threading.Lock()
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        with self._lock:
-            self._file.seek(start)
-            block = self._file.read(stop - start, dtype="float32", always_2d=True)
-        if block.shape[0] != stop - start:
-            raise InvalidInput(f"{self.path.name}: expected {stop - start} frames at {start}, read {block.shape[0]}")
-        return np.ascontiguousarray(block.T)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> SoundFileSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _read_padded(source: MixSource, start: int, stop: int) -> np.ndarray:
@@ -182,6 +122,7 @@ class _Pass:
     acc: torch.Tensor | None = None  # (sources, channels, n) weighted sum, float32
     acc_weight: torch.Tensor | None = None  # (n,) sum of weights
     done: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # finished (mix start, block)
+    random_state: Any = None  # `random` state before this pass's next model call (shift passes)
 
     @property
     def chunks(self) -> int:
@@ -193,6 +134,22 @@ class _Pass:
         if self.next_chunk >= self.length:
             return 1 << 62
         return self.next_chunk - self.lead
+
+
+def _consume_forward_draws(model: nn.Module, calls: int) -> None:
+    """Advance :mod:`random` as ``calls`` forward passes of ``model`` would.
+
+    HTDemucs' cross-domain Transformer draws its sine-embedding shift with
+    ``random.randrange(sin_random_shift + 1)`` on every call (a draw even when the shift can
+    only be 0), so apply_model's second shift offset depends on how many chunks the first pass
+    ran. Replaying those draws keeps the offsets, and the global state after the separation,
+    those of apply_model. Other demucs models draw nothing at inference.
+    """
+    transformer = getattr(model, "crosstransformer", None)
+    if transformer is None or getattr(transformer, "emb", None) != "sin":
+        return
+    for _ in range(calls):
+        random.randrange(transformer.sin_random_shift + 1)
 
 
 class StreamingSeparator:
@@ -258,11 +215,15 @@ class StreamingSeparator:
             weight = (weight / weight.max()) ** self.transition_power
             if self.shifts:
                 max_shift = int(0.5 * sub.samplerate)
-                # apply_model draws one offset per shift, models in bag order, shifts in order.
+                # apply_model draws one offset per shift (models in bag order, shifts in order),
+                # each after the model calls of the pass before it, which may draw too.
                 for _ in range(self.shifts):
                     offset = random.randint(0, max_shift)
                     lead = max_shift - offset
-                    passes.append(_Pass(sub, index, lead, frames + lead, segment_length, stride, weight))
+                    p = _Pass(sub, index, lead, frames + lead, segment_length, stride, weight)
+                    p.random_state = random.getstate()
+                    _consume_forward_draws(sub, p.chunks)
+                    passes.append(p)
             else:
                 passes.append(_Pass(sub, index, 0, frames, segment_length, stride, weight))
         return passes
@@ -282,16 +243,24 @@ class StreamingSeparator:
         delta = valid_length - length
         start = p.next_chunk - p.lead - delta // 2  # mix frame of the padded chunk's first sample
         window = torch.from_numpy(_read_padded(source, start, start + valid_length))[None]
-        return apply_model(
-            p.model,
-            TensorChunk(window, delta // 2, length),
-            shifts=0,
-            split=False,
-            overlap=self.overlap,
-            transition_power=self.transition_power,
-            device=self.device,
-            segment=self.segment,
-        )
+        saved = random.getstate()
+        if p.random_state is not None:  # the state apply_model's pass would be in at this call
+            random.setstate(p.random_state)
+        try:
+            return apply_model(
+                p.model,
+                TensorChunk(window, delta // 2, length),
+                shifts=0,
+                split=False,
+                overlap=self.overlap,
+                transition_power=self.transition_power,
+                device=self.device,
+                segment=self.segment,
+            )
+        finally:
+            if p.random_state is not None:
+                p.random_state = random.getstate()
+            random.setstate(saved)
 
     def _advance(self, p: _Pass, source: MixSource, frames: int) -> None:
         chunk_out = self._chunk(p, source)[0].to("cpu")  # (sources, channels, length)
@@ -436,192 +405,3 @@ class _Normalized:
 def normalized(source: MixSource, mean: torch.Tensor, std: torch.Tensor) -> MixSource:
     """``source`` normalised by ``mean`` and ``std`` (see :func:`mix_stats`) on every read."""
     return _Normalized(source, mean, std)
-
-
-# --------------------------------------------------------------------------- measuring and writing
-
-
-class StreamingMeasure:
-    """:func:`audiomesh.dsp.loudness.measure`, fed block by block in bounded memory.
-
-    Integrated loudness follows ``pyloudnorm.Meter.integrated_loudness`` step for step (the
-    K-weighting filters run with carried state, the 400 ms blocks are summed from the same
-    samples, the gates are the same code), sample peak is exact, and the 4x true peak upsamples
-    each block with 64 frames of context on both sides (the polyphase filter reaches 11), which
-    gives the values ``scipy.signal.resample_poly`` gives on the whole signal.
-    """
-
-    _CONTEXT = 64
-
-    def __init__(self, sample_rate: int, channels: int) -> None:
-        from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, _meter
-
-        if channels > MAX_LOUDNESS_CHANNELS:
-            raise InvalidInput(f"loudness is defined for at most {MAX_LOUDNESS_CHANNELS} channels, got {channels}")
-        self.rate = sample_rate
-        self.channels = channels
-        self.meter = _meter(sample_rate)
-        self.stages = list(self.meter._filters.values())
-        self.states: list[list[np.ndarray | None]] = [[None] * channels for _ in self.stages]
-        self.frames = 0
-        self.peak = 0.0
-        self.upsampled_peak = 0.0
-        self.block_size = self.meter.block_size
-        self.step = 1.0 - self.meter.overlap
-        # Filtered samples from `kept_start` on (those later blocks still need), and block sums.
-        self.kept: np.ndarray = np.zeros((0, channels))
-        self.kept_start = 0
-        self.z: list[np.ndarray] = []
-        self.tail = np.zeros((channels, 0), dtype=np.float64)  # last frames, true-peak context
-        self.tp_done = 0  # frames whose 4x upsampled values are measured
-
-    def _bounds(self, j: int) -> tuple[int, int]:
-        T_g, step, rate = self.block_size, self.step, self.rate
-        return int(T_g * (j * step) * rate), int(T_g * (j * step + 1) * rate)
-
-    def _filter(self, block: np.ndarray) -> np.ndarray:
-        import scipy.signal
-
-        out = np.empty((block.shape[1], self.channels))
-        for ch in range(self.channels):
-            x = block[ch].astype(np.float64)
-            for s, stage in enumerate(self.stages):
-                zi = self.states[s][ch]
-                if zi is None:
-                    zi = np.zeros(max(len(stage.a), len(stage.b)) - 1)
-                raw, self.states[s][ch] = scipy.signal.lfilter(stage.b, stage.a, x, zi=zi)
-                x = stage.passband_gain * raw
-            out[:, ch] = x
-        return out
-
-    def _blocks(self, available: int) -> None:
-        while True:
-            lo, hi = self._bounds(len(self.z))
-            if hi > available:
-                return
-            seg = self.kept[lo - self.kept_start : hi - self.kept_start]
-            self.z.append(
-                np.array(
-                    [(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]
-                )
-            )
-            next_lo = self._bounds(len(self.z))[0]
-            drop = next_lo - self.kept_start
-            if drop > 0:
-                self.kept = self.kept[drop:]
-                self.kept_start = next_lo
-
-    def _true_peak(self, x: np.ndarray, final: bool) -> None:
-        """Upsample what has enough context on both sides (all of it when ``final``)."""
-        import scipy.signal
-
-        c = self._CONTEXT
-        joined = np.concatenate([self.tail, x.astype(np.float64)], axis=1)
-        joined_start = self.frames - self.tail.shape[1]  # first frame of `joined` (before this block)
-        start = self.tp_done
-        stop = joined_start + joined.shape[1] if final else joined_start + joined.shape[1] - c
-        if stop > start:
-            lo = max(start - c, joined_start)
-            hi = min(stop + c, joined_start + joined.shape[1])
-            piece = joined[:, lo - joined_start : hi - joined_start]
-            for channel in piece:
-                up = scipy.signal.resample_poly(channel, 4, 1)
-                keep = up[4 * (start - lo) : 4 * (stop - lo)]
-                if keep.size:
-                    self.upsampled_peak = max(self.upsampled_peak, float(np.max(np.abs(keep))))
-            self.tp_done = stop
-        self.tail = joined[:, -2 * c :] if joined.shape[1] > 2 * c else joined
-
-    def update(self, block: np.ndarray) -> None:
-        """Add ``(channels, n)`` float samples (finite)."""
-        if block.shape[1] == 0:
-            return
-        self.peak = max(self.peak, float(np.max(np.abs(block))))
-        self.kept = np.concatenate([self.kept, self._filter(block)])
-        self._true_peak(block, final=False)
-        self.frames += block.shape[1]
-        self._blocks(self.frames)
-
-    def result(self):
-        """The :class:`~audiomesh.dsp.loudness.Measurement` of everything fed so far."""
-        import warnings
-
-        from audiomesh.dsp.loudness import Measurement, _db
-
-        self._true_peak(np.zeros((self.channels, 0)), final=True)
-        sample_peak = _db(self.peak)
-        true_peak = _db(max(self.peak, self.upsampled_peak))
-        if self.frames < self.block_size * self.rate:
-            return Measurement(float("-inf"), sample_peak, true_peak)
-        T = self.frames / self.rate
-        num_blocks = int(np.round((T - self.block_size) / (self.block_size * self.step)) + 1)
-        z = list(self.z[:num_blocks])
-        while len(z) < num_blocks:  # blocks reaching past the end: summed over what there is
-            lo, hi = self._bounds(len(z))
-            seg = self.kept[max(lo - self.kept_start, 0) : max(hi - self.kept_start, 0)]
-            z.append(
-                np.array(
-                    [(1.0 / (self.block_size * self.rate)) * np.sum(np.square(seg[:, i])) for i in range(self.channels)]
-                )
-            )
-        zz = np.stack(z, axis=1) if z else np.zeros((self.channels, 0))
-        G = [1.0, 1.0, 1.0, 1.41, 1.41]
-        Gamma_a = -70.0
-        channels, j_range = self.channels, range(num_blocks)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)
-            loud = [-0.691 + 10.0 * np.log10(np.sum([G[i] * zz[i, j] for i in range(channels)])) for j in j_range]
-            J_g = [j for j, l_j in enumerate(loud) if l_j >= Gamma_a]
-            z_avg = [np.mean([zz[i, j] for j in J_g]) for i in range(channels)]
-            Gamma_r = -0.691 + 10.0 * np.log10(np.sum([G[i] * z_avg[i] for i in range(channels)])) - 10.0
-            J_g = [j for j, l_j in enumerate(loud) if (l_j > Gamma_r and l_j > Gamma_a)]
-            z_avg = np.nan_to_num(np.array([np.mean([zz[i, j] for j in J_g]) for i in range(channels)]))
-        with np.errstate(divide="ignore"):
-            lufs = -0.691 + 10.0 * np.log10(np.sum([G[i] * z_avg[i] for i in range(channels)]))
-        return Measurement(float(lufs), sample_peak, true_peak)
-
-
-class TrackWriter:
-    """Encode a track to ``path`` block by block (WAV/FLAC as :func:`~audiomesh.audio.io.write_audio`
-    does: PCM clipped to [-1, 1]) and measure it on the way.
-
-    ``write((channels, n) float32)`` any number of times, then ``close()`` → the
-    :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written.
-    """
-
-    def __init__(self, path: Path | str, sample_rate: int, channels: int, *, fmt: str = "wav", subtype: str = "FLOAT"):
-        import soundfile as sf
-
-        self.path = Path(path)
-        self.subtype = subtype.upper()
-        self.channels = channels
-        self.measure = StreamingMeasure(sample_rate, channels)
-        self.frames = 0
-        self._file = sf.SoundFile(
-            str(self.path),
-            "w",
-            samplerate=int(sample_rate),
-            channels=channels,
-            format=fmt.upper(),
-            subtype=self.subtype,
-        )
-
-    def write(self, block: np.ndarray) -> None:
-        block = np.asarray(block, dtype=np.float32)
-        if block.shape[0] != self.channels:
-            raise InvalidInput(f"expected {self.channels} channels, got a block of shape {block.shape}")
-        if not np.isfinite(block).all():
-            raise InvalidInput("the audio to write must be finite (no NaN or infinity)")
-        self.measure.update(block)
-        self._file.write((np.clip(block, -1.0, 1.0) if self.subtype != "FLOAT" else block).T)
-        self.frames += block.shape[1]
-
-    def close(self) -> Any:
-        if not self._file.closed:
-            self._file.close()
-        return self.measure.result()
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)

@@ -186,7 +186,6 @@ class DemucsModel(SeparatorModel):
             out = (out[0] * std + mean).to("cpu", torch.float32)
         return {name: out[index].numpy() for index, name in enumerate(self.sources)}
 
-
     def separate_stream(
         self,
         source: MixSource,

@@ -7,11 +7,9 @@ async services call it through ``asyncio.to_thread``. Keys are validated here, o
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
-import tempfile
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -20,7 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO
 
+from audiomesh import fsutil
 from audiomesh.errors import InvalidInput, NotFound, TooLarge
+from audiomesh.fsutil import atomic_path
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -37,8 +37,7 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 #: S3's limit on an object name, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
 #: Segments starting with this are the file store's temp files: reserved, hidden from list().
-TMP_PREFIX = ".amtmp-"
-TMP_SUFFIX = ".tmp"
+TMP_PREFIX, TMP_SUFFIX = fsutil.TMP_PREFIX, fsutil.TMP_SUFFIX  # temp objects the file store hides
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -263,22 +262,9 @@ class LimitedReader(io.RawIOBase):
 
 def atomic_download(chunks: Iterable[bytes], path: str | os.PathLike[str]) -> None:
     """Write ``chunks`` to ``path`` via a temp file in the same directory + fsync + rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=directory)
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, make_dirs=True) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
 
 
 # --------------------------------------------------------------------------- interface

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound, StoreFull
+from audiomesh.fsutil import fsync_dir
 
 from .base import (
     DEFAULT_CHUNK_SIZE,
@@ -35,14 +36,6 @@ __all__ = ["FileStore"]
 _MKSTEMP_ATTEMPTS = 5
 #: mkstemp creates 0600; objects are meant to be readable by every service sharing the volume.
 _FILE_MODE = 0o644
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_tmp(name: str) -> bool:
@@ -103,7 +96,7 @@ class FileStore(ObjectStore):
                     raise self._conflict(key, self._key(d)) from None
             except NotADirectoryError:
                 raise self._conflict(key, self._key(os.path.dirname(d))) from None
-            _fsync_dir(os.path.dirname(d))
+            fsync_dir(os.path.dirname(d))
 
     @staticmethod
     def _conflict(key: str, other: str) -> FailedPrecondition:
@@ -172,7 +165,7 @@ class FileStore(ObjectStore):
                     f"cannot store {key!r}: keys below {key + '/'!r} exist in this file store"
                 ) from None
             tmp = ""
-            _fsync_dir(directory)
+            fsync_dir(directory)
             return self._info(key, os.stat(path))
         except BaseException as exc:
             if fd >= 0:
