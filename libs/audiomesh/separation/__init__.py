@@ -13,15 +13,29 @@ from audiomesh.separation.base import (
     SeparatorModel,
     resolve_device,
 )
-from audiomesh.separation.demucs_model import DemucsModel
-from audiomesh.separation.registry import (
-    BUILTIN,
-    PRETRAINED,
-    ModelSpec,
-    SeparatorFactory,
-    configure_torch_threads,
-)
-from audiomesh.separation.repo import HTDEMUCS_CONFIG, build_htdemucs, save_model_to_repo, scan_repo
+# torch and demucs load on first use, so processes that only need the option types (the
+# orchestrator, the gateway) do not import them.
+_LAZY = {
+    "DemucsModel": "audiomesh.separation.demucs_model",
+    "BUILTIN": "audiomesh.separation.registry",
+    "PRETRAINED": "audiomesh.separation.registry",
+    "ModelSpec": "audiomesh.separation.registry",
+    "SeparatorFactory": "audiomesh.separation.registry",
+    "configure_torch_threads": "audiomesh.separation.registry",
+    "HTDEMUCS_CONFIG": "audiomesh.separation.repo",
+    "build_htdemucs": "audiomesh.separation.repo",
+    "save_model_to_repo": "audiomesh.separation.repo",
+    "scan_repo": "audiomesh.separation.repo",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'audiomesh.separation' has no attribute {name!r}")
+
 
 __all__ = [
     "BUILTIN",
