@@ -13,6 +13,7 @@ from audiomesh.separation.base import (
     SeparatorModel,
     resolve_device,
 )
+
 # torch and demucs load on first use, so processes that only need the option types (the
 # orchestrator, the gateway) do not import them.
 _LAZY = {
