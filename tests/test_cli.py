@@ -62,6 +62,8 @@ def test_process_jobs_show_models_against_a_running_mesh(file_mesh, tmp_path):
     assert json.loads(shown.stdout)["state"] == "JOB_STATE_SUCCEEDED"
     models = run_cli("models", env=env, cwd=tmp_path)
     assert "demucs_unittest" in models.stdout and "htdemucs" in models.stdout
+    retried = run_cli("retry", job_id, env=env, cwd=tmp_path)
+    assert retried.returncode == 2 and "FAILED_PRECONDITION" in retried.stderr and "SUCCEEDED" in retried.stderr
     missing = run_cli("show", "5b1c1d3e-0000-4000-8000-000000000000", env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -209,6 +209,9 @@ async def _simple(args, settings: Settings) -> int:
         elif args.command == "cancel":
             job = (await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=args.job_id))).job
             print(f"{job.job_id} {_state(job)}")
+        elif args.command == "retry":
+            job = (await stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=args.job_id))).job
+            print(f"{job.job_id} {_state(job)}")
         elif args.command == "models":
             resp = await stub.ListModels(separation_pb2.ListModelsRequest())
             for m in resp.models:
@@ -242,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a job as JSON")
     p.add_argument("job_id")
     p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job_id")
+    p = sub.add_parser("retry", help="run a FAILED or CANCELLED job again from what it wrote")
     p.add_argument("job_id")
     sub.add_parser("models", help="list separation models")
     bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs and librosa (BENCHMARKS.md)"))
