@@ -130,3 +130,19 @@ async def test_full_file_store_fails_clearly_and_keeps_the_manifest_whole(small_
         assert not [p for p in small_disk.rglob("*") if p.name.startswith(".amtmp-")]  # no temp files left
     finally:
         mesh.stop()
+
+
+async def test_orchestrator_restarted_before_its_workers_waits_for_them(mesh, tmp_path):
+    async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        job = (await upload(stub, write_song(tmp_path / "s.wav", 20.0).read_bytes(), "s.wav", SLOW)).job
+        await wait_until_running(stub, job.job_id, "separation")
+    mesh.kill("orchestrator")
+    mesh.kill("separation")
+    await asyncio.to_thread(mesh.restart, "orchestrator")  # resumes the job; separation is still down
+    await asyncio.sleep(3.0)
+    await asyncio.to_thread(mesh.restart, "separation")
+    async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        final, _ = await wait_for(stub, job.job_id, timeout=300)
+    assert final.state == SUCCEEDED, final.error

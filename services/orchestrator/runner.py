@@ -148,9 +148,24 @@ class Runner:
         rec.job.current_stage = ""
         await self.registry.changed(rec, event)
 
+    async def _plan_when_reachable(self, rec: JobRecord):
+        """Plan the job, waiting (within the budget) for a separation worker that is not up
+        yet — e.g. an orchestrator restarted before its workers resumes jobs at start."""
+        deadline = time.monotonic() + self.settings.unavailable_budget_seconds
+        delay = 0.5
+        while True:
+            try:
+                return await self.plan(rec.job)
+            except errors.Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger().info("separation worker not reachable yet; waiting", reason=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _execute(self, rec: JobRecord) -> None:
         job = rec.job
-        plan, info = await self.plan(job)
+        plan, info = await self._plan_when_reachable(rec)
         if not job.nodes:
             for name, stage, deps in plan.nodes():
                 job.nodes.add(name=name, stage=stage, state=common_pb2.NODE_STATE_PENDING, depends_on=deps)
