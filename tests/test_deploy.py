@@ -609,6 +609,8 @@ CHART_DEFAULTED = {
     "AUDIOMESH_TLS_KEY_FILE": "as AUDIOMESH_TLS_CERT_FILE",
     "AUDIOMESH_TLS_CA_FILE": "as AUDIOMESH_TLS_CERT_FILE (the clients' side of it)",
     "SSL_CERT_FILE": "the system CA bundle; a private CA is mounted with extraVolumes + extraEnv (docs/deploy.md)",
+    "AUDIOMESH_THREAD_BUDGET": "only the local launcher (Mesh) splits one machine's cores; pods have CPU limits",
+    "AUDIOMESH_HPSS_THREADS": "0 sizes HPSS's thread pool to the CPUs the pod may use",
 }
 # Set in docker-compose.yml's environment only where containers need another value than the
 # code's default; everything else reaches the services from .env through env_file, and why.
@@ -634,7 +636,7 @@ COMPOSE_CODE_DEFAULTS = {
     "max_upload_bytes", "max_duration_seconds", "min_duration_seconds", "max_running_jobs",
     "max_parallel_nodes", "node_attempts", "unavailable_budget_seconds", "stage_timeout_seconds",
     "retention_hours", "rate_limit_per_minute", "max_active_jobs_per_principal", "max_queued_jobs",
-    "max_channels", "min_sample_rate", "max_sample_rate",
+    "max_channels", "min_sample_rate", "max_sample_rate", "thread_budget", "hpss_threads",
 }  # fmt: skip
 COMPOSE_KNOBS = {"AUDIOMESH_IMAGE"}  # compose's own variables that share the prefix
 

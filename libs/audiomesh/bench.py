@@ -70,6 +70,7 @@ KEYS = (
     "overhead_s",
     "separation_peak_rss_mb",
     "service_peak_rss_mb",
+    "service_idle_rss_mb",
     "mesh_start_s",
     "thread_budget",
     "machine",
@@ -193,6 +194,7 @@ def run_bench(
     report: dict[str, Any] = dict.fromkeys(KEYS)
     report.update(duration_s=float(duration), errors=[], stage_s={}, service_peak_rss_mb={}, critical_path=[])
     report["machine"] = machine_facts()
+    report["machine"]["loadavg_start"] = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="audiomesh-bench-")) if keep is None else Path(keep)
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -222,6 +224,7 @@ def run_bench(
                 log,
                 lambda: _e2e(report, work, repo, name, shifts, deadline, warmup_job, dict(mesh_env or {}), log),
             )
+        report["machine"]["loadavg_end"] = _loadavg()
         raw, e2e = report["raw_separation_s"], report["e2e_s"]
         if raw and e2e:
             report["e2e_over_raw"] = round(e2e / raw, 4)
@@ -420,6 +423,7 @@ def _e2e(
         mesh.start(timeout=deadline.left(600.0))
         report["mesh_start_s"] = round(time.perf_counter() - started, 2)
         report["thread_budget"] = _mesh_thread_env(mesh)
+        report["service_idle_rss_mb"] = {service: _rss_mb(proc.pid) for service, proc in mesh.procs.items()}
         log(f"bench: mesh up in {report['mesh_start_s']:.1f} s")
         store_url = env["AUDIOMESH_STORE_URL"]
         if warmup_job:
@@ -554,13 +558,29 @@ def critical_path(nodes: Mapping[str, tuple[float, list[str]]]) -> tuple[list[st
 
 def read_peak_rss_mb(pid: int | str = "self") -> float | None:
     """Peak resident set size (``VmHWM``) of a process in MB (10^6 bytes), or None if unreadable."""
+    return _status_mb(pid, "VmHWM")
+
+
+def _rss_mb(pid: int | str = "self") -> float | None:
+    return _status_mb(pid, "VmRSS")
+
+
+def _status_mb(pid: int | str, field: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) * 1024 / 1e6, 1)
     except OSError:
         return None
     return None
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews every figure."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def _meminfo_mb(field: str) -> float:
@@ -651,8 +671,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     for node, seconds in (report.get("stage_s") or {}).items():
         rows.append((f"  node {node}", _fmt(seconds, " s")))
+    idle = report.get("service_idle_rss_mb") or {}
     for service, mb in (report.get("service_peak_rss_mb") or {}).items():
-        rows.append((f"  peak RSS {service}", _fmt(mb, " MB", 0)))
+        rows.append((f"  peak RSS {service}", f"{_fmt(mb, ' MB', 0)}  (idle {_fmt(idle.get(service), ' MB', 0)})"))
+    rows.append(("load average", f"{machine.get('loadavg_start')} -> {machine.get('loadavg_end')}"))
     for error in report.get("errors") or []:
         rows.append(("ERROR", error))
     width = max(len(label) for label, _ in rows)

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="the certificate's private key")
     tls_ca_file: Path | None = Field(None, description="CA bundle clients trust when services use TLS")
 
+    # Thread budgets (one machine, concurrent stages)
+    thread_budget: bool = Field(
+        True,
+        description="the launcher (audiomesh up/process, Mesh) sets each worker's thread counts so concurrent "
+        "stages don't oversubscribe the cores: separation gets every core for torch, the other workers one "
+        "thread per request (OMP/MKL/OpenBLAS/numba, AUDIOMESH_HPSS_THREADS); variables already set win",
+    )
+    hpss_threads: int = Field(0, ge=0, description="threads per HPSS request; 0 = up to 2 per channel (usable CPUs)")
+
     @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:

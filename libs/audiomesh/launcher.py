@@ -82,6 +82,30 @@ def auth_policy(settings: Settings, name: str) -> AuthPolicy | None:
     return AuthPolicy(service_token=token) if token else None
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def thread_env(name: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus the thread counts of worker ``name`` (AUDIOMESH_THREAD_BUDGET, on by default).
+
+    Separation and HPSS run at the same time in a job (HPSS of the mix beside separation, then
+    the stem fan-out), so only torch gets every core; every other worker runs one thread per
+    request and gets its parallelism from concurrent requests. Variables already set win.
+    """
+    if env.get("AUDIOMESH_THREAD_BUDGET", "true").strip().lower() in ("0", "false", "no", "off"):
+        return env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    out = dict(env)
+    for var in _THREAD_VARS:
+        out.setdefault(var, str(cores if name == "separation" else 1))
+    if name == "separation" and out.get("AUDIOMESH_TORCH_THREADS", "0").strip() in ("", "0"):
+        out["AUDIOMESH_TORCH_THREADS"] = str(cores)
+    if name == "hpss":  # one thread per request: run a job's stem fan-out (and the mix) at once
+        out.setdefault("AUDIOMESH_HPSS_THREADS", "1")
+        out.setdefault("AUDIOMESH_WORKER_CONCURRENCY", str(max(4, 2 * cores)))
+    return out
+
+
 class Mesh:
     """The five services as child processes on 127.0.0.1."""
 
@@ -144,7 +168,7 @@ class Mesh:
         env = dict(self.env)
         env.setdefault("AUDIOMESH_HOST", "127.0.0.1")
         # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
-        ready = {name: self._spawn(name, env) for name in WORKERS}
+        ready = {name: self._spawn(name, thread_env(name, env)) for name in WORKERS}
         self._wait_ready(ready, timeout)
         for name, addr in self.addresses.items():
             env[f"AUDIOMESH_{name.upper()}_ADDR"] = addr

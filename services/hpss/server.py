@@ -1,25 +1,37 @@
-"""HPSS worker: object key in → harmonic and percussive keys out (librosa-identical)."""
+"""HPSS worker: object key in → harmonic and percussive keys out (librosa-identical).
+
+Any length in bounded memory: the input is read from its file in place, block by block
+(:func:`~audiomesh.dsp.hpss.hpss_blocks`, equal to the whole-signal result), and both parts are
+encoded and measured as each block comes out. Threads per request: ``AUDIOMESH_HPSS_THREADS``
+(the launcher sets 1 so that concurrent requests, and separation beside them, share the cores
+without oversubscribing them).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
 import time
+from pathlib import Path
 
 from audiomesh import errors
+from audiomesh.audio.io import file_sha256, probe, read_audio
+from audiomesh.audio.stream import ArraySource, SoundFileSource, TrackWriter
 from audiomesh.config import Settings
-from audiomesh.dsp.hpss import hpss, warmup
+from audiomesh.dsp.hpss import hpss_blocks, warmup
+from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import hpss_kwargs
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import Outputs, fetch_audio
+from audiomesh.tracks import ENCODINGS, Outputs, audio_info_pb, loudness_pb
 from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
 
 
 class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, threads: int | None = None) -> None:
         self.store = store
+        self.threads = threads
 
     async def Decompose(self, request: hpss_pb2.DecomposeRequest, context):
         if not (request.input_key and request.harmonic_key and request.percussive_key):
@@ -28,18 +40,60 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         started = time.perf_counter()
 
         def work(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
+            try:
+                return decompose(report, cancel)
+            finally:
+                release_memory()
+
+        def decompose(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
             with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
-                y, rate = fetch_audio(self.store, request.input_key, tmp)
-                report(0.1, "decomposing")
-                harmonic, percussive = hpss(y, **kwargs)
-                if cancel.is_set():
-                    raise errors.Cancelled("hpss cancelled")
-                report(0.9, "writing")
-                return (
-                    outputs.publish("harmonic", request.harmonic_key, harmonic, rate, request.encoding),
-                    outputs.publish("percussive", request.percussive_key, percussive, rate, request.encoding),
-                )
+                local = Path(tmp) / ("in-" + Path(request.input_key).name)
+                self.store.get_to_file(request.input_key, local)
+                info = probe(local)  # validates, with a message that names the problem
+                if info.format in ("WAV", "WAVEX", "FLAC"):
+                    source = SoundFileSource(local)
+                else:
+                    y, rate = read_audio(local)
+                    source = ArraySource(y, rate)
+                fmt, subtype, ext = ENCODINGS[request.encoding]
+                paths = {"harmonic": Path(tmp) / f"harmonic{ext}", "percussive": Path(tmp) / f"percussive{ext}"}
+                writers = {
+                    name: TrackWriter(path, source.sample_rate, source.channels, fmt=fmt, subtype=subtype)
+                    for name, path in paths.items()
+                }
+                try:
+                    report(0.05, "decomposing")
+                    for start, harmonic, percussive in hpss_blocks(source, max_workers=self.threads, **kwargs):
+                        if cancel.is_set():
+                            raise errors.Cancelled("hpss cancelled")
+                        writers["harmonic"].write(harmonic)
+                        writers["percussive"].write(percussive)
+                        report(0.05 + 0.9 * (start + harmonic.shape[-1]) / source.frames, "decomposing")
+                    measured = {name: writer.close() for name, writer in writers.items()}
+                except BaseException:
+                    for writer in writers.values():
+                        writer.abort()
+                    raise
+                finally:
+                    if isinstance(source, SoundFileSource):
+                        source.close()
+                report(0.95, "writing")
+                keys = {"harmonic": request.harmonic_key, "percussive": request.percussive_key}
+                tracks = {}
+                for name, path in paths.items():
+                    tracks[name] = common_pb2.Track(
+                        name=name,
+                        key=keys[name],
+                        sha256=file_sha256(path),
+                        size_bytes=path.stat().st_size,
+                        audio=audio_info_pb(probe(path)),
+                        loudness=loudness_pb(measured[name]),
+                    )
+                    outputs.keys.append(keys[name])
+                    self.store.put_file(keys[name], path)
+                    path.unlink(missing_ok=True)
+                return tracks["harmonic"], tracks["percussive"]
 
         def result(tracks: tuple[common_pb2.Track, common_pb2.Track]) -> hpss_pb2.DecomposeResponse:
             elapsed = time.perf_counter() - started
@@ -61,11 +115,13 @@ def build(settings: Settings) -> ServiceSpec:
     async def warm() -> None:
         await asyncio.to_thread(warmup)  # librosa/numba JIT: at start, not in the first job
 
+    limit_arenas(2)
+    threads = settings.hpss_threads or None
     return ServiceSpec(
         registrations=[
             Registration(
                 hpss_pb2_grpc.add_HpssServiceServicer_to_server,
-                HpssServicer(settings.open_store()),
+                HpssServicer(settings.open_store(), threads=threads),
                 hpss_pb2.DESCRIPTOR.services_by_name["HpssService"].full_name,
             )
         ],

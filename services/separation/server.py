@@ -1,23 +1,42 @@
-"""Separation worker: object key in → Demucs (or another registered separator) → stem keys out."""
+"""Separation worker: object key in → Demucs (or another registered separator) → stem keys out.
+
+Songs of any length in bounded memory: the mix is read from its file in place, Demucs runs
+chunk by chunk (:meth:`~audiomesh.separation.DemucsModel.separate_stream`, the same result as
+``apply_model``), and each finished block of every stem is encoded and measured by a writer
+thread while the model works on the next chunk. Models without ``separate_stream`` (other
+registered separators) and ``split=False`` take the whole-array path.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import queue
 import tempfile
+import threading
 import time
+from pathlib import Path
 
+import soundfile as sf
 import torch
 
 from audiomesh import errors
+from audiomesh.audio.io import file_sha256, probe, read_audio
+from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource, TrackWriter
 from audiomesh.config import Settings
+from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.separation import SeparatorFactory
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import Outputs, fetch_audio
+from audiomesh.tracks import ENCODINGS, Outputs, audio_info_pb, fetch_audio, loudness_pb
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
+
+#: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
+WRITER_NICE = 5
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
@@ -54,8 +73,16 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         started = time.perf_counter()
 
         def work(report, cancel) -> list[common_pb2.Track]:
+            try:
+                return separate(report, cancel)
+            finally:
+                release_memory()  # the model's working set goes back: the next request starts lean
+
+        def separate(report, cancel) -> list[common_pb2.Track]:
             with tempfile.TemporaryDirectory(prefix="audiomesh-sep-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
+                if hasattr(model, "separate_stream") and options.split:
+                    return _separate_streaming(model, options, self.store, request, Path(tmp), outputs, report, cancel)
                 mix, rate = fetch_audio(
                     self.store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels
                 )
@@ -91,7 +118,110 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         )
 
 
+def _open_mix(store: ObjectStore, key: str, tmp: Path, rate: int, channels: int) -> MixSource:
+    """The mix as a source: read in place when the file is already at the model's rate and
+    channel count (the orchestrator's decoded mix always is), else decoded into memory."""
+    local = tmp / ("in-" + Path(key).name)
+    store.get_to_file(key, local)
+    info = probe(local)  # validates (truncated WAV, no samples, not audio) with a clear message
+    if info.format in ("WAV", "WAVEX", "FLAC") and info.sample_rate == rate and info.channels == channels:
+        with contextlib.suppress(sf.LibsndfileError, RuntimeError):
+            return SoundFileSource(local)
+    mix, mix_rate = read_audio(local, sample_rate=rate, channels=channels)
+    local.unlink(missing_ok=True)
+    return ArraySource(mix, mix_rate)
+
+
+class _StemWriters:
+    """Encode and measure stem blocks on a writer thread (a bounded queue: memory stays bounded)."""
+
+    def __init__(self, tmp: Path, rate: int, channels: int, encoding: int) -> None:
+        self.fmt, self.subtype, self.ext = ENCODINGS[encoding]
+        self.tmp, self.rate, self.channels = tmp, rate, channels
+        self.writers: dict[str, TrackWriter] = {}
+        self.queue: queue.Queue[dict | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="stem-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # lower this thread only (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        while (stems := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain, so the producer never blocks
+            try:
+                for name, block in stems.items():
+                    if name not in self.writers:
+                        path = self.tmp / f"stem-{len(self.writers)}{self.ext}"
+                        self.writers[name] = TrackWriter(
+                            path, self.rate, self.channels, fmt=self.fmt, subtype=self.subtype
+                        )
+                    self.writers[name].write(block)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the request's thread
+                self.error = exc
+
+    def put(self, stems: dict) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(stems)
+
+    def finish(self) -> dict[str, tuple[Path, object]]:
+        """Wait for the writer; ``{stem: (file, Measurement)}`` in the order stems came."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return {name: (w.path, w.close()) for name, w in self.writers.items()}
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _separate_streaming(model, options, store, request, tmp: Path, outputs: Outputs, report, cancel):
+    """Separate block by block into files, then publish each stem (bounded memory)."""
+    source = _open_mix(store, request.input_key, tmp, model.sample_rate, model.audio_channels)
+    sink = _StemWriters(tmp, model.sample_rate, model.audio_channels, request.encoding)
+    try:
+        for _start, stems in model.separate_stream(
+            source, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
+        ):
+            sink.put(stems)
+        if cancel.is_set():
+            raise errors.Cancelled("separation cancelled")
+        report(0.95, "writing stems")
+        written = sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    tracks = []
+    for name, (path, measurement) in written.items():
+        key = f"{request.output_prefix}/{name}.wav"
+        track = common_pb2.Track(
+            name=name,
+            key=key,
+            sha256=file_sha256(path),
+            size_bytes=path.stat().st_size,
+            audio=audio_info_pb(probe(path)),
+            loudness=loudness_pb(measurement),
+        )
+        outputs.keys.append(key)
+        store.put_file(key, path)
+        path.unlink(missing_ok=True)
+        tracks.append(track)
+    return tracks
+
+
 def build(settings: Settings) -> ServiceSpec:
+    limit_arenas(2)  # see audiomesh.memory: peak RSS stays that of one request
     if settings.torch_threads:
         configure_torch_threads(settings.torch_threads)
     factory = SeparatorFactory(model_repo=settings.model_repo, device=settings.device)

@@ -24,6 +24,7 @@ Pure functions: no I/O, no module state, nothing read from the environment.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -33,7 +34,6 @@ from typing import Any, TypeVar
 
 import bottleneck
 import librosa
-import numba
 import numpy as np
 import scipy.ndimage
 from librosa.util.exceptions import ParameterError
@@ -397,6 +397,11 @@ def _blocks(
         for start in range(0, n, step):
             stop = min(n, start + step)
             t_lo, t_hi = geo.frames_for(start + geo.offset, stop + geo.offset)
+            if t_hi <= t_lo:  # past the last frame (center=False): librosa leaves zeros there
+                dtype = np.asarray(source.read(start, start + 1)).dtype
+                zeros = np.zeros((source.channels, stop - start), dtype=dtype)
+                yield start, zeros, zeros.copy()
+                continue
             u_lo, u_hi = max(0, t_lo - radius), min(geo.frames, t_hi + radius)
             y = _padded_samples(source, geo, u_lo * hop, (u_hi - 1) * hop + n_fft, pad_mode)
             try:
@@ -435,11 +440,16 @@ def _blocks(
 def _padded_samples(source: Any, geo: _Geometry, a: int, b: int, pad_mode: str) -> np.ndarray:
     """Padded positions ``[a, b)``: the samples, with librosa's centring pad at the true ends."""
     lo, hi = a - geo.offset, b - geo.offset
-    core = _check_audio(np.asarray(source.read(max(lo, 0), min(hi, geo.n))))
-    left, right = max(0, -lo), max(0, hi - geo.n)
-    if not (left or right):
+    core_lo = max(lo, 0)
+    core = _check_audio(np.asarray(source.read(core_lo, min(hi, geo.n))))
+    if lo >= 0 and hi <= geo.n:
         return core
-    return np.pad(core, ((0, 0), (left, right)), mode=pad_mode)
+    # The whole pad, then the part needed: some modes (linear_ramp) depend on the pad's width.
+    left = geo.offset if lo < 0 else 0
+    right = geo.offset if hi > geo.n else 0
+    core = np.pad(core, ((0, 0), (left, right)), mode=pad_mode)
+    first = a - (core_lo + geo.offset - left)
+    return core[:, first : first + (b - a)]
 
 
 def _reflect_index(u_lo: int, u_hi: int, lo: int, hi: int, frames: int) -> np.ndarray:
@@ -617,7 +627,7 @@ def _apply_masks(
     margins at 1 the two masks share their normalisation, ``max(H, P)`` and ``a + b``.
     """
     if margin_harm == 1 and margin_perc == 1 and power == 2.0:
-        _fused_masks_power2(spec, mag, harm, perc, out[0], out[1], np.finfo(mag.dtype).tiny)
+        _fused_masks_kernel()(spec, mag, harm, perc, out[0], out[1], np.finfo(mag.dtype).tiny)
         return
     if margin_harm == 1 and margin_perc == 1 and np.isfinite(power):
         z = np.maximum(harm, perc)
@@ -651,7 +661,15 @@ def _apply_masks(
     np.multiply(mask_perc, phase, out=out[1])
 
 
-@numba.njit(nogil=True, cache=True)
+@functools.cache
+def _fused_masks_kernel() -> Callable[..., None]:
+    """:func:`_fused_masks_power2` compiled by numba (imported here: processes that only check
+    options, like the separation worker, do not load numba)."""
+    import numba
+
+    return numba.njit(nogil=True, cache=True)(_fused_masks_power2)
+
+
 def _fused_masks_power2(spec, mag, harm, perc, out_harm, out_perc, tiny):  # pragma: no cover - compiled
     """:func:`_apply_masks` for margins 1 and power 2 in one pass: per bin, the float operations
     of the numpy path in the same order (``max``, two divisions, two squares, the sum, two

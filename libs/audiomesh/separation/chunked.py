@@ -243,23 +243,17 @@ class StreamingSeparator:
         delta = valid_length - length
         start = p.next_chunk - p.lead - delta // 2  # mix frame of the padded chunk's first sample
         window = torch.from_numpy(_read_padded(source, start, start + valid_length))[None]
+        chunk = TensorChunk(window, delta // 2, length)
+        kwargs = {"overlap": self.overlap, "transition_power": self.transition_power, "segment": self.segment}
+        if p.random_state is None:
+            return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
+        # A shift pass: the model call sees the `random` state apply_model's pass would be in.
         saved = random.getstate()
-        if p.random_state is not None:  # the state apply_model's pass would be in at this call
-            random.setstate(p.random_state)
+        random.setstate(p.random_state)
         try:
-            return apply_model(
-                p.model,
-                TensorChunk(window, delta // 2, length),
-                shifts=0,
-                split=False,
-                overlap=self.overlap,
-                transition_power=self.transition_power,
-                device=self.device,
-                segment=self.segment,
-            )
+            return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
         finally:
-            if p.random_state is not None:
-                p.random_state = random.getstate()
+            p.random_state = random.getstate()
             random.setstate(saved)
 
     def _advance(self, p: _Pass, source: MixSource, frames: int) -> None:

@@ -1,0 +1,44 @@
+"""Keep a long-running worker's resident memory at its working set (glibc malloc tuning).
+
+glibc gives every thread that allocates its own arena (up to 8 per core) and keeps freed memory
+in it. A worker runs each request on whichever executor thread is free, and torch's OpenMP
+threads allocate too, so after a few requests the process holds the peak of several arenas:
+measured on the separation worker (HTDemucs, 20 s songs), peak RSS went 1.46 → 1.85 → 1.94 GB
+over three requests on three threads. Two arenas and a trim after each request keep it at
+1.26 GB, request after request, at the same speed. (A fixed mmap threshold would return large
+blocks at once, but page faults made separation 1.8x slower.)
+
+Both calls do nothing where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+__all__ = ["limit_arenas", "release_memory"]
+
+_M_ARENA_MAX = -8
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+def limit_arenas(count: int = 2) -> bool:
+    """Cap the number of malloc arenas (call at start, before threads allocate); True if applied."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, int(count)) == 1)
+
+
+def release_memory() -> bool:
+    """Return freed memory of every arena to the system (``malloc_trim(0)``); True if any was."""
+    libc = _libc()
+    return bool(libc is not None and libc.malloc_trim(0))

@@ -1,0 +1,91 @@
+"""`audiomesh bench`: one short real run (every step, every key), and its pure helpers.
+
+Figures are reported, never asserted against targets: only that each one exists and is sane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from audiomesh.bench import KEYS, critical_path, format_table, read_peak_rss_mb
+
+SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiomesh.cli", "bench", "--duration", "8", "--json", str(out), "--timeout", "280"],
+        capture_output=True,
+        text=True,
+        timeout=295,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(KEYS) <= set(report)
+    assert report["errors"] == []
+    assert "e2e / raw" in proc.stdout and "hpss speedup" in proc.stdout  # the table
+
+    assert report["duration_s"] == 8.0
+    assert report["model"]["name"] == "bench_htdemucs" and report["model"]["parameters_m"] > 40
+    for key in ("raw_separation_s", "e2e_s", "hpss_reference_s", "hpss_s", "critical_path_s", "mesh_start_s"):
+        assert report[key] > 0, key
+    assert report["e2e_over_raw"] == pytest.approx(report["e2e_s"] / report["raw_separation_s"], rel=1e-3)
+    assert report["hpss_speedup"] > 0
+    assert report["hpss_max_abs_diff"] <= 1e-5  # equality with librosa is the one thing checked
+    assert report["hpss_signal_s"] == 8.0
+    # The job's nodes, the longest chain through them, and what the mesh added on top.
+    assert {"decode", "separation", "hpss:mix", "composite", "normalize"} <= set(report["stage_s"])
+    assert report["critical_path"][0] == "decode" and report["critical_path"][-1] == "normalize"
+    assert report["critical_path_s"] <= report["e2e_s"]
+    assert report["overhead_s"] == pytest.approx(report["e2e_s"] - report["critical_path_s"], abs=2e-3)
+    # Peak RSS of the raw run and of every service.
+    assert set(report["service_peak_rss_mb"]) == SERVICES
+    assert all(mb > 50 for mb in report["service_peak_rss_mb"].values())
+    assert report["separation_peak_rss_mb"] == report["service_peak_rss_mb"]["separation"]
+    assert report["raw_separation_peak_rss_mb"] > 100
+    # The launcher's thread budget, as the services actually got it.
+    assert report["thread_budget"]["hpss"]["AUDIOMESH_HPSS_THREADS"] == "1"
+    machine = report["machine"]
+    assert machine["usable_cpus"] >= 1 and machine["torch_threads"] >= 1
+    assert machine["versions"]["torch"] and machine["versions"]["demucs"]
+
+
+def test_critical_path_follows_the_longest_chain() -> None:
+    nodes = {
+        "decode": (0.5, []),
+        "separation": (40.0, ["decode"]),
+        "hpss:mix": (3.0, ["decode"]),
+        "hpss:drums": (2.0, ["separation"]),
+        "hpss:bass": (4.0, ["separation"]),
+        "composite": (1.0, ["separation", "hpss:drums", "hpss:bass"]),
+        "normalize": (2.0, ["separation", "hpss:mix", "composite"]),
+    }
+    path, total = critical_path(nodes)
+    assert path == ["decode", "separation", "hpss:bass", "composite", "normalize"]
+    assert total == pytest.approx(47.5)
+    assert critical_path({}) == ([], 0.0)
+    with pytest.raises(ValueError, match="cycle"):
+        critical_path({"a": (1.0, ["b"]), "b": (1.0, ["a"])})
+
+
+def test_table_shows_missing_figures_and_errors() -> None:
+    report = dict.fromkeys(KEYS)
+    report.update(duration_s=3.0, errors=["e2e: TimeoutError: no time left"], stage_s={}, critical_path=[])
+    text = format_table(report)
+    assert "e2e: TimeoutError" in text and "—" in text
+
+
+def test_peak_rss_of_this_process() -> None:
+    assert read_peak_rss_mb() > 10
+    assert read_peak_rss_mb(2**22 + 12345) is None  # no such process
