@@ -48,11 +48,12 @@ LABEL org.opencontainers.image.title="audiomesh" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT" \
       io.audiomesh.torch-variant="${TORCH_VARIANT}"
-# libsndfile reads WAV/FLAC/OGG/MP3; ffmpeg decodes every other container. Not pinned:
+# libsndfile reads WAV/FLAC/OGG/MP3; ffmpeg decodes every other container; the separation
+# worker runs on jemalloc (LD_PRELOAD in compose and the chart: faster, flat peak RSS). Not pinned:
 # Debian's security updates replace exact versions within the release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libsndfile1 ffmpeg \
+ && apt-get install -y --no-install-recommends libsndfile1 ffmpeg libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*
 # A fixed, numeric non-root user (Kubernetes' runAsNonRoot checks the number).
 RUN groupadd --system --gid 10001 audiomesh \

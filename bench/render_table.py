@@ -46,7 +46,7 @@ def value(report: dict[str, Any], key: str) -> Any:
         return " / ".join("—" if v is None else f"{v:.1f}" for v in found)
     if key == "hpss_rss":
         ref, ours = report.get("hpss_reference_peak_rss_mb"), report.get("hpss_peak_rss_mb")
-        return f"{ref or '—'} / {ours or '—'}"
+        return " / ".join("—" if v is None else f"{v:.0f}" for v in (ref, ours))
     if key == "load":
         machine = report.get("machine") or {}
         start, end = machine.get("loadavg_start"), machine.get("loadavg_end")

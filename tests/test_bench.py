@@ -5,6 +5,7 @@ Figures are reported, never asserted against targets: only that each one exists 
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import pytest
 
 from audiomesh.bench import KEYS, critical_path, format_table, read_peak_rss_mb
+from audiomesh.launcher import thread_env
 
 SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
 
@@ -56,9 +58,26 @@ def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
     assert report["raw_separation_peak_rss_mb"] > 100
     # The launcher's thread budget, as the services actually got it.
     assert report["thread_budget"]["hpss"]["AUDIOMESH_HPSS_THREADS"] == "1"
+    if ctypes.util.find_library("jemalloc"):  # installed by .ci/run; the worker really got it
+        assert "jemalloc" in report["thread_budget"]["separation"]["LD_PRELOAD"]
+        assert "LD_PRELOAD" not in report["thread_budget"]["hpss"]
     machine = report["machine"]
     assert machine["usable_cpus"] >= 1 and machine["torch_threads"] >= 1
     assert machine["versions"]["torch"] and machine["versions"]["demucs"]
+
+
+def test_thread_env_gives_torch_the_cores_and_preloads_jemalloc_into_separation_only(monkeypatch) -> None:
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    separation = thread_env("separation", {})
+    assert separation["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert separation["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert separation["AUDIOMESH_TORCH_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert thread_env("separation", {"LD_PRELOAD": "mine.so"})["LD_PRELOAD"] == "mine.so"  # set wins
+    hpss = thread_env("hpss", {})
+    assert "LD_PRELOAD" not in hpss and hpss["OMP_NUM_THREADS"] == "1"
+    assert thread_env("separation", {"AUDIOMESH_THREAD_BUDGET": "false"}) == {"AUDIOMESH_THREAD_BUDGET": "false"}
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert "LD_PRELOAD" not in thread_env("separation", {})
 
 
 def test_critical_path_follows_the_longest_chain() -> None:

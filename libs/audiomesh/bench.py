@@ -458,6 +458,8 @@ def _mesh_thread_env(mesh: Any) -> dict[str, Any]:
         "MKL_NUM_THREADS",
         "OPENBLAS_NUM_THREADS",
         "NUMBA_NUM_THREADS",
+        "LD_PRELOAD",
+        "MALLOC_CONF",
     )
     out: dict[str, Any] = {}
     for service, proc in mesh.procs.items():

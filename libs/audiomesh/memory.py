@@ -1,12 +1,17 @@
-"""Keep a long-running worker's resident memory at its working set (glibc malloc tuning).
+"""Keep a long-running worker's resident memory near its working set (glibc malloc tuning).
 
 glibc gives every thread that allocates its own arena (up to 8 per core) and keeps freed memory
 in it. A worker runs each request on whichever executor thread is free, and torch's OpenMP
 threads allocate too, so after a few requests the process holds the peak of several arenas:
 measured on the separation worker (HTDemucs, 20 s songs), peak RSS went 1.46 → 1.85 → 1.94 GB
 over three requests on three threads. Two arenas and a trim after each request keep it at
-1.26 GB, request after request, at the same speed. (A fixed mmap threshold would return large
-blocks at once, but page faults made separation 1.8x slower.)
+1.26 GB, request after request, at the same speed. (A fixed mmap threshold returns large blocks
+at once, but page faults made separation 1.8x slower.)
+
+Within one long request glibc's peak still creeps up chunk after chunk (1.4 → 1.7 GB over 60 s
+of HTDemucs; trimming between chunks does not help): where jemalloc is installed the launcher
+preloads it into the separation worker instead (see :func:`audiomesh.launcher.thread_env`);
+these calls then do nothing harmful (they act on glibc's unused arenas).
 
 Both calls do nothing where the C library is not glibc.
 """

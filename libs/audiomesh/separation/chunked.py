@@ -331,21 +331,6 @@ class StreamingSeparator:
             estimates[k, :, :] /= totals[k]
         return estimates
 
-    def chunk_count(self, frames: int) -> int:
-        """Model calls a separation of ``frames`` makes (for progress); draws no random numbers."""
-        count = 0
-        for sub in self.submodels:
-            segment = self.segment if self.segment is not None else sub.segment
-            segment_length = int(sub.samplerate * segment)
-            stride = max(1, int((1 - self.overlap) * segment_length))
-            if self.shifts:
-                # The exact count depends on the random offset: at most one chunk more.
-                lead = int(0.5 * sub.samplerate) // 2
-                count += self.shifts * max(1, math.ceil((frames + lead) / stride))
-            else:
-                count += max(1, math.ceil(frames / stride))
-        return count
-
     def blocks(
         self,
         source: MixSource,
