@@ -22,6 +22,7 @@ from pathlib import Path
 from audiomesh.auth import RateLimiter
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import Unavailable
+from audiomesh.parallel import usable_cores
 from audiomesh.rpc.server import AuthPolicy, start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
 
@@ -95,7 +96,7 @@ def thread_env(name: str, env: dict[str, str]) -> dict[str, str]:
     """
     if env.get("AUDIOMESH_THREAD_BUDGET", "true").strip().lower() in ("0", "false", "no", "off"):
         return env
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     out = dict(env)
     for var in _THREAD_VARS:
         out.setdefault(var, str(cores if name == "separation" else 1))

@@ -8,12 +8,18 @@ no half-written results are left behind.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from audiomesh.audio.io import AudioInfo, file_sha256, probe, read_audio, write_audio
+from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource
 from audiomesh.dsp.loudness import Measurement, measure
 from audiomesh.store import ObjectStore
 from audiomesh.v1 import common_pb2
@@ -62,6 +68,60 @@ def audio_info_pb(info: AudioInfo) -> common_pb2.AudioInfo:
     )
 
 
+def measurement_from_pb(loudness: common_pb2.Loudness) -> Measurement:
+    """The inverse of :func:`loudness_pb` (``SILENCE_LUFS`` and below → ``-inf``)."""
+
+    def level(x: float) -> float:
+        return float("-inf") if x <= SILENCE_LUFS else float(x)
+
+    return Measurement(
+        integrated_lufs=level(loudness.integrated_lufs),
+        sample_peak_dbfs=level(loudness.sample_peak_dbfs),
+        true_peak_dbtp=level(loudness.true_peak_dbtp),
+    )
+
+
+def open_source(
+    store: ObjectStore,
+    key: str,
+    workdir: Path,
+    *,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+) -> MixSource:
+    """Download ``key`` into ``workdir`` and open it for reading in blocks (see :func:`open_local`).
+
+    Close the source when done.
+    """
+    fd, name = tempfile.mkstemp(prefix="in-", suffix=Path(key).suffix, dir=workdir)
+    os.close(fd)
+    local = Path(name)
+    try:
+        store.get_to_file(key, local)
+        return open_local(local, sample_rate=sample_rate, channels=channels)
+    except BaseException:
+        local.unlink(missing_ok=True)
+        raise
+
+
+def open_local(path: Path, *, sample_rate: int | None = None, channels: int | None = None) -> MixSource:
+    """A WAV or FLAC file already at ``sample_rate`` and ``channels`` (``None``: any) is read in
+    place (:class:`SoundFileSource`: nothing held in memory; every intermediate track is one);
+    anything else is decoded and converted into memory (:class:`ArraySource`) and the file deleted.
+    """
+    info = probe(path)  # validates (truncated WAV, no samples, not audio) with a clear message
+    if (
+        info.format in ("WAV", "WAVEX", "FLAC")
+        and sample_rate in (None, info.sample_rate)
+        and channels in (None, info.channels)
+    ):
+        with contextlib.suppress(sf.LibsndfileError, RuntimeError):
+            return SoundFileSource(path)
+    y, rate = read_audio(path, sample_rate=sample_rate, channels=channels)
+    Path(path).unlink(missing_ok=True)
+    return ArraySource(y, rate)
+
+
 def fetch_audio(
     store: ObjectStore,
     key: str,
@@ -86,20 +146,33 @@ class Outputs:
         self.store = store
         self.workdir = Path(workdir)
         self.keys: list[str] = []
+        self._names = itertools.count()
 
     def publish(self, name: str, key: str, y: np.ndarray, sample_rate: int, encoding: int) -> common_pb2.Track:
+        """Encode ``y`` (measured as float samples) and publish it as ``key``."""
         fmt, subtype, ext = ENCODINGS[encoding]
-        local = self.workdir / f"out-{len(self.keys)}{ext}"
+        local = self.scratch_path(ext)
         write_audio(local, y, sample_rate, fmt=fmt, subtype=subtype)
+        return self.publish_file(name, key, local, measure(y, sample_rate))
+
+    def scratch_path(self, ext: str) -> Path:
+        """A new file name in the scratch folder (safe from several threads)."""
+        return self.workdir / f"out-{next(self._names)}{ext}"
+
+    def publish_file(self, name: str, key: str, local: Path, loudness: Measurement) -> common_pb2.Track:
+        """Publish an encoded file as ``key`` (then delete it) → its :class:`Track`.
+
+        ``loudness`` is the measurement of what was written (its float samples).
+        """
         track = common_pb2.Track(
             name=name,
             key=key,
             sha256=file_sha256(local),
             size_bytes=local.stat().st_size,
             audio=audio_info_pb(probe(local)),
-            loudness=loudness_pb(measure(y, sample_rate)),
+            loudness=loudness_pb(loudness),
         )
-        self.keys.append(key)
+        self.keys.append(key)  # before the upload: discard() removes a partial one too
         self.store.put_file(key, local)
         local.unlink(missing_ok=True)
         return track

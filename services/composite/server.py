@@ -1,16 +1,24 @@
-"""Composite worker: named input keys → summed tracks (main, main_harmonic, main_percussive)."""
+"""Composite worker: named input keys → summed tracks (main, main_harmonic, main_percussive).
+
+Any length in bounded memory: the inputs are read in place block by block, summed as
+:func:`audiomesh.dsp.composite.mix` sums whole signals (the same result, bit for bit), and
+encoded and measured as they go; the composites of a request run on parallel threads.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 from audiomesh import errors
+from audiomesh.audio.stream import TrackWriter, iter_blocks
 from audiomesh.config import Settings
-from audiomesh.dsp.composite import mix
+from audiomesh.dsp.composite import check_same_shape, mix
+from audiomesh.parallel import map_threads
 from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job
-from audiomesh.tracks import Outputs, fetch_audio
+from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import composite_pb2, composite_pb2_grpc
 
 
@@ -24,18 +32,38 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         for spec in request.composites:
             if not spec.name or not spec.output_key or not spec.input_keys:
                 raise errors.InvalidInput(f"composite {spec.name!r} needs a name, an output_key and input_keys")
+        fmt, subtype, ext = ENCODINGS[request.encoding]
 
         def work(cancel) -> list:
             with tempfile.TemporaryDirectory(prefix="audiomesh-comp-") as tmp, Outputs(self.store, tmp) as outputs:
-                tracks = []
-                for spec in request.composites:
-                    signals, rate = {}, None
-                    for key in spec.input_keys:
-                        signals[key], rate = fetch_audio(self.store, key, tmp)
-                        if cancel.is_set():
-                            raise errors.Cancelled("composite cancelled")
-                    tracks.append(outputs.publish(spec.name, spec.output_key, mix(signals), rate, request.encoding))
-                return tracks
+
+                def composite(spec):
+                    with contextlib.ExitStack() as stack:
+                        sources = {}
+                        for key in spec.input_keys:
+                            sources[key] = stack.enter_context(open_source(self.store, key, tmp))
+                        check_same_shape({key: (s.channels, s.frames) for key, s in sources.items()})
+                        rates = {key: s.sample_rate for key, s in sources.items()}
+                        if len(set(rates.values())) > 1:
+                            raise errors.InvalidInput(f"composite {spec.name!r}: inputs differ in sample rate: {rates}")
+                        first = next(iter(sources.values()))
+                        path = outputs.scratch_path(ext)
+                        writer = TrackWriter(path, first.sample_rate, first.channels, fmt=fmt, subtype=subtype)
+                        try:
+                            for start, block in iter_blocks(first):
+                                if cancel.is_set():
+                                    raise errors.Cancelled("composite cancelled")
+                                blocks = {spec.input_keys[0]: block}
+                                for key, source in list(sources.items())[1:]:
+                                    blocks[key] = source.read(start, start + block.shape[1])
+                                writer.write(mix(blocks))
+                            measured = writer.close()
+                        except BaseException:
+                            writer.abort()
+                            raise
+                    return outputs.publish_file(spec.name, spec.output_key, path, measured)
+
+                return map_threads(composite, request.composites)
 
         with bind_job(request.job_id):
             return composite_pb2.CompositeResponse(tracks=await run_in_thread(work))

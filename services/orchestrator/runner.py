@@ -342,8 +342,14 @@ class Runner:
                 encoding=job.options.encoding,
                 job_id=job.job_id,
             )
+            # Every input was measured by the worker that wrote it: normalize need not measure again.
+            written = {track.key: track for n in job.nodes for track in n.outputs}
             for name, key in plan.intermediate_tracks().items():
-                request.items.add(name=name, input_key=key, output_key=plan.output_key(name))
+                item = request.items.add(name=name, input_key=key, output_key=plan.output_key(name))
+                if key in written and written[key].HasField("loudness"):
+                    item.loudness.CopyFrom(written[key].loudness)
+            if plan.mix_key in written and written[plan.mix_key].HasField("loudness"):
+                request.reference_loudness.CopyFrom(written[plan.mix_key].loudness)
             response = await stub.Normalize(request, timeout=timeout)
             job.normalization.CopyFrom(
                 orchestrator_pb2.NormalizationSummary(

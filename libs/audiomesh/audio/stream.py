@@ -24,9 +24,18 @@ import scipy.signal
 import soundfile as sf
 
 from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, Measurement, _db, _meter
-from audiomesh.errors import InvalidInput
+from audiomesh.errors import Cancelled, InvalidInput
 
-__all__ = ["ArraySource", "MixSource", "SoundFileSource", "StreamingMeasure", "TrackWriter"]
+__all__ = [
+    "BLOCK_FRAMES",
+    "ArraySource",
+    "MixSource",
+    "SoundFileSource",
+    "StreamingMeasure",
+    "TrackWriter",
+    "iter_blocks",
+    "measure_source",
+]
 
 
 class MixSource(Protocol):
@@ -51,6 +60,15 @@ class ArraySource:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.mix[:, start:stop]
+
+    def close(self) -> None:
+        """Nothing to release (for callers that close any source)."""
+
+    def __enter__(self) -> ArraySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SoundFileSource:
@@ -85,6 +103,28 @@ class SoundFileSource:
         self.close()
 
 
+#: Frames per block when a whole source is streamed (~3 s at 44.1 kHz, 1 MiB of stereo float32).
+BLOCK_FRAMES = 1 << 17
+
+
+def iter_blocks(source: MixSource, block_frames: int = BLOCK_FRAMES):
+    """``(start, (channels, n) float32)`` blocks covering ``source`` in order."""
+    for start in range(0, source.frames, block_frames):
+        yield start, source.read(start, min(start + block_frames, source.frames))
+
+
+def measure_source(source: MixSource, cancelled=lambda: False) -> Measurement:
+    """:func:`audiomesh.dsp.loudness.measure` of a whole source, read block by block."""
+    meter = StreamingMeasure(source.sample_rate, source.channels)
+    for _start, block in iter_blocks(source):
+        if cancelled():
+            raise Cancelled("measuring cancelled")
+        if not np.isfinite(block).all():
+            raise InvalidInput("the audio to measure must be finite (no NaN or infinity)")
+        meter.update(block)
+    return meter.result()
+
+
 # --------------------------------------------------------------------------- measuring and writing
 
 
@@ -100,7 +140,7 @@ class StreamingMeasure:
 
     _CONTEXT = 64
 
-    def __init__(self, sample_rate: int, channels: int) -> None:
+    def __init__(self, sample_rate: int, channels: int, *, true_peak: bool = True) -> None:
         if channels > MAX_LOUDNESS_CHANNELS:
             raise InvalidInput(f"loudness is defined for at most {MAX_LOUDNESS_CHANNELS} channels, got {channels}")
         self.rate = sample_rate
@@ -119,6 +159,8 @@ class StreamingMeasure:
         self.z: list[np.ndarray] = []
         self.tail = np.zeros((channels, 0), dtype=np.float64)  # last frames, true-peak context
         self.tp_done = 0  # frames whose 4x upsampled values are measured
+        # Without true peak (the costly part: 4x upsampling), result() reports the sample peak there.
+        self.true_peak = true_peak
 
     def _bounds(self, j: int) -> tuple[int, int]:
         T_g, step, rate = self.block_size, self.step, self.rate
@@ -179,13 +221,15 @@ class StreamingMeasure:
             return
         self.peak = max(self.peak, float(np.max(np.abs(block))))
         self.kept = np.concatenate([self.kept, self._filter(block)])
-        self._true_peak(block, final=False)
+        if self.true_peak:
+            self._true_peak(block, final=False)
         self.frames += block.shape[1]
         self._blocks(self.frames)
 
     def result(self):
         """The :class:`~audiomesh.dsp.loudness.Measurement` of everything fed so far."""
-        self._true_peak(np.zeros((self.channels, 0)), final=True)
+        if self.true_peak:
+            self._true_peak(np.zeros((self.channels, 0)), final=True)
         sample_peak = _db(self.peak)
         true_peak = _db(max(self.peak, self.upsampled_peak))
         if self.frames < self.block_size * self.rate:
@@ -223,14 +267,24 @@ class TrackWriter:
     does: PCM clipped to [-1, 1]) and measure it on the way.
 
     ``write((channels, n) float32)`` any number of times, then ``close()`` → the
-    :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written.
+    :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written (with
+    ``true_peak=False`` its true peak is the sample peak: for callers that know it otherwise).
     """
 
-    def __init__(self, path: Path | str, sample_rate: int, channels: int, *, fmt: str = "wav", subtype: str = "FLOAT"):
+    def __init__(
+        self,
+        path: Path | str,
+        sample_rate: int,
+        channels: int,
+        *,
+        fmt: str = "wav",
+        subtype: str = "FLOAT",
+        true_peak: bool = True,
+    ):
         self.path = Path(path)
         self.subtype = subtype.upper()
         self.channels = channels
-        self.measure = StreamingMeasure(sample_rate, channels)
+        self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak)
         self.frames = 0
         self._file = sf.SoundFile(
             str(self.path),

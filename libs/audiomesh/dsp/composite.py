@@ -11,7 +11,7 @@ import numpy as np
 
 from audiomesh.errors import InvalidInput
 
-__all__ = ["mix"]
+__all__ = ["check_same_shape", "mix"]
 
 
 def mix(signals: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
@@ -65,19 +65,27 @@ def mix(signals: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
         if s.ndim not in (1, 2):
             raise InvalidInput(f"input {name!r} must have shape (channels, n) or (n,), got {s.shape}")
 
-    first_name, first = named[0]
-    for name, s in named[1:]:
-        if s.shape == first.shape:
-            continue
-        if s.ndim == first.ndim == 2 and s.shape[0] != first.shape[0]:
-            what = f"{s.shape[0]} channels but {first_name!r} has {first.shape[0]}"
-        elif s.ndim == first.ndim:
-            what = f"{s.shape[-1]} samples but {first_name!r} has {first.shape[-1]}"
-        else:
-            what = f"shape {s.shape} but {first_name!r} has shape {first.shape}"
-        raise InvalidInput(f"all inputs to mix must have the same shape: input {name!r} has {what}")
-
+    check_same_shape({name: s.shape for name, s in named})
+    first = named[0][1]
     total = np.zeros(first.shape, dtype=np.float64)
     for _, s in named:
         total += s
     return total.astype(np.result_type(*(s.dtype for _, s in named)), copy=False)
+
+
+def check_same_shape(shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise `InvalidInput` naming the first input whose shape differs from the first one's.
+
+    For callers that mix long signals block by block: check the whole shapes once, up front.
+    """
+    (first_name, first), *rest = shapes.items()
+    for name, shape in rest:
+        if shape == first:
+            continue
+        if len(shape) == len(first) == 2 and shape[0] != first[0]:
+            what = f"{shape[0]} channels but {first_name!r} has {first[0]}"
+        elif len(shape) == len(first):
+            what = f"{shape[-1]} samples but {first_name!r} has {first[-1]}"
+        else:
+            what = f"shape {shape} but {first_name!r} has shape {first}"
+        raise InvalidInput(f"all inputs to mix must have the same shape: input {name!r} has {what}")

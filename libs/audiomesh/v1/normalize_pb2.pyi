@@ -26,19 +26,27 @@ class NormalizeItem(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_KEY_FIELD_NUMBER: _builtins.int
     OUTPUT_KEY_FIELD_NUMBER: _builtins.int
+    LOUDNESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     input_key: _builtins.str
     output_key: _builtins.str
+    @_builtins.property
+    def loudness(self) -> _common_pb2.Loudness:
+        """The input's levels as measured by the worker that wrote it (its Track.loudness). When set,
+        the input is not measured again; unset, it is measured here.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         input_key: _builtins.str = ...,
         output_key: _builtins.str = ...,
+        loudness: _common_pb2.Loudness | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loudness", b"loudness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_key", b"input_key", "name", b"name", "output_key", b"output_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_key", b"input_key", "loudness", b"loudness", "name", b"name", "output_key", b"output_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -53,6 +61,7 @@ class NormalizeRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    REFERENCE_LOUDNESS_FIELD_NUMBER: _builtins.int
     reference_key: _builtins.str
     """Linked mode: the gain comes from this object (the mix); empty = the first item."""
     encoding: _common_pb2.AudioEncoding.ValueType
@@ -61,6 +70,12 @@ class NormalizeRequest(_message.Message):
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___NormalizeItem]: ...
     @_builtins.property
     def options(self) -> _common_pb2.NormalizeOptions: ...
+    @_builtins.property
+    def reference_loudness(self) -> _common_pb2.Loudness:
+        """The reference's levels when already known (the decoded mix's Track.loudness); unset =
+        measured here (or taken from the item whose input_key is the reference).
+        """
+
     def __init__(
         self,
         *,
@@ -69,10 +84,11 @@ class NormalizeRequest(_message.Message):
         options: _common_pb2.NormalizeOptions | None = ...,
         encoding: _common_pb2.AudioEncoding.ValueType = ...,
         job_id: _builtins.str = ...,
+        reference_loudness: _common_pb2.Loudness | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "reference_loudness", b"reference_loudness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "items", b"items", "job_id", b"job_id", "options", b"options", "reference_key", b"reference_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "items", b"items", "job_id", b"job_id", "options", b"options", "reference_key", b"reference_key", "reference_loudness", b"reference_loudness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
