@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from audiomesh import errors
-from audiomesh.audio.io import file_sha256, probe, read_audio
-from audiomesh.audio.stream import ArraySource, SoundFileSource, TrackWriter
+from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.dsp.hpss import hpss_blocks, warmup
 from audiomesh.memory import limit_arenas, release_memory
@@ -24,7 +23,7 @@ from audiomesh.options import hpss_kwargs
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import ENCODINGS, Outputs, audio_info_pb, loudness_pb
+from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
 
 
@@ -48,14 +47,7 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         def decompose(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
             with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
-                local = Path(tmp) / ("in-" + Path(request.input_key).name)
-                self.store.get_to_file(request.input_key, local)
-                info = probe(local)  # validates, with a message that names the problem
-                if info.format in ("WAV", "WAVEX", "FLAC"):
-                    source = SoundFileSource(local)
-                else:
-                    y, rate = read_audio(local)
-                    source = ArraySource(y, rate)
+                source = open_source(self.store, request.input_key, Path(tmp))
                 fmt, subtype, ext = ENCODINGS[request.encoding]
                 paths = {"harmonic": Path(tmp) / f"harmonic{ext}", "percussive": Path(tmp) / f"percussive{ext}"}
                 writers = {
@@ -76,23 +68,12 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
                         writer.abort()
                     raise
                 finally:
-                    if isinstance(source, SoundFileSource):
-                        source.close()
+                    source.close()
                 report(0.95, "writing")
                 keys = {"harmonic": request.harmonic_key, "percussive": request.percussive_key}
-                tracks = {}
-                for name, path in paths.items():
-                    tracks[name] = common_pb2.Track(
-                        name=name,
-                        key=keys[name],
-                        sha256=file_sha256(path),
-                        size_bytes=path.stat().st_size,
-                        audio=audio_info_pb(probe(path)),
-                        loudness=loudness_pb(measured[name]),
-                    )
-                    outputs.keys.append(keys[name])
-                    self.store.put_file(keys[name], path)
-                    path.unlink(missing_ok=True)
+                tracks = {
+                    name: outputs.publish_file(name, keys[name], path, measured[name]) for name, path in paths.items()
+                }
                 return tracks["harmonic"], tracks["percussive"]
 
         def result(tracks: tuple[common_pb2.Track, common_pb2.Track]) -> hpss_pb2.DecomposeResponse:
