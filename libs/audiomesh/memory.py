@@ -44,6 +44,29 @@ def limit_arenas(count: int = 2) -> bool:
 
 
 def release_memory() -> bool:
-    """Return freed memory of every arena to the system (``malloc_trim(0)``); True if any was."""
+    """Return freed memory of every arena to the system; True if any was.
+
+    glibc: ``malloc_trim(0)``. Under a preloaded jemalloc (which otherwise keeps its pages, see
+    :func:`audiomesh.launcher.thread_env`): purge every arena's unused pages, so what a request
+    or the model's loading freed does not stay resident while the worker waits.
+    """
+    released = False
+    if (mallctl := _jemalloc_mallctl()) is not None:
+        released = mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
     libc = _libc()
-    return bool(libc is not None and libc.malloc_trim(0))
+    return bool(libc is not None and libc.malloc_trim(0)) or released
+
+
+_MALLCTL_ARENAS_ALL = 4096  # jemalloc's MALLCTL_ARENAS_ALL
+
+
+@functools.cache
+def _jemalloc_mallctl():
+    """jemalloc's ``mallctl`` when jemalloc is this process's allocator (LD_PRELOAD), else None."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return None
+    mallctl.restype = ctypes.c_int
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return mallctl

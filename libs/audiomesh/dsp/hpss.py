@@ -222,35 +222,20 @@ def hpss(
         stft = librosa.stft(channels, pad_mode=pad_mode, **stft_args)  # (C, F, T)
         magnitude = np.abs(stft)
 
-        # out[0] = harmonic STFT, out[1] = percussive STFT; one ISTFT call inverts both.
-        parts = np.empty((2, *stft.shape), dtype=stft.dtype)
+        # parts[0] = harmonic STFT, parts[1] = percussive STFT; one ISTFT call inverts both.
         with _executor(max_workers) as pool:
-            median_jobs = [
-                (
-                    pool.submit(_median_filter, magnitude[c], win_harm, -1),
-                    pool.submit(_median_filter, magnitude[c], win_perc, -2),
-                )
-                for c in range(n_channels)
-            ]
-            medians = [(h.result(), p.result()) for h, p in median_jobs]
-            mask_jobs = [
-                pool.submit(
-                    _apply_masks,
-                    stft[c, :, cols],
-                    magnitude[c, :, cols],
-                    medians[c][0][:, cols],
-                    medians[c][1][:, cols],
-                    parts[:, c, :, cols],
-                    power=power,
-                    margin_harm=margin_harm,
-                    margin_perc=margin_perc,
-                )
-                for c in range(n_channels)
-                for cols in _column_blocks(stft.shape[-1], max(1, max_workers // n_channels))
-            ]
-            for job in mask_jobs:
-                job.result()
-        del medians, magnitude, stft
+            parts = _masked(
+                stft,
+                magnitude,
+                (0, stft.shape[-1]),
+                None,
+                kernels=(win_harm, win_perc),
+                margins=(margin_harm, margin_perc),
+                power=power,
+                pool=pool,
+                max_workers=max_workers,
+            )
+        del magnitude, stft
         out = librosa.istft(parts, dtype=y.dtype, length=n, **stft_args)  # (2, C, n)
     except ParameterError as exc:  # a rule librosa checks that the checks above missed
         raise InvalidInput(f"hpss: {exc}") from exc
@@ -467,7 +452,7 @@ def _masked(
     stft: np.ndarray,
     magnitude: np.ndarray,
     own: tuple[int, int],
-    extended: np.ndarray,
+    extended: np.ndarray | None,
     *,
     kernels: tuple[int, int],
     margins: tuple[float, float],
@@ -478,7 +463,8 @@ def _masked(
     """Masked harmonic and percussive spectra of frames ``own`` of a block: ``(2, C, F, frames)``.
 
     ``extended`` lists the magnitude columns that make the harmonic median's neighbourhood of
-    those frames (reflected at the true ends), ``kernels[0] // 2`` on each side.
+    those frames (reflected at the true ends), ``kernels[0] // 2`` on each side; ``None`` when
+    ``magnitude`` is the whole signal (``own`` is every frame: reflected as scipy does).
     """
     win_harm, win_perc = kernels
     radius = win_harm // 2
@@ -488,6 +474,8 @@ def _masked(
     mag_own = magnitude[..., lo:hi]
 
     def harmonic_median(c: int) -> np.ndarray:
+        if extended is None:
+            return _median_filter(magnitude[c], win_harm, -1)
         x = magnitude[c][:, extended]
         if win_harm == 1:
             return x[:, radius : x.shape[-1] - radius]
