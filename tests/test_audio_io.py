@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from audiomesh.audio import AudioInfo, file_sha256, probe, read_audio, resample, write_audio
+from audiomesh.audio.io import decode_blocks
 from audiomesh.errors import InvalidInput, NotFound
 from tests.helpers.audio import (
     sine,
@@ -257,6 +258,8 @@ def test_bad_files(tmp_path, monkeypatch, make, message: str) -> None:
         probe(path)
     with pytest.raises(InvalidInput, match=message):
         read_audio(path)
+    with pytest.raises(InvalidInput, match=message):
+        list(decode_blocks(path))
 
 
 def test_bad_file_messages_use_given_name(tmp_path) -> None:
@@ -279,6 +282,29 @@ def test_nan_samples(tmp_path) -> None:
     assert probe(path).format == "WAV"  # the container is fine...
     with pytest.raises(InvalidInput, match=r"'nan\.wav' contains 2 NaN or infinite sample\(s\)"):
         read_audio(path)  # ...the samples are not
+    with pytest.raises(InvalidInput, match=r"'nan\.wav' contains 2 NaN or infinite sample\(s\) near frame 0"):
+        list(decode_blocks(path))
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "want_rate", "want_channels", "subtype"),
+    [
+        (SR, 2, SR, 2, "FLOAT"),  # as is
+        (48000, 2, SR, 2, "PCM_16"),  # resampled
+        (22050, 1, SR, 2, "PCM_24"),  # resampled, then mono duplicated
+        (48000, 4, SR, 2, "FLOAT"),  # 4 channels downmixed, then resampled
+        (SR, 2, None, None, "FLOAT"),  # nothing asked
+    ],
+)
+def test_decode_blocks_equal_read_audio(tmp_path, rate, channels, want_rate, want_channels, subtype) -> None:
+    y = (synth_song(7.3, rate, 2)[np.arange(channels) % 2] * 0.5).astype(np.float32)  # > 2 blocks of 2**16
+    path = tmp_path / "in.wav"
+    sf.write(path, y.T, rate, subtype=subtype)
+    whole, whole_rate = read_audio(path, sample_rate=want_rate, channels=want_channels)
+    blocks = list(decode_blocks(path, sample_rate=want_rate, channels=want_channels, block_frames=1 << 16))
+    assert len(blocks) > 2 and all(b.dtype == np.float32 for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), whole)
+    assert whole_rate == (want_rate or rate)
 
 
 def test_missing_file(tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import uuid
@@ -168,6 +169,7 @@ async def test_upload_over_the_limit_is_refused_as_bytes_arrive(file_mesh, tmp_p
     settings = load_settings(**{**overrides, "max_upload_bytes": 64 * 1024})
     spec = build(settings)
     server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
+    await asyncio.wait_for(server.ready.wait(), 60)  # its warm-up reads every manifest in the shared store
     before = job_objects(file_mesh)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

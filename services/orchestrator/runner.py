@@ -17,13 +17,14 @@ from pathlib import Path
 import grpc
 
 from audiomesh import errors
-from audiomesh.audio.io import read_audio
+from audiomesh.audio.io import decode_blocks
+from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.options import check_separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger, tracer
-from audiomesh.tracks import INTERMEDIATE, Outputs, extension
+from audiomesh.tracks import ENCODINGS, INTERMEDIATE, Outputs, extension
 from audiomesh.v1 import (
     common_pb2,
     composite_pb2,
@@ -365,12 +366,21 @@ class Runner:
         """Input → float WAV at the model's rate and channel count, shared by every stage."""
 
         def work() -> common_pb2.Track:
+            # Block by block (bounded memory: a 20-minute song is not held in the orchestrator).
             with tempfile.TemporaryDirectory(prefix="audiomesh-decode-") as tmp:
                 local = Path(tmp) / "input"
                 self.store.get_to_file(job.input.key, local)
-                y, rate = read_audio(local, sample_rate=info.sample_rate, channels=info.audio_channels)
-                outputs = Outputs(self.store, tmp)
-                return outputs.publish("mix", plan.mix_key, y, rate, INTERMEDIATE)
+                fmt, subtype, ext = ENCODINGS[INTERMEDIATE]
+                mix = Path(tmp) / f"mix{ext}"
+                writer = TrackWriter(mix, info.sample_rate, info.audio_channels, fmt=fmt, subtype=subtype)
+                try:
+                    for block in decode_blocks(local, sample_rate=info.sample_rate, channels=info.audio_channels):
+                        writer.write(block)
+                    measured = writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                return Outputs(self.store, tmp).publish_file("mix", plan.mix_key, mix, measured)
 
         return await asyncio.to_thread(work)
 

@@ -35,6 +35,7 @@ __all__ = [
     "SUPPORTED_INPUTS",
     "file_sha256",
     "probe",
+    "decode_blocks",
     "read_audio",
     "resample",
     "write_audio",
@@ -357,6 +358,65 @@ def read_audio(
     if channels is not None and channels != y.shape[0]:
         y = _adapt_channels(y, channels, shown)
     return y, int(sr)
+
+
+def decode_blocks(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+    name: str | None = None,
+    block_frames: int = 1 << 17,
+) -> Iterator[np.ndarray]:
+    """:func:`read_audio`, block by block: yields float32 ``(channels, n)`` blocks, in bounded memory.
+
+    The same conversions in the same order (downmix, soxr resampling as a stream — equal to
+    resampling the whole signal —, upmix), so the blocks concatenated equal ``read_audio``'s
+    result. NaN/infinite samples or an empty file raise `InvalidInput` when they are reached:
+    a caller writing the blocks somewhere must remove what it wrote on error.
+    """
+    shown = _display(os.fspath(path), name)
+    with _decodable(path, name) as (real_path, info):
+        try:
+            with sf.SoundFile(real_path) as f:
+                rate, have = int(f.samplerate), int(f.channels)
+                mid = have if channels is None or channels >= have else channels
+                stream = (
+                    soxr.ResampleStream(rate, sample_rate, mid, dtype="float32", quality="VHQ")
+                    if sample_rate is not None and sample_rate != rate
+                    else None
+                )
+                frames = 0
+                for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+                    y = _converted(np.ascontiguousarray(block.T), stream, channels, shown, frames, last=False)
+                    frames += block.shape[0]
+                    if y.shape[1]:
+                        yield y
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise InvalidInput(f"{shown} ({info.format}) could not be decoded; it is probably damaged: {exc}") from None
+    if frames == 0:
+        raise InvalidInput(f"{shown} contains no audio samples (0 frames)")
+    if stream is not None:
+        tail = _converted(np.zeros((mid, 0), np.float32), stream, channels, shown, frames, last=True)
+        if tail.shape[1]:
+            yield tail
+
+
+def _converted(y: np.ndarray, stream, channels: int | None, shown: str, at: int, *, last: bool) -> np.ndarray:
+    """One block of :func:`decode_blocks`: checked, downmixed, resampled, upmixed."""
+    finite = np.isfinite(y)
+    if not finite.all():
+        bad = int(y.size - np.count_nonzero(finite))
+        raise InvalidInput(
+            f"{shown} contains {bad} NaN or infinite sample(s) near frame {at}; audio samples must be finite numbers"
+        )
+    if channels is not None and channels < y.shape[0]:
+        y = _adapt_channels(y, channels, shown)
+    if stream is not None:
+        y = np.ascontiguousarray(stream.resample_chunk(np.ascontiguousarray(y.T), last=last).T)
+    if channels is not None and channels != y.shape[0]:
+        y = _adapt_channels(y, channels, shown)
+    return y
 
 
 def _check_finite(y: np.ndarray, shown: str) -> None:
