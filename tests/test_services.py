@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from audiomesh.config import load_settings
 from audiomesh.demo import synth_song
+from audiomesh.dsp.loudness import measure
 from audiomesh.rpc.server import start_server
 from audiomesh.services.composite.server import build as build_composite
 from audiomesh.services.hpss.server import build as build_hpss
@@ -197,18 +198,27 @@ async def test_separate_busy_worker_says_resource_exhausted(separation):
     first.cancel()  # the client going away cancels the work
 
 
-async def test_hpss_parts_sum_to_input(hpss):
+@pytest.mark.parametrize("skip_loudness", [False, True])
+async def test_hpss_parts_sum_to_input(hpss, skip_loudness):
     y = synth_song(3.0)
     key = hpss.put("in/x.wav", y)
     stub = hpss_pb2_grpc.HpssServiceStub(hpss.channel)
     result = None
     async for msg in stub.Decompose(
-        hpss_pb2.DecomposeRequest(input_key=key, harmonic_key="h.wav", percussive_key="p.wav", encoding=F32)
+        hpss_pb2.DecomposeRequest(
+            input_key=key, harmonic_key="h.wav", percussive_key="p.wav", encoding=F32, skip_loudness=skip_loudness
+        )
     ):
         if msg.HasField("result"):
             result = msg.result
     assert result.harmonic.key == "h.wav" and result.percussive.key == "p.wav"
     assert np.abs(hpss.get("h.wav") + hpss.get("p.wav") - y).max() < 1e-4
+    for part, track in (("h.wav", result.harmonic), ("p.wav", result.percussive)):
+        assert track.audio.frames == y.shape[1] and track.sha256
+        # Measured unless told it is an intermediate nobody reports.
+        assert track.HasField("loudness") != skip_loudness
+        if not skip_loudness:
+            assert track.loudness.integrated_lufs == pytest.approx(measure(hpss.get(part), 44100).integrated_lufs)
 
 
 async def test_hpss_rejects_bad_margin(hpss):

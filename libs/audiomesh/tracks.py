@@ -159,10 +159,10 @@ class Outputs:
         """A new file name in the scratch folder (safe from several threads)."""
         return self.workdir / f"out-{next(self._names)}{ext}"
 
-    def publish_file(self, name: str, key: str, local: Path, loudness: Measurement) -> common_pb2.Track:
+    def publish_file(self, name: str, key: str, local: Path, loudness: Measurement | None) -> common_pb2.Track:
         """Publish an encoded file as ``key`` (then delete it) → its :class:`Track`.
 
-        ``loudness`` is the measurement of what was written (its float samples).
+        ``loudness`` is the measurement of what was written (its float samples); None: not measured.
         """
         track = common_pb2.Track(
             name=name,
@@ -170,7 +170,7 @@ class Outputs:
             sha256=file_sha256(local),
             size_bytes=local.stat().st_size,
             audio=audio_info_pb(probe(local)),
-            loudness=loudness_pb(loudness),
+            loudness=None if loudness is None else loudness_pb(loudness),
         )
         self.keys.append(key)  # before the upload: discard() removes a partial one too
         self.store.put_file(key, local)

@@ -51,7 +51,14 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
                 fmt, subtype, ext = ENCODINGS[request.encoding]
                 paths = {"harmonic": Path(tmp) / f"harmonic{ext}", "percussive": Path(tmp) / f"percussive{ext}"}
                 writers = {
-                    name: TrackWriter(path, source.sample_rate, source.channels, fmt=fmt, subtype=subtype)
+                    name: TrackWriter(
+                        path,
+                        source.sample_rate,
+                        source.channels,
+                        fmt=fmt,
+                        subtype=subtype,
+                        measure=not request.skip_loudness,
+                    )
                     for name, path in paths.items()
                 }
                 try:

@@ -311,7 +311,10 @@ class Runner:
                 ),
                 timeout=timeout,
             )
-            return list((await _follow(call, progress, "separation")).stems)
+            result = await _follow(call, progress, "separation")
+            del node.warnings[:]  # e.g. a compiled model that fell back to eager: into the manifest
+            node.warnings.extend(result.warnings)
+            return list(result.stems)
         if node.stage == "hpss":
             source = node.name.split(":", 1)[1]
             harmonic_key, percussive_key = plan.hpss_keys(source)
@@ -324,6 +327,7 @@ class Runner:
                     options=job.options.hpss,
                     encoding=INTERMEDIATE,
                     job_id=job.job_id,
+                    skip_loudness=source != "mix",  # a stem's parts only feed composites
                 ),
                 timeout=timeout,
             )

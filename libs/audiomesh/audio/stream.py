@@ -268,7 +268,8 @@ class TrackWriter:
 
     ``write((channels, n) float32)`` any number of times, then ``close()`` → the
     :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written (with
-    ``true_peak=False`` its true peak is the sample peak: for callers that know it otherwise).
+    ``true_peak=False`` its true peak is the sample peak: for callers that know it otherwise;
+    with ``measure=False``, None).
     """
 
     def __init__(
@@ -280,11 +281,12 @@ class TrackWriter:
         fmt: str = "wav",
         subtype: str = "FLOAT",
         true_peak: bool = True,
+        measure: bool = True,
     ):
         self.path = Path(path)
         self.subtype = subtype.upper()
         self.channels = channels
-        self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak)
+        self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak) if measure else None
         self.frames = 0
         self._file = sf.SoundFile(
             str(self.path),
@@ -301,14 +303,15 @@ class TrackWriter:
             raise InvalidInput(f"expected {self.channels} channels, got a block of shape {block.shape}")
         if not np.isfinite(block).all():
             raise InvalidInput("the audio to write must be finite (no NaN or infinity)")
-        self.measure.update(block)
+        if self.measure is not None:
+            self.measure.update(block)
         self._file.write((np.clip(block, -1.0, 1.0) if self.subtype != "FLOAT" else block).T)
         self.frames += block.shape[1]
 
-    def close(self) -> Measurement:
+    def close(self) -> Measurement | None:
         if not self._file.closed:
             self._file.close()
-        return self.measure.result()
+        return None if self.measure is None else self.measure.result()
 
     def abort(self) -> None:
         if not self._file.closed:
