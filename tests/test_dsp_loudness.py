@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pyloudnorm
 import pytest
+import scipy.signal
 from scipy.signal.windows import tukey
 
 from audiomesh.dsp.loudness import (
@@ -15,6 +16,7 @@ from audiomesh.dsp.loudness import (
     measure,
     sample_peak_dbfs,
     true_peak_dbtp,
+    upsampled_peak,
 )
 from audiomesh.errors import InvalidInput
 
@@ -143,3 +145,14 @@ def test_measure_collects_the_three_levels() -> None:
 def test_invalid_input_raises(call, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         call()
+
+
+@pytest.mark.parametrize("up", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 11, 21, 1001])
+def test_upsampled_peak_equals_resample_poly_without_building_it(up: int, n: int) -> None:
+    x = np.random.default_rng(n).standard_normal(n)
+    reference = np.abs(scipy.signal.resample_poly(x, up, 1))
+    for start, stop in [(0, n), (0, max(1, n // 2)), (n // 3, n)]:
+        expected = float(np.max(reference[up * start : up * stop]))
+        assert upsampled_peak(x, up, start, stop) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert upsampled_peak(x, up, 3, 3) == 0.0  # nothing asked

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.signal
 import soundfile as sf
 
-from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, Measurement, _db, _meter
+from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, Measurement, _db, _meter, upsampled_peak
 from audiomesh.errors import Cancelled, InvalidInput
 
 __all__ = [
@@ -135,7 +135,7 @@ class StreamingMeasure:
     K-weighting filters run with carried state, the 400 ms blocks are summed from the same
     samples, the gates are the same code), sample peak is exact, and the 4x true peak upsamples
     each block with 64 frames of context on both sides (the polyphase filter reaches 11), which
-    gives the values ``scipy.signal.resample_poly`` gives on the whole signal.
+    gives the values :func:`~audiomesh.dsp.loudness.upsampled_peak` gives on the whole signal.
     """
 
     _CONTEXT = 64
@@ -208,10 +208,7 @@ class StreamingMeasure:
             hi = min(stop + c, joined_start + joined.shape[1])
             piece = joined[:, lo - joined_start : hi - joined_start]
             for channel in piece:
-                up = scipy.signal.resample_poly(channel, 4, 1)
-                keep = up[4 * (start - lo) : 4 * (stop - lo)]
-                if keep.size:
-                    self.upsampled_peak = max(self.upsampled_peak, float(np.max(np.abs(keep))))
+                self.upsampled_peak = max(self.upsampled_peak, upsampled_peak(channel, 4, start - lo, stop - lo))
             self.tp_done = stop
         self.tail = joined[:, -2 * c :] if joined.shape[1] > 2 * c else joined
 

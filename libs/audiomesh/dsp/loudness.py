@@ -30,6 +30,7 @@ __all__ = [
     "measure",
     "sample_peak_dbfs",
     "true_peak_dbtp",
+    "upsampled_peak",
     "MIN_SAMPLE_RATE",
     "MAX_LOUDNESS_CHANNELS",
 ]
@@ -163,14 +164,14 @@ def true_peak_dbtp(y: np.ndarray, sample_rate: float, *, oversample: int = 4) ->
     Returns
     -------
     peak : float
-        ``20 * log10(max |resample_poly(y, oversample, 1)|)``, and never less than the
+        ``20 * log10(max |resample_poly(y, oversample, 1)|)`` (up to float rounding), and never less than the
         sample peak; ``-inf`` for silence or an empty signal.
 
     Notes
     -----
-    Upsampled with ``scipy.signal.resample_poly`` (Kaiser-windowed polyphase FIR, zero
-    outside the signal), in float64 — no −12 dB pre-attenuation is needed in floating point.
-    Channels are measured one at a time to bound the memory at ``oversample * n`` floats.
+    Upsampled as ``scipy.signal.resample_poly`` does (Kaiser-windowed polyphase FIR, zero
+    outside the signal; see :func:`upsampled_peak`), in float64 — no −12 dB pre-attenuation is
+    needed in floating point.
 
     Examples
     --------
@@ -195,9 +196,63 @@ def true_peak_dbtp(y: np.ndarray, sample_rate: float, *, oversample: int = 4) ->
     peak = float(np.max(np.abs(y2)))
     if oversample > 1 and peak > 0:
         for channel in y2:
-            up = scipy.signal.resample_poly(channel.astype(np.float64, copy=False), int(oversample), 1)
-            peak = max(peak, float(np.max(np.abs(up))))
+            peak = max(peak, upsampled_peak(channel, int(oversample), 0, channel.shape[-1]))
     return _db(peak)
+
+
+def upsampled_peak(x: np.ndarray, up: int, start: int, stop: int) -> float:
+    """``max |scipy.signal.resample_poly(x, up, 1)[up * start : up * stop]|`` without building it.
+
+    The same Kaiser-windowed polyphase FIR as ``resample_poly`` (zero outside ``x``), each output
+    sample a float64 dot product of ``2 * 10 * up // up + 1`` taps computed on the fly: equal
+    to ``resample_poly``'s values up to float rounding (summation order), ~4x faster for 4x, no
+    ``up * n`` array. Deterministic per output sample, so a block measured with enough context
+    (10 samples each side) gives exactly the values the whole signal gives.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    if x.size == 0 or stop <= start:
+        return 0.0
+    phases, half_len = _polyphase_filter(int(up))
+    pad = phases.shape[1]
+    padded = np.zeros(x.size + 2 * pad)
+    padded[pad : pad + x.size] = x
+    return float(_peak_kernel()(padded, phases, pad, int(up), half_len, int(start), int(stop)))
+
+
+@functools.lru_cache(maxsize=8)
+def _polyphase_filter(up: int) -> tuple[np.ndarray, int]:
+    """``resample_poly``'s filter for ``(up, 1)``, split into phases: ``phases[k, j] = h[k + up * j]``."""
+    half_len = 10 * up
+    h = scipy.signal.firwin(2 * half_len + 1, 1.0 / up, window=("kaiser", 5.0)) * up
+    taps = -(-h.size // up)
+    phases = np.zeros((up, taps))
+    for i, value in enumerate(h):
+        phases[i % up, i // up] = value
+    return phases, half_len
+
+
+def _peak_of_upsampled(padded, phases, pad, up, half_len, start, stop):  # pragma: no cover - numba
+    # Output q = up * m + k of resample_poly is sample q + half_len of the full convolution of
+    # the zero-stuffed signal with h (half_len is a multiple of up): phase k, from input sample
+    # m + half_len // up backwards.
+    taps = phases.shape[1]
+    lead = half_len // up + pad
+    best = 0.0
+    for m in range(start, stop):
+        for k in range(up):
+            acc = 0.0
+            for j in range(taps):
+                acc += phases[k, j] * padded[m + lead - j]
+            best = max(best, abs(acc))
+    return best
+
+
+@functools.cache
+def _peak_kernel():
+    """:func:`_peak_of_upsampled` compiled by numba (imported here: only measuring loads numba)."""
+    import numba
+
+    return numba.njit(nogil=True, cache=True)(_peak_of_upsampled)
 
 
 def measure(y: np.ndarray, sample_rate: float) -> Measurement:
