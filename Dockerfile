@@ -134,7 +134,8 @@ sys.exit(main())
 EOF
 
 # Writable places: /data (file store), /models (weights: AUDIOMESH_MODEL_REPO and the
-# download caches of torch hub and HuggingFace; mount a volume so they are fetched once) and
+# download caches of torch hub and HuggingFace, and the torch.compile cache of the separation
+# worker, AUDIOMESH_COMPILE_CACHE_DIR; mount a volume so they are fetched/compiled once) and
 # /tmp (uploads and stage intermediates; every cache below lives there, so the root
 # filesystem can be read-only).
 ENV PATH=/opt/audiomesh/bin:$PATH \
@@ -144,6 +145,7 @@ ENV PATH=/opt/audiomesh/bin:$PATH \
     AUDIOMESH_LOG_FORMAT=json \
     AUDIOMESH_STORE_URL=file:///data \
     AUDIOMESH_MODEL_REPO=/models \
+    AUDIOMESH_COMPILE_CACHE_DIR=/models/compile-cache \
     TORCH_HOME=/models/torch \
     HF_HOME=/models/huggingface \
     NUMBA_CACHE_DIR=/tmp/numba \

@@ -618,6 +618,8 @@ COMPOSE_FROM_ENV_FILE = {
     "AUDIOMESH_DEVICE": "auto finds a GPU when the container has one",
     "AUDIOMESH_DEFAULT_MODEL": "htdemucs, downloaded once into the models volume",
     "AUDIOMESH_TORCH_THREADS": "torch's default: the container's CPUs",
+    "AUDIOMESH_COMPILE": "auto: compiled where the models volume's cache has the model (audiomesh warm); true in .env",
+    "AUDIOMESH_COMPILE_BACKEND": "inductor",
     "AUDIOMESH_TLS_CERT_FILE": "plain gRPC on the compose network; set with mounted files to serve TLS",
     "AUDIOMESH_TLS_KEY_FILE": "as AUDIOMESH_TLS_CERT_FILE",
     "AUDIOMESH_TLS_CA_FILE": "as AUDIOMESH_TLS_CERT_FILE (what the clients trust)",

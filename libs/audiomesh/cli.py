@@ -4,6 +4,7 @@ audiomesh up                         every service on localhost, file store in .
 audiomesh process song.mp3 --out out one job per file, progress bar, tracks in out/
 audiomesh process --demo --out out   the same on a synthesized clip
 audiomesh jobs | show ID | cancel ID | models
+audiomesh warm [--model M]           compile separation models into the compile cache ahead of time
 audiomesh serve NAME [--port N]      one service in this process (containers)
 """
 
@@ -23,6 +24,8 @@ from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
 CHUNK = 1 << 20
+# ModelInfo.execution (audiomesh.v1.ModelExecution) as `audiomesh models` shows it.
+_EXECUTION = {1: "eager", 2: "compiling", 3: "compiled", 4: "compile failed"}
 
 
 def _state(job) -> str:
@@ -217,10 +220,33 @@ async def _simple(args, settings: Settings) -> int:
             for m in resp.models:
                 mark = "*" if m.name == resp.default_model else " "
                 avail = "available" if m.available else "no weights here"
-                print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {','.join(m.sources)}")
+                runs = _EXECUTION.get(m.execution, "")
+                print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
+                if m.compile_error:
+                    print(f"    {m.compile_error}")
     finally:
         await clients.close()
     return 0
+
+
+def cmd_warm(args, settings: Settings) -> int:
+    """Compile models with AUDIOMESH_COMPILE_BACKEND into AUDIOMESH_COMPILE_CACHE_DIR; 1 if any failed."""
+    from audiomesh.separation import SeparatorFactory
+    from audiomesh.separation.compiled import configure_cache, warm_cache
+    from audiomesh.separation.registry import configure_torch_threads
+
+    if settings.torch_threads:
+        configure_torch_threads(settings.torch_threads)
+    cache = configure_cache(settings.compile_cache_path())
+    factory = SeparatorFactory(model_repo=settings.model_repo, device=settings.device)
+    results = warm_cache(
+        factory,
+        args.model or [settings.default_model],
+        backend=settings.compile_backend,
+        cache_dir=cache,
+        log=lambda text: print(text, flush=True),
+    )
+    return 1 if any(isinstance(r, Exception) for r in results.values()) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retry", help="run a FAILED or CANCELLED job again from what it wrote")
     p.add_argument("job_id")
     sub.add_parser("models", help="list separation models")
+    p = sub.add_parser(
+        "warm",
+        help="compile separation models into the compile cache ahead of time (image build, init job)",
+    )
+    p.add_argument(
+        "--model", action="append", default=[], help="model to compile (repeatable; default AUDIOMESH_DEFAULT_MODEL)"
+    )
     bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs and librosa (BENCHMARKS.md)"))
     p = sub.add_parser("hash-key", help="print an AUDIOMESH_API_KEYS entry for a key (a new key if none given)")
     p.add_argument("name", help="the principal this key stands for, e.g. alice")
@@ -279,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_process(args, settings)
         if args.command == "bench":
             return bench.cmd_bench(args)
+        if args.command == "warm":
+            return cmd_warm(args, settings)
         return asyncio.run(_simple(args, settings))
     except AudiomeshError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     default_model: str = "htdemucs"
     model_repo: Path | None = Field(None, description="folder of offline Demucs weights (NAME.th / NAME.yaml)")
     torch_threads: int = Field(0, ge=0, description="0 = torch's default")
+    compile: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="run separation models through torch.compile, compiled in the background while eager "
+        "serves: true = always, auto = only models compiled before in the compile cache (audiomesh warm), "
+        "false = never",
+    )
+    compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend (aot_eager: cheap)")
+    compile_cache_dir: Path | None = Field(
+        None, description="compiled graphs (Inductor's on-disk cache); default <file store>/cache/compile"
+    )
 
     # Normalization defaults (a job may override them)
     normalize_mode: Literal["loudness", "peak", "off"] = "loudness"
@@ -164,6 +174,19 @@ class Settings(BaseSettings):
         )
         data["api_keys_configured"] = len(self.api_keys)
         return data
+
+    def compile_cache_path(self) -> Path:
+        """Where compiled separation graphs are kept: AUDIOMESH_COMPILE_CACHE_DIR, else
+        ``cache/compile`` in a file store's folder, else a folder in the temp directory."""
+        if self.compile_cache_dir is not None:
+            return self.compile_cache_dir
+        if self.store_url.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return Path(unquote(urlparse(self.store_url).path)) / "cache" / "compile"
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "audiomesh-compile-cache"
 
     def open_store(self):
         from audiomesh.store import open_store

@@ -29,6 +29,7 @@ from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.separation import SeparatorFactory
+from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
@@ -37,6 +38,15 @@ from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 #: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
 WRITER_NICE = 5
+
+#: ``ModelInfo.execution`` / ``SeparatorModel.execution`` → the proto enum.
+EXECUTION = {
+    "": separation_pb2.MODEL_EXECUTION_UNSPECIFIED,
+    "eager": separation_pb2.MODEL_EXECUTION_EAGER,
+    "compiling": separation_pb2.MODEL_EXECUTION_COMPILING,
+    "compiled": separation_pb2.MODEL_EXECUTION_COMPILED,
+    "compile_failed": separation_pb2.MODEL_EXECUTION_COMPILE_FAILED,
+}
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
@@ -50,6 +60,8 @@ def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> sepa
         loaded=getattr(info, "loaded", loaded),
         description=getattr(info, "description", ""),
         max_segment_seconds=info.max_segment,
+        execution=EXECUTION.get(getattr(info, "execution", ""), separation_pb2.MODEL_EXECUTION_UNSPECIFIED),
+        compile_error=getattr(info, "compile_error", ""),
     )
 
 
@@ -58,10 +70,20 @@ def _progress(fraction: float, text: str) -> separation_pb2.SeparateResponse:
 
 
 class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
-    def __init__(self, settings: Settings, store: ObjectStore, factory: SeparatorFactory) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        factory: SeparatorFactory,
+        *,
+        compiler: BackgroundCompiler | None = None,
+        activity: Activity | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.factory = factory
+        self.compiler = compiler
+        self.activity = activity or Activity()
 
     async def Separate(self, request: separation_pb2.SeparateRequest, context):
         if not request.input_key or not request.output_prefix:
@@ -72,11 +94,14 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         options.validate(model)
         started = time.perf_counter()
 
-        def work(report, cancel) -> list[common_pb2.Track]:
-            try:
-                return separate(report, cancel)
-            finally:
-                release_memory()  # the model's working set goes back: the next request starts lean
+        def work(report, cancel) -> tuple[list[common_pb2.Track], int]:
+            # `model` stays this request's model even if a compiled one replaces it meanwhile.
+            with self.activity:  # background compiles wait for no separation to run
+                before = graph_calls()
+                try:
+                    return separate(report, cancel), graph_calls() - before
+                finally:
+                    release_memory()  # the model's working set goes back: the next request starts lean
 
         def separate(report, cancel) -> list[common_pb2.Track]:
             with tempfile.TemporaryDirectory(prefix="audiomesh-sep-") as tmp, Outputs(self.store, tmp) as outputs:
@@ -97,12 +122,23 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                     for src, y in stems.items()
                 ]
 
-        def result(stems: list[common_pb2.Track]) -> separation_pb2.SeparateResponse:
+        def result(done: tuple[list[common_pb2.Track], int]) -> separation_pb2.SeparateResponse:
+            stems, compiled_calls = done
             elapsed = time.perf_counter() - started
-            logger(model=name).info("separate done", seconds=round(elapsed, 2))
+            warnings = self.compiler.warnings(model) if self.compiler is not None else []
+            execution = "compile_failed" if warnings else "compiled" if compiled_calls else "eager"
+            log = logger(model=name)
+            log.info("separate done", seconds=round(elapsed, 2), execution=execution, compiled_calls=compiled_calls)
+            for warning in warnings:
+                log.warning("separation warning", warning=warning)
             return separation_pb2.SeparateResponse(
                 result=separation_pb2.SeparateResult(
-                    stems=stems, model=name, elapsed_seconds=elapsed, device=str(model.device)
+                    stems=stems,
+                    model=name,
+                    elapsed_seconds=elapsed,
+                    device=str(model.device),
+                    execution=EXECUTION[execution],
+                    warnings=warnings,
                 )
             )
 
@@ -225,7 +261,17 @@ def build(settings: Settings) -> ServiceSpec:
     if settings.torch_threads:
         configure_torch_threads(settings.torch_threads)
     factory = SeparatorFactory(model_repo=settings.model_repo, device=settings.device)
-    servicer = SeparationServicer(settings, settings.open_store(), factory)
+    activity, compiler = Activity(), None
+    if settings.compile != "false":
+        # Every model loaded from now on is served eager at once and compiled in the background.
+        compiler = BackgroundCompiler(
+            factory,
+            mode=settings.compile,
+            backend=settings.compile_backend,
+            cache_dir=configure_cache(settings.compile_cache_path()),
+            activity=activity,
+        )
+    servicer = SeparationServicer(settings, settings.open_store(), factory, compiler=compiler, activity=activity)
 
     async def warmup() -> None:
         # Load the default model before reporting SERVING; a model without weights here is
@@ -234,7 +280,13 @@ def build(settings: Settings) -> ServiceSpec:
             await asyncio.to_thread(factory.get, settings.default_model)
         except errors.AudiomeshError as exc:
             logger().warning("default model not loaded", model=settings.default_model, reason=str(exc))
-        logger().info("torch", threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
+        logger().info(
+            "torch", threads=torch.get_num_threads(), cuda=torch.cuda.is_available(), compile=settings.compile
+        )
+
+    async def on_stop() -> None:
+        if compiler is not None:
+            compiler.close()
 
     return ServiceSpec(
         registrations=[
@@ -247,4 +299,5 @@ def build(settings: Settings) -> ServiceSpec:
         warmup=warmup,
         concurrency=settings.worker_concurrency,
         light_methods=(f"/{separation_pb2.DESCRIPTOR.services_by_name['SeparationService'].full_name}/ListModels",),
+        on_stop=on_stop,
     )

@@ -71,6 +71,11 @@ class ModelInfo:
         Whether the weights can be loaded here without a download.
     loaded : bool
         Whether the model is loaded in this process.
+    execution : str
+        For a loaded model, how it runs: ``"eager"``, ``"compiling"`` (eager while a compiled
+        copy is built), ``"compiled"`` or ``"compile_failed"`` (eager); ``""`` when not loaded.
+    compile_error : str
+        Why, when ``execution == "compile_failed"``.
     """
 
     name: str
@@ -83,6 +88,8 @@ class ModelInfo:
     max_segment: float | None = None
     available: bool = True
     loaded: bool = False
+    execution: str = ""
+    compile_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,11 @@ class SeparatorModel(abc.ABC):
     def device(self) -> str:
         """The torch device the model runs on."""
         return "cpu"
+
+    @property
+    def execution(self) -> str:
+        """How :meth:`separate` runs: ``"eager"``, or ``"compiled"`` for a compiled model."""
+        return "eager"
 
     def check_mix(self, mix: np.ndarray, options: SeparationOptions) -> np.ndarray:
         """Validate ``mix`` for this model; return it as C-contiguous float32.

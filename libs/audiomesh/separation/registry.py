@@ -184,6 +184,8 @@ class SeparatorFactory:
         self._cache: dict[tuple[str, str], SeparatorModel] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._peeked: dict[tuple[str, int, int], ModelInfo | str] = {}
+        self._execution: dict[tuple[str, str], tuple[str, str]] = {}
+        self._load_listeners: list[Callable[[str, str, SeparatorModel], None]] = []
 
     # -- registry -------------------------------------------------------------------
 
@@ -297,7 +299,47 @@ class SeparatorFactory:
             model = builder(spec, resolved)
             with self._guard:
                 self._cache[key] = model
-            return model
+                listeners = list(self._load_listeners)
+        for listener in listeners:
+            listener(name, resolved, model)
+        return self.current(name, device=resolved) or model
+
+    def current(self, name: str, *, device: str | None = None) -> SeparatorModel | None:
+        """The model :meth:`get` returns now for (name, device), or None when not loaded."""
+        with self._guard:
+            return self._cache.get((name, resolve_device(device or self._device)))
+
+    def add_load_listener(self, listener: Callable[[str, str, SeparatorModel], None]) -> None:
+        """Call ``listener(name, device, model)`` after each model is loaded (on the loading thread)."""
+        with self._guard:
+            self._load_listeners.append(listener)
+
+    def swap(self, name: str, device: str, old: SeparatorModel, new: SeparatorModel) -> bool:
+        """Serve ``new`` for (name, device) from now on if ``old`` is what is served; return whether it was.
+
+        Callers holding ``old`` (a separation in flight) keep it: the swap only changes what
+        later :meth:`get` calls return (e.g. a compiled model replacing the eager one).
+        """
+        key = (name, resolve_device(device))
+        with self._guard:
+            if self._cache.get(key) is not old:
+                return False
+            self._cache[key] = new
+            return True
+
+    def set_execution(self, name: str, device: str, execution: str, error: str = "") -> None:
+        """Record how (name, device) runs, for :meth:`list_models` (see :class:`ModelInfo`)."""
+        with self._guard:
+            self._execution[(name, resolve_device(device))] = (execution, error)
+
+    def execution(self, name: str, *, device: str | None = None) -> tuple[str, str]:
+        """``(execution, compile_error)`` of a loaded model; ``("", "")`` when not loaded."""
+        key = (name, resolve_device(device or self._device))
+        with self._guard:
+            model = self._cache.get(key)
+            if model is None:
+                return "", ""
+            return self._execution.get(key, (model.execution, ""))
 
     def loaded(self) -> list[SeparatorModel]:
         """Models loaded so far."""
@@ -312,6 +354,7 @@ class SeparatorFactory:
         """
         with self._guard:
             loaded = {name: model for (name, _), model in self._cache.items()}
+            executions = {key[0]: self._execution.get(key, (model.execution, "")) for key, model in self._cache.items()}
         infos = []
         for name in self.names():
             try:
@@ -319,7 +362,15 @@ class SeparatorFactory:
             except AudiomeshError:
                 continue
             if name in loaded:
-                info = replace(loaded[name].info, origin=spec.origin, available=True, loaded=True)
+                execution, error = executions[name]
+                info = replace(
+                    loaded[name].info,
+                    origin=spec.origin,
+                    available=True,
+                    loaded=True,
+                    execution=execution,
+                    compile_error=error,
+                )
             else:
                 info = spec.info or ModelInfo(name, (), 44100, 2, spec.origin, spec.description, kind=spec.kind)
                 info = replace(info, available=spec.available, loaded=False)

@@ -114,6 +114,7 @@ class Node(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     stage: _builtins.str
     state: _common_pb2.NodeState.ValueType
@@ -130,6 +131,10 @@ class Node(_message.Message):
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Track]: ...
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the worker reported without failing, e.g. a compiled model that fell back to eager."""
+
     def __init__(
         self,
         *,
@@ -144,10 +149,11 @@ class Node(_message.Message):
         error: _common_pb2.ErrorDetail | None = ...,
         outputs: _abc.Iterable[_common_pb2.Track] | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "depends_on", b"depends_on", "duration_seconds", b"duration_seconds", "end_time", b"end_time", "error", b"error", "fraction", b"fraction", "name", b"name", "outputs", b"outputs", "stage", b"stage", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "depends_on", b"depends_on", "duration_seconds", b"duration_seconds", "end_time", b"end_time", "error", b"error", "fraction", b"fraction", "name", b"name", "outputs", b"outputs", "stage", b"stage", "start_time", b"start_time", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

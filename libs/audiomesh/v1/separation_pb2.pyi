@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ModelExecution:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelExecutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelExecution.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_EXECUTION_UNSPECIFIED: _ModelExecution.ValueType  # 0
+    """not loaded"""
+    MODEL_EXECUTION_EAGER: _ModelExecution.ValueType  # 1
+    """plain PyTorch"""
+    MODEL_EXECUTION_COMPILING: _ModelExecution.ValueType  # 2
+    """serving eager while a compiled copy is built in the background"""
+    MODEL_EXECUTION_COMPILED: _ModelExecution.ValueType  # 3
+    """torch.compile graphs for the worker's chunk shape"""
+    MODEL_EXECUTION_COMPILE_FAILED: _ModelExecution.ValueType  # 4
+    """compiling or running compiled failed: serving eager"""
+
+class ModelExecution(_ModelExecution, metaclass=_ModelExecutionEnumTypeWrapper):
+    """How a loaded model runs in the separation worker (AUDIOMESH_COMPILE)."""
+
+MODEL_EXECUTION_UNSPECIFIED: ModelExecution.ValueType  # 0
+"""not loaded"""
+MODEL_EXECUTION_EAGER: ModelExecution.ValueType  # 1
+"""plain PyTorch"""
+MODEL_EXECUTION_COMPILING: ModelExecution.ValueType  # 2
+"""serving eager while a compiled copy is built in the background"""
+MODEL_EXECUTION_COMPILED: ModelExecution.ValueType  # 3
+"""torch.compile graphs for the worker's chunk shape"""
+MODEL_EXECUTION_COMPILE_FAILED: ModelExecution.ValueType  # 4
+"""compiling or running compiled failed: serving eager"""
+Global___ModelExecution: _TypeAlias = ModelExecution  # noqa: Y015
 
 @_typing.final
 class SeparateRequest(_message.Message):
@@ -65,11 +98,21 @@ class SeparateResult(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     elapsed_seconds: _builtins.float
     device: _builtins.str
+    execution: Global___ModelExecution.ValueType
+    """How the model ran: EAGER, or COMPILED (torch.compile, AUDIOMESH_COMPILE)."""
     @_builtins.property
     def stems(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Track]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Things the caller should know that did not fail the job, e.g. a compiled model that
+        failed and fell back to eager. The orchestrator copies them into the job's manifest.
+        """
+
     def __init__(
         self,
         *,
@@ -77,10 +120,12 @@ class SeparateResult(_message.Message):
         model: _builtins.str = ...,
         elapsed_seconds: _builtins.float = ...,
         device: _builtins.str = ...,
+        execution: Global___ModelExecution.ValueType = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "elapsed_seconds", b"elapsed_seconds", "model", b"model", "stems", b"stems"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "elapsed_seconds", b"elapsed_seconds", "execution", b"execution", "model", b"model", "stems", b"stems", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,6 +170,8 @@ class ModelInfo(_message.Message):
     LOADED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MAX_SEGMENT_SECONDS_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    COMPILE_ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     sample_rate: _builtins.int
     audio_channels: _builtins.int
@@ -136,6 +183,10 @@ class ModelInfo(_message.Message):
     description: _builtins.str
     max_segment_seconds: _builtins.float
     """Transformer models cannot run longer chunks"""
+    execution: Global___ModelExecution.ValueType
+    """for loaded models"""
+    compile_error: _builtins.str
+    """why, when execution is MODEL_EXECUTION_COMPILE_FAILED"""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -150,10 +201,12 @@ class ModelInfo(_message.Message):
         loaded: _builtins.bool = ...,
         description: _builtins.str = ...,
         max_segment_seconds: _builtins.float | None = ...,
+        execution: Global___ModelExecution.ValueType = ...,
+        compile_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "max_segment_seconds", b"max_segment_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "description", b"description", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "compile_error", b"compile_error", "description", b"description", "execution", b"execution", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_segment_seconds: _TypeAlias = _typing.Literal["max_segment_seconds"]  # noqa: Y015
     _WhichOneofArgType__max_segment_seconds: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds"]  # noqa: Y015
