@@ -9,7 +9,6 @@ from dataclasses import astuple
 import grpc
 import numpy as np
 import pytest
-import soundfile as sf
 
 from audiomesh.audio.stream import BLOCK_FRAMES
 from audiomesh.demo import synth_song
