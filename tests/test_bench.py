@@ -19,15 +19,16 @@ from audiomesh.launcher import thread_env
 SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = ["bench", "--duration", "8", "--json", str(out), "--timeout", "400", "--compile-backend", "aot_eager"]
     proc = subprocess.run(
-        [sys.executable, "-m", "audiomesh.cli", "bench", "--duration", "8", "--json", str(out), "--timeout", "280"],
+        [sys.executable, "-m", "audiomesh.cli", *command],
         capture_output=True,
         text=True,
-        timeout=295,
+        timeout=415,
         env=env,
         cwd=tmp_path,
         check=False,
@@ -61,6 +62,16 @@ def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
     if ctypes.util.find_library("jemalloc"):  # installed by .ci/run; the worker really got it
         assert "jemalloc" in report["thread_budget"]["separation"]["LD_PRELOAD"]
         assert "LD_PRELOAD" not in report["thread_budget"]["hpss"]
+    # The compiled model (aot_eager here: no Inductor compile in CI): same stems, in the same run.
+    assert report["compile_backend"] == "aot_eager"
+    for key in ("separation_compiled_s", "compile_cold_s", "compile_warm_s", "e2e_compiled_s"):
+        assert report[key] > 0, key
+    assert report["compiled_max_abs_diff"] <= 1e-5
+    assert report["machine"]["compiled_calls"] > 0  # its chunks really ran the compiled graphs
+    assert report["e2e_over_raw_compiled"] == pytest.approx(
+        report["e2e_compiled_s"] / report["raw_separation_s"], rel=1e-3
+    )
+    assert "separation" in report["stage_compiled_s"] and "compiled apply_model" in proc.stdout
     machine = report["machine"]
     assert machine["usable_cpus"] >= 1 and machine["torch_threads"] >= 1
     assert machine["versions"]["torch"] and machine["versions"]["demucs"]

@@ -22,6 +22,15 @@ reported as missing, the others still run):
    of node durations and ``overhead_s = e2e_s - critical_path_s`` (upload, scheduling, reading
    tracks back). Peak RSS (``VmHWM``) of every service is read from ``/proc`` before the mesh stops.
 
+6. ``--compile-backend B`` (e.g. ``inductor``): ``compiled``: in a child process with an empty
+   compile cache, :func:`audiomesh.separation.compiled.compile_model` builds the compiled model
+   (``compile_cold_s``: the compile, plus its check against eager on one chunk) and the same
+   ``apply_model`` call as ``raw`` runs on it with the same random state (``separation_compiled_s``;
+   ``compiled_max_abs_diff`` against raw's stems). Then ``e2e_compiled``: a second mesh with
+   ``AUDIOMESH_COMPILE=true`` on that (now warm) cache; once its worker reports the model compiled
+   (``compile_warm_s``: that worker's compile, from the cache's marker file), the same job as
+   ``e2e`` (``e2e_compiled_s``, ``e2e_over_raw_compiled = e2e_compiled_s / raw_separation_s``).
+
 Figures are reported, never asserted; :data:`KEYS` are always present in the JSON (``null``
 when a step did not produce them, with the reason in ``errors``).
 """
@@ -33,6 +42,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -57,6 +67,14 @@ KEYS = (
     "raw_separation_peak_rss_mb",
     "e2e_s",
     "e2e_over_raw",
+    "compile_backend",
+    "separation_compiled_s",
+    "compiled_max_abs_diff",
+    "compile_cold_s",
+    "compile_warm_s",
+    "e2e_compiled_s",
+    "e2e_over_raw_compiled",
+    "stage_compiled_s",
     "hpss_reference_s",
     "hpss_s",
     "hpss_speedup",
@@ -111,6 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="leave a step out (repeatable)",
     )
     parser.add_argument(
+        "--compile-backend",
+        default=None,
+        metavar="BACKEND",
+        help="also measure the compiled model (torch.compile with BACKEND: inductor, or aot_eager to test "
+        "cheaply): cold and warm compile, separation, max abs diff from raw, end to end",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -153,6 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup_job=not args.no_warmup_job,
         mesh_env=extra_env,
         keep=args.keep,
+        compile_backend=args.compile_backend,
         log=lambda text: print(text, file=sys.stderr, flush=True),
     )
     print(format_table(report))
@@ -186,6 +212,7 @@ def run_bench(
     mesh_env: Mapping[str, str] | None = None,
     keep: Path | None = None,
     log: Callable[[str], None] = lambda _text: None,
+    compile_backend: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; return the report (a dict with every key of :data:`KEYS`)."""
     if model not in MODELS:
@@ -214,7 +241,13 @@ def run_bench(
             "overlap": 0.25,
         }
         if "raw" not in skip:
-            _step(report, "raw", log, lambda: _raw(report, work, repo, name, shifts, deadline))
+            save = work / "raw_stems.npy" if compile_backend else None
+            _step(report, "raw", log, lambda: _raw(report, work, repo, name, shifts, deadline, save))
+        if compile_backend:
+            report["compile_backend"] = compile_backend
+            _step(
+                report, "compiled", log, lambda: _compiled(report, work, repo, name, shifts, compile_backend, deadline)
+            )
         if "hpss" not in skip:
             _step(report, "hpss", log, lambda: _hpss(report, work, deadline))
         if "e2e" not in skip:
@@ -224,10 +257,20 @@ def run_bench(
                 log,
                 lambda: _e2e(report, work, repo, name, shifts, deadline, warmup_job, dict(mesh_env or {}), log),
             )
+        if compile_backend and "e2e" not in skip:
+            env = {**dict(mesh_env or {}), **_compiled_env(work, compile_backend)}
+            _step(
+                report,
+                "e2e_compiled",
+                log,
+                lambda: _e2e_compiled(report, work, repo, name, shifts, deadline, warmup_job, env, log),
+            )
         report["machine"]["loadavg_end"] = _loadavg()
         raw, e2e = report["raw_separation_s"], report["e2e_s"]
         if raw and e2e:
             report["e2e_over_raw"] = round(e2e / raw, 4)
+        if raw and report["e2e_compiled_s"]:
+            report["e2e_over_raw_compiled"] = round(report["e2e_compiled_s"] / raw, 4)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -294,8 +337,18 @@ def _run_child(mode: str, spec: dict[str, Any], timeout: float, env: Mapping[str
     return json.loads(lines[-1])
 
 
-def _raw(report: dict[str, Any], work: Path, repo: Path | None, name: str, shifts: int, deadline: _Deadline) -> None:
+def _raw(
+    report: dict[str, Any],
+    work: Path,
+    repo: Path | None,
+    name: str,
+    shifts: int,
+    deadline: _Deadline,
+    save: Path | None = None,
+) -> None:
     spec = {"song": str(work / "song.npy"), "repo": str(repo) if repo else None, "name": name, "shifts": shifts}
+    if save is not None:  # the stems, for the compiled run to compare with
+        spec["save"] = str(save)
     result = _run_child("raw", spec, deadline.left())
     report["raw_separation_s"] = round(result["seconds"], 3)
     report["raw_separation_peak_rss_mb"] = result["peak_rss_mb"]
@@ -330,6 +383,8 @@ def _child(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
         return _child_hpss_reference(spec)
     if mode == "hpss_ours":
         return _child_hpss_ours(spec)
+    if mode == "compiled":
+        return _child_compiled(spec)
     raise SystemExit(f"unknown child mode {mode!r}")
 
 
@@ -346,6 +401,8 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         ref = mix.mean(0)
         mean, std = ref.mean(), ref.std() + 1e-8
         normalized = ((mix - mean) / std)[None]
+        if spec.get("save"):
+            random.seed(0)  # the shifts the compiled run draws too
         started = time.perf_counter()
         out = apply_model(
             model, normalized, shifts=int(spec["shifts"]), split=True, overlap=0.25, device="cpu", num_workers=0
@@ -353,7 +410,82 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         out = out[0] * std + mean
     assert out.shape[-1] == mix.shape[-1]
+    if spec.get("save"):
+        np.save(spec["save"], out.numpy())
     return {"seconds": seconds, "peak_rss_mb": read_peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+
+
+def _compiled(
+    report: dict[str, Any],
+    work: Path,
+    repo: Path | None,
+    name: str,
+    shifts: int,
+    backend: str,
+    deadline: _Deadline,
+) -> None:
+    spec = {
+        "song": str(work / "song.npy"),
+        "repo": str(repo) if repo else None,
+        "name": name,
+        "shifts": shifts,
+        "backend": backend,
+        "cache": str(work / "compile-cache"),
+        "reference": str(work / "raw_stems.npy"),
+    }
+    result = _run_child("compiled", spec, deadline.left())
+    report["compile_cold_s"] = round(result["compile_seconds"], 3)
+    report["separation_compiled_s"] = round(result["seconds"], 3)
+    report["compiled_max_abs_diff"] = result["max_abs_diff"]
+    report["machine"]["compiled_calls"] = result["compiled_calls"]
+
+
+def _child_compiled(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from demucs.apply import apply_model
+    from demucs.pretrained import get_model
+
+    from audiomesh.separation.compiled import compile_model, configure_cache
+    from audiomesh.separation.demucs_model import DemucsModel
+
+    configure_cache(spec["cache"])
+    eager = DemucsModel(
+        get_model(spec["name"], repo=Path(spec["repo"]) if spec["repo"] else None), name=spec["name"], device="cpu"
+    )
+    started = time.perf_counter()
+    compiled = compile_model(eager, backend=spec["backend"])
+    compile_seconds = time.perf_counter() - started
+    calls = compiled.compiled_calls
+    mix = torch.from_numpy(np.load(spec["song"]))
+    with torch.inference_mode():
+        ref = mix.mean(0)
+        mean, std = ref.mean(), ref.std() + 1e-8
+        normalized = ((mix - mean) / std)[None]
+        random.seed(0)  # the shifts raw drew
+        started = time.perf_counter()
+        out = apply_model(
+            compiled.model,
+            normalized,
+            shifts=int(spec["shifts"]),
+            split=True,
+            overlap=0.25,
+            device="cpu",
+            num_workers=0,
+        )
+        seconds = time.perf_counter() - started
+        out = (out[0] * std + mean).numpy()
+    if compiled.failure is not None:
+        raise RuntimeError(f"the compiled model failed: {compiled.failure}")
+    diff = None
+    if Path(spec["reference"]).is_file():
+        diff = float(np.abs(out - np.load(spec["reference"], mmap_mode="r")).max())
+    return {
+        "seconds": seconds,
+        "compile_seconds": compile_seconds,
+        "max_abs_diff": diff,
+        "compiled_calls": compiled.compiled_calls - calls,
+        "peak_rss_mb": read_peak_rss_mb(),
+    }
 
 
 def _child_hpss_reference(spec: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +579,92 @@ def _e2e(
     report["critical_path_s"] = round(total, 3)
     report["e2e_s"] = round(e2e_s, 3)
     report["overhead_s"] = round(e2e_s - total, 3)
+
+
+def _compiled_env(work: Path, backend: str) -> dict[str, str]:
+    return {
+        "AUDIOMESH_COMPILE": "true",
+        "AUDIOMESH_COMPILE_BACKEND": backend,
+        "AUDIOMESH_COMPILE_CACHE_DIR": str(work / "compile-cache"),
+    }
+
+
+def _e2e_compiled(
+    report: dict[str, Any],
+    work: Path,
+    repo: Path | None,
+    name: str,
+    shifts: int,
+    deadline: _Deadline,
+    warmup_job: bool,
+    env: dict[str, str],
+    log: Callable[[str], None],
+) -> None:
+    """The e2e job again, on a mesh whose separation worker runs the compiled model."""
+    from audiomesh.launcher import Mesh
+    from audiomesh.separation.compiled import MARKER
+
+    env = {
+        "AUDIOMESH_STORE_URL": (work / "store-compiled").resolve().as_uri(),
+        "AUDIOMESH_DEFAULT_MODEL": name,
+        "AUDIOMESH_LOG_FORMAT": "json",
+        "AUDIOMESH_RETENTION_HOURS": "0",
+        "AUDIOMESH_OTLP_ENDPOINT": "",
+        "AUDIOMESH_API_KEYS": "",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    if repo is not None:
+        env["AUDIOMESH_MODEL_REPO"] = str(repo)
+    mesh = Mesh(env=env, log_dir=work / "logs-compiled")
+    try:
+        mesh.start(timeout=deadline.left(600.0))
+        compiled_at = time.perf_counter()
+        asyncio.run(_wait_compiled(mesh.orchestrator, name, deadline.left()))
+        log(f"bench: the mesh's worker compiled {name} in {time.perf_counter() - compiled_at:.1f} s")
+        marker = json.loads((Path(env["AUDIOMESH_COMPILE_CACHE_DIR"]) / MARKER).read_text())
+        compiles = [c for entry in marker.values() if entry.get("model") == name for c in entry.get("compiles", [])]
+        report["compile_warm_s"] = max(compiles, key=lambda c: c["at"])["seconds"] if compiles else None
+        store_url = env["AUDIOMESH_STORE_URL"]
+        if warmup_job:
+            if not (work / "warmup.wav").is_file():
+                from audiomesh.demo import synth_song
+
+                _write_wav(work / "warmup.wav", synth_song(3.0, SAMPLE_RATE, seed=1))
+            asyncio.run(_one_job(mesh.orchestrator, store_url, work / "warmup.wav", shifts, deadline.left(600.0)))
+        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, store_url, work / "song.wav", shifts, deadline.left()))
+    finally:
+        mesh.stop()
+    report["e2e_compiled_s"] = round(e2e_s, 3)
+    report["stage_compiled_s"] = {
+        n["name"]: round(float(n.get("durationSeconds", 0.0)), 3) for n in doc["job"]["nodes"]
+    }
+    warnings = [w for n in doc["job"]["nodes"] for w in n.get("warnings", [])]
+    if warnings:
+        raise RuntimeError(f"the compiled job reported: {'; '.join(warnings)}")
+
+
+async def _wait_compiled(target: str, name: str, limit_s: float) -> None:
+    """Poll ListModels (through the orchestrator) until ``name`` is compiled."""
+    from audiomesh.rpc import ClientFactory
+    from audiomesh.v1 import orchestrator_pb2_grpc, separation_pb2
+
+    clients = ClientFactory()
+    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
+    end = time.monotonic() + limit_s
+    try:
+        while True:
+            models = (await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)).models
+            info = next((m for m in models if m.name == name), None)
+            if info is not None and info.execution == separation_pb2.MODEL_EXECUTION_COMPILED:
+                return
+            if info is not None and info.execution == separation_pb2.MODEL_EXECUTION_COMPILE_FAILED:
+                raise RuntimeError(f"the worker could not compile {name}: {info.compile_error}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"{name} was not compiled within {limit_s:.0f} s")
+            await asyncio.sleep(1.0)
+    finally:
+        await clients.close()
 
 
 def _mesh_thread_env(mesh: Any) -> dict[str, Any]:
@@ -657,6 +875,17 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("raw peak RSS", _fmt(report["raw_separation_peak_rss_mb"], " MB", 0)),
         ("end to end (mesh)", _fmt(report["e2e_s"], " s")),
         ("e2e / raw", _fmt(report["e2e_over_raw"], "x", 3)),
+        (
+            "compiled apply_model",
+            f"{_fmt(report['separation_compiled_s'], ' s')}  ({report['compile_backend'] or 'not run'})",
+        ),
+        ("compile cold / warm", f"{_fmt(report['compile_cold_s'], ' s')} / {_fmt(report['compile_warm_s'], ' s')}"),
+        (
+            "compiled max abs diff",
+            "—" if report["compiled_max_abs_diff"] is None else f"{report['compiled_max_abs_diff']:.3g}",
+        ),
+        ("e2e compiled (mesh)", _fmt(report["e2e_compiled_s"], " s")),
+        ("e2e compiled / raw", _fmt(report["e2e_over_raw_compiled"], "x", 3)),
         ("critical path", f"{_fmt(report['critical_path_s'], ' s')}  ({' > '.join(report['critical_path'] or [])})"),
         ("overhead", _fmt(report["overhead_s"], " s", 3)),
         ("hpss signal", _fmt(report["hpss_signal_s"], " s stereo", 1)),

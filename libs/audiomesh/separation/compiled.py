@@ -309,11 +309,9 @@ class CompiledDemucsModel(DemucsModel):
         for forward, shape in zip(self._forwards, shapes, strict=True):
             # Made in inference mode, as the separator makes its chunks: dynamo's guards tell
             # inference tensors from others, and a graph is only reused for what it was traced on.
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.no_grad():  # as the separator calls it
                 mix = torch.randn(shape, generator=generator).to(self.device)
-                forward.compiled(mix)  # compiles: minutes with Inductor and a cold cache
-                with torch.no_grad():  # as apply_model calls it
-                    out = forward.run_only(mix)
+                out = forward.compiled(mix)  # compiles: minutes with Inductor and a cold cache
                 ref = forward.eager(mix)
             diff = float((out - ref).abs().max())
             if not diff <= TOLERANCE:
