@@ -324,6 +324,24 @@ async def test_a_model_that_cannot_compile_runs_eager_with_a_warning_in_the_mani
             await running.stop(1)
 
 
+async def test_a_cold_compile_runs_in_a_child_process_first(tmp_path, repo, monkeypatch):
+    """With Inductor (here forced), a compile the cache lacks runs as `audiomesh warm` in a child
+    process, out of this process's GIL; its failure is reported like any other."""
+    monkeypatch.setenv("AUDIOMESH_MODEL_REPO", str(repo))
+    factory = SeparatorFactory(model_repo=repo, device="cpu", allow_download=False)
+    compiler = compiled_module.BackgroundCompiler(
+        factory, backend="no_such_backend", cache_dir=tmp_path / "cache", cold_in_child=True
+    )
+    try:
+        await asyncio.to_thread(factory.get, "tiny_ht")
+        assert await asyncio.to_thread(compiler.wait, "tiny_ht", timeout=90) == "compile_failed"
+        _, error = factory.execution("tiny_ht")
+        assert "`audiomesh warm --model tiny_ht` (the cold compile) exited with 1" in error
+        assert "no_such_backend" in error
+    finally:
+        compiler.close()
+
+
 def test_unknown_and_invalid_compile_settings_fail_at_start():
     with pytest.raises(Exception, match="AUDIOMESH_COMPILE="):
         load_settings(compile="sometimes")

@@ -445,7 +445,7 @@ def _child_compiled(spec: dict[str, Any]) -> dict[str, Any]:
     from demucs.apply import apply_model
     from demucs.pretrained import get_model
 
-    from audiomesh.separation.compiled import compile_model, configure_cache
+    from audiomesh.separation.compiled import compile_model, configure_cache, record_compile
     from audiomesh.separation.demucs_model import DemucsModel
 
     configure_cache(spec["cache"])
@@ -455,6 +455,7 @@ def _child_compiled(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     compiled = compile_model(eager, backend=spec["backend"])
     compile_seconds = time.perf_counter() - started
+    record_compile(spec["cache"], eager, spec["backend"], compile_seconds)  # the mesh's worker finds it
     calls = compiled.compiled_calls
     mix = torch.from_numpy(np.load(spec["song"]))
     with torch.inference_mode():

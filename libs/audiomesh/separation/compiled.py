@@ -42,6 +42,8 @@ import hashlib
 import json
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +76,7 @@ __all__ = [
     "compiled_before",
     "configure_cache",
     "graph_calls",
+    "record_compile",
     "warm_cache",
 ]
 
@@ -115,8 +118,9 @@ def chunk_shapes(module: nn.Module) -> list[tuple[int, int, int]]:
 
 def compile_key(model: DemucsModel, backend: str) -> str:
     """What a compiled graph depends on, as a short hash: name, architecture (every parameter's
-    name, shape and dtype), chunk shapes, device, backend and torch version."""
-    parts: list[Any] = [model.name, model.device, backend, torch.__version__]
+    name, shape and dtype), chunk shapes, device, backend, torch version and torch's thread
+    count (Inductor's CPU kernels specialize on it)."""
+    parts: list[Any] = [model.name, model.device, backend, torch.__version__, torch.get_num_threads()]
     for sub, shape in zip(_submodels(model.model), chunk_shapes(model.model), strict=True):
         params = [(n, list(p.shape), str(p.dtype)) for n, p in sub.named_parameters()]
         parts.append([type(sub).__name__, list(shape), params])
@@ -139,6 +143,11 @@ def _read_marker(folder: Path) -> dict[str, Any]:
 
 
 _marker_lock = threading.Lock()
+
+
+def record_compile(cache_dir: Path | str, model: DemucsModel, backend: str, seconds: float) -> None:
+    """Note in ``cache_dir``'s :data:`MARKER` that ``model`` was compiled there (for ``auto``)."""
+    _record(Path(cache_dir), compile_key(model, backend), model, backend, seconds)
 
 
 def _record(folder: Path, key: str, model: DemucsModel, backend: str, seconds: float) -> None:
@@ -411,6 +420,13 @@ class BackgroundCompiler:
         Running separations: a compile starts only when none runs.
     nice : int, keyword-only
         Niceness of the compile thread (default :data:`COMPILE_NICE`).
+    cold_in_child : bool, keyword-only
+        Run a compile that the cache does not hold yet in a child process first (``audiomesh
+        warm``, inheriting the thread's niceness), then compile here from the warm cache. A cold
+        Inductor compile is minutes of Python: in this process it would hold the GIL that a
+        running separation needs between its torch calls; in a child it costs that separation
+        nothing but CPU at the lowest priority. Default: for ``inductor`` (other backends keep
+        nothing on disk, so a child would only repeat the work).
     """
 
     def __init__(
@@ -422,6 +438,7 @@ class BackgroundCompiler:
         cache_dir: Path,
         activity: Activity | None = None,
         nice: int | None = None,
+        cold_in_child: bool | None = None,
     ) -> None:
         if mode not in ("true", "auto"):
             raise ValueError(f"mode must be 'true' or 'auto', got {mode!r}")
@@ -431,6 +448,9 @@ class BackgroundCompiler:
         self.cache_dir = Path(cache_dir)
         self.activity = activity or Activity()
         self.nice = COMPILE_NICE if nice is None else nice
+        self.cold_in_child = backend == "inductor" if cold_in_child is None else cold_in_child
+        self._child: subprocess.Popen[str] | None = None
+        self._closed = False
         self._queue: queue.Queue[tuple[str, str, DemucsModel] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -466,12 +486,41 @@ class BackgroundCompiler:
             self.activity.wait_idle()
             self._compile(*item)
 
+    def _fill_cache(self, name: str, device: str, eager: DemucsModel) -> None:
+        """``audiomesh warm --model NAME`` in a child process, unless the cache holds the model."""
+        if not self.cold_in_child or compiled_before(self.cache_dir, compile_key(eager, self.backend)):
+            return
+        env = {
+            **os.environ,  # the same settings as this worker (.env is read from the same folder)
+            "AUDIOMESH_COMPILE_BACKEND": self.backend,
+            "AUDIOMESH_COMPILE_CACHE_DIR": str(self.cache_dir),
+            "AUDIOMESH_DEVICE": "cuda" if device.startswith("cuda") else device,
+            "AUDIOMESH_TORCH_THREADS": str(torch.get_num_threads()),  # Inductor's kernels specialize on it
+        }
+        cmd = [sys.executable, "-m", "audiomesh.cli", "warm", "--model", name]
+        with self._guard:
+            if self._closed:
+                raise RuntimeError("the worker is stopping")
+            self._child = subprocess.Popen(  # inherits this thread's niceness
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        try:
+            output, _ = self._child.communicate()
+        finally:
+            with self._guard:
+                code, self._child = self._child.returncode, None
+        if code != 0:
+            tail = " | ".join(output.strip().splitlines()[-3:])
+            raise RuntimeError(f"`audiomesh warm --model {name}` (the cold compile) exited with {code}: {tail}")
+
     def _compile(self, name: str, device: str, eager: DemucsModel) -> None:
         log = logger(model=name, device=device, backend=self.backend)
         shapes = chunk_shapes(eager.model)
         log.info("compile started (serving eager meanwhile)", chunk_shapes=[list(s) for s in shapes])
         started = time.perf_counter()
         try:
+            self._fill_cache(name, device, eager)
+            self.activity.wait_idle()
             compiled = compile_model(eager, backend=self.backend, on_failure=self._failed_later)
         except Exception as exc:  # noqa: BLE001 - any failure to compile means eager, never a failed job
             reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
@@ -518,7 +567,12 @@ class BackgroundCompiler:
         return []
 
     def close(self) -> None:
-        """Stop after the compile in progress (the thread is a daemon: exiting does not wait)."""
+        """Stop after the compile in progress (the thread is a daemon: exiting does not wait);
+        a cold compile running in a child process is stopped."""
+        with self._guard:
+            self._closed = True
+            if self._child is not None:
+                self._child.terminate()
         self._queue.put(None)
 
 
