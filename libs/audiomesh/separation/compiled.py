@@ -6,10 +6,12 @@ on-disk cache is warm). So nobody waits for it:
 
 * :class:`BackgroundCompiler` listens to a :class:`~audiomesh.separation.registry.SeparatorFactory`:
   each model it loads is served eager at once and compiled on one background thread at the
-  lowest CPU priority (niceness 19, inherited by Inductor's compiler subprocesses), which starts a
-  compile only while no separation runs (:class:`Activity`). When the compiled model is ready
-  the factory's entry is swapped: later requests get it, a separation in flight keeps the model
-  it started with.
+  lowest CPU priority (niceness 19, inherited by the processes it starts), which starts a
+  compile only while no separation runs (:class:`Activity`). A cold Inductor compile (minutes of
+  Python, which would hold the GIL a running separation needs) runs first in a child process
+  (``audiomesh warm``); this process then compiles from the warm cache. When the compiled model
+  is ready the factory's entry is swapped: later requests get it, a separation in flight keeps
+  the model it started with.
 * :func:`compile_model` builds a :class:`CompiledDemucsModel` and warms it: one forward pass of
   the chunk shape the separator uses (``torch.compile`` is lazy: that call compiles), then checks
   the compiled output against eager on that chunk (:data:`TOLERANCE`). A compile that fails, a
@@ -29,8 +31,10 @@ sharing it compile in seconds. Inductor keys an entry by the traced graph, the s
 devices of its inputs, the torch version and the compile configuration; the weights are graph
 *inputs*, not constants, so models of one architecture share kernels while each runs with its own
 weights, and another architecture, device or chunk shape gets another graph. In this process each
-model has its own compiled wrapper, and dynamo's guards check the shapes, dtypes and devices of
-the weights and the chunk before a graph runs. The folder also holds :data:`MARKER`, the models
+model has its own wrapper; dynamo's graphs live on the model class's ``forward`` and run for a
+call only when their guards hold (the shapes, dtypes and devices of the weights and the chunk, the
+configuration values the trace read), so a model of the same architecture may run a graph traced
+on another one's call, with its own weights, and any other model gets its own graph. The folder also holds :data:`MARKER`, the models
 compiled there before (keyed by :func:`compile_key`), which ``AUDIOMESH_COMPILE=auto`` consults.
 """
 
