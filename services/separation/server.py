@@ -280,6 +280,7 @@ def build(settings: Settings) -> ServiceSpec:
             await asyncio.to_thread(factory.get, settings.default_model)
         except errors.AudiomeshError as exc:
             logger().warning("default model not loaded", model=settings.default_model, reason=str(exc))
+        release_memory()  # what loading freed (jemalloc keeps it otherwise) is not held while idle
         logger().info(
             "torch", threads=torch.get_num_threads(), cuda=torch.cuda.is_available(), compile=settings.compile
         )
