@@ -13,7 +13,6 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -38,12 +37,14 @@ from audiomesh.services.normalize.server import build as build_normalize
 from audiomesh.services.orchestrator.server import build as build_orchestrator
 from audiomesh.services.separation.server import build as build_separation
 from audiomesh.v1 import common_pb2, orchestrator_pb2_grpc, separation_pb2, separation_pb2_grpc
+from tests.helpers import workers
 from tests.helpers.mesh import upload, wait_for, write_song
 from tests.helpers.models import make_tiny_repo
+from tests.helpers.workers import F32, Worker
 
 pytestmark = pytest.mark.timeout(180)
 
-F32 = common_pb2.AUDIO_ENCODING_WAV_FLOAT32
+
 EAGER = separation_pb2.MODEL_EXECUTION_EAGER
 COMPILING = separation_pb2.MODEL_EXECUTION_COMPILING
 COMPILED = separation_pb2.MODEL_EXECUTION_COMPILED
@@ -89,22 +90,17 @@ def repo(tmp_path_factory) -> Path:
     return folder
 
 
-@dataclass
-class Worker:
-    channel: grpc.aio.Channel
-    address: str
-    root: Path
-    factory: SeparatorFactory
+class SeparationWorker(Worker):
+    @property
+    def factory(self) -> SeparatorFactory:
+        return self.servicer.factory
+
+    def put_song(self, key: str, seconds: float = 3.0) -> str:
+        return self.put(key, synth_song(seconds))
 
     @property
     def stub(self) -> separation_pb2_grpc.SeparationServiceStub:
         return separation_pb2_grpc.SeparationServiceStub(self.channel)
-
-    def put(self, key: str, seconds: float = 3.0) -> str:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, synth_song(seconds).T, 44100, subtype="FLOAT")
-        return key
 
     def stems(self, result: separation_pb2.SeparateResult) -> np.ndarray:
         return np.stack([sf.read(self.root / t.key, dtype="float32", always_2d=True)[0].T for t in result.stems])
@@ -135,27 +131,16 @@ class Worker:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(tmp_path: Path, repo: Path, **overrides) -> AsyncIterator[Worker]:
-    root = tmp_path / "store"
-    settings = load_settings(
-        **{
-            "store_url": f"file://{root}",
-            "default_model": "tiny_ht",
-            "model_repo": str(repo),
-            "compile_backend": BACKEND,
-            "compile_cache_dir": str(tmp_path / "compile-cache"),
-            **overrides,
-        }
-    )
-    spec = build_separation(settings)
-    server = await start_server(spec.registrations, service="test", warmup=spec.warmup, concurrency=spec.concurrency)
-    try:
-        await asyncio.wait_for(server.ready.wait(), 60)
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            yield Worker(channel, server.address, root, spec.registrations[0].servicer.factory)
-    finally:
-        await spec.on_stop()
-        await server.stop(1)
+async def running_worker(tmp_path: Path, repo: Path, **overrides) -> AsyncIterator[SeparationWorker]:
+    settings = {
+        "default_model": "tiny_ht",
+        "model_repo": str(repo),
+        "compile_backend": BACKEND,
+        "compile_cache_dir": str(tmp_path / "compile-cache"),
+        **overrides,
+    }
+    async with workers.running_worker(build_separation, tmp_path, **settings) as worker:
+        yield SeparationWorker(**vars(worker))
 
 
 def eager_stems(repo: Path, name: str, seconds: float = 3.0) -> np.ndarray:
@@ -193,7 +178,7 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
             yield from separate_stream(*args, **kwargs)
 
         eager.separate_stream = held
-        key = worker.put("in/mix.wav")
+        key = worker.put_song("in/mix.wav")
         job_a = asyncio.ensure_future(worker.separate(key, "a"))
         assert await asyncio.to_thread(started.wait, 30)
         release.set()
@@ -212,7 +197,7 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
 
 async def test_each_model_runs_its_own_weights_and_other_shapes_run_eager(tmp_path, repo):
     async with running_worker(tmp_path, repo, compile="true") as worker:
-        key = worker.put("in/mix.wav")
+        key = worker.put_song("in/mix.wav")
         await worker.wait_execution(COMPILED, "tiny_ht")
         first = await worker.separate(key, "first2", model="tiny_ht2")  # loads it: eager meanwhile
         assert first.execution in (EAGER, COMPILED)
@@ -232,7 +217,7 @@ async def test_each_model_runs_its_own_weights_and_other_shapes_run_eager(tmp_pa
 
 async def test_a_compiled_model_that_fails_while_running_falls_back_to_eager(tmp_path, repo):
     async with running_worker(tmp_path, repo, compile="true") as worker:
-        key = worker.put("in/mix.wav")
+        key = worker.put_song("in/mix.wav")
         await worker.wait_execution(COMPILED)
         FAIL_RUN.set()
         failed = await worker.separate(key, "failed")

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from audiomesh.config import load_settings
 from audiomesh.demo import synth_song
 from audiomesh.dsp.loudness import measure
-from audiomesh.rpc.server import start_server
 from audiomesh.services.composite.server import build as build_composite
 from audiomesh.services.hpss.server import build as build_hpss
 from audiomesh.services.normalize.server import build as build_normalize
@@ -34,71 +27,7 @@ from audiomesh.v1 import (
     separation_pb2,
     separation_pb2_grpc,
 )
-from tests.helpers.models import make_tiny_repo
-
-F32 = common_pb2.AUDIO_ENCODING_WAV_FLOAT32
-
-
-@dataclass
-class Worker:
-    channel: grpc.aio.Channel
-    root: Path
-    full_name: str
-
-    def put(self, key: str, y: np.ndarray, rate: int = 44100) -> str:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, y.T, rate, subtype="FLOAT")
-        return key
-
-    def get(self, key: str) -> np.ndarray:
-        y, _ = sf.read(self.root / key, dtype="float32", always_2d=True)
-        return y.T
-
-
-@contextlib.asynccontextmanager
-async def running_worker(build, tmp_path: Path, **overrides) -> AsyncIterator[Worker]:
-    root = tmp_path / "store"
-    settings = load_settings(store_url=f"file://{root}", default_model="demucs_unittest", **overrides)
-    spec = build(settings)
-    server = await start_server(
-        spec.registrations,
-        service="test",
-        warmup=spec.warmup,
-        concurrency=spec.concurrency,
-        light_methods=spec.light_methods,
-    )
-    await asyncio.wait_for(server.ready.wait(), 120)
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        yield Worker(channel, root, spec.registrations[0].full_name)
-    await server.stop(1)
-
-
-@pytest.fixture
-async def separation(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    make_tiny_repo(repo, "tiny_ht")
-    async with running_worker(build_separation, tmp_path, model_repo=str(repo), worker_concurrency=1) as w:
-        yield w
-
-
-@pytest.fixture
-async def hpss(tmp_path):
-    async with running_worker(build_hpss, tmp_path) as w:
-        yield w
-
-
-@pytest.fixture
-async def composite(tmp_path):
-    async with running_worker(build_composite, tmp_path) as w:
-        yield w
-
-
-@pytest.fixture
-async def normalize(tmp_path):
-    async with running_worker(build_normalize, tmp_path) as w:
-        yield w
+from tests.helpers.workers import F32, Worker, running_worker
 
 
 @pytest.mark.parametrize("build", [build_separation, build_hpss, build_composite, build_normalize])

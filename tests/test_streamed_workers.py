@@ -15,26 +15,12 @@ from audiomesh.demo import synth_song
 from audiomesh.dsp.composite import mix
 from audiomesh.dsp.loudness import measure
 from audiomesh.dsp.normalize import apply_gain_db
-from audiomesh.services.composite.server import build as build_composite
-from audiomesh.services.normalize.server import build as build_normalize
 from audiomesh.tracks import SILENCE_LUFS, loudness_pb, measurement_from_pb
 from audiomesh.v1 import common_pb2, composite_pb2, composite_pb2_grpc, normalize_pb2, normalize_pb2_grpc
-from tests.test_services import F32, running_worker
+from tests.helpers.workers import F32
 
 RATE = 44100
 SECONDS = 2.5 * BLOCK_FRAMES / RATE  # three blocks, the last one partial
-
-
-@pytest.fixture
-async def composite(tmp_path):
-    async with running_worker(build_composite, tmp_path) as w:
-        yield w
-
-
-@pytest.fixture
-async def normalize(tmp_path):
-    async with running_worker(build_normalize, tmp_path) as w:
-        yield w
 
 
 def levels(loudness: common_pb2.Loudness) -> tuple[float, float, float]:
