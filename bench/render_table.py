@@ -16,6 +16,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("raw peak RSS (MB)", "raw_separation_peak_rss_mb", "{:.0f}"),
     ("**end to end through the mesh (s)**", "e2e_s", "**{:.1f}**"),
     ("**e2e / raw**", "e2e_over_raw", "**{:.2f}**"),
+    ("compiled `apply_model` (s, Inductor)", "separation_compiled_s", "{:.1f}"),
+    ("compiled max abs diff from raw", "compiled_max_abs_diff", "{:.2g}"),
+    ("compile cold / warm cache (s)", "compile", "{}"),
+    ("**end to end, compiled worker (s)**", "e2e_compiled_s", "**{:.1f}**"),
+    ("**e2e compiled / raw**", "e2e_over_raw_compiled", "**{:.2f}**"),
     ("critical path compute (s)", "critical_path_s", "{:.1f}"),
     ("overhead = e2e − critical path (s)", "overhead_s", "{:.2f}"),
     ("node decode (s)", "stage_s.decode", "{:.1f}"),
@@ -47,6 +52,11 @@ def value(report: dict[str, Any], key: str) -> Any:
     if key == "hpss_rss":
         ref, ours = report.get("hpss_reference_peak_rss_mb"), report.get("hpss_peak_rss_mb")
         return " / ".join("—" if v is None else f"{v:.0f}" for v in (ref, ours))
+    if key == "compile":
+        cold, warm = report.get("compile_cold_s"), report.get("compile_warm_s")
+        if cold is None and warm is None:
+            return None
+        return " / ".join("—" if v is None else f"{v:.0f}" for v in (cold, warm))
     if key == "load":
         machine = report.get("machine") or {}
         start, end = machine.get("loadavg_start"), machine.get("loadavg_end")

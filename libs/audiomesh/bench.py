@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -525,6 +526,43 @@ def _child_hpss_ours(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the mesh
 
 
+@contextlib.contextmanager
+def _bench_mesh(
+    work: Path, repo: Path | None, name: str, deadline: _Deadline, folder: str, extra_env: Mapping[str, str]
+) -> Iterator[tuple[Any, dict[str, str]]]:
+    """An ephemeral mesh on a file store in ``work/<folder>`` (logs beside it): ``(mesh, its env)``."""
+    from audiomesh.launcher import Mesh
+
+    env = {
+        "AUDIOMESH_STORE_URL": (work / folder).resolve().as_uri(),
+        "AUDIOMESH_DEFAULT_MODEL": name,
+        "AUDIOMESH_LOG_FORMAT": "json",
+        "AUDIOMESH_RETENTION_HOURS": "0",
+        "AUDIOMESH_OTLP_ENDPOINT": "",
+        "AUDIOMESH_API_KEYS": "",
+        "HF_HUB_OFFLINE": "1",
+        **extra_env,
+    }
+    if repo is not None:
+        env["AUDIOMESH_MODEL_REPO"] = str(repo)
+    mesh = Mesh(env=env, log_dir=work / f"logs-{folder}")
+    try:
+        mesh.start(timeout=deadline.left(600.0))
+        yield mesh, env
+    finally:
+        mesh.stop()
+
+
+def _warmup_job(mesh: Any, env: Mapping[str, str], work: Path, shifts: int, deadline: _Deadline) -> None:
+    """A 3 s job first: every worker's lazy first-request work is out of the measured job."""
+    song = work / "warmup.wav"
+    if not song.is_file():
+        from audiomesh.demo import synth_song
+
+        _write_wav(song, synth_song(3.0, SAMPLE_RATE, seed=1))
+    asyncio.run(_one_job(mesh.orchestrator, env["AUDIOMESH_STORE_URL"], song, shifts, deadline.left(600.0)))
+
+
 def _e2e(
     report: dict[str, Any],
     work: Path,
@@ -536,42 +574,21 @@ def _e2e(
     extra_env: dict[str, str],
     log: Callable[[str], None],
 ) -> None:
-    from audiomesh.launcher import Mesh
-
-    env = {
-        "AUDIOMESH_STORE_URL": (work / "store").resolve().as_uri(),
-        "AUDIOMESH_DEFAULT_MODEL": name,
-        "AUDIOMESH_LOG_FORMAT": "json",
-        "AUDIOMESH_RETENTION_HOURS": "0",
-        "AUDIOMESH_OTLP_ENDPOINT": "",
-        "AUDIOMESH_API_KEYS": "",
-        "HF_HUB_OFFLINE": "1",
-        **extra_env,
-    }
-    if repo is not None:
-        env["AUDIOMESH_MODEL_REPO"] = str(repo)
     started = time.perf_counter()
-    mesh = Mesh(env=env, log_dir=work / "logs")
-    try:
-        mesh.start(timeout=deadline.left(600.0))
+    with _bench_mesh(work, repo, name, deadline, "store", extra_env) as (mesh, env):
         report["mesh_start_s"] = round(time.perf_counter() - started, 2)
         report["thread_budget"] = _mesh_thread_env(mesh)
         report["service_idle_rss_mb"] = {service: _rss_mb(proc.pid) for service, proc in mesh.procs.items()}
         log(f"bench: mesh up in {report['mesh_start_s']:.1f} s")
-        store_url = env["AUDIOMESH_STORE_URL"]
         if warmup_job:
-            from audiomesh.demo import synth_song
-
-            _write_wav(work / "warmup.wav", synth_song(3.0, SAMPLE_RATE, seed=1))
-            asyncio.run(_one_job(mesh.orchestrator, store_url, work / "warmup.wav", shifts, deadline.left(600.0)))
+            _warmup_job(mesh, env, work, shifts, deadline)
             log("bench: warm-up job done")
-        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, store_url, work / "song.wav", shifts, deadline.left()))
+        song = work / "song.wav"
+        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, env["AUDIOMESH_STORE_URL"], song, shifts, deadline.left()))
         report["service_peak_rss_mb"] = {
             service: read_peak_rss_mb(proc.pid) for service, proc in mesh.procs.items() if proc.poll() is None
         }
         report["separation_peak_rss_mb"] = report["service_peak_rss_mb"].get("separation")
-    finally:
-        mesh.stop()
     nodes = doc["job"]["nodes"]
     durations = {n["name"]: round(float(n.get("durationSeconds", 0.0)), 3) for n in nodes}
     report["stage_s"] = durations
@@ -598,44 +615,23 @@ def _e2e_compiled(
     shifts: int,
     deadline: _Deadline,
     warmup_job: bool,
-    env: dict[str, str],
+    extra_env: dict[str, str],
     log: Callable[[str], None],
 ) -> None:
     """The e2e job again, on a mesh whose separation worker runs the compiled model."""
-    from audiomesh.launcher import Mesh
     from audiomesh.separation.compiled import MARKER
 
-    env = {
-        "AUDIOMESH_STORE_URL": (work / "store-compiled").resolve().as_uri(),
-        "AUDIOMESH_DEFAULT_MODEL": name,
-        "AUDIOMESH_LOG_FORMAT": "json",
-        "AUDIOMESH_RETENTION_HOURS": "0",
-        "AUDIOMESH_OTLP_ENDPOINT": "",
-        "AUDIOMESH_API_KEYS": "",
-        "HF_HUB_OFFLINE": "1",
-        **env,
-    }
-    if repo is not None:
-        env["AUDIOMESH_MODEL_REPO"] = str(repo)
-    mesh = Mesh(env=env, log_dir=work / "logs-compiled")
-    try:
-        mesh.start(timeout=deadline.left(600.0))
+    with _bench_mesh(work, repo, name, deadline, "store-compiled", extra_env) as (mesh, env):
         compiled_at = time.perf_counter()
         asyncio.run(_wait_compiled(mesh.orchestrator, name, deadline.left()))
         log(f"bench: the mesh's worker compiled {name} in {time.perf_counter() - compiled_at:.1f} s")
         marker = json.loads((Path(env["AUDIOMESH_COMPILE_CACHE_DIR"]) / MARKER).read_text())
         compiles = [c for entry in marker.values() if entry.get("model") == name for c in entry.get("compiles", [])]
         report["compile_warm_s"] = max(compiles, key=lambda c: c["at"])["seconds"] if compiles else None
-        store_url = env["AUDIOMESH_STORE_URL"]
         if warmup_job:
-            if not (work / "warmup.wav").is_file():
-                from audiomesh.demo import synth_song
-
-                _write_wav(work / "warmup.wav", synth_song(3.0, SAMPLE_RATE, seed=1))
-            asyncio.run(_one_job(mesh.orchestrator, store_url, work / "warmup.wav", shifts, deadline.left(600.0)))
-        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, store_url, work / "song.wav", shifts, deadline.left()))
-    finally:
-        mesh.stop()
+            _warmup_job(mesh, env, work, shifts, deadline)
+        song = work / "song.wav"
+        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, env["AUDIOMESH_STORE_URL"], song, shifts, deadline.left()))
     report["e2e_compiled_s"] = round(e2e_s, 3)
     report["stage_compiled_s"] = {
         n["name"]: round(float(n.get("durationSeconds", 0.0)), 3) for n in doc["job"]["nodes"]
