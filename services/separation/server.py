@@ -18,12 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import soundfile as sf
 import torch
 
 from audiomesh import errors
-from audiomesh.audio.io import file_sha256, probe, read_audio
-from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource, TrackWriter
+from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import separation_options
@@ -33,7 +31,7 @@ from audiomesh.separation.compiled import Activity, BackgroundCompiler, configur
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import ENCODINGS, Outputs, audio_info_pb, fetch_audio, loudness_pb
+from audiomesh.tracks import ENCODINGS, Outputs, fetch_audio, open_source
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 #: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
@@ -154,20 +152,6 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         )
 
 
-def _open_mix(store: ObjectStore, key: str, tmp: Path, rate: int, channels: int) -> MixSource:
-    """The mix as a source: read in place when the file is already at the model's rate and
-    channel count (the orchestrator's decoded mix always is), else decoded into memory."""
-    local = tmp / ("in-" + Path(key).name)
-    store.get_to_file(key, local)
-    info = probe(local)  # validates (truncated WAV, no samples, not audio) with a clear message
-    if info.format in ("WAV", "WAVEX", "FLAC") and info.sample_rate == rate and info.channels == channels:
-        with contextlib.suppress(sf.LibsndfileError, RuntimeError):
-            return SoundFileSource(local)
-    mix, mix_rate = read_audio(local, sample_rate=rate, channels=channels)
-    local.unlink(missing_ok=True)
-    return ArraySource(mix, mix_rate)
-
-
 class _StemWriters:
     """Encode and measure stem blocks on a writer thread (a bounded queue: memory stays bounded)."""
 
@@ -220,7 +204,8 @@ class _StemWriters:
 
 def _separate_streaming(model, options, store, request, tmp: Path, outputs: Outputs, report, cancel):
     """Separate block by block into files, then publish each stem (bounded memory)."""
-    source = _open_mix(store, request.input_key, tmp, model.sample_rate, model.audio_channels)
+    # Read in place when already at the model's rate and channels (the decoded mix always is).
+    source = open_source(store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels)
     sink = _StemWriters(tmp, model.sample_rate, model.audio_channels, request.encoding)
     try:
         for _start, stems in model.separate_stream(
@@ -235,25 +220,11 @@ def _separate_streaming(model, options, store, request, tmp: Path, outputs: Outp
         sink.abort()
         raise
     finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-    tracks = []
-    for name, (path, measurement) in written.items():
-        key = f"{request.output_prefix}/{name}.wav"
-        track = common_pb2.Track(
-            name=name,
-            key=key,
-            sha256=file_sha256(path),
-            size_bytes=path.stat().st_size,
-            audio=audio_info_pb(probe(path)),
-            loudness=loudness_pb(measurement),
-        )
-        outputs.keys.append(key)
-        store.put_file(key, path)
-        path.unlink(missing_ok=True)
-        tracks.append(track)
-    return tracks
+        source.close()
+    return [
+        outputs.publish_file(name, f"{request.output_prefix}/{name}.wav", path, measurement)
+        for name, (path, measurement) in written.items()
+    ]
 
 
 def build(settings: Settings) -> ServiceSpec:
