@@ -1,8 +1,8 @@
 """Compiled separation: a Demucs model through ``torch.compile``, built in the background.
 
-On a 2-core CPU, ``torch.compile`` runs HTDemucs 1.47x faster than eager with the same stems
-(max abs difference 4e-8), but Inductor's first compile takes ~10 minutes (~27 s once its
-on-disk cache is warm). So nobody waits for it:
+On a 2-core CPU, ``torch.compile`` runs HTDemucs 1.15x faster than eager over a whole song with
+the same stems (max abs difference 1.1e-6; BENCHMARKS.md), but Inductor's first compile takes
+~11 minutes (~40 s once its on-disk cache is warm). So nobody waits for it:
 
 * :class:`BackgroundCompiler` listens to a :class:`~audiomesh.separation.registry.SeparatorFactory`:
   each model it loads is served eager at once and compiled on one background thread at the
