@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from audiomesh.demo import synth_song
 from audiomesh.dsp.loudness import measure
+from audiomesh.separation import SeparationOptions
 from audiomesh.services.composite.server import build as build_composite
 from audiomesh.services.hpss.server import build as build_hpss
 from audiomesh.services.normalize.server import build as build_normalize
@@ -75,6 +76,40 @@ async def test_separate_streams_progress_and_writes_stems(separation, model):
         y = separation.get(track.key)
         assert y.shape == (2, 3 * 44100) and np.isfinite(y).all()
         assert track.sha256 and track.audio.sample_rate == 44100
+
+
+class _WholeSignalOnly:
+    """A separator without ``separate_stream`` (as a non-Demucs model may be): the whole-signal path."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, attr: str):
+        if attr == "separate_stream":
+            raise AttributeError(attr)
+        return getattr(self._inner, attr)
+
+
+async def test_separate_whole_signal_path_for_models_that_do_not_stream(separation):
+    factory = separation.servicer.factory
+    model = factory.get("tiny_ht")
+    assert factory.swap("tiny_ht", model.device, model, _WholeSignalOnly(model))
+    y = synth_song(2.0)
+    key = separation.put("in/mix.wav", y)
+    stub = separation_pb2_grpc.SeparationServiceStub(separation.channel)
+    request = separation_pb2.SeparateRequest(
+        input_key=key,
+        output_prefix="out",
+        model="tiny_ht",
+        encoding=F32,
+        options=common_pb2.SeparationOptions(shifts=0),
+    )
+    _, result = await _separate(stub, request)
+    expected = model.separate(y, options=SeparationOptions(shifts=0))
+    assert {t.name for t in result.stems} == set(expected)
+    for track in result.stems:
+        np.testing.assert_allclose(separation.get(track.key), expected[track.name], atol=1e-6, rtol=0)
+        assert track.HasField("loudness") and track.audio.frames == y.shape[1]
 
 
 async def test_separate_models_listed(separation):

@@ -122,23 +122,6 @@ def open_local(path: Path, *, sample_rate: int | None = None, channels: int | No
     return ArraySource(y, rate)
 
 
-def fetch_audio(
-    store: ObjectStore,
-    key: str,
-    workdir: Path,
-    *,
-    sample_rate: int | None = None,
-    channels: int | None = None,
-) -> tuple[np.ndarray, int]:
-    """Download ``key`` into ``workdir`` and decode it to float32 (channels, frames)."""
-    local = Path(workdir) / ("in-" + Path(key).name)
-    store.get_to_file(key, local)
-    try:
-        return read_audio(local, sample_rate=sample_rate, channels=channels)
-    finally:
-        local.unlink(missing_ok=True)
-
-
 class Outputs:
     """Publishes tracks and remembers their keys; ``discard()`` deletes them all."""
 

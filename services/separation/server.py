@@ -31,7 +31,7 @@ from audiomesh.separation.compiled import Activity, BackgroundCompiler, configur
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import ENCODINGS, Outputs, fetch_audio, open_source
+from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 #: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
@@ -106,9 +106,14 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                 report(0.0, "loading audio")
                 if hasattr(model, "separate_stream") and options.split:
                     return _separate_streaming(model, options, self.store, request, Path(tmp), outputs, report, cancel)
-                mix, rate = fetch_audio(
-                    self.store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels
-                )
+                with open_source(
+                    self.store,
+                    request.input_key,
+                    Path(tmp),
+                    sample_rate=model.sample_rate,
+                    channels=model.audio_channels,
+                ) as source:
+                    mix, rate = source.read(0, source.frames), source.sample_rate
                 stems = model.separate(
                     mix, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
                 )
