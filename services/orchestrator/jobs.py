@@ -43,6 +43,7 @@ class JobRecord:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task | None = None
     last_persist: float = 0.0
+    persisted_state: int = -1  # the job state in the last manifest written (or attempted)
     persist_error: str = ""
 
     @property
@@ -90,8 +91,10 @@ class JobRegistry:
             rec.events.append(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {event}")
             self.log.info(event, job_id=rec.job.job_id)
         # Persist before telling watchers: a client that sees a state can read it in the manifest.
+        # A state the manifest does not have yet is persisted by whoever notifies first (another
+        # coroutine's progress may wake the watchers while the state change waits for the lock).
         due = time.monotonic() - rec.last_persist >= _PROGRESS_PERSIST_INTERVAL
-        if persist or due:
+        if persist or due or rec.job.state != rec.persisted_state:
             await self.persist(rec)
         rec.version += 1
         async with rec.changed:
@@ -104,30 +107,38 @@ class JobRegistry:
         writes again."""
         async with rec.write_lock:
             rec.last_persist = time.monotonic()
-            doc = orchestrator_pb2.Manifest(
-                schema_version=manifest.SCHEMA_VERSION,
-                job=rec.job,
-                software=manifest.software_versions(),
-                config=self._config,
-                events=rec.events,
-            )
-            data = manifest.dumps(doc)
-            deadline = time.monotonic() + self.outage_budget
-            delay = 0.25
-            while True:
-                try:
-                    await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, data)
-                    rec.persist_error = ""
-                    return
-                except errors.Unavailable as exc:
-                    if time.monotonic() + delay > deadline:
-                        self._persist_failed(rec, exc)
-                        return
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                except errors.AudiomeshError as exc:  # StoreFull and the like
+            state = rec.job.state
+            try:
+                await self._write(rec)
+            finally:  # written, or given up on (then the next change tries again)
+                rec.persisted_state = state
+
+    async def _write(self, rec: JobRecord) -> None:
+        """The manifest of ``rec`` now, in one PUT (retried while the store is unreachable)."""
+        doc = orchestrator_pb2.Manifest(
+            schema_version=manifest.SCHEMA_VERSION,
+            job=rec.job,
+            software=manifest.software_versions(),
+            config=self._config,
+            events=rec.events,
+        )
+        data = manifest.dumps(doc)
+        deadline = time.monotonic() + self.outage_budget
+        delay = 0.25
+        while True:
+            try:
+                await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, data)
+                rec.persist_error = ""
+                return
+            except errors.Unavailable as exc:
+                if time.monotonic() + delay > deadline:
                     self._persist_failed(rec, exc)
                     return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except errors.AudiomeshError as exc:  # StoreFull and the like
+                self._persist_failed(rec, exc)
+                return
 
     def _persist_failed(self, rec: JobRecord, exc: Exception) -> None:
         rec.persist_error = str(exc)
