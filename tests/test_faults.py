@@ -19,7 +19,8 @@ from tests.test_recovery import SLOW, wait_until_running
 
 @pytest.fixture
 def mesh(tmp_path):
-    mesh = start_mesh(tmp_path, AUDIOMESH_UNAVAILABLE_BUDGET_SECONDS="60")
+    (tmp_path / "tmp").mkdir()  # the services' temp folder, to see what they leave there
+    mesh = start_mesh(tmp_path, AUDIOMESH_UNAVAILABLE_BUDGET_SECONDS="60", TMPDIR=str(tmp_path / "tmp"))
     try:
         yield mesh
     finally:
@@ -27,17 +28,25 @@ def mesh(tmp_path):
 
 
 async def test_worker_killed_mid_stage_is_retried_on_its_restart(mesh, tmp_path):
+    scratch_root = tmp_path / "tmp" / "audiomesh-scratch"
     async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         job = (await upload(stub, write_song(tmp_path / "s.wav", 20.0).read_bytes(), "s.wav", SLOW)).job
         await wait_until_running(stub, job.job_id, "separation")
-        mesh.kill("separation")  # SIGKILL mid-separation
+        killed = scratch_root / str(mesh.procs["separation"].pid)
+        assert any(killed.rglob("*")), "separation works in its scratch folder"
+        mesh.kill("separation")  # SIGKILL mid-separation: its request's scratch stays behind...
+        assert any(killed.rglob("*"))
         await asyncio.sleep(1.0)
         await asyncio.to_thread(mesh.restart, "separation")
+        assert not killed.exists()  # ...until a service starts and sweeps it
         final, _ = await wait_for(stub, job.job_id, timeout=300)
     assert final.state == SUCCEEDED, final.error
     separation = next(n for n in final.nodes if n.name == "separation")
     assert separation.attempts >= 2
+    await asyncio.to_thread(mesh.stop)
+    assert list(scratch_root.iterdir()) == []  # each service removes its own on a clean stop
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == ["audiomesh-scratch"]
 
 
 async def test_worker_gone_past_the_budget_fails_clearly_then_retry_resumes(tmp_path):

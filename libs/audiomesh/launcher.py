@@ -12,6 +12,7 @@ import ctypes.util
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from audiomesh import scratch
 from audiomesh.auth import RateLimiter
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import Unavailable
@@ -35,6 +37,9 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}, gateway")
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
     configure_tracing(name, otlp_endpoint=settings.otlp_endpoint)
+    swept = scratch.sweep()
+    if swept:
+        logger().info("removed scratch folders of stopped processes", folders=len(swept))
     if name == "gateway":
         from audiomesh.gateway.server import serve_gateway
 
@@ -67,6 +72,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
 
         asyncio.ensure_future(announce())
     await running.serve_until_signal(before_stop=spec.on_stop)
+    scratch.remove_own()
     shutdown_tracing()
     logger().info("stopped")
 
@@ -136,6 +142,7 @@ class Mesh:
         self.addresses: dict[str, str] = {}
 
     def _spawn(self, name: str, env: dict[str, str]) -> Path:
+        self._run_dir.mkdir(parents=True, exist_ok=True)
         ready = self._run_dir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         cmd = [
@@ -150,7 +157,11 @@ class Mesh:
             str(ready),
         ]
         out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        try:
+            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
         return ready
 
     def _wait_ready(self, ready: dict[str, Path], timeout: float) -> None:
@@ -212,6 +223,15 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        self._remove_run_files()
+
+    def _remove_run_files(self) -> None:
+        """The ready files go; the folder too unless it holds the logs (kept for a post-mortem)."""
+        if self.log_dir == self._run_dir:
+            for ready in self._run_dir.glob("*.ready"):
+                ready.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
 
     @property
     def orchestrator(self) -> str:

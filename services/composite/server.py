@@ -8,9 +8,8 @@ encoded and measured as they go; the composites of a request run on parallel thr
 from __future__ import annotations
 
 import contextlib
-import tempfile
 
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.stream import TrackWriter, iter_blocks
 from audiomesh.config import Settings
 from audiomesh.dsp.composite import check_same_shape, mix
@@ -35,7 +34,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         fmt, subtype, ext = ENCODINGS[request.encoding]
 
         def work(cancel) -> list:
-            with tempfile.TemporaryDirectory(prefix="audiomesh-comp-") as tmp, Outputs(self.store, tmp) as outputs:
+            with scratch.workdir("comp-") as tmp, Outputs(self.store, tmp) as outputs:
 
                 def composite(spec):
                     with contextlib.ExitStack() as stack:

@@ -10,11 +10,10 @@ without oversubscribing them).
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.dsp.hpss import hpss_blocks, warmup
@@ -45,7 +44,7 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
                 release_memory()
 
         def decompose(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
-            with tempfile.TemporaryDirectory(prefix="audiomesh-hpss-") as tmp, Outputs(self.store, tmp) as outputs:
+            with scratch.workdir("hpss-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
                 source = open_source(self.store, request.input_key, Path(tmp))
                 fmt, subtype, ext = ENCODINGS[request.encoding]

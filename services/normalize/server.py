@@ -14,10 +14,9 @@ the gain, up to float rounding).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.io import probe
 from audiomesh.audio.stream import TrackWriter, iter_blocks, measure_source
 from audiomesh.config import Settings
@@ -56,7 +55,7 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
         fmt, subtype, ext = ENCODINGS[request.encoding]
 
         def work(cancel):
-            with tempfile.TemporaryDirectory(prefix="audiomesh-norm-") as tmp:
+            with scratch.workdir("norm-") as tmp:
 
                 def measured(key: str) -> Measurement:
                     with open_source(self.store, key, tmp) as source:
@@ -147,7 +146,7 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
 
         def work(cancel):
             def one(key: str) -> normalize_pb2.Measurement:
-                with tempfile.TemporaryDirectory(prefix="audiomesh-measure-") as tmp:
+                with scratch.workdir("measure-") as tmp:
                     local = Path(tmp) / "input"
                     self.store.get_to_file(key, local)
                     info = probe(local)

@@ -10,13 +10,12 @@ On resume, nodes that succeeded and whose outputs still exist are reused.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
@@ -371,7 +370,7 @@ class Runner:
 
         def work() -> common_pb2.Track:
             # Block by block (bounded memory: a 20-minute song is not held in the orchestrator).
-            with tempfile.TemporaryDirectory(prefix="audiomesh-decode-") as tmp:
+            with scratch.workdir("decode-") as tmp:
                 local = Path(tmp) / "input"
                 self.store.get_to_file(job.input.key, local)
                 fmt, subtype, ext = ENCODINGS[INTERMEDIATE]

@@ -13,7 +13,7 @@ from pathlib import Path
 from google.protobuf import struct_pb2
 
 import audiomesh
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.io import file_sha256, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
@@ -94,7 +94,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         options = await self._resolve_options(meta.options) if meta.create_job else meta.options
         # Spool to a local temp file while counting bytes: nothing is stored before the
         # whole upload arrived, fits the limit and decodes as audio.
-        fd, spool = tempfile.mkstemp(prefix="audiomesh-upload-")
+        fd, spool = tempfile.mkstemp(prefix="upload-", dir=scratch.process_dir())
         try:
             size = 0
             with os.fdopen(fd, "wb") as out:
@@ -129,7 +129,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.TooLarge(
                 f"{request.input_key} is {info.size} bytes; the limit is {self.settings.max_upload_bytes}"
             )
-        with tempfile.TemporaryDirectory(prefix="audiomesh-create-") as tmp:
+        with scratch.workdir("create-") as tmp:
             local = Path(tmp) / "input"
             await asyncio.to_thread(self.store.get_to_file, request.input_key, local)
             job_input = await self._inspect(local, sanitize_filename(Path(request.input_key).name), info.size)

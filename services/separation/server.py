@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import os
 import queue
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from audiomesh import errors
+from audiomesh import errors, scratch
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.memory import limit_arenas, release_memory
@@ -102,7 +101,7 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                     release_memory()  # the model's working set goes back: the next request starts lean
 
         def separate(report, cancel) -> list[common_pb2.Track]:
-            with tempfile.TemporaryDirectory(prefix="audiomesh-sep-") as tmp, Outputs(self.store, tmp) as outputs:
+            with scratch.workdir("sep-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
                 if hasattr(model, "separate_stream") and options.split:
                     return _separate_streaming(model, options, self.store, request, Path(tmp), outputs, report, cancel)

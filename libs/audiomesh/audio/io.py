@@ -15,7 +15,6 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from audiomesh import scratch
 from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
 from audiomesh.fsutil import atomic_path
 from audiomesh.hashing import file_sha256
@@ -230,7 +230,7 @@ def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple
         ffmpeg = _ffmpeg()
         if ffmpeg is None:
             raise _not_supported(shown, sniffed, exc) from None
-        with tempfile.TemporaryDirectory(prefix="audiomesh-ffmpeg-") as tmp:
+        with scratch.workdir("ffmpeg-") as tmp:
             wav = os.path.join(tmp, "decoded.wav")
             _ffmpeg_decode(ffmpeg, path, wav, shown, sniffed)
             decoded = sf.info(wav)
