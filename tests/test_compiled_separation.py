@@ -49,6 +49,7 @@ EAGER = separation_pb2.MODEL_EXECUTION_EAGER
 COMPILING = separation_pb2.MODEL_EXECUTION_COMPILING
 COMPILED = separation_pb2.MODEL_EXECUTION_COMPILED
 COMPILE_FAILED = separation_pb2.MODEL_EXECUTION_COMPILE_FAILED
+EAGER_FASTER = separation_pb2.MODEL_EXECUTION_EAGER_FASTER
 BACKEND = "audiomesh_test"
 
 #: Set: every call of a graph compiled by BACKEND raises (a compiled model failing at run time).
@@ -182,7 +183,8 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
         job_a = asyncio.ensure_future(worker.separate(key, "a"))
         assert await asyncio.to_thread(started.wait, 30)
         release.set()
-        await worker.wait_execution(COMPILED)
+        compiled_info = await worker.wait_execution(COMPILED)
+        assert not compiled_info.HasField("eager_chunk_seconds")  # aot_eager is not timed (TIMED_BACKENDS)
         assert isinstance(worker.factory.current("tiny_ht"), CompiledDemucsModel)
 
         result_b = await worker.separate(key, "b")
@@ -213,6 +215,27 @@ async def test_each_model_runs_its_own_weights_and_other_shapes_run_eager(tmp_pa
     assert np.abs(worker.stems(two) - ref_two).max() <= 1e-5
     assert np.abs(worker.stems(first) - ref_two).max() <= 1e-5
     assert np.abs(ref_one - ref_two).max() > 1e-2  # different weights, different stems
+
+
+@pytest.mark.parametrize(("required_speedup", "expected"), [(1000.0, EAGER_FASTER), (0.0, COMPILED)])
+async def test_the_compiled_model_is_served_only_when_it_is_faster(
+    tmp_path, repo, monkeypatch, required_speedup, expected
+):
+    """Both are timed on a chunk after compiling (real timings; the bar is set so that the
+    outcome is known: no model is 1000x faster compiled, every one is at least 0x)."""
+    monkeypatch.setattr(compiled_module, "TIMED_BACKENDS", (BACKEND,))
+    monkeypatch.setattr(compiled_module, "REQUIRED_SPEEDUP", required_speedup)
+    async with running_worker(tmp_path, repo, compile="true") as worker:
+        key = worker.put_song("in/mix.wav")
+        info = await worker.wait_execution(expected)
+        assert info.HasField("eager_chunk_seconds") and info.HasField("compiled_chunk_seconds")
+        assert 0 < info.eager_chunk_seconds < 60 and 0 < info.compiled_chunk_seconds < 60
+        assert not info.compile_error
+        result = await worker.separate(key, "out")
+        served_compiled = isinstance(worker.factory.current("tiny_ht"), CompiledDemucsModel)
+    assert served_compiled == (expected == COMPILED)
+    assert (result.execution, list(result.warnings)) == (COMPILED if served_compiled else EAGER, [])
+    assert np.abs(worker.stems(result) - eager_stems(repo, "tiny_ht")).max() <= 1e-5
 
 
 async def test_a_compiled_model_that_fails_while_running_falls_back_to_eager(tmp_path, repo):

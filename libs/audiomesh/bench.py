@@ -30,6 +30,9 @@ reported as missing, the others still run):
    ``AUDIOMESH_COMPILE=true`` on that (now warm) cache; once its worker reports the model compiled
    (``compile_warm_s``: that worker's compile, from the cache's marker file), the same job as
    ``e2e`` (``e2e_compiled_s``, ``e2e_over_raw_compiled = e2e_compiled_s / raw_separation_s``).
+   The worker times one chunk eager and compiled before serving the compiled model (Inductor
+   only): ``worker_chunk_s`` and ``worker_serves_compiled`` (false: eager was faster there, and
+   the compiled job ran eager).
 
 Figures are reported, never asserted; :data:`KEYS` are always present in the JSON (``null``
 when a step did not produce them, with the reason in ``errors``).
@@ -76,6 +79,8 @@ KEYS = (
     "e2e_compiled_s",
     "e2e_over_raw_compiled",
     "stage_compiled_s",
+    "worker_serves_compiled",
+    "worker_chunk_s",
     "hpss_reference_s",
     "hpss_s",
     "hpss_speedup",
@@ -620,11 +625,19 @@ def _e2e_compiled(
 ) -> None:
     """The e2e job again, on a mesh whose separation worker runs the compiled model."""
     from audiomesh.separation.compiled import MARKER
+    from audiomesh.v1 import separation_pb2
 
     with _bench_mesh(work, repo, name, deadline, "store-compiled", extra_env) as (mesh, env):
         compiled_at = time.perf_counter()
-        asyncio.run(_wait_compiled(mesh.orchestrator, name, deadline.left()))
+        info = asyncio.run(_wait_compiled(mesh.orchestrator, name, deadline.left()))
         log(f"bench: the mesh's worker compiled {name} in {time.perf_counter() - compiled_at:.1f} s")
+        # The worker times a chunk both ways and serves compiled only when it is faster.
+        report["worker_serves_compiled"] = info.execution == separation_pb2.MODEL_EXECUTION_COMPILED
+        if info.HasField("eager_chunk_seconds"):
+            report["worker_chunk_s"] = {
+                "eager": round(info.eager_chunk_seconds, 3),
+                "compiled": round(info.compiled_chunk_seconds, 3),
+            }
         marker = json.loads((Path(env["AUDIOMESH_COMPILE_CACHE_DIR"]) / MARKER).read_text())
         compiles = [c for entry in marker.values() if entry.get("model") == name for c in entry.get("compiles", [])]
         report["compile_warm_s"] = max(compiles, key=lambda c: c["at"])["seconds"] if compiles else None
@@ -641,8 +654,9 @@ def _e2e_compiled(
         raise RuntimeError(f"the compiled job reported: {'; '.join(warnings)}")
 
 
-async def _wait_compiled(target: str, name: str, limit_s: float) -> None:
-    """Poll ListModels (through the orchestrator) until ``name`` is compiled."""
+async def _wait_compiled(target: str, name: str, limit_s: float) -> Any:
+    """Poll ListModels (through the orchestrator) until ``name`` is compiled (or found no faster
+    than eager); return its ModelInfo."""
     from audiomesh.rpc import ClientFactory
     from audiomesh.v1 import orchestrator_pb2_grpc, separation_pb2
 
@@ -653,8 +667,11 @@ async def _wait_compiled(target: str, name: str, limit_s: float) -> None:
         while True:
             models = (await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)).models
             info = next((m for m in models if m.name == name), None)
-            if info is not None and info.execution == separation_pb2.MODEL_EXECUTION_COMPILED:
-                return
+            if info is not None and info.execution in (
+                separation_pb2.MODEL_EXECUTION_COMPILED,
+                separation_pb2.MODEL_EXECUTION_EAGER_FASTER,
+            ):
+                return info
             if info is not None and info.execution == separation_pb2.MODEL_EXECUTION_COMPILE_FAILED:
                 raise RuntimeError(f"the worker could not compile {name}: {info.compile_error}")
             if time.monotonic() > end:
@@ -883,6 +900,13 @@ def format_table(report: Mapping[str, Any]) -> str:
         ),
         ("e2e compiled (mesh)", _fmt(report["e2e_compiled_s"], " s")),
         ("e2e compiled / raw", _fmt(report["e2e_over_raw_compiled"], "x", 3)),
+        (
+            "worker: chunk eager / compiled",
+            "—"
+            if not report["worker_chunk_s"]
+            else f"{report['worker_chunk_s']['eager']:.2f} s / {report['worker_chunk_s']['compiled']:.2f} s, "
+            f"serves {'compiled' if report['worker_serves_compiled'] else 'eager (faster)'}",
+        ),
         ("critical path", f"{_fmt(report['critical_path_s'], ' s')}  ({' > '.join(report['critical_path'] or [])})"),
         ("overhead", _fmt(report["overhead_s"], " s", 3)),
         ("hpss signal", _fmt(report["hpss_signal_s"], " s stereo", 1)),

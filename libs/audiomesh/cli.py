@@ -25,7 +25,7 @@ from audiomesh.errors import AudiomeshError
 
 CHUNK = 1 << 20
 # ModelInfo.execution (audiomesh.v1.ModelExecution) as `audiomesh models` shows it.
-_EXECUTION = {1: "eager", 2: "compiling", 3: "compiled", 4: "compile failed"}
+_EXECUTION = {1: "eager", 2: "compiling", 3: "compiled", 4: "compile failed", 5: "eager (faster)"}
 
 
 def _state(job) -> str:
@@ -224,6 +224,11 @@ async def _simple(args, settings: Settings) -> int:
                 print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
                 if m.compile_error:
                     print(f"    {m.compile_error}")
+                if m.HasField("eager_chunk_seconds") and m.HasField("compiled_chunk_seconds"):
+                    print(
+                        f"    one chunk: {m.eager_chunk_seconds:.2f} s eager, {m.compiled_chunk_seconds:.2f} s compiled"
+                        f" ({m.eager_chunk_seconds / max(m.compiled_chunk_seconds, 1e-9):.2f}x)"
+                    )
     finally:
         await clients.close()
     return 0

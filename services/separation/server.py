@@ -43,10 +43,12 @@ EXECUTION = {
     "compiling": separation_pb2.MODEL_EXECUTION_COMPILING,
     "compiled": separation_pb2.MODEL_EXECUTION_COMPILED,
     "compile_failed": separation_pb2.MODEL_EXECUTION_COMPILE_FAILED,
+    "eager_faster": separation_pb2.MODEL_EXECUTION_EAGER_FASTER,
 }
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
+    eager_s, compiled_s = getattr(info, "chunk_seconds", None) or (None, None)
     return separation_pb2.ModelInfo(
         name=info.name,
         sources=list(info.sources),
@@ -59,6 +61,8 @@ def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> sepa
         max_segment_seconds=info.max_segment,
         execution=EXECUTION.get(getattr(info, "execution", ""), separation_pb2.MODEL_EXECUTION_UNSPECIFIED),
         compile_error=getattr(info, "compile_error", ""),
+        eager_chunk_seconds=eager_s,
+        compiled_chunk_seconds=compiled_s,
     )
 
 

@@ -73,9 +73,12 @@ class ModelInfo:
         Whether the model is loaded in this process.
     execution : str
         For a loaded model, how it runs: ``"eager"``, ``"compiling"`` (eager while a compiled
-        copy is built), ``"compiled"`` or ``"compile_failed"`` (eager); ``""`` when not loaded.
+        copy is built), ``"compiled"``, ``"compile_failed"`` (eager) or ``"eager_faster"``
+        (compiled, but eager was faster here); ``""`` when not loaded.
     compile_error : str
         Why, when ``execution == "compile_failed"``.
+    chunk_seconds : tuple of float or None
+        ``(eager, compiled)`` seconds for one chunk as timed after compiling; ``None`` before.
     """
 
     name: str
@@ -90,6 +93,7 @@ class ModelInfo:
     loaded: bool = False
     execution: str = ""
     compile_error: str = ""
+    chunk_seconds: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

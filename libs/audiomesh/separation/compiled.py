@@ -90,6 +90,14 @@ TOLERANCE = 1e-5
 MARKER = "audiomesh-compiled.json"
 #: Niceness of the background compile thread (and of the compiler processes it starts).
 COMPILE_NICE = 19
+#: The compiled model replaces eager only when eager takes at least this many times as long per
+#: chunk (on a GPU, or with another torch, compiled is not always the faster one).
+REQUIRED_SPEEDUP = 1.0
+#: Timed runs of each, interleaved; the best of each counts.
+TIMING_RUNS = 2
+#: Backends whose compiled model is timed against eager before it is served (the others, such as
+#: ``aot_eager``, only exercise the mechanism and are slower than eager by design).
+TIMED_BACKENDS = ("inductor",)
 
 CompileMode = Literal["auto", "true", "false"]
 
@@ -346,6 +354,26 @@ class CompiledDemucsModel(DemucsModel):
         self.max_abs_diff = worst
         return worst
 
+    def chunk_seconds(self, *, runs: int = TIMING_RUNS, seed: int = 0) -> tuple[float, float]:
+        """``(eager, compiled)``: seconds for one chunk of the separator's shape through every
+        submodel, the best of ``runs`` interleaved runs of each."""
+        generator = torch.Generator().manual_seed(seed)
+        eager_s = compiled_s = 0.0
+        for forward, shape in zip(self._forwards, chunk_shapes(self.model), strict=True):
+            with torch.inference_mode(), torch.no_grad():
+                mix = torch.randn(shape, generator=generator).to(self.device)
+                best = {"eager": float("inf"), "compiled": float("inf")}
+                for _ in range(max(1, runs)):
+                    for kind, fn in (("eager", forward.eager), ("compiled", forward.run_only)):
+                        _synchronize(self.device)
+                        started = time.perf_counter()
+                        fn(mix)
+                        _synchronize(self.device)
+                        best[kind] = min(best[kind], time.perf_counter() - started)
+            eager_s += best["eager"]
+            compiled_s += best["compiled"]
+        return eager_s, compiled_s
+
     def _fail(self, reason: str) -> None:
         with self._lock:
             if self.failure is not None:
@@ -354,6 +382,11 @@ class CompiledDemucsModel(DemucsModel):
         logger(model=self.name).warning("compiled model failed; running eager from now on", reason=reason)
         if self._on_failure is not None:
             self._on_failure(self)
+
+
+def _synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def compile_model(
@@ -383,11 +416,13 @@ class Activity:
 
     def __init__(self) -> None:
         self._running = 0
+        self.started = 0  # separations started so far: a change tells that one ran meanwhile
         self._cond = threading.Condition()
 
     def __enter__(self) -> Activity:
         with self._cond:
             self._running += 1
+            self.started += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -431,6 +466,12 @@ class BackgroundCompiler:
         running separation needs between its torch calls; in a child it costs that separation
         nothing but CPU at the lowest priority. Default: for ``inductor`` (other backends keep
         nothing on disk, so a child would only repeat the work).
+    compare_speed : bool, keyword-only
+        After compiling, time one chunk eager and compiled (at idle, on this thread) and serve the
+        compiled model only if eager takes :data:`REQUIRED_SPEEDUP` times as long or longer;
+        otherwise keep eager (``eager_faster``). Default: for :data:`TIMED_BACKENDS`.
+    required_speedup : float, keyword-only
+        Default :data:`REQUIRED_SPEEDUP`.
     """
 
     def __init__(
@@ -443,6 +484,8 @@ class BackgroundCompiler:
         activity: Activity | None = None,
         nice: int | None = None,
         cold_in_child: bool | None = None,
+        compare_speed: bool | None = None,
+        required_speedup: float | None = None,
     ) -> None:
         if mode not in ("true", "auto"):
             raise ValueError(f"mode must be 'true' or 'auto', got {mode!r}")
@@ -453,6 +496,8 @@ class BackgroundCompiler:
         self.activity = activity or Activity()
         self.nice = COMPILE_NICE if nice is None else nice
         self.cold_in_child = backend == "inductor" if cold_in_child is None else cold_in_child
+        self.compare_speed = backend in TIMED_BACKENDS if compare_speed is None else compare_speed
+        self.required_speedup = REQUIRED_SPEEDUP if required_speedup is None else required_speedup
         self._child: subprocess.Popen[str] | None = None
         self._closed = False
         self._queue: queue.Queue[tuple[str, str, DemucsModel] | None] = queue.Queue()
@@ -532,6 +577,8 @@ class BackgroundCompiler:
             self.factory.set_execution(name, device, "compile_failed", f"compiling failed: {reason}")
             return
         seconds = time.perf_counter() - started
+        if self.compare_speed and not self._faster(compiled, log):
+            return
         if not self.factory.swap(name, device, eager, compiled):
             log.info("compiled model not used: the model was replaced meanwhile")
             return
@@ -541,6 +588,32 @@ class BackgroundCompiler:
             _record(self.cache_dir, compile_key(eager, self.backend), eager, self.backend, seconds)
         except OSError as exc:
             log.warning("compile cache marker not written", reason=str(exc))
+
+    def _faster(self, compiled: CompiledDemucsModel, log: Any, attempts: int = 3) -> bool:
+        """Time one chunk eager and compiled while no separation runs; record the figures and
+        return whether the compiled model is the one to serve (``eager_faster`` otherwise)."""
+        name, device = compiled.name, compiled.device
+        for _ in range(attempts):
+            self.activity.wait_idle()
+            before = self.activity.started
+            try:
+                eager_s, compiled_s = compiled.chunk_seconds()
+            except Exception as exc:  # noqa: BLE001 - a compiled model that cannot run is a failed one
+                compiled._fail(f"{type(exc).__name__}: {exc}")
+                self.factory.set_execution(name, device, "compile_failed", f"timing the compiled model failed: {exc}")
+                return False
+            if self.activity.started == before and not self.activity.running:
+                break  # undisturbed by a separation; otherwise time again at the next quiet moment
+        self.factory.set_chunk_seconds(name, device, eager_s, compiled_s)
+        speedup = eager_s / max(compiled_s, 1e-9)
+        log.info(
+            "timed one chunk", eager_s=round(eager_s, 3), compiled_s=round(compiled_s, 3), speedup=round(speedup, 3)
+        )
+        if speedup >= self.required_speedup:
+            return True
+        log.info("compiled model not faster here; serving eager", required_speedup=self.required_speedup)
+        self.factory.set_execution(name, device, "eager_faster")
+        return False
 
     def _failed_later(self, model: CompiledDemucsModel) -> None:
         self.factory.swap(model.name, model.device, model, model.eager)

@@ -185,6 +185,7 @@ class SeparatorFactory:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._peeked: dict[tuple[str, int, int], ModelInfo | str] = {}
         self._execution: dict[tuple[str, str], tuple[str, str]] = {}
+        self._chunk_seconds: dict[tuple[str, str], tuple[float, float]] = {}
         self._load_listeners: list[Callable[[str, str, SeparatorModel], None]] = []
 
     # -- registry -------------------------------------------------------------------
@@ -332,6 +333,11 @@ class SeparatorFactory:
         with self._guard:
             self._execution[(name, resolve_device(device))] = (execution, error)
 
+    def set_chunk_seconds(self, name: str, device: str, eager: float, compiled: float) -> None:
+        """Record one chunk's time eager and compiled, as timed after compiling (name, device)."""
+        with self._guard:
+            self._chunk_seconds[(name, resolve_device(device))] = (eager, compiled)
+
     def execution(self, name: str, *, device: str | None = None) -> tuple[str, str]:
         """``(execution, compile_error)`` of a loaded model; ``("", "")`` when not loaded."""
         key = (name, resolve_device(device or self._device))
@@ -355,6 +361,7 @@ class SeparatorFactory:
         with self._guard:
             loaded = {name: model for (name, _), model in self._cache.items()}
             executions = {key[0]: self._execution.get(key, (model.execution, "")) for key, model in self._cache.items()}
+            timings = {key[0]: self._chunk_seconds.get(key) for key in self._cache}
         infos = []
         for name in self.names():
             try:
@@ -370,6 +377,7 @@ class SeparatorFactory:
                     loaded=True,
                     execution=execution,
                     compile_error=error,
+                    chunk_seconds=timings[name],
                 )
             else:
                 info = spec.info or ModelInfo(name, (), 44100, 2, spec.origin, spec.description, kind=spec.kind)

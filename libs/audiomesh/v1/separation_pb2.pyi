@@ -36,6 +36,8 @@ class _ModelExecutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelE
     """torch.compile graphs for the worker's chunk shape"""
     MODEL_EXECUTION_COMPILE_FAILED: _ModelExecution.ValueType  # 4
     """compiling or running compiled failed: serving eager"""
+    MODEL_EXECUTION_EAGER_FASTER: _ModelExecution.ValueType  # 5
+    """compiled, but not faster than eager on this machine: serving eager"""
 
 class ModelExecution(_ModelExecution, metaclass=_ModelExecutionEnumTypeWrapper):
     """How a loaded model runs in the separation worker (AUDIOMESH_COMPILE)."""
@@ -50,6 +52,8 @@ MODEL_EXECUTION_COMPILED: ModelExecution.ValueType  # 3
 """torch.compile graphs for the worker's chunk shape"""
 MODEL_EXECUTION_COMPILE_FAILED: ModelExecution.ValueType  # 4
 """compiling or running compiled failed: serving eager"""
+MODEL_EXECUTION_EAGER_FASTER: ModelExecution.ValueType  # 5
+"""compiled, but not faster than eager on this machine: serving eager"""
 Global___ModelExecution: _TypeAlias = ModelExecution  # noqa: Y015
 
 @_typing.final
@@ -172,6 +176,8 @@ class ModelInfo(_message.Message):
     MAX_SEGMENT_SECONDS_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
     COMPILE_ERROR_FIELD_NUMBER: _builtins.int
+    EAGER_CHUNK_SECONDS_FIELD_NUMBER: _builtins.int
+    COMPILED_CHUNK_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     sample_rate: _builtins.int
     audio_channels: _builtins.int
@@ -187,6 +193,11 @@ class ModelInfo(_message.Message):
     """for loaded models"""
     compile_error: _builtins.str
     """why, when execution is MODEL_EXECUTION_COMPILE_FAILED"""
+    eager_chunk_seconds: _builtins.float
+    """One chunk through the model, eager and compiled, as timed on this worker after compiling
+    (unset before): the worker serves the compiled model only when it is faster.
+    """
+    compiled_chunk_seconds: _builtins.float
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -203,13 +214,24 @@ class ModelInfo(_message.Message):
         max_segment_seconds: _builtins.float | None = ...,
         execution: Global___ModelExecution.ValueType = ...,
         compile_error: _builtins.str = ...,
+        eager_chunk_seconds: _builtins.float | None = ...,
+        compiled_chunk_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "max_segment_seconds", b"max_segment_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds", "_eager_chunk_seconds", b"_eager_chunk_seconds", "_max_segment_seconds", b"_max_segment_seconds", "compiled_chunk_seconds", b"compiled_chunk_seconds", "eager_chunk_seconds", b"eager_chunk_seconds", "max_segment_seconds", b"max_segment_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "compile_error", b"compile_error", "description", b"description", "execution", b"execution", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds", "_eager_chunk_seconds", b"_eager_chunk_seconds", "_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "compile_error", b"compile_error", "compiled_chunk_seconds", b"compiled_chunk_seconds", "description", b"description", "eager_chunk_seconds", b"eager_chunk_seconds", "execution", b"execution", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__compiled_chunk_seconds: _TypeAlias = _typing.Literal["compiled_chunk_seconds"]  # noqa: Y015
+    _WhichOneofArgType__compiled_chunk_seconds: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__eager_chunk_seconds: _TypeAlias = _typing.Literal["eager_chunk_seconds"]  # noqa: Y015
+    _WhichOneofArgType__eager_chunk_seconds: _TypeAlias = _typing.Literal["_eager_chunk_seconds", b"_eager_chunk_seconds"]  # noqa: Y015
     _WhichOneofReturnType__max_segment_seconds: _TypeAlias = _typing.Literal["max_segment_seconds"]  # noqa: Y015
     _WhichOneofArgType__max_segment_seconds: _TypeAlias = _typing.Literal["_max_segment_seconds", b"_max_segment_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__compiled_chunk_seconds) -> _WhichOneofReturnType__compiled_chunk_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eager_chunk_seconds) -> _WhichOneofReturnType__eager_chunk_seconds | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_segment_seconds) -> _WhichOneofReturnType__max_segment_seconds | None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
