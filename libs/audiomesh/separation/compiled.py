@@ -9,9 +9,11 @@ the same stems (max abs difference 1.1e-6; BENCHMARKS.md), but Inductor's first 
   lowest CPU priority (niceness 19, inherited by the processes it starts), which starts a
   compile only while no separation runs (:class:`Activity`). A cold Inductor compile (minutes of
   Python, which would hold the GIL a running separation needs) runs first in a child process
-  (``audiomesh warm``); this process then compiles from the warm cache. When the compiled model
-  is ready the factory's entry is swapped: later requests get it, a separation in flight keeps
-  the model it started with.
+  (``audiomesh warm``); this process then compiles from the warm cache. Then, at idle, it times
+  one chunk eager and compiled (:meth:`CompiledDemucsModel.chunk_seconds`, Inductor only) and
+  keeps eager when compiled is not faster on this machine (``eager_faster``: on a GPU or with
+  another torch release it need not be). Otherwise the factory's entry is swapped: later
+  requests get the compiled model, a separation in flight keeps the model it started with.
 * :func:`compile_model` builds a :class:`CompiledDemucsModel` and warms it: one forward pass of
   the chunk shape the separator uses (``torch.compile`` is lazy: that call compiles), then checks
   the compiled output against eager on that chunk (:data:`TOLERANCE`). A compile that fails, a
