@@ -12,7 +12,7 @@ import pytest
 
 PROGRAM = """
 import json, numpy as np
-from audiomesh.memory import _jemalloc_mallctl, release_memory
+from audiomesh.memory import allocator, release_memory
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
 blocks = [np.ones(5_000_000) for _ in range(8)]  # 320 MB in 40 MB blocks
@@ -20,7 +20,7 @@ allocated = rss()
 del blocks
 freed = rss()
 released = release_memory()
-print(json.dumps({"jemalloc": _jemalloc_mallctl() is not None, "allocated": allocated, "freed": freed,
+print(json.dumps({"jemalloc": allocator() == "jemalloc", "allocated": allocated, "freed": freed,
                   "released": released, "after": rss()}))
 """
 

@@ -109,8 +109,8 @@ def thread_env(name: str, env: dict[str, str]) -> dict[str, str]:
     if name == "separation" and out.get("AUDIOMESH_TORCH_THREADS", "0").strip() in ("", "0"):
         out["AUDIOMESH_TORCH_THREADS"] = str(cores)
     if name == "separation" and "LD_PRELOAD" not in out and (jemalloc := ctypes.util.find_library("jemalloc")):
-        # jemalloc, never giving pages back: 14 % faster than glibc malloc and a flat peak RSS
-        # (1.05-1.4 GB instead of 1.6-1.9 GB creeping up chunk by chunk); see BENCHMARKS.md.
+        # jemalloc, never giving pages back: a CPU chunk 1.2x faster than on glibc malloc and a
+        # flat peak RSS (instead of 1.6-1.9 GB creeping up chunk by chunk); see BENCHMARKS.md.
         out["LD_PRELOAD"] = jemalloc
         out.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
     if name == "hpss":  # one thread per request: run a job's stem fan-out (and the mix) at once

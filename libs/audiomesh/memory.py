@@ -60,6 +60,11 @@ def release_memory() -> bool:
 _MALLCTL_ARENAS_ALL = 4096  # jemalloc's MALLCTL_ARENAS_ALL
 
 
+def allocator() -> str:
+    """``"jemalloc"`` when it is this process's allocator (preloaded), else ``"libc"``."""
+    return "jemalloc" if _jemalloc_mallctl() is not None else "libc"
+
+
 @functools.cache
 def _jemalloc_mallctl():
     """jemalloc's ``mallctl`` when jemalloc is this process's allocator (LD_PRELOAD), else None."""
