@@ -1,7 +1,7 @@
 """One server bootstrap for every service.
 
 ``start_server`` builds a ``grpc.aio`` server with the standard health service (NOT_SERVING
-until warm-up finishes), reflection, OpenTelemetry propagation, and one interceptor that
+until warm-up finishes), reflection (v1 and v1alpha), OpenTelemetry propagation, and one interceptor that
 logs each call, maps :class:`~audiomesh.errors.AudiomeshError` to its status code and
 bounds concurrency (RESOURCE_EXHAUSTED beyond the limit). ``RunningServer.serve_until_signal``
 drains on SIGTERM: health flips to NOT_SERVING, in-flight calls get ``grace`` seconds.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import signal
 import threading
 import time
@@ -22,17 +23,19 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from audiomesh import errors
 from audiomesh.auth import ANONYMOUS, SERVICE_TOKEN_HEADER, KeyRing, RateLimiter, current_principal
+from audiomesh.rpc import reflection
 from audiomesh.telemetry import logger
 
 T = TypeVar("T")
 _EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 _MAX_MESSAGE = 64 * 1024 * 1024
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Longest a failed client-streaming call keeps reading (and dropping) the caller's messages.
+_DRAIN_SECONDS = 10.0
 
 
 def status_details(exc: errors.AudiomeshError) -> tuple[tuple[str, bytes], ...]:
@@ -86,6 +89,28 @@ class AuthPolicy:
         return principal
 
 
+async def _drain_requests(requests: Any, seconds: float = _DRAIN_SECONDS) -> None:
+    """Read and drop what a client-streaming caller is still sending before an error ends the call.
+
+    A grpc-python asyncio client whose message write is in flight when the status arrives
+    reports ``INTERNAL: Internal error from Core`` instead of the server's status
+    (grpc/grpc#36066): ``audiomesh process --model nosuchmodel`` saw it in 2 of 9 runs. Once
+    the client has sent everything and half-closed, no write can race the status. Bounded by
+    ``seconds`` so a client that keeps sending cannot hold the call open.
+    """
+    if requests is None:
+        return
+
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(consume(), seconds)
+    except Exception:  # noqa: BLE001 - timed out or the stream broke: end the call either way
+        pass
+
+
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Access log, authentication, error mapping and the concurrency bound, around every method."""
 
@@ -105,24 +130,33 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method
         limited = self._limit is not None and not method.startswith(_EXEMPT_PREFIXES) and method not in self._light
+        client_streaming = bool(handler.stream_unary or handler.stream_stream)
         if handler.unary_unary or handler.stream_unary:
             kind = "unary_unary" if handler.unary_unary else "stream_unary"
             inner = handler.unary_unary or handler.stream_unary
+        else:
+            kind = "unary_stream" if handler.unary_stream else "stream_stream"
+            inner = handler.unary_stream or handler.stream_stream
+        if kind in ("unary_unary", "stream_unary"):
 
             async def unary(request, context):
-                async with self._call(method, context, limited):
+                async with self._call(method, context, limited, request if client_streaming else None):
                     self._admit(method, context)
                     return await inner(request, context)
 
             wrapped = unary
         else:
-            kind = "unary_stream" if handler.unary_stream else "stream_stream"
-            inner = handler.unary_stream or handler.stream_stream
 
             async def streaming(request, context):
-                async with self._call(method, context, limited):
+                async with self._call(method, context, limited, request if client_streaming else None):
                     self._admit(method, context)
-                    async for response in inner(request, context):
+                    responses = inner(request, context)
+                    if inspect.isawaitable(responses):
+                        # A coroutine handler writes through context.write (grpc_health's Watch);
+                        # stays a generator so outer interceptors (OpenTelemetry) can iterate it.
+                        await responses
+                        return
+                    async for response in responses:
                         yield response
 
             wrapped = streaming
@@ -140,7 +174,9 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             return
         current_principal.set(self._auth.admit(context))
 
-    def _call(self, method: str, context: grpc.aio.ServicerContext, limited: bool):
+    def _call(self, method: str, context: grpc.aio.ServicerContext, limited: bool, requests: Any = None):
+        """``requests``: a client-streaming call's request iterator, drained before an error ends
+        the call (see :func:`_drain_requests`)."""
         interceptor = self
 
         class _Scope:
@@ -151,6 +187,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                     if interceptor._in_flight >= interceptor._limit:
                         self.code = "RESOURCE_EXHAUSTED"
                         interceptor._log_call(method, self.code, self.start)
+                        await _drain_requests(requests)
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{interceptor._service} is busy: {interceptor._in_flight} requests in flight "
@@ -169,6 +206,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(exc, errors.AudiomeshError):
                     code = grpc.StatusCode[exc.code]
                     interceptor._log_call(method, exc.code, self.start, error=str(exc))
+                    await _drain_requests(requests)
                     await context.abort(code, str(exc), trailing_metadata=status_details(exc))
                 if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                     interceptor._log_call(method, "CANCELLED", self.start)
@@ -179,6 +217,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                     return False
                 interceptor._log.exception("unhandled error", method=method)
                 interceptor._log_call(method, "INTERNAL", self.start, error=repr(exc))
+                await _drain_requests(requests)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
         return _Scope()
@@ -282,7 +321,7 @@ async def start_server(
     for reg in regs:
         reg.add(reg.servicer, server)
     names = [reg.full_name for reg in regs]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME], server)  # v1 and v1alpha
     if tls:
         port = server.add_secure_port(bind, grpc.ssl_server_credentials([(tls[1], tls[0])]))
     else:
