@@ -75,7 +75,10 @@ class JobRegistry:
         return rec
 
     def newest_first(self) -> list[JobRecord]:
-        return sorted(self.records.values(), key=lambda r: r.job.create_time.ToNanoseconds(), reverse=True)
+        # job_id breaks ties so the order is total (ListJobs' cursor relies on it).
+        return sorted(
+            self.records.values(), key=lambda r: (r.job.create_time.ToNanoseconds(), r.job.job_id), reverse=True
+        )
 
     # --- changes ----------------------------------------------------------------------
     async def add(self, job: orchestrator_pb2.Job, event: str) -> JobRecord:
@@ -145,17 +148,28 @@ class JobRegistry:
         self.log.error("manifest not written; the previous one is kept", job_id=rec.job.job_id, reason=str(exc))
 
     async def watch(self, job_id: str) -> AsyncIterator[orchestrator_pb2.Job]:
-        """A snapshot, then every change, until the job is terminal."""
+        """A snapshot, then every change a watcher can see, until the job is terminal.
+
+        A change is visible when the job differs from the last one sent in anything but
+        ``update_time`` (events alone, or progress that moved nothing, send nothing). A RUNNING
+        job without a ``current_stage`` is never sent (the runner sets one with the state; this
+        guards any path that does not).
+        """
         rec = self.get(job_id)
         seen = rec.version
         snapshot = _copy(rec.job)
         yield snapshot
+        sent = _visible(snapshot)
         # Decide on the snapshot sent, not the live record: the last message is the final state.
         while snapshot.state not in TERMINAL and job_id in self.records:
             async with rec.changed:
                 await rec.changed.wait_for(lambda seen=seen: rec.version != seen)
             seen = rec.version
-            snapshot = _copy(rec.job)
+            current = _copy(rec.job)
+            visible = _visible(current)
+            if visible == sent or (current.state == common_pb2.JOB_STATE_RUNNING and not current.current_stage):
+                continue
+            snapshot, sent = current, visible
             yield snapshot
 
     async def delete(self, job_id: str) -> int:
@@ -225,6 +239,13 @@ def validate_job_id(job_id: str) -> None:
 def _copy(job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:
     out = orchestrator_pb2.Job()
     out.CopyFrom(job)
+    return out
+
+
+def _visible(job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:
+    """``job`` as a watcher compares it: without the time of the last write."""
+    out = _copy(job)
+    out.ClearField("update_time")
     return out
 
 

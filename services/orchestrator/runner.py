@@ -172,6 +172,7 @@ class Runner:
         else:
             await self._prepare_resume(rec)
         job.state = common_pb2.JOB_STATE_RUNNING
+        _set_current_stage(job)  # with the state: never RUNNING without a stage
         started = time.monotonic()
         await self.registry.changed(rec, "job running")
         node_slots = asyncio.Semaphore(self.settings.max_parallel_nodes)
@@ -216,6 +217,7 @@ class Runner:
             node.state = common_pb2.NODE_STATE_PENDING
             node.fraction = 0.0
             node.ClearField("outputs")
+        _set_current_stage(rec.job)  # the manifest's stage named nodes that are no longer running
         await self.registry.changed(rec, f"job resumed; reusing {', '.join(reused) or 'nothing'}")
 
     # --- one node ----------------------------------------------------------------------
@@ -395,8 +397,20 @@ def _transport_failure(message: str) -> bool:
 
 
 def _set_current_stage(job: orchestrator_pb2.Job) -> None:
-    """What is running now, e.g. "separation, hpss:mix" (nodes run concurrently)."""
-    job.current_stage = ", ".join(n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_RUNNING)
+    """What is running now, e.g. "separation, hpss:mix" (nodes run concurrently). Between
+    nodes (the job just became RUNNING, or a node finished and its successors are about to be
+    started by ``_execute``'s loop) it names the nodes starting next, so a RUNNING job never
+    reads as doing nothing; when every node is done it keeps the last value until ``_finish``."""
+    names = [n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_RUNNING]
+    if not names:
+        done = {n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_SUCCEEDED}
+        names = [
+            n.name
+            for n in job.nodes
+            if n.state == common_pb2.NODE_STATE_PENDING and all(d in done for d in n.depends_on)
+        ]
+    if names:
+        job.current_stage = ", ".join(names)
 
 
 async def _follow(call, progress, stage: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import tempfile
 import uuid
@@ -24,7 +25,7 @@ from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
-from .jobs import JobRegistry, manifest_key, now_pb
+from .jobs import JobRegistry, manifest_key, now_pb, validate_job_id
 from .runner import Runner
 
 _MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
@@ -203,10 +204,17 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE} (0 means 20)")
         size = request.page_size or 20
-        start = _decode_token(request.page_token)
-        records = [r for r in self.registry.newest_first() if r.job.owner == _principal()]
-        page = records[start : start + size]
-        token = _encode_token(start + size) if start + size < len(records) else ""
+        after = _decode_token(request.page_token)
+        # A cursor, not an offset (AIP-158): the page starts strictly after the last job of the
+        # previous one in (create_time, job_id) descending order, so jobs created or deleted
+        # between calls neither shift nor repeat items.
+        records = [
+            r
+            for r in self.registry.newest_first()
+            if r.job.owner == _principal() and (after is None or _position(r.job) < after)
+        ]
+        page = records[:size]
+        token = _encode_token(_position(page[-1].job)) if len(records) > size else ""
         return orchestrator_pb2.ListJobsResponse(jobs=[r.job for r in page], next_page_token=token)
 
     async def WatchJob(self, request, context):
@@ -255,21 +263,29 @@ async def _cancel(rec) -> None:
             await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
 
 
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+def _position(job: orchestrator_pb2.Job) -> tuple[int, str]:
+    """A job's place in ListJobs' order (newest first: both fields descending)."""
+    return job.create_time.ToNanoseconds(), job.job_id
 
 
-def _decode_token(token: str) -> int:
+def _encode_token(position: tuple[int, str]) -> str:
+    """Opaque to clients: base64url (unpadded) of a small JSON cursor."""
+    raw = json.dumps({"v": 1, "t": position[0], "id": position[1]}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[int, str] | None:
     if not token:
-        return 0
+        return None
     try:
-        kind, value = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        offset = int(value)
-        if kind != "o" or offset < 0:
+        doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        position = doc["t"], doc["id"]
+        if doc.get("v") != 1 or type(position[0]) is not int or position[0] < 0:
             raise ValueError
-    except ValueError:
+        validate_job_id(position[1])
+    except (ValueError, TypeError, KeyError, errors.InvalidInput):  # binascii.Error is a ValueError
         raise errors.InvalidInput("page_token is not a token returned by ListJobs") from None
-    return offset
+    return position
 
 
 def build(settings: Settings) -> ServiceSpec:

@@ -185,7 +185,9 @@ class Job(_message.Message):
     eta_seconds: _builtins.float
     manifest_key: _builtins.str
     current_stage: _builtins.str
-    """nodes running now, comma-separated (e.g. "separation, hpss:mix")"""
+    """Nodes running now, comma-separated (e.g. "separation, hpss:mix"); between nodes, those
+    starting next. Never empty while RUNNING; empty otherwise.
+    """
     owner: _builtins.str
     """principal of the API key that created it; empty in open mode"""
     @_builtins.property
@@ -499,6 +501,10 @@ class ListJobsRequest(_message.Message):
     page_size: _builtins.int
     """default 20, max 200"""
     page_token: _builtins.str
+    """Opaque cursor from a previous next_page_token (AIP-158): the page starts after the last
+    job of the previous one, so jobs created between calls neither shift nor repeat items.
+    page_size may change between calls. Anything else is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,

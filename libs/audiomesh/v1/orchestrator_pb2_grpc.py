@@ -123,7 +123,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """A snapshot of the job, then one message per change, until the job ends.
+        """A snapshot of the job, then one message per change a watcher can see (a change of
+        update_time alone sends nothing), until the job ends. A RUNNING job names its current_stage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,9 @@ class OrchestratorServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsResponse]
     """Newest first, paged."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchJobRequest, _orchestrator_pb2.WatchJobResponse]
-    """A snapshot of the job, then one message per change, until the job ends."""
+    """A snapshot of the job, then one message per change a watcher can see (a change of
+    update_time alone sends nothing), until the job ends. A RUNNING job names its current_stage.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.CancelJobResponse]
     RetryJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.RetryJobResponse]
     """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused)."""
@@ -72,7 +74,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Newest first, paged."""
     WatchJob: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchJobRequest, _orchestrator_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """A snapshot of the job, then one message per change, until the job ends."""
+    """A snapshot of the job, then one message per change a watcher can see (a change of
+    update_time alone sends nothing), until the job ends. A RUNNING job names its current_stage.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.CancelJobResponse]  # type: ignore[assignment]
     RetryJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.RetryJobResponse]  # type: ignore[assignment]
     """Runs a FAILED or CANCELLED job again from what it had written (succeeded nodes are reused)."""
@@ -125,7 +129,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchJobResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchJobResponse]]:
-        """A snapshot of the job, then one message per change, until the job ends."""
+        """A snapshot of the job, then one message per change a watcher can see (a change of
+        update_time alone sends nothing), until the job ends. A RUNNING job names its current_stage.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
