@@ -1,11 +1,15 @@
 """Authentication and ownership, over every RPC and every HTTP route (walked, not listed).
 
-A mesh with two principals (alice, bob) and a service token between services.
+A mesh with two principals (alice, bob) and no service token configured: the launcher
+generates one for the run, so the workers answer only the orchestrator.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import grpc
 import httpx
@@ -17,6 +21,7 @@ from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc, orchestrator_pb2
 from tests.helpers.mesh import start_mesh, write_song
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+KEYS = f"alice=sha256:{hash_key(ALICE)},bob=sha256:{hash_key(BOB)}"
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json")}
 ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 
@@ -26,8 +31,8 @@ def keyed_mesh(tmp_path_factory):
     mesh = start_mesh(
         tmp_path_factory.mktemp("auth"),
         gateway=True,
-        AUDIOMESH_API_KEYS=f"alice=sha256:{hash_key(ALICE)},bob=sha256:{hash_key(BOB)}",
-        AUDIOMESH_SERVICE_TOKEN="internal-secret",
+        AUDIOMESH_API_KEYS=KEYS,
+        AUDIOMESH_SERVICE_TOKEN="",  # none configured: Mesh generates one (secure by default)
     )
     try:
         yield mesh
@@ -150,7 +155,25 @@ async def test_every_rpc_needs_a_key_and_hides_other_principals_jobs(keyed_mesh,
         assert mine.job.state == common_pb2.JOB_STATE_SUCCEEDED
 
 
+def test_a_worker_with_api_keys_and_no_service_token_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIOMESH_")}
+    env.update(AUDIOMESH_API_KEYS=KEYS, AUDIOMESH_STORE_URL=f"file://{tmp_path}", AUDIOMESH_LOG_FORMAT="json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiomesh.cli", "serve", "hpss", "--port", "0"],
+        env=env,
+        cwd=tmp_path,  # no .env here
+        capture_output=True,
+        text=True,
+        timeout=120,  # before the fix it served until killed: TimeoutExpired
+    )
+    assert proc.returncode != 0
+    assert "AUDIOMESH_SERVICE_TOKEN" in proc.stderr and "Set AUDIOMESH_SERVICE_TOKEN" in proc.stderr, proc.stderr
+
+
 async def test_workers_refuse_calls_without_the_service_token(keyed_mesh, alice_job):
+    # The token was generated for this run and handed to every child, never configured.
+    token = keyed_mesh.env["AUDIOMESH_SERVICE_TOKEN"]
+    assert len(token) >= 32
     async with grpc.aio.insecure_channel(keyed_mesh.addresses["hpss"]) as channel:
         stub = hpss_pb2_grpc.HpssServiceStub(channel)
         request = hpss_pb2.DecomposeRequest(

@@ -12,6 +12,7 @@ import ctypes.util
 import importlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 from audiomesh import scratch
 from audiomesh.auth import RateLimiter
 from audiomesh.config import SERVICES, Settings, load_settings
-from audiomesh.errors import Unavailable
+from audiomesh.errors import ConfigError, Unavailable
 from audiomesh.parallel import usable_cores
 from audiomesh.rpc.server import AuthPolicy, start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
@@ -46,6 +49,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         await serve_gateway(settings, port=port, ready_file=ready_file)
         shutdown_tracing()
         return
+    auth = auth_policy(settings, name)  # before building: a refused configuration loads nothing
     if port is None:
         port = int(settings.address_of(name).rpartition(":")[2])
     spec = importlib.import_module(f"audiomesh.services.{name}.server").build(settings)
@@ -60,7 +64,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         concurrency=spec.concurrency,
         light_methods=spec.light_methods,
         tls=tls,
-        auth=auth_policy(settings, name),
+        auth=auth,
     )
     if ready_file is not None:
 
@@ -79,15 +83,37 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
 
 def auth_policy(settings: Settings, name: str) -> AuthPolicy | None:
     """The orchestrator faces users (API keys, rate limit); workers face the orchestrator
-    (the service token, when one is configured)."""
+    (the service token, when one is configured).
+
+    With API keys on, every service needs the service token: a worker without one would answer
+    anyone who reaches its port (read any owner's input, overwrite tracks and manifests), so it
+    refuses to start (ConfigError) instead.
+    """
+    token = settings.service_token.get_secret_value()
+    if settings.api_keys and not token:
+        raise ConfigError(
+            f"{name}: AUDIOMESH_API_KEYS is set but AUDIOMESH_SERVICE_TOKEN is empty, so the workers would "
+            "answer anyone who reaches their ports. Set AUDIOMESH_SERVICE_TOKEN to one secret shared by every "
+            "service (e.g. the output of `openssl rand -hex 32`); `audiomesh up` and the Helm chart generate one; with docker compose, put it in .env"
+        )
     if name == "orchestrator":
         ring = settings.key_ring()
         if ring.open_mode:
             logger().warning("no API keys configured: open mode, every caller can see and change every job")
         limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         return AuthPolicy(key_ring=None if ring.open_mode else ring, rate_limiter=limiter)
-    token = settings.service_token.get_secret_value()
     return AuthPolicy(service_token=token) if token else None
+
+
+def with_service_token(env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus a fresh AUDIOMESH_SERVICE_TOKEN for this run when API keys are on (in ``env``
+    or ``.env``) and no token is set: the children share it, so workers answer only this run's
+    orchestrator."""
+    dotenv = {k: v or "" for k, v in dotenv_values(".env").items()} if Path(".env").is_file() else {}
+    merged = {k.upper(): v for k, v in {**dotenv, **env}.items()}
+    if merged.get("AUDIOMESH_API_KEYS", "").strip() and not merged.get("AUDIOMESH_SERVICE_TOKEN", "").strip():
+        return {**env, "AUDIOMESH_SERVICE_TOKEN": secrets.token_urlsafe(32)}
+    return env
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -183,7 +209,7 @@ class Mesh:
             raise Unavailable(f"{', '.join(ready)} did not become healthy within {timeout:.0f} s; see {self.log_dir}")
 
     def start(self, timeout: float = 300.0) -> Mesh:
-        env = dict(self.env)
+        env = with_service_token(dict(self.env))
         env.setdefault("AUDIOMESH_HOST", "127.0.0.1")
         # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
         ready = {name: self._spawn(name, thread_env(name, env)) for name in WORKERS}
