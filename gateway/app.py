@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -46,6 +46,7 @@ from .routes import HttpRoute, http_routes
 STATIC = Path(__file__).with_name("static")
 ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 _CHUNK = 256 * 1024
+_ABORT = object()  # queued to end an upload call whose HTTP request failed
 _MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".json": "application/json"}
 
 
@@ -185,9 +186,10 @@ class Gateway:
         if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
             return _too_large(limit)
         upload = _MultipartUpload(params[b"boundary"])
-        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=16)
-        call_task: asyncio.Task | None = None
+        chunks: asyncio.Queue = asyncio.Queue(maxsize=16)  # bytes, None (the end) or _ABORT
+        call_task: asyncio.Future | None = None
         sent = 0
+        complete = False  # the whole body arrived and parsed: only then may the call see its end
 
         async def messages():
             yield orchestrator_pb2.UploadAudioRequest(
@@ -196,6 +198,10 @@ class Gateway:
                 )
             )
             while (chunk := await chunks.get()) is not None:
+                if chunk is _ABORT:
+                    # grpc.aio cancels a call whose request iterator raises; cancelling the call
+                    # object does not reach it through the tracing interceptor, which awaits it.
+                    raise ConnectionAbortedError("the HTTP upload ended before its body did")
                 yield orchestrator_pb2.UploadAudioRequest(chunk=chunk)
 
         try:
@@ -209,24 +215,34 @@ class Gateway:
                         sent += len(value)
                         if sent > limit:
                             return _too_large(limit)
-                        await chunks.put(value)
-                    elif kind == "file-end":
-                        await chunks.put(None)
+                        if not await _offer(chunks, value, call_task):
+                            break
                 if call_task is not None and call_task.done():
                     break  # refused early (bad options, unknown model): stop reading
+            else:
+                if call_task is not None and not upload.file_ended:
+                    raise errors.InvalidInput("the multipart body ends inside the 'file' part (no closing boundary)")
+                # A field after the file is refused while parsing, so the end is sent only now:
+                # ending the stream at the file's last byte would create a job for a refused form.
+                complete = call_task is None or await _offer(chunks, None, call_task)
         except errors.InvalidInput as exc:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ClientDisconnect:
+            return error_response(grpc.StatusCode.CANCELLED, "the client closed the connection mid-upload")
         finally:
-            if call_task is not None and not call_task.done() and (sent > limit):
-                call_task.cancel()
+            # Every way out but a complete body ends the call: the orchestrator's UploadAudio
+            # then stops waiting for chunks and removes its spool file.
+            if call_task is not None and not complete and not call_task.done():
+                while not chunks.empty():
+                    chunks.get_nowait()
+                chunks.put_nowait(_ABORT)
+                call_task.add_done_callback(lambda task: task.cancelled() or task.exception())
         if call_task is None:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, "the form has no 'file' field with the audio")
         try:
             response = await call_task
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
-        except asyncio.CancelledError:
-            return _too_large(limit)
         return JSONResponse(to_json(response))
 
     # --- downloads --------------------------------------------------------------------
@@ -336,6 +352,23 @@ class Gateway:
         )
 
 
+async def _offer(queue: asyncio.Queue, item, call_task: asyncio.Future) -> bool:
+    """Queue ``item`` for the upload call; False when the call ended first (refused early:
+    nobody reads the queue any more, so a plain ``put`` on a full queue would wait forever)."""
+    if call_task.done():
+        return False
+    if not queue.full():
+        queue.put_nowait(item)
+        return True
+    put = asyncio.ensure_future(queue.put(item))
+    try:
+        await asyncio.wait({put, call_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not put.done():
+            put.cancel()
+    return put.done() and not put.cancelled()
+
+
 def _too_large(limit: int) -> Response:
     return error_response(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -381,6 +414,7 @@ class _MultipartUpload:
         self._name = ""
         self._in_file = False
         self._file_seen = False
+        self.file_ended = False
         self._header_field = b""
         self._header_value = b""
         self._parser = MultipartParser(
@@ -439,6 +473,7 @@ class _MultipartUpload:
         if self._in_file:
             self._events.append(("file-end", b""))
             self._in_file = False
+            self.file_ended = True
             return
         if self._file_seen:
             raise errors.InvalidInput(f"form field {self._name!r} must come before the file")
