@@ -2,6 +2,7 @@
 
 from audiomesh.rpc.client import ClientFactory, status_of
 from audiomesh.rpc.server import (
+    AuthPolicy,
     Registration,
     RunningServer,
     ServiceSpec,

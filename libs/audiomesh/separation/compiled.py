@@ -1,7 +1,9 @@
 """Compiled separation: a Demucs model through ``torch.compile``, built in the background.
 
-On a 2-core CPU, ``torch.compile`` runs HTDemucs 1.15x faster than eager over a whole song with
-the same stems (max abs difference 1.1e-6; BENCHMARKS.md), but Inductor's first compile takes
+On a 2-core CPU, ``torch.compile`` runs HTDemucs with the same stems (max abs difference 1.1e-6)
+about 4 % faster than eager in the separation worker, which runs on jemalloc (one chunk 2.58 s
+against 2.69 s; BENCHMARKS.md). The 1.15x of a whole song was raw ``apply_model`` on glibc's
+malloc, where compiling mostly saved allocations. Inductor's first compile takes
 ~11 minutes (~40 s once its on-disk cache is warm). So nobody waits for it:
 
 * :class:`BackgroundCompiler` listens to a :class:`~audiomesh.separation.registry.SeparatorFactory`:
