@@ -188,11 +188,13 @@ class Settings(BaseSettings):
 
         return Path(tempfile.gettempdir()) / "audiomesh-compile-cache"
 
-    def open_store(self):
+    def open_store(self, *, create_bucket: bool = True):
+        """The configured store; ``create_bucket=False`` does not contact an S3 server yet."""
         from audiomesh.store import open_store
 
         return open_store(
             self.store_url,
+            create_bucket=create_bucket,
             s3_endpoint=self.s3_endpoint or None,
             s3_access_key=self.s3_access_key.get_secret_value() or None,
             s3_secret_key=self.s3_secret_key.get_secret_value() or None,

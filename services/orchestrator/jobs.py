@@ -62,11 +62,18 @@ class JobRegistry:
         self.store = store
         self.outage_budget = outage_budget
         self.records: dict[str, JobRecord] = {}
+        self.loaded = False  # every manifest in the store read (set by the orchestrator's recovery)
         self._config = struct_pb2.Struct()
         self._config.update(config)
         self.log = logger(component="jobs")
 
     # --- lookup -----------------------------------------------------------------------
+    def require_loaded(self) -> None:
+        """Job RPCs answer UNAVAILABLE (which clients retry) until recovery has read every
+        manifest: a half-loaded registry would call a job from before the restart NOT_FOUND."""
+        if not self.loaded:
+            raise errors.Unavailable("orchestrator is loading jobs from the store; retry")
+
     def get(self, job_id: str) -> JobRecord:
         validate_job_id(job_id)
         rec = self.records.get(job_id)
@@ -195,23 +202,27 @@ class JobRegistry:
 
     # --- recovery and retention ---------------------------------------------------------
     async def load_all(self) -> list[JobRecord]:
-        """Read every manifest in the store; return the records that must be resumed."""
+        """Read every manifest in the store; return the records that must be resumed.
+
+        All or nothing: a store that stops answering half-way raises
+        :class:`~audiomesh.errors.Unavailable` (the caller retries the whole load) instead of
+        skipping the manifests it could not read — those jobs would vanish."""
         infos = await asyncio.to_thread(lambda: list(self.store.list("jobs/")))
-        unfinished = []
+        loaded: dict[str, JobRecord] = {}
         for info in infos:
             if not info.key.endswith("/manifest.json"):
                 continue
             try:
                 data = await asyncio.to_thread(self.store.get_bytes, info.key)
                 doc = manifest.loads(data)
+            except errors.Unavailable:
+                raise
             except errors.AudiomeshError as exc:
                 self.log.warning("skipping unreadable manifest", key=info.key, reason=str(exc))
                 continue
-            rec = JobRecord(job=doc.job, events=list(doc.events))
-            self.records[doc.job.job_id] = rec
-            if not rec.terminal:
-                unfinished.append(rec)
-        return unfinished
+            loaded[doc.job.job_id] = JobRecord(job=doc.job, events=list(doc.events))
+        self.records.update(loaded)
+        return [rec for rec in loaded.values() if not rec.terminal]
 
     def expired(self, retention_hours: float) -> list[str]:
         if retention_hours <= 0:

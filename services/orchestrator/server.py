@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from .jobs import JobRegistry, manifest_key, now_pb, validate_job_id
 from .runner import Runner
 
 _MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
+# Recovery retries while the store does not answer: first delay, doubling up to the max.
+_RECOVERY_FIRST_DELAY = 0.5
+_RECOVERY_MAX_DELAY = 30.0
 
 
 def _principal() -> str:
@@ -45,6 +49,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def _own(self, job_id: str):
         """The caller's job: another principal's job is NOT_FOUND, exactly like a missing one."""
+        self.registry.require_loaded()
         rec = self.registry.get(job_id)
         if rec.job.owner != _principal():
             raise errors.NotFound(f"job {job_id!r} not found")
@@ -81,6 +86,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     # --- creating jobs -----------------------------------------------------------------
     async def UploadAudio(self, request_iterator, context):
+        self.registry.require_loaded()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
             raise errors.InvalidInput("the first UploadAudio message must carry metadata (filename, options)")
@@ -119,6 +125,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return response
 
     async def CreateJob(self, request: orchestrator_pb2.CreateJobRequest, context):
+        self.registry.require_loaded()
         if not request.input_key:
             raise errors.InvalidInput("input_key is required")
         validate_key(request.input_key)
@@ -201,6 +208,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.GetJobResponse(job=self._own(request.job_id).job)
 
     async def ListJobs(self, request, context):
+        self.registry.require_loaded()
         if not 0 <= request.page_size <= _MAX_PAGE:
             raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE} (0 means 20)")
         size = request.page_size or 20
@@ -288,8 +296,10 @@ def _decode_token(token: str) -> tuple[int, str] | None:
     return position
 
 
-def build(settings: Settings) -> ServiceSpec:
-    store = settings.open_store()
+def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpec:
+    """The orchestrator; ``store`` replaces the configured one (tests). Nothing here contacts
+    the store: recovery does, with backoff, before the service reports SERVING."""
+    store = store or settings.open_store(create_bucket=False)
     registry = JobRegistry(store, settings.public_dict(), outage_budget=settings.unavailable_budget_seconds)
     runner = Runner(settings, store, registry, settings.client_factory(as_service=True))
     servicer = OrchestratorServicer(settings, store, registry, runner)
@@ -298,18 +308,60 @@ def build(settings: Settings) -> ServiceSpec:
     async def sweep_forever() -> None:
         interval = max(60.0, min(3600.0, settings.retention_hours * 360))
         while True:
-            for job_id in registry.expired(settings.retention_hours):
-                await registry.delete(job_id)
+            try:
+                for job_id in registry.expired(settings.retention_hours):
+                    await registry.delete(job_id)
+            except Exception as exc:  # noqa: BLE001 - a store outage must not end the sweeper
+                registry.log.warning("retention sweep failed; next one as scheduled", reason=str(exc))
             await asyncio.sleep(interval)
 
-    async def start() -> None:
+    stopping = asyncio.Event()
+
+    async def recover() -> None:
+        """Recovery, awaited as warm-up so health stays NOT_SERVING until it is done: load every
+        manifest (retried with backoff, 0.5 s doubling to 30 s, for as long as the store does
+        not answer), resume unfinished jobs, then start the retention sweeper. Until then job
+        RPCs answer UNAVAILABLE (``JobRegistry.require_loaded``)."""
+        log = registry.log
+        delay, attempt, started = _RECOVERY_FIRST_DELAY, 0, time.monotonic()
+        while True:
+            attempt += 1
+            try:
+                # Opening the store the usual way is the first call that needs an answer (an S3
+                # bucket is created if missing); then every manifest, all or nothing.
+                await asyncio.to_thread(lambda: settings.open_store().close())
+                unfinished = await registry.load_all()
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; giving up would stay NOT_SERVING
+                log.warning(
+                    "jobs not loaded: the store did not answer; NOT_SERVING, retrying",
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    reason=str(exc),
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            if stopping.is_set():
+                raise asyncio.CancelledError  # stopped before the store answered: never SERVING
+            delay = min(delay * 2, _RECOVERY_MAX_DELAY)
+        if stopping.is_set():
+            raise asyncio.CancelledError
+        registry.loaded = True
         # Every job is queryable after a restart; unfinished ones run again from their manifest.
-        for rec in await registry.load_all():
-            registry.log.info("resuming job", job_id=rec.job.job_id, state=common_pb2.JobState.Name(rec.job.state))
+        for rec in unfinished:
+            log.info("resuming job", job_id=rec.job.job_id, state=common_pb2.JobState.Name(rec.job.state))
             runner.start(rec)
+        log.info(
+            "recovery done: jobs loaded from the store; SERVING",
+            jobs=len(registry.records),
+            resumed=len(unfinished),
+            attempts=attempt,
+            seconds=round(time.monotonic() - started, 2),
+        )
         background.append(asyncio.ensure_future(sweep_forever()))
 
     async def stop() -> None:
+        stopping.set()
         for task in background:
             task.cancel()
         await runner.shutdown()
@@ -322,6 +374,6 @@ def build(settings: Settings) -> ServiceSpec:
                 orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name,
             )
         ],
-        warmup=start,
+        warmup=recover,
         on_stop=stop,
     )
