@@ -20,6 +20,9 @@ from pathlib import Path, PurePosixPath
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
@@ -102,7 +105,7 @@ class Gateway:
                 message = await self._request_message(route, request)
             except (json_format.ParseError, UnicodeDecodeError) as exc:
                 return error_response(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}")
-            with tracer().start_as_current_span(f"HTTP {route.verb} {route.template}"):
+            with tracer().start_as_current_span(f"HTTP {route.verb} {route.template}", kind=SpanKind.SERVER):
                 if route.server_streaming:
                     return await self._stream(route, message, request)
                 call = self.channel.unary_unary(
@@ -170,6 +173,10 @@ class Gateway:
 
     # --- uploads ----------------------------------------------------------------------
     async def upload(self, request: Request) -> Response:
+        with tracer().start_as_current_span(f"HTTP POST {request.url.path}", kind=SpanKind.SERVER):
+            return await self._upload(request)
+
+    async def _upload(self, request: Request) -> Response:
         """multipart/form-data: optional ``options`` (JobOptions JSON) or ``model``, then ``file``.
 
         The file streams straight into UploadAudio; the size limit is enforced as bytes arrive.
@@ -592,6 +599,10 @@ class AccessLog:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if given and len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        # Continue the caller's trace (W3C traceparent/tracestate): the spans made for this
+        # request, and the gRPC calls they make, join it instead of starting a new one.
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        trace_token = otel_context.attach(propagate.extract(carrier))
         started = time.perf_counter()
         status = [500]
 
@@ -613,3 +624,4 @@ class AccessLog:
                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
                 request_id=request_id,
             )
+            otel_context.detach(trace_token)

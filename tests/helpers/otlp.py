@@ -14,6 +14,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[tuple[str, str, str]] = []  # (service.name, trace_id hex, span name)
+        self.links: list[dict[str, str]] = []  # service, trace_id, span_id, parent_span_id (hex), name
         self.lock = threading.Lock()
 
     def Export(self, request, context):
@@ -24,11 +25,24 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                 for scope in resource_spans.scope_spans:
                     for span in scope.spans:
                         self.spans.append((service, span.trace_id.hex(), span.name))
+                        self.links.append(
+                            {
+                                "service": service,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_span_id": span.parent_span_id.hex(),
+                                "name": span.name,
+                            }
+                        )
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def services_in_trace(self, trace_id: str) -> set[str]:
         with self.lock:
             return {service for service, tid, _ in self.spans if tid == trace_id}
+
+    def spans_in_trace(self, trace_id: str) -> list[dict[str, str]]:
+        with self.lock:
+            return [span for span in self.links if span["trace_id"] == trace_id]
 
     def traces_named(self, name: str) -> set[str]:
         with self.lock:
