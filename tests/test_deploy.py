@@ -363,6 +363,25 @@ def test_store_bundled_or_external_and_secrets(charts):
     assert refs and all(r["name"] == "audiomesh-credentials" and r["optional"] for r in refs)
 
 
+def test_service_token_is_generated_and_reaches_every_service(charts):
+    """With API keys on (the ingress scenario) and no serviceToken given, the chart's Secret holds a
+    generated token and every gRPC service reads it: the services refuse to start without one."""
+    secret = one(charts, "ingress", "Secret", f"{RELEASE}-audiomesh-secrets")
+    assert base64.b64decode(secret["data"]["api-keys"]).startswith(b"alice=sha256:")
+    assert len(base64.b64decode(secret["data"]["service-token"])) >= 32
+    for name in SERVICES:
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in container(deployment(charts, "ingress", name))["env"]
+            if "valueFrom" in e
+        }
+        assert refs["AUDIOMESH_SERVICE_TOKEN"] == {
+            "name": secret["metadata"]["name"],
+            "key": "service-token",
+            "optional": True,
+        }, name
+
+
 def test_ingress_routes_to_the_gateway(charts):
     (ingress,) = objects(charts, "ingress", "Ingress")
     service = one(charts, "ingress", "Service", f"{RELEASE}-audiomesh-gateway")
@@ -625,7 +644,7 @@ COMPOSE_FROM_ENV_FILE = {
     "AUDIOMESH_TLS_CA_FILE": "as AUDIOMESH_TLS_CERT_FILE (what the clients trust)",
     "AUDIOMESH_API_KEYS": "open mode on a laptop; set hashed keys in .env for a shared machine",
     "AUDIOMESH_API_KEY": "client side (the CLI), not the services'",
-    "AUDIOMESH_SERVICE_TOKEN": "the compose network is private to this project",
+    "AUDIOMESH_SERVICE_TOKEN": "set in .env with API keys (the services refuse to start with keys and no token)",
     "AUDIOMESH_CORS_ORIGINS": "the web page is served by the gateway itself (same origin)",
     "AUDIOMESH_OTLP_ENDPOINT": "no collector in this file",
     "AUDIOMESH_LOG_LEVEL": "info",

@@ -182,6 +182,8 @@ def cmd_up(args, settings: Settings) -> int:
     for name in SERVICES:
         print(f"  {name:<13} {mesh.addresses[name]}")
     print(f"  store         {settings.store_url}")
+    if settings.api_keys and not settings.service_token.get_secret_value():
+        print("  service token generated for this run: the workers answer only this orchestrator")
     print(f"  web page      {mesh.url}/   (API: {mesh.url}/openapi.json)")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
