@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import textwrap
 
@@ -12,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from audiomesh.audio import AudioInfo, file_sha256, probe, read_audio, resample, write_audio
-from audiomesh.audio.io import decode_blocks
+from audiomesh.audio.io import NOT_AUDIO, decode_blocks, scan_samples
 from audiomesh.errors import InvalidInput, NotFound
 from tests.helpers.audio import (
     sine,
@@ -282,8 +283,55 @@ def test_nan_samples(tmp_path) -> None:
     assert probe(path).format == "WAV"  # the container is fine...
     with pytest.raises(InvalidInput, match=r"'nan\.wav' contains 2 NaN or infinite sample\(s\)"):
         read_audio(path)  # ...the samples are not
-    with pytest.raises(InvalidInput, match=r"'nan\.wav' contains 2 NaN or infinite sample\(s\) near frame 0"):
+    with pytest.raises(
+        InvalidInput, match=r"'nan\.wav' contains 2 NaN or infinite sample\(s\), the first at frame 100"
+    ):
         list(decode_blocks(path))
+
+
+def test_nan_message_names_the_first_bad_frame(tmp_path) -> None:
+    """The bad samples are in the second block: the message says where, not where the block starts."""
+    y = sine(440, 3.0, SR)
+    y[100_000] = np.nan
+    path = tmp_path / "late.wav"
+    sf.write(path, y, SR, format="WAV", subtype="FLOAT")
+    where = r"the first at frame 100000 \(2\.268 s\)"
+    with pytest.raises(InvalidInput, match=where):
+        scan_samples(path, block_frames=1 << 16)
+    with pytest.raises(InvalidInput, match=where):
+        list(decode_blocks(path, block_frames=1 << 16))
+    with pytest.raises(InvalidInput, match=where):
+        read_audio(path)
+
+
+def _damaged(tmp_path, kind: str) -> str:
+    """A truncated FLAC (cut at 60 %) or an MP3 with 4000 junk bytes in the middle: both probe fine."""
+    y = synth_song(3.0, SR, 2)
+    path = tmp_path / f"whole.{kind}"
+    sf.write(path, y.T, SR, format=kind.upper())
+    data = bytearray(path.read_bytes())
+    if kind == "flac":
+        data = data[: int(len(data) * 0.6)]
+    else:
+        middle = len(data) // 3
+        data[middle : middle + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    out = tmp_path / "upload-x1y2z3"  # a server-side spool name: never shown
+    out.write_bytes(bytes(data))
+    return str(out)
+
+
+@pytest.mark.parametrize("kind", ["flac", pytest.param("mp3", marks=pytest.mark.skipif(not MP3_OK, reason="no MP3"))])
+def test_damaged_flac_and_mp3_fail_the_scan(tmp_path, kind) -> None:
+    path = _damaged(tmp_path, kind)
+    assert probe(path, name=f"song.{kind}").frames == 3 * SR  # the header is intact...
+    with pytest.raises(
+        InvalidInput, match=rf"'song\.{kind}' \({kind.upper()}\) stops decoding after .* damaged"
+    ) as err:
+        scan_samples(path, name=f"song.{kind}")  # ...the frames are not
+    assert str(tmp_path) not in str(err.value) and "upload-" not in str(err.value)
+    with pytest.raises(InvalidInput, match=rf"'song\.{kind}' \({kind.upper()}\) could not be decoded") as err:
+        list(decode_blocks(path, name=f"song.{kind}"))
+    assert str(tmp_path) not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -370,10 +418,30 @@ def test_ffmpeg_fallback_failure_is_reported(tmp_path, monkeypatch) -> None:
     path = write_fake_m4a(tmp_path / "song.m4a")
     with pytest.raises(
         InvalidInput,
-        match=r"is not an audio file that soundfile or ffmpeg can decode; it looks like an MP4/M4A .*"
-        r"Invalid data found when processing input",
+        match=r"is not a supported audio file \(neither soundfile nor ffmpeg can decode it\); it looks like an "
+        r"MP4/M4A .*Invalid data found when processing input",
     ):
         probe(path)
+
+
+@pytest.mark.parametrize("ffmpeg", ["hidden", "installed"])
+def test_not_audio_refusal_says_so_with_and_without_ffmpeg(tmp_path, monkeypatch, ffmpeg) -> None:
+    """Both refusal paths carry NOT_AUDIO and the user's name, never the server's path (#14.17, #14.15).
+
+    "installed" uses the machine's real ffmpeg (skipped where there is none; the stand-in
+    tests above cover that path's wording everywhere)."""
+    if ffmpeg == "hidden":
+        monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    elif shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed here: the real-ffmpeg refusal path cannot run")
+    spool = tmp_path / "audiomesh-scratch" / "4242" / "upload-abc123"
+    spool.parent.mkdir(parents=True)
+    spool.write_bytes(b"hello, I am not a song\n" * 40)
+    with pytest.raises(InvalidInput) as err:
+        probe(spool, name="song.wav")
+    message = str(err.value)
+    assert message.startswith(f"'song.wav' {NOT_AUDIO}"), message
+    assert str(tmp_path) not in message and "upload-abc123" not in message, message
 
 
 # --------------------------------------------------------------------------- hashing

@@ -42,12 +42,30 @@ def lying_header() -> bytes:
     return bytes(data)
 
 
+def damaged(fmt: str):
+    """A FLAC cut at 60 %, or an MP3 with junk in the middle: their headers probe fine (#14.3)."""
+
+    def make(tmp: Path) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, np.stack([np.sin(np.arange(3 * 44100) / 10.0)] * 2, axis=1) * 0.3, 44100, format=fmt)
+        data = bytearray(buf.getvalue())
+        if fmt == "FLAC":
+            return bytes(data[: int(len(data) * 0.6)])
+        middle = len(data) // 3
+        data[middle : middle + 4000] = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+        return bytes(data)
+
+    return make
+
+
 CASES = {
     "empty": (lambda tmp: b"", "empty"),
     "not audio": (lambda tmp: b"this is a text file, not a song\n" * 20, "not a supported audio"),
     "truncated wav": (truncated_wav, "truncated"),
     "zero frames": (lambda tmp: zero_frames(), "no audio"),
     "lying header": (lambda tmp: lying_header(), "truncated"),
+    "truncated flac": (damaged("FLAC"), "damaged or truncated"),
+    "mp3 with junk": (damaged("MP3"), "damaged or truncated"),
 }
 
 
@@ -71,7 +89,10 @@ async def test_bad_upload_is_refused_and_leaves_nothing(case, file_mesh, tmp_pat
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await upload(stub, make(tmp_path), "bad.wav")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert words in err.value.details().lower()
+        details = err.value.details()
+        assert words in details.lower()
+        # The user's name, never the server's spool path (#14.15).
+        assert "bad.wav" in details and "upload-" not in details and "scratch" not in details, details
         await assert_healthy(channel)
     assert job_objects(file_mesh) == before
 

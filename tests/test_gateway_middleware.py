@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 
@@ -33,8 +34,16 @@ async def test_cors_allows_configured_origins_only(tmp_path):
 def test_access_log_line_per_request(gateway_url, file_mesh):
     with httpx.Client(base_url=gateway_url) as http:
         http.get("/v1/jobs/5b1c1d3e-0000-4000-8000-000000000000", headers={"X-Request-ID": "log-check-42"})
-    lines = [json.loads(x) for x in (file_mesh.log_dir / "gateway.log").read_text().splitlines() if x.startswith("{")]
-    mine = [x for x in lines if x.get("request_id") == "log-check-42"]
+    # The line is written once the response has been sent, so the client can be faster than
+    # the log (seen on a loaded machine): wait for it, boundedly.
+    deadline = time.monotonic() + 10
+    while True:
+        text = (file_mesh.log_dir / "gateway.log").read_text()
+        lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        mine = [x for x in lines if x.get("request_id") == "log-check-42"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(mine) == 1
     line = mine[0]
     assert line["event"] == "http" and line["status"] == 404 and line["method"] == "GET"

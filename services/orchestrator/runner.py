@@ -379,7 +379,11 @@ class Runner:
                 mix = Path(tmp) / f"mix{ext}"
                 writer = TrackWriter(mix, info.sample_rate, info.audio_channels, fmt=fmt, subtype=subtype)
                 try:
-                    for block in decode_blocks(local, sample_rate=info.sample_rate, channels=info.audio_channels):
+                    # Messages name the user's file, not the scratch copy ("input").
+                    blocks = decode_blocks(
+                        local, sample_rate=info.sample_rate, channels=info.audio_channels, name=job.input.name
+                    )
+                    for block in blocks:
                         writer.write(block)
                     measured = writer.close()
                 except BaseException:

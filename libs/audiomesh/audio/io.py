@@ -32,6 +32,7 @@ __all__ = [
     "AudioInfo",
     "OUTPUT_FORMATS",
     "OUTPUT_SUBTYPES",
+    "NOT_AUDIO",
     "SUPPORTED_INPUTS",
     "file_sha256",
     "probe",
@@ -43,6 +44,9 @@ __all__ = [
 
 #: What libsndfile reads for us; anything else needs ffmpeg.
 SUPPORTED_INPUTS = "WAV, FLAC, OGG, MP3"
+#: The words of every "this is not audio" refusal, with or without ffmpeg installed, so
+#: clients (and tests) can rely on them whichever decoder was tried.
+NOT_AUDIO = "is not a supported audio file"
 OUTPUT_FORMATS = ("wav", "flac")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 _FLAC_SUBTYPES = ("PCM_16", "PCM_24")
@@ -201,9 +205,12 @@ def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tu
         raise InvalidInput(f"{shown}: ffmpeg did not finish decoding within {_FFMPEG_TIMEOUT_S} s") from None
     if proc.returncode != 0 or not os.path.exists(out_wav):
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        # ffmpeg names the file by its path (a server's scratch folder): show the user's name.
+        detail = lines[-1].replace(path, shown).strip() if lines else f"exit status {proc.returncode}"
         looks = f"; it looks like {sniffed[1]}" if sniffed else ""
-        raise UnsupportedAudio(f"{shown} is not an audio file that soundfile or ffmpeg can decode{looks} ({detail})")
+        raise UnsupportedAudio(
+            f"{shown} {NOT_AUDIO} (neither soundfile nor ffmpeg can decode it){looks} (ffmpeg: {detail})"
+        )
 
 
 @contextlib.contextmanager
@@ -251,14 +258,15 @@ def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) 
             f"({_libsndfile_reason(exc)})"
         )
     looks = f" (it looks like {sniffed[1]})" if sniffed else ""
-    return UnsupportedAudio(
-        f"{shown} is not a supported audio file ({SUPPORTED_INPUTS}){looks}; install ffmpeg for other formats"
-    )
+    return UnsupportedAudio(f"{shown} {NOT_AUDIO} ({SUPPORTED_INPUTS}){looks}; install ffmpeg for other formats")
 
 
 def _libsndfile_reason(exc: Exception) -> str:
+    """libsndfile's reason without the "Error opening '<server path>': " prefix."""
     text = str(exc)
-    return text.split(": ", 1)[1] if text.startswith("Error opening") and ": " in text else text
+    if text.startswith("Error opening '") and "': " in text:
+        return text.rpartition("': ")[2]
+    return text
 
 
 def _make_info(info: sf._SoundFileInfo, shown: str, *, fmt: str | None = None, subtype: str | None = None) -> AudioInfo:
@@ -344,12 +352,14 @@ def read_audio(
         try:
             data, sr = sf.read(real_path, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
-            raise InvalidInput(f"{shown} ({info.format}) could not be decoded; it is probably damaged: {exc}") from None
+            raise InvalidInput(
+                f"{shown} ({info.format}) could not be decoded; it is probably damaged: {_libsndfile_reason(exc)}"
+            ) from None
     y = np.ascontiguousarray(data.T)
     del data
     if y.shape[1] == 0:
         raise InvalidInput(f"{shown} contains no audio samples (0 frames)")
-    _check_finite(y, shown)
+    _check_finite(y, shown, sr)
     if channels is not None and channels < y.shape[0]:
         y = _adapt_channels(y, channels, shown)
     if sample_rate is not None and sample_rate != sr:
@@ -388,28 +398,29 @@ def decode_blocks(
                 )
                 frames = 0
                 for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-                    y = _converted(np.ascontiguousarray(block.T), stream, channels, shown, frames, last=False)
+                    y = _converted(
+                        np.ascontiguousarray(block.T), stream, channels, shown, frames, last=False, rate=rate
+                    )
                     frames += block.shape[0]
                     if y.shape[1]:
                         yield y
         except (sf.LibsndfileError, RuntimeError) as exc:
-            raise InvalidInput(f"{shown} ({info.format}) could not be decoded; it is probably damaged: {exc}") from None
+            raise InvalidInput(
+                f"{shown} ({info.format}) could not be decoded; it is probably damaged: {_libsndfile_reason(exc)}"
+            ) from None
     if frames == 0:
         raise InvalidInput(f"{shown} contains no audio samples (0 frames)")
     if stream is not None:
-        tail = _converted(np.zeros((mid, 0), np.float32), stream, channels, shown, frames, last=True)
+        tail = _converted(np.zeros((mid, 0), np.float32), stream, channels, shown, frames, last=True, rate=rate)
         if tail.shape[1]:
             yield tail
 
 
-def _converted(y: np.ndarray, stream, channels: int | None, shown: str, at: int, *, last: bool) -> np.ndarray:
+def _converted(
+    y: np.ndarray, stream, channels: int | None, shown: str, at: int, *, last: bool, rate: int | None = None
+) -> np.ndarray:
     """One block of :func:`decode_blocks`: checked, downmixed, resampled, upmixed."""
-    finite = np.isfinite(y)
-    if not finite.all():
-        bad = int(y.size - np.count_nonzero(finite))
-        raise InvalidInput(
-            f"{shown} contains {bad} NaN or infinite sample(s) near frame {at}; audio samples must be finite numbers"
-        )
+    _check_block_finite(y.T, shown, at, rate)
     if channels is not None and channels < y.shape[0]:
         y = _adapt_channels(y, channels, shown)
     if stream is not None:
@@ -419,11 +430,8 @@ def _converted(y: np.ndarray, stream, channels: int | None, shown: str, at: int,
     return y
 
 
-def _check_finite(y: np.ndarray, shown: str) -> None:
-    finite = np.isfinite(y)
-    if not finite.all():
-        bad = int(y.size - np.count_nonzero(finite))
-        raise InvalidInput(f"{shown} contains {bad} NaN or infinite sample(s); audio samples must be finite numbers")
+def _check_finite(y: np.ndarray, shown: str, rate: int | None = None) -> None:
+    _check_block_finite(y.T, shown, 0, rate)
 
 
 def _adapt_channels(y: np.ndarray, channels: int, shown: str) -> np.ndarray:
@@ -447,26 +455,52 @@ def _adapt_channels(y: np.ndarray, channels: int, shown: str) -> np.ndarray:
 
 
 def scan_samples(path: str | os.PathLike[str], *, name: str | None = None, block_frames: int = 1 << 16) -> int:
-    """Read every sample once, in blocks (bounded memory): InvalidInput on NaN/Inf samples.
+    """Decode every sample once, in blocks (bounded memory), as a job's decode will.
 
-    Returns the number of frames read. Formats only ffmpeg decodes are checked later, when
-    decoded.
+    Returns the number of frames read. Raises InvalidInput on NaN/Inf samples (naming the
+    first bad frame) and on a file that stops decoding part-way or yields fewer frames than
+    its header declares (a truncated FLAC, an MP3 with junk in the middle): libsndfile opens
+    and probes such files fine and fails only when the damaged part is read. Formats only
+    ffmpeg decodes were decoded whole by :func:`probe` and are not read again here.
     """
-    shown = _display(str(path), name)
-    frames = 0
+    shown = _display(os.fspath(path), name)
     try:
-        with sf.SoundFile(path) as f:
+        f = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError):
+        return 0  # not libsndfile's: probe() decoded it with ffmpeg
+    frames = 0
+    with f:
+        declared, rate, fmt = int(f.frames), int(f.samplerate), f.format
+        try:
             for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-                bad = int(block.size - np.count_nonzero(np.isfinite(block)))
-                if bad:
-                    raise InvalidInput(
-                        f"{shown} contains NaN or infinite samples (first near frame {frames}); "
-                        "audio samples must be finite numbers"
-                    )
+                _check_block_finite(block, shown, frames, rate)
                 frames += len(block)
-    except sf.LibsndfileError:
-        return frames
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise InvalidInput(
+                f"{shown} ({fmt}) stops decoding after {frames / rate:.1f} s of {declared / rate:.1f} s; "
+                f"it is probably damaged or truncated ({_libsndfile_reason(exc)})"
+            ) from None
+    # MP3 frame counts are estimates (libsndfile pads a cut MP3 to it); the others are exact.
+    if fmt != "MP3" and frames < declared:
+        raise InvalidInput(
+            f"{shown} ({fmt}) is truncated: its header declares {declared / rate:.1f} s of audio but only "
+            f"{frames / rate:.1f} s could be decoded"
+        )
     return frames
+
+
+def _check_block_finite(block: np.ndarray, shown: str, at: int, rate: int | None = None) -> None:
+    """InvalidInput naming the first non-finite frame of ``block`` (``(frames, channels)``, starting at frame ``at``)."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return
+    bad = int(block.size - np.count_nonzero(finite))
+    first = at + int(np.argmin(finite.all(axis=1)))
+    when = f" ({first / rate:.3f} s)" if rate else ""
+    raise InvalidInput(
+        f"{shown} contains {bad} NaN or infinite sample(s), the first at frame {first}{when}; "
+        "audio samples must be finite numbers"
+    )
 
 
 def resample(y: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "VHQ") -> np.ndarray:
@@ -550,4 +584,6 @@ def write_audio(
         try:
             sf.write(tmp, y.T, int(sample_rate), format=fmt_l.upper(), subtype=subtype)
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-            raise InvalidInput(f"cannot write {fmt_l.upper()} {subtype} at {sample_rate} Hz: {exc}") from None
+            raise InvalidInput(
+                f"cannot write {fmt_l.upper()} {subtype} at {sample_rate} Hz: {_libsndfile_reason(exc)}"
+            ) from None
