@@ -17,7 +17,7 @@ import pytest
 from google.protobuf.message_factory import GetMessageClass
 
 from audiomesh.auth import hash_key
-from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc, orchestrator_pb2
+from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc, orchestrator_pb2, orchestrator_pb2_grpc
 from tests.helpers.mesh import start_mesh, write_song
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
@@ -210,6 +210,37 @@ async def test_create_job_cannot_read_another_principals_objects(keyed_mesh, ali
         ):
             final = msg.job
         assert final.state == common_pb2.JOB_STATE_SUCCEEDED
+
+
+def _stored(mesh, key: str) -> bool:
+    return os.path.isfile(os.path.join(mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://"), key))
+
+
+async def test_upload_then_create_job_works_for_the_owner_only(keyed_mesh, tmp_path):
+    """The two-step flow: UploadAudio without create_job (proto3 default false) stores the upload
+    under its owner; CreateJob from it works for that key, is NOT_FOUND for another, and the
+    upload goes with the last job that used it."""
+    song = write_song(tmp_path / "two-step.wav", 1.5).read_bytes()
+    alice, bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+
+    async def messages():
+        yield orchestrator_pb2.UploadAudioRequest(metadata=orchestrator_pb2.UploadMetadata(filename="two-step.wav"))
+        yield orchestrator_pb2.UploadAudioRequest(chunk=song)
+
+    async with grpc.aio.insecure_channel(keyed_mesh.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        uploaded = await stub.UploadAudio(messages(), metadata=alice)
+        assert not uploaded.HasField("job") and uploaded.size_bytes == len(song)
+        assert uploaded.input_key.startswith("uploads/alice/") and uploaded.input_key.endswith("/two-step.wav")
+        request = orchestrator_pb2.CreateJobRequest(input_key=uploaded.input_key)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateJob(request, metadata=bob)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and uploaded.input_key in err.value.details()
+        job = (await stub.CreateJob(request, metadata=alice)).job
+        assert job.owner == "alice" and job.input.key == uploaded.input_key and job.input.name == "two-step.wav"
+        assert _stored(keyed_mesh, uploaded.input_key)
+        await stub.DeleteJob(orchestrator_pb2.DeleteJobRequest(job_id=job.job_id), metadata=alice)
+        assert not _stored(keyed_mesh, uploaded.input_key)
 
 
 def test_web_page_asks_for_the_key_then_shows_the_callers_jobs(keyed_mesh, alice_job, browser):

@@ -19,6 +19,7 @@ from audiomesh import manifest
 from audiomesh.config import load_settings
 from audiomesh.demo import synth_song
 from audiomesh.rpc.server import start_server
+from audiomesh.services.orchestrator.jobs import JobRegistry
 from audiomesh.services.orchestrator.server import build as build_orchestrator
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2, separation_pb2_grpc
 from tests.helpers.mesh import BASE_ENV
@@ -66,16 +67,48 @@ async def test_sigterm_lets_the_running_separation_finish(tmp_path):
             proc.wait()
 
 
-def _write_job(store, *, age: timedelta, state: int) -> str:
+def _write_job(store, *, age: timedelta, state: int, input_key: str = "") -> str:
     job_id = str(uuid.uuid4())
     job = orchestrator_pb2.Job(job_id=job_id, state=state, manifest_key=f"jobs/{job_id}/manifest.json")
     job.create_time.FromDatetime(datetime.now(UTC) - age)
     job.update_time.CopyFrom(job.create_time)
     job.input.name = "x.wav"
+    job.input.key = input_key
     store.put_bytes(f"jobs/{job_id}/output/main.wav", b"RIFF")
     doc = orchestrator_pb2.Manifest(schema_version=manifest.SCHEMA_VERSION, job=job)
     store.put_bytes(job.manifest_key, manifest.dumps(doc))
     return job_id
+
+
+async def test_retention_deletes_orphaned_uploads_older_than_the_period(tmp_path):
+    """Uploads without a job (UploadAudio, create_job false) that no job uses are swept after the
+    retention period; one a live job uses stays; an expired job takes the upload it used along."""
+    settings = load_settings(store_url=f"file://{tmp_path / 'store'}", retention_hours=24)
+    store = settings.open_store()
+    old = datetime.now(UTC) - timedelta(hours=30)
+
+    def upload(name: str, when: datetime) -> str:
+        key = f"uploads/alice/{uuid.uuid4()}/{name}"
+        store.put_bytes(key, b"RIFF")
+        os.utime(tmp_path / "store" / key, (when.timestamp(), when.timestamp()))
+        return key
+
+    orphan, fresh, used, used_by_expired = (
+        upload("orphan.wav", old),
+        upload("fresh.wav", datetime.now(UTC)),
+        upload("used.wav", old),
+        upload("gone.wav", old),
+    )
+    _write_job(store, age=timedelta(hours=1), state=common_pb2.JOB_STATE_SUCCEEDED, input_key=used)
+    expired = _write_job(
+        store, age=timedelta(hours=30), state=common_pb2.JOB_STATE_SUCCEEDED, input_key=used_by_expired
+    )
+    registry = JobRegistry(store, {})
+    await registry.load_all()
+    assert await registry.sweep(settings.retention_hours) == (1, 1)  # gone.wav went with its job
+    assert not store.exists(orphan) and not store.exists(used_by_expired) and expired not in registry.records
+    assert store.exists(fresh) and store.exists(used)
+    assert await registry.sweep(0) == (0, 0)  # 0 hours keeps everything
 
 
 async def test_retention_deletes_finished_jobs_older_than_the_period(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,15 @@ def now_pb() -> timestamp_pb2.Timestamp:
 
 def manifest_key(job_id: str) -> str:
     return f"jobs/{job_id}/manifest.json"
+
+
+UPLOADS = "uploads/"  # UploadAudio without a job: uploads/<owner>/<upload id>/<name>
+
+
+def upload_key(owner: str, name: str) -> str:
+    """Where an upload without a job goes: under its owner, so CreateJob can check who may use it
+    (the owner of open mode is ``anonymous``), and where retention finds it if no job ever does."""
+    return f"{UPLOADS}{owner or 'anonymous'}/{uuid.uuid4()}/{name}"
 
 
 @dataclass
@@ -193,6 +203,11 @@ class JobRegistry:
 
         count = await asyncio.to_thread(delete_objects)
         self.records.pop(job_id, None)
+        # An upload the job was created from (two-step flow) goes with the last job that used it.
+        upload = rec.job.input.key
+        if upload.startswith(UPLOADS) and not any(r.job.input.key == upload for r in self.records.values()):
+            await asyncio.to_thread(self.store.delete, upload)
+            count += 1
         self.log.info("job deleted", job_id=job_id, objects=count)
         # Wake watchers so they end.
         rec.version += 1
@@ -223,6 +238,25 @@ class JobRegistry:
             loaded[doc.job.job_id] = JobRecord(job=doc.job, events=list(doc.events))
         self.records.update(loaded)
         return [rec for rec in loaded.values() if not rec.terminal]
+
+    async def sweep(self, retention_hours: float) -> tuple[int, int]:
+        """Retention, one pass: delete finished jobs older than ``retention_hours`` (with the
+        uploads only they used), then uploads no job uses that are older than that (an upload
+        without a job that CreateJob never got). Returns (jobs, uploads) deleted; 0 hours keeps all."""
+        jobs = self.expired(retention_hours)
+        for job_id in jobs:
+            await self.delete(job_id)
+        if retention_hours <= 0:
+            return len(jobs), 0
+        cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+        infos = await asyncio.to_thread(lambda: list(self.store.list(UPLOADS)))
+        used = {r.job.input.key for r in self.records.values()}
+        orphans = [i.key for i in infos if i.key not in used and i.last_modified < cutoff]
+        for key in orphans:
+            await asyncio.to_thread(self.store.delete, key)
+        if jobs or orphans:
+            self.log.info("retention sweep", jobs_deleted=len(jobs), orphaned_uploads_deleted=len(orphans))
+        return len(jobs), len(orphans)
 
     def expired(self, retention_hours: float) -> list[str]:
         if retention_hours <= 0:

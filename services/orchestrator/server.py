@@ -26,7 +26,7 @@ from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
-from .jobs import JobRegistry, manifest_key, now_pb, validate_job_id
+from .jobs import JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
 from .runner import Runner
 
 _MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
@@ -70,8 +70,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.ResourceExhausted(f"the queue is full ({queued} jobs waiting); retry later", retry_after=60.0)
 
     def _check_key_access(self, key: str) -> None:
-        """With API keys, a job may only read its owner's objects: jobs/<own job>/… or
-        incoming/<principal>/…. (Open mode: any key.)"""
+        """With API keys, a job may only read its owner's objects: jobs/<own job>/…, its own
+        uploads (uploads/<principal>/…) or incoming/<principal>/…. (Open mode: any key.)"""
         principal = _principal()
         if principal == ANONYMOUS:
             return
@@ -80,7 +80,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             rec = self.registry.records.get(parts[1])
             if rec is not None and rec.job.owner == principal:
                 return
-        elif len(parts) >= 3 and parts[0] == "incoming" and parts[1] == principal:
+        elif len(parts) >= 3 and parts[0] in ("incoming", "uploads") and parts[1] == principal:
             return
         raise errors.NotFound(f"no object with key {key!r} in the store")
 
@@ -113,7 +113,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                         raise errors.TooLarge(f"upload exceeds the limit of {limit} bytes")
                     out.write(msg.chunk)
             job_input = await self._inspect(Path(spool), name, size)
-            key = f"jobs/{job_id}/input/{name}"
+            # Without a job, the upload is stored under its owner (CreateJob checks it, retention
+            # removes it if no job ever uses it); with one, it is the job's input.
+            key = f"jobs/{job_id}/input/{name}" if meta.create_job else upload_key(_principal(), name)
             job_input.key = key
             await asyncio.to_thread(self.store.put_file, key, spool)
         finally:
@@ -309,8 +311,7 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
         interval = max(60.0, min(3600.0, settings.retention_hours * 360))
         while True:
             try:
-                for job_id in registry.expired(settings.retention_hours):
-                    await registry.delete(job_id)
+                await registry.sweep(settings.retention_hours)
             except Exception as exc:  # noqa: BLE001 - a store outage must not end the sweeper
                 registry.log.warning("retention sweep failed; next one as scheduled", reason=str(exc))
             await asyncio.sleep(interval)

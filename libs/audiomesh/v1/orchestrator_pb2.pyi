@@ -336,6 +336,10 @@ class UploadMetadata(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     create_job: _builtins.bool
+    """true: create a job from the upload. false (the proto3 default): only store it, under
+    uploads/<owner>/…; CreateJob with the returned input_key makes the job (with API keys, only
+    for the same key). An upload no job uses is deleted after AUDIOMESH_RETENTION_HOURS.
+    """
     size_bytes: _builtins.int
     """optional; refused early when over the limit"""
     @_builtins.property
@@ -416,7 +420,10 @@ class CreateJobRequest(_message.Message):
     INPUT_KEY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     input_key: _builtins.str
-    """An object already in the store, e.g. "incoming/song.wav"."""
+    """An object already in the store: the input_key UploadAudio returned, or e.g.
+    "incoming/song.wav". With API keys only the caller's own objects (uploads/<principal>/…,
+    incoming/<principal>/…, jobs/<own job>/…); any other key is NOT_FOUND.
+    """
     @_builtins.property
     def options(self) -> Global___JobOptions: ...
     def __init__(

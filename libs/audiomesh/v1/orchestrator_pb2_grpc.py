@@ -96,7 +96,10 @@ class OrchestratorServiceServicer:
 
     def UploadAudio(self, request_iterator, context):
         """Client stream: first message carries `metadata`, then `chunk`s of the file.
-        Creates a job from the uploaded audio unless metadata.create_job is false.
+        Stores the audio once it is whole, within the limits and decodable. Creates a job from it
+        only when metadata.create_job is true; otherwise (the default) the response's input_key,
+        uploads/<owner>/<upload id>/<name>, is for CreateJob. (HTTP: POST /v1/jobs:upload always
+        creates a job.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

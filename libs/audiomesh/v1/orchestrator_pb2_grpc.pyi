@@ -38,7 +38,10 @@ class OrchestratorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> OrchestratorServiceAsyncStub: ...
     UploadAudio: _grpc.StreamUnaryMultiCallable[_orchestrator_pb2.UploadAudioRequest, _orchestrator_pb2.UploadAudioResponse]
     """Client stream: first message carries `metadata`, then `chunk`s of the file.
-    Creates a job from the uploaded audio unless metadata.create_job is false.
+    Stores the audio once it is whole, within the limits and decodable. Creates a job from it
+    only when metadata.create_job is true; otherwise (the default) the response's input_key,
+    uploads/<owner>/<upload id>/<name>, is for CreateJob. (HTTP: POST /v1/jobs:upload always
+    creates a job.)
     """
     CreateJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateJobRequest, _orchestrator_pb2.CreateJobResponse]
     """Creates a job from an object already in the store."""
@@ -66,7 +69,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadAudio: _aio.StreamUnaryMultiCallable[_orchestrator_pb2.UploadAudioRequest, _orchestrator_pb2.UploadAudioResponse]  # type: ignore[assignment]
     """Client stream: first message carries `metadata`, then `chunk`s of the file.
-    Creates a job from the uploaded audio unless metadata.create_job is false.
+    Stores the audio once it is whole, within the limits and decodable. Creates a job from it
+    only when metadata.create_job is true; otherwise (the default) the response's input_key,
+    uploads/<owner>/<upload id>/<name>, is for CreateJob. (HTTP: POST /v1/jobs:upload always
+    creates a job.)
     """
     CreateJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateJobRequest, _orchestrator_pb2.CreateJobResponse]  # type: ignore[assignment]
     """Creates a job from an object already in the store."""
@@ -97,7 +103,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.UploadAudioResponse, _abc.Awaitable[_orchestrator_pb2.UploadAudioResponse]]:
         """Client stream: first message carries `metadata`, then `chunk`s of the file.
-        Creates a job from the uploaded audio unless metadata.create_job is false.
+        Stores the audio once it is whole, within the limits and decodable. Creates a job from it
+        only when metadata.create_job is true; otherwise (the default) the response's input_key,
+        uploads/<owner>/<upload id>/<name>, is for CreateJob. (HTTP: POST /v1/jobs:upload always
+        creates a job.)
         """
 
     @_abc_1.abstractmethod
