@@ -123,9 +123,11 @@ async def test_client_streaming_error_is_not_internal(orchestrator):
     """An upload naming a model that does not exist, sent in large chunks: the orchestrator
     fails the call after the first message while the client is still writing. A grpc-python
     client whose write was in flight then saw INTERNAL "Internal error from Core" instead of
-    NOT_FOUND (grpc/grpc#36066; about 8 in 10 runs with 4 MiB chunks before the server drained
-    the request stream). Every run must say NOT_FOUND."""
-    chunk = b"\0" * (3 * 1024 * 1024)  # two chunks fit the test mesh's 8 MiB upload limit
+    NOT_FOUND (grpc/grpc#36066; 2 in 3 runs with these chunks before the server drained the
+    request stream). Every run must say NOT_FOUND."""
+    # Two 4 MiB chunks: the test mesh's 8 MiB upload limit, and more than HTTP/2 buffers at once
+    # (with 2 x 3 MiB the client finished writing before the status and the race never showed).
+    chunk = b"\0" * (4 * 1024 * 1024)
 
     async def messages():
         yield orchestrator_pb2.UploadAudioRequest(
