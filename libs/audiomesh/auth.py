@@ -4,8 +4,9 @@ Keys are configured hashed: ``AUDIOMESH_API_KEYS="alice=sha256:<hex>,bob=sha256:
 (``audiomesh hash-key`` prints an entry). A request's ``authorization: Bearer <key>`` is
 hashed and compared in constant time; the matching name is the request's principal, which
 owns the jobs it creates. No keys configured = open mode: one anonymous principal, announced
-in the log at start. Services call each other with a shared service token when
-``AUDIOMESH_SERVICE_TOKEN`` is set.
+in the log at start. Services call each other with a shared service token,
+``AUDIOMESH_SERVICE_TOKEN``, which API keys make mandatory: a worker without it would answer
+anyone who reaches its port (``audiomesh.launcher.auth_policy`` refuses to start instead).
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ class Settings(BaseSettings):
         120.0, ge=0, description="how long a node keeps retrying a worker or store that cannot be reached"
     )
     stage_timeout_seconds: float = Field(3600.0, gt=0, description="deadline of one worker call")
-    retention_hours: float = Field(168.0, ge=0, description="delete jobs older than this; 0 keeps them")
+    retention_hours: float = Field(
+        168.0, ge=0, description="delete finished jobs, and uploads no job uses, older than this; 0 keeps them"
+    )
 
     # Observability and security
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -92,7 +94,11 @@ class Settings(BaseSettings):
         default_factory=list, description="NAME=sha256:<hex>,… (hashes of keys: audiomesh hash-key); empty = open mode"
     )
     api_key: SecretStr = Field(SecretStr(""), description="the key the CLI sends (client side)")
-    service_token: SecretStr = Field(SecretStr(""), description="shared secret services send each other; empty = none")
+    service_token: SecretStr = Field(
+        SecretStr(""),
+        description="shared secret workers require from their callers; required with API keys (services refuse "
+        "to start without it; audiomesh up generates one per run); empty = none",
+    )
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per minute per API key; 0 = unlimited")
     max_active_jobs_per_principal: int = Field(20, ge=1, description="queued + running jobs one key may have")
     max_queued_jobs: int = Field(200, ge=1, description="queued jobs in all; more get RESOURCE_EXHAUSTED")
