@@ -6,6 +6,7 @@ from google.rpc import status_pb2
 
 import audiomesh
 from audiomesh.protojson import message_schemas
+from audiomesh.ranges import field_schemas
 from audiomesh.v1 import orchestrator_pb2
 
 from .routes import HttpRoute
@@ -28,6 +29,7 @@ _KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9.
 _FIELD_OVERRIDES = {
     "audiomesh.v1.CreateJobRequest.input_key": _KEY,
     "audiomesh.v1.ListJobsRequest.page_size": {"minimum": 0, "maximum": 200},  # 0 = default (20)
+    **field_schemas(),  # job option ranges: the table the validators read (audiomesh.ranges)
 }
 
 

@@ -143,6 +143,55 @@ async def test_bad_options_are_refused_before_anything_is_stored(orchestrator, f
     assert job_objects(file_mesh) == before
 
 
+# Values with no upper bound before #14.4 (each made a worker try a giant allocation, answer
+# INTERNAL and be retried); the message names the field and its range from audiomesh.ranges.
+OUT_OF_RANGE = {
+    "huge segment": ({"separation": {"segmentSeconds": 1e9}}, "separation.segment_seconds", "0.1 to 60"),
+    "shifts 21": ({"separation": {"shifts": 21}}, "separation.shifts", "0 to 20"),
+    "overlap 0.995": ({"separation": {"overlap": 0.995}}, "separation.overlap", "0 to 0.99"),
+    "kernel 2^31-1": ({"hpss": {"kernelSizeHarmonic": 2**31 - 1}}, "hpss.kernel_size_harmonic", "1 to 1023"),
+    "percussive kernel": ({"hpss": {"kernelSizePercussive": 5000}}, "hpss.kernel_size_percussive", "1 to 1023"),
+    "n_fft 2^24": ({"hpss": {"nFft": 2**24}}, "hpss.n_fft", "16 to 65536"),
+    "hop over n_fft": ({"hpss": {"hopLength": 4096}}, "hpss.hop_length", "<= hpss.n_fft"),
+    "power 1000": ({"hpss": {"power": 1000}}, "hpss.power", "> 0 and <= 100"),
+    "margin 1000": ({"hpss": {"marginPercussive": 1000}}, "hpss.margin_percussive", "1 to 100"),
+    "target +10 LUFS": ({"normalize": {"target": 10}}, "normalize.target", "-70 to 0 lufs"),
+    "target -1000 LUFS": ({"normalize": {"target": -1000}}, "normalize.target", "-70 to 0 lufs"),
+    "peak target -65": ({"normalize": {"mode": "NORMALIZE_MODE_PEAK", "target": -65}}, "normalize.target", "-60 to 0"),
+    "ceiling +5 dBTP": ({"normalize": {"truePeakCeilingDbtp": 5}}, "normalize.true_peak_ceiling_dbtp", "-20 to 0"),
+    "17 main stems": ({"mainStems": ["drums"] * 17}, "main_stems", "at most 16"),
+    "model name 200 chars": ({"model": "m" * 200}, "model", "at most 128"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+async def test_out_of_range_options_are_refused(orchestrator, file_mesh, tmp_path, case):
+    fields, field, words = OUT_OF_RANGE[case]
+    before = job_objects(file_mesh)
+    song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(orchestrator, song, "s.wav", _options(**fields))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert details.startswith(field + " must be") and words in details.lower(), details
+    assert job_objects(file_mesh) == before
+
+
+async def test_negative_size_bytes_is_invalid(orchestrator, file_mesh):
+    before = job_objects(file_mesh)
+
+    async def messages():
+        meta = orchestrator_pb2.UploadMetadata(filename="s.wav", size_bytes=-5, create_job=True)
+        yield orchestrator_pb2.UploadAudioRequest(metadata=meta)
+        yield orchestrator_pb2.UploadAudioRequest(chunk=b"RIFF")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await orchestrator.UploadAudio(messages())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "size_bytes must be >= 0" in err.value.details() and "-5" in err.value.details()
+    assert job_objects(file_mesh) == before
+
+
 async def test_missing_key_is_not_found(orchestrator):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await orchestrator.CreateJob(orchestrator_pb2.CreateJobRequest(input_key="incoming/nope.wav"))

@@ -64,6 +64,34 @@ class ResourceExhausted(AudiomeshError):
         self.retry_after = retry_after
 
 
+class OutOfMemory(AudiomeshError):
+    """A worker could not allocate what a request needed (MemoryError, torch's OOM).
+
+    Not transient: the same request needs the same memory, so it is not retried (HTTP 429
+    with reason OUT_OF_MEMORY; the message says what to lower)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "OUT_OF_MEMORY"
+
+
+def out_of_memory(exc: BaseException) -> OutOfMemory | None:
+    """The OutOfMemory error for ``exc`` when it is an allocation failure, else None.
+
+    Covers ``MemoryError`` (numpy's "Unable to allocate ...") and torch's
+    ``OutOfMemoryError`` (a RuntimeError subclass; matched by name, torch is not imported here).
+    """
+    if isinstance(exc, OutOfMemory):
+        return exc
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return OutOfMemory(
+            f"out of memory ({type(exc).__name__}{': ' + detail if detail else ''}); not retried: lower the "
+            "options that size the work (segment_seconds, shifts, hpss n_fft and kernel sizes) or give the "
+            "worker more memory"
+        )
+    return None
+
+
 class StoreFull(AudiomeshError):
     """The object store has no space left; nothing half-written was kept."""
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audiomesh import errors
+from audiomesh import errors, ranges
 from audiomesh.config import Settings
 from audiomesh.dsp import hpss as hpss_kernel
 from audiomesh.dsp import normalize as normalize_kernel
 from audiomesh.separation.base import ModelInfo, SeparationOptions
-from audiomesh.v1 import common_pb2, separation_pb2
+from audiomesh.v1 import common_pb2, orchestrator_pb2, separation_pb2
 
 _MODES = {
     common_pb2.NORMALIZE_MODE_UNSPECIFIED: None,  # the configured default
@@ -23,8 +23,21 @@ _MODES = {
 }
 
 
+def check_job_options(pb: orchestrator_pb2.JobOptions) -> None:
+    """Every option against its range in :data:`audiomesh.ranges.RANGES` that needs no model
+    or settings (the rest: :func:`check_separation_options`, :func:`normalization`)."""
+    ranges.check("model", pb.model)
+    ranges.check("main_stems", pb.main_stems)
+    separation_options(pb.separation)
+    hpss_kwargs(pb.hpss)
+
+
 def separation_options(pb: common_pb2.SeparationOptions) -> SeparationOptions:
-    """The model layer's options; check them with ``.validate(model_or_info)``."""
+    """The model layer's options, range-checked; check them against a model with ``.validate(model_or_info)``."""
+    for name in ("shifts", "overlap", "segment_seconds"):
+        if pb.HasField(name):
+            ranges.check(f"separation.{name}", getattr(pb, name))
+    ranges.check("separation.two_stems", pb.two_stems)
     kwargs: dict = {"two_stems": pb.two_stems or None}
     if pb.HasField("shifts"):
         kwargs["shifts"] = pb.shifts
@@ -50,6 +63,16 @@ def check_separation_options(pb: common_pb2.SeparationOptions, info: separation_
 
 def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
     """Keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's); checked."""
+    for name in ("kernel_size_harmonic", "kernel_size_percussive", "n_fft", "hop_length"):
+        ranges.check(f"hpss.{name}", getattr(pb, name))
+    for name in ("margin_harmonic", "margin_percussive", "power"):
+        if pb.HasField(name):
+            ranges.check(f"hpss.{name}", getattr(pb, name))
+    if pb.hop_length > (pb.n_fft or 2048):
+        raise errors.InvalidInput(
+            f"hpss.hop_length must be <= hpss.n_fft ({pb.n_fft or 2048}): frames further apart than a window "
+            f"leave gaps; got {pb.hop_length}"
+        )
     n_fft = pb.n_fft or 2048
     kwargs = {
         "kernel_size": (pb.kernel_size_harmonic or 31, pb.kernel_size_percussive or 31),
@@ -91,6 +114,10 @@ def normalization(pb: common_pb2.NormalizeOptions, settings: Settings) -> Normal
         linked = pb.linking == common_pb2.GAIN_LINKING_LINKED
     else:
         raise errors.InvalidInput(f"unknown gain linking {pb.linking}; use LINKED or PER_TRACK")
+    if pb.HasField("target"):
+        ranges.check("normalize.target", target, ranges.target_range(mode))
+    if pb.HasField("true_peak_ceiling_dbtp"):
+        ranges.check("normalize.true_peak_ceiling_dbtp", ceiling)
     if mode != "off":
         normalize_kernel.check_options(mode, target, ceiling)
     return Normalization(mode=mode, target=target, ceiling_dbtp=ceiling, linked=linked)

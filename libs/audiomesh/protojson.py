@@ -72,10 +72,12 @@ def message_schemas(
         props = {}
         must = list(required.get(desc.full_name, []))
         for field in desc.fields:
-            schema = field_schema(field) | field_overrides.get(field.full_name, {})
+            override = dict(field_overrides.get(field.full_name, {}))
             is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+            array = {k: override.pop(k) for k in ("minItems", "maxItems") if k in override}  # the list's, not an item's
+            schema = field_schema(field) | override
             if field.is_repeated and not is_map:
-                schema = {"type": "array", "items": schema}
+                schema = {"type": "array", "items": schema, **array}
             props[field.json_name] = schema
             behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
             if field_behavior_pb2.REQUIRED in behaviors and field.json_name not in must:

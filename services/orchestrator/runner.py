@@ -43,6 +43,13 @@ from .jobs import JobRecord, JobRegistry, now_pb
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
 # RESOURCE_EXHAUSTED without a reason means "busy" and waits without using attempts).
 _RETRYABLE_CODES = {"RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED", "DEADLINE_EXCEEDED"}
+# Failures that repeat on every attempt: the same request needs the same memory / bytes.
+_FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
+
+
+def retryable(err: errors.AudiomeshError) -> bool:
+    """Whether a failed attempt (not UNAVAILABLE, which has its own time budget) may be retried."""
+    return err.code in _RETRYABLE_CODES and err.reason not in _FINAL_REASONS
 
 
 class NodeFailed(Exception):
@@ -243,8 +250,10 @@ class Runner:
             busy_deadline = time.monotonic() + self.settings.stage_timeout_seconds
             unavailable_deadline = time.monotonic() + self.settings.unavailable_budget_seconds
             busy_waits = 0
+            unreachable_since: float | None = None  # start of the current run of failed connections
             with tracer().start_as_current_span(f"node {node.name}"):
                 while True:
+                    first_try = time.monotonic()
                     node.attempts += 1
                     attempts_left -= 1
                     try:
@@ -268,12 +277,20 @@ class Runner:
                         # Gone workers or store: keep trying for the budget, not a fixed count.
                         retry = time.monotonic() < unavailable_deadline
                     else:
-                        retry = err.code in _RETRYABLE_CODES and attempts_left > 0
+                        retry = retryable(err) and attempts_left > 0
                     code, message = err.code, str(err)
                     if isinstance(err, errors.Unavailable) and _transport_failure(message):
-                        budget = self.settings.unavailable_budget_seconds
-                        where = self.settings.address_of(node.stage)
-                        message = f"the {node.stage} worker at {where} could not be reached for {budget:g} s: {message}"
+                        unreachable_since = unreachable_since or first_try
+                        message = _unreachable_message(
+                            node.stage,
+                            self.settings.address_of(node.stage),
+                            time.monotonic() - unreachable_since,
+                            self.settings.unavailable_budget_seconds,
+                            retry,
+                            message,
+                        )
+                    else:
+                        unreachable_since = None
                     if not retry:
                         node.state = common_pb2.NODE_STATE_FAILED
                         node.end_time.CopyFrom(now_pb())
@@ -392,6 +409,15 @@ class Runner:
                 return Outputs(self.store, tmp).publish_file("mix", plan.mix_key, mix, measured)
 
         return await asyncio.to_thread(work)
+
+
+def _unreachable_message(stage: str, where: str, elapsed: float, budget: float, retry: bool, reason: str) -> str:
+    """What a failed connection means so far: how long it has really lasted, and the budget."""
+    if retry:
+        return f"the {stage} worker at {where} could not be reached ({elapsed:.0f} s so far; retrying for up to {budget:g} s): {reason}"
+    return (
+        f"the {stage} worker at {where} could not be reached for {elapsed:.0f} s (the budget is {budget:g} s): {reason}"
+    )
 
 
 def _transport_failure(message: str) -> bool:

@@ -19,7 +19,7 @@ from audiomesh import errors, scratch
 from audiomesh.audio.io import file_sha256, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
-from audiomesh.options import hpss_kwargs, normalization
+from audiomesh.options import check_job_options, normalization
 from audiomesh.rpc import Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename, validate_key
 from audiomesh.telemetry import logger
@@ -94,6 +94,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if meta.create_job:
             self._admit_job()
         limit = self.settings.max_upload_bytes
+        if meta.size_bytes < 0:
+            raise errors.InvalidInput(f"size_bytes must be >= 0 (0 = not announced), got {meta.size_bytes}")
         if meta.size_bytes > limit:
             raise errors.TooLarge(f"upload of {meta.size_bytes} bytes exceeds the limit of {limit} bytes")
         job_id = str(uuid.uuid4())
@@ -185,7 +187,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.InvalidInput(f"unknown encoding {resolved.encoding}")
         # Check everything now so bad options, unknown models, stems and recipes fail the
         # request, not the job minutes later.
-        hpss_kwargs(resolved.hpss)
+        check_job_options(resolved)  # every range in audiomesh.ranges, then the model's own rules
         normalization(resolved.normalize, self.settings)
         probe_job = orchestrator_pb2.Job(job_id="00000000-0000-4000-8000-000000000000", options=resolved)
         await self.runner.plan(probe_job)
@@ -363,6 +365,7 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
 
     async def stop() -> None:
         stopping.set()
+        await registry.close_watchers()
         for task in background:
             task.cancel()
         await runner.shutdown()

@@ -203,6 +203,8 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if exc is None:
                     interceptor._log_call(method, self.code, self.start)
                     return False
+                # An allocation failure is not an internal error to retry: RESOURCE_EXHAUSTED + OUT_OF_MEMORY.
+                exc = errors.out_of_memory(exc) or exc
                 if isinstance(exc, errors.AudiomeshError):
                     code = grpc.StatusCode[exc.code]
                     interceptor._log_call(method, exc.code, self.start, error=str(exc))

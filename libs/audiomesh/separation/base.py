@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from audiomesh.errors import Cancelled, FailedPrecondition, InvalidInput
+from audiomesh.ranges import RANGES
 
 __all__ = [
     "MAX_SHIFTS",
@@ -40,7 +41,7 @@ Origin = Literal["pretrained", "local_repo", "builtin"]
 ProgressFn = Callable[[float], None]
 
 #: Upper bound on ``SeparationOptions.shifts``: each shift is one more full pass.
-MAX_SHIFTS = 20
+MAX_SHIFTS = int(RANGES["separation.shifts"].maximum)
 
 
 @dataclass(frozen=True)
