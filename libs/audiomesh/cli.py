@@ -172,12 +172,19 @@ def cmd_process(args, settings: Settings) -> int:
 
 def cmd_up(args, settings: Settings) -> int:
     import signal
-    import time
+    import threading
 
     from audiomesh.launcher import Mesh, default_ports
+    from audiomesh.telemetry import configure_logging
 
+    configure_logging("up", level=settings.log_level, fmt=settings.log_format)
+    stop = threading.Event()
     mesh = Mesh(ports=default_ports(settings), inherit_output=True, gateway=True)
-    mesh.start()
+    try:
+        mesh.start()
+    except BaseException:  # Ctrl-C or a service that did not start: nothing may stay behind
+        mesh.stop()
+        raise
     print("audiomesh is up (Ctrl-C to stop):")
     for name in SERVICES:
         print(f"  {name:<13} {mesh.addresses[name]}")
@@ -185,13 +192,12 @@ def cmd_up(args, settings: Settings) -> int:
     if settings.api_keys and not settings.service_token.get_secret_value():
         print("  service token generated for this run: the workers answer only this orchestrator")
     print(f"  web page      {mesh.url}/   (API: {mesh.url}/openapi.json)")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # Ctrl-C (the children get it too and drain) or SIGTERM stops the mesh; a child that dies
+    # otherwise is restarted, and a crash loop ends `up` with an error naming it (CrashLoop).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while not stop and all(p.poll() is None for p in mesh.procs.values()):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        mesh.supervise(stop)
     finally:
         mesh.stop()
     return 0

@@ -8,6 +8,7 @@ SERVING through a ready file, then starts the orchestrator pointed at them. Used
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import importlib
 import json
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +168,11 @@ class Mesh:
         self.inherit_output = inherit_output
         self.procs: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
+        # Each child's environment as it was started, so a restart gets the same one.
+        self.envs: dict[str, dict[str, str]] = {}
+        self.restarts: list[dict] = []  # one entry per child that supervise() started again
+        self._log = logger(component="mesh")
+        self._stopping = threading.Event()  # set by stop(): supervise() restarts nothing after it
 
     def _spawn(self, name: str, env: dict[str, str]) -> Path:
         self._run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +189,7 @@ class Mesh:
             "--ready-file",
             str(ready),
         ]
+        self.envs[name] = env
         out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         try:
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -226,7 +234,84 @@ class Mesh:
     def restart(self, name: str, timeout: float = 120.0) -> None:
         """Start a stopped (or killed) service again on the same port."""
         self.ports[name] = int(self.addresses[name].rpartition(":")[2])
-        self._wait_ready({name: self._spawn(name, self.env)}, timeout)
+        self._wait_ready({name: self._spawn(name, self.envs.get(name, self.env))}, timeout)
+
+    def supervise(
+        self,
+        stop: threading.Event,
+        *,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        crash_limit: int = 5,
+        crash_window: float = 300.0,
+        start_timeout: float = 300.0,
+        poll: float = 0.2,
+    ) -> None:
+        """Keep every child running until ``stop`` is set, as Kubernetes restarts a pod's container.
+
+        A child that exits is started again on the same port after a backoff (``backoff``, then
+        doubling per recent exit, up to ``max_backoff``), so the others keep reaching it and jobs
+        go on: the orchestrator retries nodes whose worker is UNAVAILABLE, and a restarted
+        orchestrator resumes its jobs from their manifests. ``crash_limit`` exits of one child
+        within ``crash_window`` seconds is a crash loop: the mesh stops and :class:`CrashLoop`
+        names the child, how it ended and the tail of its log.
+        """
+        exits: dict[str, list[float]] = {}
+        due: dict[str, float] = {}  # child → when to start it again
+        starting: dict[str, tuple[Path, float]] = {}  # child → (its ready file, start deadline)
+        while not stop.is_set() and not self._stopping.is_set():
+            now = time.monotonic()
+            for name, proc in list(self.procs.items()):
+                if name in due or proc.poll() is None:
+                    continue
+                starting.pop(name, None)
+                recent = [t for t in exits.get(name, []) if now - t < crash_window] + [now]
+                exits[name] = recent
+                how, tail = _exit_reason(proc.returncode), self._log_tail(name)
+                if len(recent) >= crash_limit:
+                    self.stop()
+                    where = f"; last lines of {self.log_dir / f'{name}.log'}:\n{tail}" if tail else ""
+                    raise CrashLoop(
+                        f"{name} crashed {len(recent)} times within {crash_window:.0f} s (last: {how}); "
+                        f"the mesh is stopped{where}"
+                    )
+                delay = min(backoff * 2 ** (len(recent) - 1), max_backoff)
+                self.restarts.append({"service": name, "exit_code": proc.returncode, "delay_s": delay})
+                self._log.warning(
+                    "service exited; restarting it",
+                    service=name,
+                    exit=how,
+                    restart_in_s=delay,
+                    address=self.addresses.get(name),
+                    **({"log_tail": tail} if tail else {}),
+                )
+                due[name] = now + delay
+            for name, when in list(due.items()):
+                if now >= when and not stop.is_set() and not self._stopping.is_set():
+                    del due[name]
+                    if name in self.addresses:  # the same port: the others keep its address
+                        self.ports[name] = int(self.addresses[name].rpartition(":")[2])
+                    starting[name] = (self._spawn(name, self.envs.get(name, self.env)), now + start_timeout)
+            for name, (ready, deadline) in list(starting.items()):
+                if ready.exists():
+                    del starting[name]
+                    port = json.loads(ready.read_text())["port"]
+                    self.addresses[name] = f"127.0.0.1:{port}"
+                    self._log.info("service restarted", service=name, address=self.addresses[name])
+                elif now > deadline:  # hung at start: end it; the next pass counts the exit
+                    del starting[name]
+                    self.procs[name].kill()
+            stop.wait(poll)
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        """The last lines a child wrote to its log ("" when its output goes to the terminal)."""
+        path = self.log_dir / f"{name}.log"
+        if self.inherit_output or not path.is_file():
+            return ""
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 16384))
+            text = fh.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
@@ -234,6 +319,7 @@ class Mesh:
         proc.wait(timeout=30)
 
     def stop(self, grace: float = 30.0) -> None:
+        self._stopping.set()
         order = ["gateway", "orchestrator", *WORKERS]
         for name in order:
             proc = self.procs.get(name)
@@ -252,10 +338,12 @@ class Mesh:
         self._remove_run_files()
 
     def _remove_run_files(self) -> None:
-        """The ready files go; the folder too unless it holds the logs (kept for a post-mortem)."""
-        if self.log_dir == self._run_dir:
-            for ready in self._run_dir.glob("*.ready"):
-                ready.unlink(missing_ok=True)
+        """The ready files go; the folder too unless it holds the logs (kept for a post-mortem).
+        With ``inherit_output`` (``audiomesh up``) no logs are written there: it always goes."""
+        if self.log_dir == self._run_dir and not self.inherit_output:
+            for pattern in ("*.ready", "*.tmp"):
+                for ready in self._run_dir.glob(pattern):
+                    ready.unlink(missing_ok=True)
         else:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -273,6 +361,17 @@ class Mesh:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class CrashLoop(Unavailable):
+    """A child of the mesh kept exiting: :meth:`Mesh.supervise` gave up and stopped the mesh."""
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def default_ports(settings: Settings | None = None) -> dict[str, int]:

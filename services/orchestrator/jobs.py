@@ -73,6 +73,7 @@ class JobRegistry:
         self.outage_budget = outage_budget
         self.records: dict[str, JobRecord] = {}
         self.loaded = False  # every manifest in the store read (set by the orchestrator's recovery)
+        self.closing = False  # the orchestrator is stopping: watchers end (close_watchers)
         self._config = struct_pb2.Struct()
         self._config.update(config)
         self.log = logger(component="jobs")
@@ -180,7 +181,11 @@ class JobRegistry:
         # Decide on the snapshot sent, not the live record: the last message is the final state.
         while snapshot.state not in TERMINAL and job_id in self.records:
             async with rec.changed:
-                await rec.changed.wait_for(lambda seen=seen: rec.version != seen)
+                await rec.changed.wait_for(lambda seen=seen: rec.version != seen or self.closing)
+            if self.closing:
+                raise errors.Unavailable(
+                    f"the orchestrator is stopping; job {job_id} resumes when it is back: watch it again then"
+                )
             seen = rec.version
             current = _copy(rec.job)
             visible = _visible(current)
@@ -188,6 +193,14 @@ class JobRegistry:
                 continue
             snapshot, sent = current, visible
             yield snapshot
+
+    async def close_watchers(self) -> None:
+        """End every WatchJob stream now with UNAVAILABLE (retry after the restart), instead of
+        holding the server's drain for its whole grace and being cancelled (a traceback)."""
+        self.closing = True
+        for rec in list(self.records.values()):
+            async with rec.changed:
+                rec.changed.notify_all()
 
     async def delete(self, job_id: str) -> int:
         rec = self.get(job_id)
