@@ -68,6 +68,16 @@ def test_lists_and_secrets(monkeypatch):
     assert public["api_keys_configured"] == 2
 
 
+@pytest.mark.parametrize("name", [".", "..", "-x", "a/b", "x" * 65])
+def test_principal_names_that_cannot_be_a_key_segment_are_refused(monkeypatch, name):
+    """A principal names a folder of the store (uploads/<principal>/…): "." or ".." would escape it."""
+    from audiomesh.auth import hash_key
+
+    monkeypatch.setenv("AUDIOMESH_API_KEYS", f"{name}=sha256:{hash_key('k1')}")
+    with pytest.raises(ConfigError, match="AUDIOMESH_API_KEYS"):
+        load_settings().key_ring()
+
+
 def test_invalid_settings_stop_a_service_at_start(monkeypatch):
     """`audiomesh serve` exits with a message naming the variable (no traceback)."""
     import subprocess

@@ -23,7 +23,9 @@ from audiomesh import errors
 
 ANONYMOUS = ""
 SERVICE_TOKEN_HEADER = "x-audiomesh-service-token"
-_ENTRY = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.@-]{1,64})=)?sha256:(?P<hex>[0-9a-f]{64})$")
+# A principal name becomes one segment of object keys (uploads/<principal>/…): it starts with a
+# letter or digit, so "." and ".." cannot be names.
+_ENTRY = re.compile(r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9_.@-]{0,63})=)?sha256:(?P<hex>[0-9a-f]{64})$")
 
 # The principal of the request being served (set by the auth interceptor).
 current_principal: contextvars.ContextVar[str] = contextvars.ContextVar("principal", default=ANONYMOUS)
