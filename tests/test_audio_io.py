@@ -14,7 +14,7 @@ import soundfile as sf
 
 from audiomesh.audio import AudioInfo, file_sha256, probe, read_audio, resample, write_audio
 from audiomesh.audio.io import NOT_AUDIO, decode_blocks, scan_samples
-from audiomesh.errors import InvalidInput, NotFound
+from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
 from tests.helpers.audio import (
     sine,
     synth_song,
@@ -269,13 +269,24 @@ def test_bad_file_messages_use_given_name(tmp_path) -> None:
         probe(path, name="My Song.wav")
 
 
-def test_damaged_header_is_called_damaged(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+@pytest.mark.parametrize("ffmpeg", ["hidden", "stand-in that fails", "installed"])
+def test_damaged_header_is_called_damaged(tmp_path, monkeypatch, ffmpeg) -> None:
+    """The same 400 and words whether or not ffmpeg was tried (not "unsupported", 415)."""
+    if ffmpeg == "hidden":
+        monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    elif ffmpeg == "stand-in that fails":
+        _fake_tool(tmp_path / "bin", "ffmpeg", "import sys\nsys.stderr.write('Invalid data found\\n')\nsys.exit(1)\n")
+        monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    elif shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed here: the real-ffmpeg path cannot run")
     path = tmp_path / "cut.wav"
     write_wav(path, synth_song(0.2, SR, 2), SR)
     path.write_bytes(path.read_bytes()[:30])  # cut inside the fmt chunk
-    with pytest.raises(InvalidInput, match="looks like a WAV file but cannot be decoded; it is probably damaged"):
+    with pytest.raises(
+        InvalidInput, match="looks like a WAV file but cannot be decoded; it is probably damaged"
+    ) as err:
         probe(path)
+    assert not isinstance(err.value, UnsupportedAudio)
 
 
 def test_nan_samples(tmp_path) -> None:

@@ -47,6 +47,7 @@ SUPPORTED_INPUTS = "WAV, FLAC, OGG, MP3"
 #: The words of every "this is not audio" refusal, with or without ffmpeg installed, so
 #: clients (and tests) can rely on them whichever decoder was tried.
 NOT_AUDIO = "is not a supported audio file"
+_LIBSNDFILE_FORMATS = ("WAV", "FLAC", "OGG", "MP3")  # sniffed names of SUPPORTED_INPUTS
 OUTPUT_FORMATS = ("wav", "flac")
 OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 _FLAC_SUBTYPES = ("PCM_16", "PCM_24")
@@ -207,6 +208,12 @@ def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tu
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         # ffmpeg names the file by its path (a server's scratch folder): show the user's name.
         detail = lines[-1].replace(path, shown).strip() if lines else f"exit status {proc.returncode}"
+        if sniffed and sniffed[0] in _LIBSNDFILE_FORMATS:
+            # A damaged WAV/FLAC/OGG/MP3: the same 400 and words as without ffmpeg.
+            raise InvalidInput(
+                f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated "
+                f"(ffmpeg: {detail})"
+            )
         looks = f"; it looks like {sniffed[1]}" if sniffed else ""
         raise UnsupportedAudio(
             f"{shown} {NOT_AUDIO} (neither soundfile nor ffmpeg can decode it){looks} (ffmpeg: {detail})"
@@ -252,7 +259,7 @@ def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple
 
 
 def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) -> InvalidInput:
-    if sniffed and sniffed[0] in ("WAV", "FLAC", "OGG", "MP3"):
+    if sniffed and sniffed[0] in _LIBSNDFILE_FORMATS:
         return InvalidInput(
             f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated "
             f"({_libsndfile_reason(exc)})"
