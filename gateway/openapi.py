@@ -25,7 +25,7 @@ _PATH_SCHEMAS = {
 
 # Object keys: the server accepts more (see audiomesh.store.validate_key); the schema promises
 # a conservative subset that is always valid: '/'-separated names without dot segments.
-_KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}){0,7}$"}
+_KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}){0,7}$"}  # principals may hold @
 _FIELD_OVERRIDES = {
     "audiomesh.v1.CreateJobRequest.input_key": _KEY,
     "audiomesh.v1.ListJobsRequest.page_size": {"minimum": 0, "maximum": 200},  # 0 = default (20)
