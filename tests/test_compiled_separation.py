@@ -151,12 +151,15 @@ def eager_stems(repo: Path, name: str, seconds: float = 3.0) -> np.ndarray:
     return np.stack([np.concatenate([b[s] for _, b in blocks], axis=-1) for s in model.sources])
 
 
+# The first in-process compile of tiny_ht traces for ~80 s on a 2-core AVX2 machine (dynamo, any backend).
+@pytest.mark.timeout(420)
 async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tmp_path, repo, monkeypatch):
-    release = threading.Event()
+    reached, release = threading.Event(), threading.Event()
     real_compile = compiled_module.compile_model
 
     def gated_compile(*args, **kwargs):
-        assert release.wait(60), "the test never released the compile"
+        reached.set()
+        assert release.wait(300), "the test never released the compile"
         return real_compile(*args, **kwargs)
 
     monkeypatch.setattr(compiled_module, "compile_model", gated_compile)
@@ -169,13 +172,16 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
         eager = worker.factory.current("tiny_ht")
         assert not isinstance(eager, CompiledDemucsModel)
 
+        # A compile starts only when no separation runs (Activity.wait_idle): job A may start once
+        # the compile is past that wait, else it would wait for A (on a slow machine it got there late).
+        assert await asyncio.to_thread(reached.wait, 120), "the background compile never started"
         # Job A starts on the eager model and is held in flight while the compiled one takes over.
         started, hold = threading.Event(), threading.Event()
         separate_stream = eager.separate_stream
 
         def held(*args, **kwargs):
             started.set()
-            assert hold.wait(60)
+            assert hold.wait(300)
             yield from separate_stream(*args, **kwargs)
 
         eager.separate_stream = held
@@ -183,7 +189,7 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
         job_a = asyncio.ensure_future(worker.separate(key, "a"))
         assert await asyncio.to_thread(started.wait, 30)
         release.set()
-        compiled_info = await worker.wait_execution(COMPILED)
+        compiled_info = await worker.wait_execution(COMPILED, timeout=300)
         assert not compiled_info.HasField("eager_chunk_seconds")  # aot_eager is not timed (TIMED_BACKENDS)
         assert isinstance(worker.factory.current("tiny_ht"), CompiledDemucsModel)
 
