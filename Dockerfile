@@ -59,8 +59,9 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 audiomesh \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin audiomesh \
- && mkdir -p /data /models /srv/audiomesh \
- && chown 10001:10001 /data /models
+ && mkdir -p /data /models /srv/audiomesh /var/lib/audiomesh/secrets \
+ && chown 10001:10001 /data /models /var/lib/audiomesh/secrets \
+ && chmod 0700 /var/lib/audiomesh/secrets
 COPY --from=build /opt/audiomesh /opt/audiomesh
 # Container health: gRPC health of the service this container serves (the port comes from
 # `--port` or AUDIOMESH_<NAME>_ADDR, like `serve` itself), or GET /health for the gateway

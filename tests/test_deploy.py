@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from audiomesh.config import DEFAULT_PORTS, SERVICES, Settings, load_settings
+from audiomesh.errors import ConfigError
 from audiomesh.rpc.server import RunningServer
 from tests.helpers.deploy import CHART, HELM_VENV, ROOT, helm, require_helm_venv
 
@@ -586,7 +587,7 @@ def test_compose_file_follows_the_compose_specification(tmp_path):
 
 def test_compose_wires_the_mesh():
     services = _compose()["services"]
-    assert set(services) == {"s3", "s3-init", *COMPONENTS}
+    assert set(services) == {"s3", "s3-init", "secrets-init", *COMPONENTS}
     for name in ("s3", "s3-init"):
         image = _default(services[name]["image"])
         assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+", image), f"{name}: pin the image tag ({image})"
@@ -611,13 +612,41 @@ def test_compose_wires_the_mesh():
             assert deps == {"orchestrator": {"condition": "service_healthy"}}
         else:
             assert deps["s3-init"] == {"condition": "service_completed_successfully"}
+            assert deps["secrets-init"] == {"condition": "service_completed_successfully"}
+        assert "secrets:/var/lib/audiomesh/secrets:ro" in service["volumes"]
+        assert env["AUDIOMESH_SECRETS_DIR"] == "/var/lib/audiomesh/secrets"
     orchestrator_deps = services["orchestrator"]["depends_on"]
     assert all(orchestrator_deps[w] == {"condition": "service_healthy"} for w in WORKERS)
     assert "models:/models" in services["separation"]["volumes"]
     assert _default(services["gateway"]["ports"][0]) == "127.0.0.1:8080:8080"
-    assert set(_compose()["volumes"]) == {"s3-data", "models"}
+    assert set(_compose()["volumes"]) == {"s3-data", "models", "secrets"}
     for name in COMPONENTS:  # longer than the services' own drain on SIGTERM
         assert int(services[name]["stop_grace_period"].removesuffix("s")) > SERVER_DRAIN_SECONDS
+
+
+def test_compose_generates_the_service_token_once(tmp_path, monkeypatch):
+    """secrets-init's script, run as compose runs it (its volume here a temp folder): the services
+    then read the token from AUDIOMESH_SECRETS_DIR; a second run keeps it; .env/environment win."""
+    init = _compose()["services"]["secrets-init"]
+    assert init["entrypoint"] == ["python", "-c"] and init["restart"] == "no"
+    assert _default(init["image"]) == _default(_compose()["x-audiomesh-service"]["image"])
+    assert init["volumes"] == ["secrets:/var/lib/audiomesh/secrets"]
+    script = init["command"][0].replace("/var/lib/audiomesh/secrets", str(tmp_path))
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    token_file = tmp_path / "audiomesh_service_token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o400"
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    monkeypatch.delenv("AUDIOMESH_SERVICE_TOKEN", raising=False)
+    monkeypatch.setenv("AUDIOMESH_SECRETS_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no .env here
+    assert load_settings().service_token.get_secret_value() == token
+    monkeypatch.setenv("AUDIOMESH_SERVICE_TOKEN", "from-the-environment")
+    assert load_settings().service_token.get_secret_value() == "from-the-environment"
+    monkeypatch.setenv("AUDIOMESH_SECRETS_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="AUDIOMESH_SECRETS_DIR"):
+        load_settings()
 
 
 # ---- every environment variable: read, documented, set ----------------------------------------
@@ -630,6 +659,7 @@ CHART_DEFAULTED = {
     "SSL_CERT_FILE": "the system CA bundle; a private CA is mounted with extraVolumes + extraEnv (docs/deploy.md)",
     "AUDIOMESH_THREAD_BUDGET": "only the local launcher (Mesh) splits one machine's cores; pods have CPU limits",
     "AUDIOMESH_HPSS_THREADS": "0 sizes HPSS's thread pool to the CPUs the pod may use",
+    "AUDIOMESH_SECRETS_DIR": "the chart maps its Secret to environment variables (secretKeyRef)",
 }
 # Set in docker-compose.yml's environment only where containers need another value than the
 # code's default; everything else reaches the services from .env through env_file, and why.
@@ -644,7 +674,7 @@ COMPOSE_FROM_ENV_FILE = {
     "AUDIOMESH_TLS_CA_FILE": "as AUDIOMESH_TLS_CERT_FILE (what the clients trust)",
     "AUDIOMESH_API_KEYS": "open mode on a laptop; set hashed keys in .env for a shared machine",
     "AUDIOMESH_API_KEY": "client side (the CLI), not the services'",
-    "AUDIOMESH_SERVICE_TOKEN": "set in .env with API keys (the services refuse to start with keys and no token)",
+    "AUDIOMESH_SERVICE_TOKEN": "generated once by secrets-init into the secrets volume (AUDIOMESH_SECRETS_DIR); .env wins",
     "AUDIOMESH_CORS_ORIGINS": "the web page is served by the gateway itself (same origin)",
     "AUDIOMESH_OTLP_ENDPOINT": "no collector in this file",
     "AUDIOMESH_LOG_LEVEL": "info",
@@ -711,7 +741,7 @@ def chart_variables() -> set[str]:
 
 def test_code_reads_no_variable_this_test_does_not_know():
     """The os.environ reads outside Settings, so a new one shows up here."""
-    assert environ_reads() == {"HF_HUB_OFFLINE", "SSL_CERT_FILE"}
+    assert environ_reads() == {"HF_HUB_OFFLINE", "SSL_CERT_FILE", "AUDIOMESH_SECRETS_DIR"}
 
 
 def test_every_variable_is_documented_in_readme():

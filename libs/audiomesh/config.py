@@ -7,6 +7,7 @@ under ``./data``, every service on 127.0.0.1. An invalid value fails at start wi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -210,9 +211,17 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings once; raise ConfigError naming the first bad variable."""
+    """Read settings once; raise ConfigError naming the first bad variable.
+
+    ``AUDIOMESH_SECRETS_DIR`` names a folder of secret files, one per setting, named like the
+    variable in lower case (``audiomesh_service_token``), as Docker and Kubernetes mount
+    secrets; the environment and ``.env`` win over them.
+    """
+    secrets_dir = os.environ.get("AUDIOMESH_SECRETS_DIR") or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise ConfigError(f"AUDIOMESH_SECRETS_DIR={secrets_dir!r}: not a folder")
     try:
-        return Settings(**overrides)
+        return Settings(_secrets_dir=secrets_dir, **overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

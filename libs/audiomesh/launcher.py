@@ -96,7 +96,7 @@ def auth_policy(settings: Settings, name: str) -> AuthPolicy | None:
         raise ConfigError(
             f"{name}: AUDIOMESH_API_KEYS is set but AUDIOMESH_SERVICE_TOKEN is empty, so the workers would "
             "answer anyone who reaches their ports. Set AUDIOMESH_SERVICE_TOKEN to one secret shared by every "
-            "service (e.g. the output of `openssl rand -hex 32`); `audiomesh up` and the Helm chart generate one; with docker compose, put it in .env"
+            "service (e.g. the output of `openssl rand -hex 32`); `audiomesh up`, docker compose and the Helm chart generate one"
         )
     if name == "orchestrator":
         ring = settings.key_ring()
