@@ -209,11 +209,7 @@ def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tu
         # ffmpeg names the file by its path (a server's scratch folder): show the user's name.
         detail = lines[-1].replace(path, shown).strip() if lines else f"exit status {proc.returncode}"
         if sniffed and sniffed[0] in _LIBSNDFILE_FORMATS:
-            # A damaged WAV/FLAC/OGG/MP3: the same 400 and words as without ffmpeg.
-            raise InvalidInput(
-                f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated "
-                f"(ffmpeg: {detail})"
-            )
+            raise _damaged(shown, sniffed, f"ffmpeg: {detail}")  # the same 400 and words as without ffmpeg
         looks = f"; it looks like {sniffed[1]}" if sniffed else ""
         raise UnsupportedAudio(
             f"{shown} {NOT_AUDIO} (neither soundfile nor ffmpeg can decode it){looks} (ffmpeg: {detail})"
@@ -260,12 +256,16 @@ def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple
 
 def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) -> InvalidInput:
     if sniffed and sniffed[0] in _LIBSNDFILE_FORMATS:
-        return InvalidInput(
-            f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated "
-            f"({_libsndfile_reason(exc)})"
-        )
+        return _damaged(shown, sniffed, _libsndfile_reason(exc))
     looks = f" (it looks like {sniffed[1]})" if sniffed else ""
     return UnsupportedAudio(f"{shown} {NOT_AUDIO} ({SUPPORTED_INPUTS}){looks}; install ffmpeg for other formats")
+
+
+def _damaged(shown: str, sniffed: tuple[str, str], reason: str) -> InvalidInput:
+    """A file that sniffs as a format libsndfile reads but does not decode (whichever decoder tried)."""
+    return InvalidInput(
+        f"{shown} looks like {sniffed[1]} but cannot be decoded; it is probably damaged or truncated ({reason})"
+    )
 
 
 def _libsndfile_reason(exc: Exception) -> str:
