@@ -263,10 +263,19 @@ class TrackWriter:
     """Encode a track to ``path`` block by block (WAV/FLAC as :func:`~audiomesh.audio.io.write_audio`
     does: PCM clipped to [-1, 1]) and measure it on the way.
 
-    ``write((channels, n) float32)`` any number of times, then ``close()`` → the
-    :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written (with
-    ``true_peak=False`` its true peak is the sample peak: for callers that know it otherwise;
-    with ``measure=False``, None).
+    Use it as a context manager: the block closes the file when it ends normally and aborts
+    (deletes the partial file) on any exception, ``KeyboardInterrupt`` and cancellation
+    included; ``measurement`` holds the result after the block::
+
+        with TrackWriter(path, rate, channels) as writer:
+            for block in blocks:
+                writer.write(block)
+        writer.measurement
+
+    ``write((channels, n) float32)`` any number of times; ``close()`` (what a normal exit
+    calls) → the :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written
+    (with ``true_peak=False`` its true peak is the sample peak: for callers that know it
+    otherwise; with ``measure=False``, None); ``abort()`` closes and deletes the file.
     """
 
     def __init__(
@@ -285,6 +294,8 @@ class TrackWriter:
         self.channels = channels
         self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak) if measure else None
         self.frames = 0
+        self.measurement: Measurement | None = None  # set by close()
+        self._closed = False
         self._file = sf.SoundFile(
             str(self.path),
             "w",
@@ -306,11 +317,28 @@ class TrackWriter:
         self.frames += block.shape[1]
 
     def close(self) -> Measurement | None:
-        if not self._file.closed:
+        """Finish the file → :attr:`measurement` (None with ``measure=False``); again: the same."""
+        if not self._closed:
             self._file.close()
-        return None if self.measure is None else self.measure.result()
+            self.measurement = None if self.measure is None else self.measure.result()
+            self._closed = True
+        return self.measurement
 
     def abort(self) -> None:
+        """Close and delete the file (what a failed or cancelled writer leaves: nothing)."""
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> TrackWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.close()
+            except BaseException:
+                self.abort()  # a failed finish (disk full) leaves no file either
+                raise
+        else:
+            self.abort()
