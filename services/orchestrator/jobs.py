@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from audiomesh import errors, manifest
 from audiomesh.store import ObjectStore
@@ -305,7 +305,3 @@ def _visible(job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:
     out = _copy(job)
     out.ClearField("update_time")
     return out
-
-
-def job_to_dict(job: orchestrator_pb2.Job) -> dict:
-    return json_format.MessageToDict(job)
