@@ -14,10 +14,10 @@ import soundfile as sf
 
 from audiomesh.audio import AudioInfo, file_sha256, probe, read_audio, resample, write_audio
 from audiomesh.audio.io import NOT_AUDIO, decode_blocks, scan_samples
+from audiomesh.demo import synth_song
 from audiomesh.errors import InvalidInput, NotFound, UnsupportedAudio
 from tests.helpers.audio import (
     sine,
-    synth_song,
     write_empty,
     write_fake_m4a,
     write_nan_wav,
@@ -53,7 +53,12 @@ def test_synth_song_is_deterministic_and_sane() -> None:
     assert np.array_equal(y, synth_song(2.0, SR, 2, seed=3))
     assert not np.array_equal(y, synth_song(2.0, SR, 2, seed=4))
     assert not np.allclose(y[0], y[1])  # panned, really stereo
-    assert synth_song(1.0, 22050, 1).shape == (1, 22050)
+    mono = synth_song(1.0, 22050, 1)
+    assert mono.shape == (1, 22050) and 0.85 < np.abs(mono).max() <= 0.9 + 1e-6
+    wide = synth_song(0.5, SR, 3, seed=3)
+    assert np.array_equal(wide[[0, 1, 0]], wide) and np.array_equal(wide[:2], synth_song(0.5, SR, seed=3))
+    with pytest.raises(ValueError, match="channels must be >= 1"):
+        synth_song(1.0, SR, 0)
 
 
 # --------------------------------------------------------------------------- formats

@@ -1,17 +1,21 @@
-"""A synthetic song for demos and tests: no downloads, deterministic for a seed."""
+"""The synthetic song of the CLI's demo, the bench and the tests: no downloads, deterministic for a seed."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def synth_song(duration_s: float = 10.0, sample_rate: int = 44100, *, seed: int = 0) -> np.ndarray:
-    """Chords, a bass line, noise-burst drums and a buzzy vowel "voice", stereo float32 (2, n).
+def synth_song(duration_s: float = 10.0, sample_rate: int = 44100, channels: int = 2, *, seed: int = 0) -> np.ndarray:
+    """Chords, a bass line, noise-burst drums and a buzzy vowel "voice", float32 ``(channels, n)``, peak 0.9.
 
-    Each part sits at its own place in the stereo field so separations have something to find.
+    ``n`` is ``round(duration_s * sample_rate)``. In stereo each part sits at its own place in
+    the field so separations have something to find; ``channels=1`` is the two sides' mean,
+    more than 2 repeat left, right, left, ... ``seed`` picks the drums' noise.
     """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
     rng = np.random.default_rng(seed)
-    n = int(duration_s * sample_rate)
+    n = int(round(duration_s * sample_rate))
     t = np.arange(n) / sample_rate
     beat = 0.5  # 120 bpm
     out = np.zeros((2, n), dtype=np.float64)
@@ -39,4 +43,9 @@ def synth_song(duration_s: float = 10.0, sample_rate: int = 44100, *, seed: int 
     gate = ((t % (8 * beat)) < 6 * beat).astype(float)
     out += 0.3 * voice * gate
     out /= max(1.0, np.abs(out).max() / 0.9)
+    if channels == 1:
+        out = out.mean(axis=0, keepdims=True)
+        out *= 0.9 / (np.abs(out).max() + 1e-12)
+    else:
+        out = out[[c % 2 for c in range(channels)]]
     return out.astype(np.float32)
