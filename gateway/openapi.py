@@ -28,8 +28,7 @@ _PATH_SCHEMAS = {
 _KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}){0,7}$"}  # principals may hold @
 _FIELD_OVERRIDES = {
     "audiomesh.v1.CreateJobRequest.input_key": _KEY,
-    "audiomesh.v1.ListJobsRequest.page_size": {"minimum": 0, "maximum": 200},  # 0 = default (20)
-    **field_schemas(),  # job option ranges: the table the validators read (audiomesh.ranges)
+    **field_schemas(),  # job option and page-size ranges: the table the validators read (audiomesh.ranges)
 }
 
 

@@ -94,3 +94,39 @@ def test_invalid_settings_stop_a_service_at_start(monkeypatch):
     assert done.returncode == 2
     assert "AUDIOMESH_WORKER_CONCURRENCY" in done.stderr and "Traceback" not in done.stderr
     assert Path.cwd().exists()
+
+
+async def test_page_size_has_one_range_read_by_the_orchestrator_and_the_openapi_document(tmp_path):
+    """ListJobs' page size lives in audiomesh.ranges only: the orchestrator refuses what the
+    OpenAPI schema excludes, with the rule in the message, and accepts its bounds."""
+    import asyncio
+
+    import grpc
+
+    from audiomesh.gateway.app import ORCHESTRATOR
+    from audiomesh.gateway.openapi import openapi_document
+    from audiomesh.gateway.routes import http_routes
+    from audiomesh.ranges import PAGE_SIZE
+    from audiomesh.rpc.server import start_server
+    from audiomesh.services.orchestrator.server import build
+    from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    schemas = openapi_document(http_routes(ORCHESTRATOR))["components"]["schemas"]
+    page_size = schemas["audiomesh.v1.ListJobsRequest"]["properties"]["pageSize"]
+    assert page_size == page_size | PAGE_SIZE.schema()  # the range's keywords, description included
+    spec = build(load_settings(store_url=f"file://{tmp_path / 'store'}"))
+    server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
+    try:
+        await asyncio.wait_for(server.ready.wait(), 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            for size in (0, 1, int(PAGE_SIZE.maximum)):
+                await stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=size))
+            for size in (-1, int(PAGE_SIZE.maximum) + 1):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=size))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.value.details() == f"page_size must be {PAGE_SIZE.describe()}, got {size}"
+    finally:
+        await spec.on_stop()
+        await server.stop(1)

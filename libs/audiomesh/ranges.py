@@ -11,6 +11,9 @@ as INTERNAL) while covering what the underlying libraries are used with: librosa
 (kernels of tens of frames, margins 1..10, ``n_fft`` 256..8192), Demucs (``--shifts`` up to
 ~10, segments of a few to ~40 s), loudness targets of streaming services (-24..-5 LUFS).
 It imports nothing heavy: the gateway reads it without loading the DSP stack.
+
+Request fields that are not job options have their range here too (``PAGE_SIZE``), read by
+the orchestrator and by the OpenAPI document alike.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 from audiomesh.errors import InvalidInput
 
-__all__ = ["RANGES", "Range", "check", "field_schemas", "target_range"]
+__all__ = ["DEFAULT_PAGE_SIZE", "PAGE_SIZE", "RANGES", "Range", "check", "field_schemas", "target_range"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +111,14 @@ RANGES: dict[str, Range] = {
     "normalize.true_peak_ceiling_dbtp": Range(-20, 0, unit="dBTP"),
 }
 
+# ListJobs: jobs per page (0 = this default); the orchestrator lists at most a page at once.
+DEFAULT_PAGE_SIZE = 20
+PAGE_SIZE = Range(1, 200, "integer", zero_is_default=True, default=str(DEFAULT_PAGE_SIZE))
+
 
 def field_schemas() -> dict[str, dict]:
-    """JSON Schema keywords by proto field full name (``audiomesh.v1.HpssOptions.n_fft``), for OpenAPI."""
+    """JSON Schema keywords by proto field full name (``audiomesh.v1.HpssOptions.n_fft``), for OpenAPI:
+    every job option and ``ListJobsRequest.page_size``."""
     messages = {"separation": "SeparationOptions", "hpss": "HpssOptions", "normalize": "NormalizeOptions"}
     out: dict[str, dict] = {}
     for key, rule in RANGES.items():
@@ -118,6 +126,7 @@ def field_schemas() -> dict[str, dict]:
             key, rule = "normalize.target", target_range("off")  # the mode decides; the schema has both
         parent, _, name = key.rpartition(".")
         out[f"audiomesh.v1.{messages.get(parent, 'JobOptions')}.{name}"] = rule.schema()
+    out["audiomesh.v1.ListJobsRequest.page_size"] = PAGE_SIZE.schema()
     return out
 
 

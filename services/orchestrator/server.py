@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import struct_pb2
 
 import audiomesh
-from audiomesh import errors, scratch
+from audiomesh import errors, ranges, scratch
 from audiomesh.audio.io import file_sha256, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
@@ -29,7 +29,6 @@ from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, se
 from .jobs import JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
 from .runner import Runner
 
-_MAX_PAGE = 200  # also in the OpenAPI schema (gateway/openapi.py)
 # Recovery retries while the store does not answer: first delay, doubling up to the max.
 _RECOVERY_FIRST_DELAY = 0.5
 _RECOVERY_MAX_DELAY = 30.0
@@ -213,9 +212,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def ListJobs(self, request, context):
         self.registry.require_loaded()
-        if not 0 <= request.page_size <= _MAX_PAGE:
-            raise errors.InvalidInput(f"page_size must be between 1 and {_MAX_PAGE} (0 means 20)")
-        size = request.page_size or 20
+        ranges.check("page_size", request.page_size, ranges.PAGE_SIZE)
+        size = request.page_size or ranges.DEFAULT_PAGE_SIZE
         after = _decode_token(request.page_token)
         # A cursor, not an offset (AIP-158): the page starts strictly after the last job of the
         # previous one in (create_time, job_id) descending order, so jobs created or deleted
