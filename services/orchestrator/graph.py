@@ -1,22 +1,69 @@
-"""The stage graph of one job, as data: which nodes, what each reads and writes.
+"""The stage graph of one job, as data: every node, the keys it reads and writes, its request.
 
-Pure functions: no I/O, no gRPC. The runner executes nodes as soon as their dependencies
-have succeeded, so HPSS of the mix runs beside separation and the stem HPSS fan-out runs
-in parallel.
+Pure: no I/O, no gRPC calls (requests are protobuf messages, which are data). One
+:class:`Node` record per node says everything about it; dependencies are derived (a node
+waits for the nodes that write what it reads). The runner executes nodes as soon as their
+dependencies have succeeded, so HPSS of the mix runs beside separation and the stem HPSS
+fan-out runs in parallel. Adding a stage is adding one record here (plus its stub in the
+runner's table).
 
     decode ─► separation ─► hpss:<stem> (each stem of the main recipe) ─► composite ─► normalize
        └────► hpss:mix ─────────────────────────────────────────────────────────────────┘
+
+:func:`describe` prints the default plan as a table (README's architecture section shows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from audiomesh.errors import InvalidInput
+from audiomesh.tracks import INTERMEDIATE
+from audiomesh.v1 import common_pb2, composite_pb2, hpss_pb2, normalize_pb2, orchestrator_pb2, separation_pb2
 
 # Expected relative cost, for the overall progress fraction and the ETA.
 STAGE_WEIGHTS = {"decode": 1.0, "separation": 60.0, "hpss": 6.0, "composite": 2.0, "normalize": 4.0}
 VOCALS = "vocals"
+LOCAL_STAGE = "decode"  # runs in the orchestrator itself; every other stage is a worker's RPC
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """The local stage's request: the job's upload → the float mix every stage reads."""
+
+    input_key: str
+    input_name: str  # as uploaded: messages name the user's file, not a scratch copy
+    output_key: str
+
+
+# A request is a worker's protobuf request (or DecodeRequest); a response is what its RPC
+# returns (a streaming RPC: its result message; decode: the mix's Track).
+RequestBuilder = Callable[["Node", "Plan", orchestrator_pb2.Job], Any]
+Collector = Callable[[Any, orchestrator_pb2.Node, orchestrator_pb2.Job], list[common_pb2.Track]]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a job's graph: everything the runner needs to run it.
+
+    ``reads``/``writes`` are object keys; the nodes that write what this one reads are its
+    dependencies (:meth:`Plan.depends_on`). ``request`` builds the stage's request from the
+    plan and the job (options, upload, and tracks earlier nodes wrote); ``collect`` turns the
+    response into the node's output tracks, keeping what else the response says in the job.
+    """
+
+    name: str
+    stage: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    request: RequestBuilder
+    collect: Collector
+
+    def build_request(self, plan: Plan, job: orchestrator_pb2.Job) -> Any:
+        return self.request(self, plan, job)
 
 
 @dataclass(frozen=True)
@@ -27,6 +74,7 @@ class Plan:
     stems: tuple[str, ...]  # sources the separation writes
     main_stems: tuple[str, ...]  # summed into "main"
     ext: str  # extension of delivered tracks, ".wav" or ".flac"
+    nodes: tuple[Node, ...] = ()  # in a valid execution order; filled by make_plan
 
     @property
     def prefix(self) -> str:
@@ -63,17 +111,177 @@ class Plan:
             "main_percussive": [self.hpss_keys(s)[1] for s in self.main_stems],
         }
 
-    def nodes(self) -> list[tuple[str, str, list[str]]]:
-        """(name, stage, depends_on) in a valid execution order."""
-        nodes = [("decode", "decode", []), ("separation", "separation", ["decode"]), ("hpss:mix", "hpss", ["decode"])]
-        nodes += [(f"hpss:{s}", "hpss", ["separation"]) for s in self.main_stems]
-        nodes.append(("composite", "composite", ["separation", *[f"hpss:{s}" for s in self.main_stems]]))
-        nodes.append(("normalize", "normalize", ["separation", "hpss:mix", "composite"]))
-        return nodes
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r} in this plan; it has {[n.name for n in self.nodes]}")
+
+    def writers(self) -> dict[str, str]:
+        """Object key → the node that writes it."""
+        return {key: node.name for node in self.nodes for key in node.writes}
+
+    def depends_on(self, name: str) -> list[str]:
+        """The nodes that write what ``name`` reads, in plan order."""
+        writers = self.writers()
+        needed = {writers[key] for key in self.node(name).reads}
+        return [n.name for n in self.nodes if n.name in needed]
+
+
+# --- the nodes: what each reads, writes and asks its worker ---------------------------------
+def _graph(plan: Plan) -> tuple[Node, ...]:
+    """Every node of ``plan``, in a valid execution order."""
+    mix = plan.mix_key
+    composites = plan.composites()
+    delivered = plan.intermediate_tracks()
+    nodes = [
+        Node("decode", "decode", (), (mix,), _decode_request, _one_track),
+        Node("separation", "separation", (mix,), tuple(map(plan.stem_key, plan.stems)), _separate_request, _separated),
+        Node("hpss:mix", "hpss", (mix,), plan.hpss_keys("mix"), _decompose_request, _decomposed),
+    ]
+    nodes += [
+        Node(f"hpss:{s}", "hpss", (plan.stem_key(s),), plan.hpss_keys(s), _decompose_request, _decomposed)
+        for s in plan.main_stems
+    ]
+    composite_reads = _unique(key for keys in composites.values() for key in keys)
+    composite_writes = tuple(plan.key("composite", name) for name in composites)
+    nodes.append(Node("composite", "composite", composite_reads, composite_writes, _composite_request, _composited))
+    # Normalize reads every delivered track and the mix (the reference of linked gain).
+    normalize_reads = _unique([*delivered.values(), mix])
+    normalize_writes = tuple(plan.output_key(name) for name in delivered)
+    nodes.append(Node("normalize", "normalize", normalize_reads, normalize_writes, _normalize_request, _normalized))
+    return tuple(nodes)
+
+
+def _unique(keys: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(keys))
+
+
+def _decode_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> DecodeRequest:
+    return DecodeRequest(input_key=job.input.key, input_name=job.input.name, output_key=node.writes[0])
+
+
+def _separate_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> separation_pb2.SeparateRequest:
+    # The worker writes <output_prefix>/<stem>.wav for each stem: plan.stem_key's layout.
+    return separation_pb2.SeparateRequest(
+        input_key=node.reads[0],
+        output_prefix=f"{plan.prefix}/separation",
+        model=job.options.model,
+        options=job.options.separation,
+        encoding=INTERMEDIATE,
+        job_id=plan.job_id,
+    )
+
+
+def _decompose_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> hpss_pb2.DecomposeRequest:
+    harmonic_key, percussive_key = node.writes
+    return hpss_pb2.DecomposeRequest(
+        input_key=node.reads[0],
+        harmonic_key=harmonic_key,
+        percussive_key=percussive_key,
+        options=job.options.hpss,
+        encoding=INTERMEDIATE,
+        job_id=plan.job_id,
+        # Parts that are not delivered (a stem's: they only feed composites) need no loudness.
+        skip_loudness=not set(node.writes) & set(plan.intermediate_tracks().values()),
+    )
+
+
+def _composite_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> composite_pb2.CompositeRequest:
+    request = composite_pb2.CompositeRequest(encoding=INTERMEDIATE, job_id=plan.job_id)
+    for name, keys in plan.composites().items():
+        request.composites.add(name=name, input_keys=keys, output_key=plan.key("composite", name))
+    return request
+
+
+def _normalize_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> normalize_pb2.NormalizeRequest:
+    request = normalize_pb2.NormalizeRequest(
+        reference_key=plan.mix_key,
+        options=job.options.normalize,
+        encoding=job.options.encoding,
+        job_id=plan.job_id,
+    )
+    # Every input was measured by the worker that wrote it: normalize need not measure again.
+    written = {track.key: track for n in job.nodes for track in n.outputs}
+    for name, key in plan.intermediate_tracks().items():
+        item = request.items.add(name=name, input_key=key, output_key=plan.output_key(name))
+        if key in written and written[key].HasField("loudness"):
+            item.loudness.CopyFrom(written[key].loudness)
+    if plan.mix_key in written and written[plan.mix_key].HasField("loudness"):
+        request.reference_loudness.CopyFrom(written[plan.mix_key].loudness)
+    return request
+
+
+def _one_track(
+    response: common_pb2.Track, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    return [response]
+
+
+def _separated(
+    result: separation_pb2.SeparateResult, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    del node.warnings[:]  # e.g. a compiled model that fell back to eager: into the manifest
+    node.warnings.extend(result.warnings)
+    return list(result.stems)
+
+
+def _decomposed(
+    result: hpss_pb2.DecomposeResult, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    return [result.harmonic, result.percussive]
+
+
+def _composited(
+    response: composite_pb2.CompositeResponse, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    return list(response.tracks)
+
+
+def _normalized(
+    response: normalize_pb2.NormalizeResponse, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    job.normalization.CopyFrom(
+        orchestrator_pb2.NormalizationSummary(
+            reference=response.reference,
+            linked_gain_db=response.linked_gain_db,
+            limited_by_ceiling=response.limited_by_ceiling,
+        )
+    )
+    return [item.track for item in response.tracks]
+
+
+def check_graph(nodes: Sequence[Node]) -> None:
+    """The invariants the runner relies on; a violation is a bug in this module, not bad input.
+
+    Names are unique, every key is written by one node, and every key a node reads is written
+    by an earlier node (so the order is an execution order and the graph has no cycle).
+    """
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"stage graph names a node twice: {names}")
+    writer: dict[str, str] = {}
+    for node in nodes:
+        for key in node.reads:
+            if key not in writer:
+                raise RuntimeError(f"stage graph: {node.name} reads {key} that no earlier node writes")
+        for key in node.writes:
+            if key in writer:
+                raise RuntimeError(f"stage graph: {key} is written by both {writer[key]} and {node.name}")
+            writer[key] = node.name
+
+
+# Track names the graph derives; a model source of the same name would overwrite one of them.
+DERIVED_TRACKS = ("mix", "harmonic", "percussive", "main", "main_harmonic", "main_percussive")
 
 
 def make_plan(job_id: str, *, sources: list[str], two_stems: str, main_stems: list[str], ext: str) -> Plan:
     """Resolve the stems a model will write and the recipe of ``main``; refuse what cannot work."""
+    clashes = [s for s in sources if s in DERIVED_TRACKS]
+    if clashes or len(set(sources)) != len(sources):
+        raise InvalidInput(
+            f"model sources {sources} must be distinct and none of {list(DERIVED_TRACKS)} (tracks the job derives)"
+        )
     if two_stems:
         if two_stems not in sources:
             raise InvalidInput(f"two_stems {two_stems!r} is not a source of this model; choose one of {sources}")
@@ -91,7 +299,10 @@ def make_plan(job_id: str, *, sources: list[str], two_stems: str, main_stems: li
             recipe = [f"no_{VOCALS}"]
         if not recipe:
             raise InvalidInput("main would be empty: set main_stems")
-    return Plan(job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext)
+    plan = Plan(job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext)
+    nodes = _graph(plan)
+    check_graph(nodes)
+    return dataclasses.replace(plan, nodes=nodes)
 
 
 def overall_fraction(nodes) -> float:
@@ -102,3 +313,27 @@ def overall_fraction(nodes) -> float:
         total += weight
         done += weight * node.fraction
     return done / total if total else 0.0
+
+
+def describe(plan: Plan) -> str:
+    """The plan as a Markdown table, keys relative to the job's folder (README shows one)."""
+    rows = ["| node | stage | waits for | reads | writes |", "|---|---|---|---|---|"]
+    for node in plan.nodes:
+        waits = ", ".join(plan.depends_on(node.name)) or "—"
+        reads = _folders(plan, node.reads) if node.reads else "the upload"
+        rows.append(f"| {node.name} | {node.stage} | {waits} | {reads} | {_folders(plan, node.writes)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _folders(plan: Plan, keys: Sequence[str]) -> str:
+    """``jobs/<id>/separation/a.wav``, ``…/b.wav`` → ``separation/{a,b}.wav``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        folder, _, file = key.removeprefix(plan.prefix + "/").rpartition("/")
+        stem, dot, ext = file.rpartition(".")
+        groups.setdefault((folder, dot + ext), []).append(stem)
+    parts = [
+        f"{folder}/{names[0] if len(names) == 1 else '{' + ','.join(names) + '}'}{ext}"
+        for (folder, ext), names in groups.items()
+    ]
+    return " ".join(f"`{p}`" for p in parts)

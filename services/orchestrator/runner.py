@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -26,18 +29,15 @@ from audiomesh.telemetry import bind_job, logger, tracer
 from audiomesh.tracks import ENCODINGS, INTERMEDIATE, Outputs, extension
 from audiomesh.v1 import (
     common_pb2,
-    composite_pb2,
     composite_pb2_grpc,
-    hpss_pb2,
     hpss_pb2_grpc,
-    normalize_pb2,
     normalize_pb2_grpc,
     orchestrator_pb2,
     separation_pb2,
     separation_pb2_grpc,
 )
 
-from .graph import Plan, make_plan, overall_fraction
+from .graph import LOCAL_STAGE, DecodeRequest, Plan, make_plan, overall_fraction
 from .jobs import JobRecord, JobRegistry, now_pb
 
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
@@ -45,6 +45,24 @@ from .jobs import JobRecord, JobRegistry, now_pb
 _RETRYABLE_CODES = {"RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED", "DEADLINE_EXCEEDED"}
 # Failures that repeat on every attempt: the same request needs the same memory / bytes.
 _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
+
+
+@dataclass(frozen=True)
+class _Rpc:
+    """How the runner calls a worker stage; the request and outputs come from the graph's nodes."""
+
+    stub: Callable[[grpc.aio.Channel], Any]  # the generated stub class
+    address: str  # the Settings field with the worker's address
+    method: str
+    streams: bool  # a server stream of progress messages, then one result
+
+
+_RPCS: dict[str, _Rpc] = {
+    "separation": _Rpc(separation_pb2_grpc.SeparationServiceStub, "separation_addr", "Separate", streams=True),
+    "hpss": _Rpc(hpss_pb2_grpc.HpssServiceStub, "hpss_addr", "Decompose", streams=True),
+    "composite": _Rpc(composite_pb2_grpc.CompositeServiceStub, "composite_addr", "Composite", streams=False),
+    "normalize": _Rpc(normalize_pb2_grpc.NormalizeServiceStub, "normalize_addr", "Normalize", streams=False),
+}
 
 
 def retryable(err: errors.AudiomeshError) -> bool:
@@ -174,9 +192,15 @@ class Runner:
         job = rec.job
         plan, info = await self._plan_when_reachable(rec)
         if not job.nodes:
-            for name, stage, deps in plan.nodes():
-                job.nodes.add(name=name, stage=stage, state=common_pb2.NODE_STATE_PENDING, depends_on=deps)
+            for spec in plan.nodes:
+                job.nodes.add(
+                    name=spec.name,
+                    stage=spec.stage,
+                    state=common_pb2.NODE_STATE_PENDING,
+                    depends_on=plan.depends_on(spec.name),
+                )
         else:
+            _match_nodes(job, plan)
             await self._prepare_resume(rec)
         job.state = common_pb2.JOB_STATE_RUNNING
         _set_current_stage(job)  # with the state: never RUNNING without a stage
@@ -279,11 +303,11 @@ class Runner:
                     else:
                         retry = retryable(err) and attempts_left > 0
                     code, message = err.code, str(err)
-                    if isinstance(err, errors.Unavailable) and _transport_failure(message):
+                    if isinstance(err, errors.Unavailable) and node.stage in _RPCS and _transport_failure(message):
                         unreachable_since = unreachable_since or first_try
                         message = _unreachable_message(
                             node.stage,
-                            self.settings.address_of(node.stage),
+                            getattr(self.settings, _RPCS[node.stage].address),
                             time.monotonic() - unreachable_since,
                             self.settings.unavailable_budget_seconds,
                             retry,
@@ -312,93 +336,42 @@ class Runner:
             rec.job.fraction = overall_fraction(rec.job.nodes)
             await self.registry.changed(rec, f"{node.name} succeeded in {node.duration_seconds:.2f}s")
 
-    async def _dispatch(self, node, plan: Plan, info, job, progress) -> list[common_pb2.Track]:
-        timeout = self.settings.stage_timeout_seconds
-        if node.stage == "decode":
-            return [await self._decode(job, plan, info)]
-        if node.stage == "separation":
-            stub = self.clients.stub(separation_pb2_grpc.SeparationServiceStub, self.settings.separation_addr)
-            call = stub.Separate(
-                separation_pb2.SeparateRequest(
-                    input_key=plan.mix_key,
-                    output_prefix=f"{plan.prefix}/separation",
-                    model=job.options.model,
-                    options=job.options.separation,
-                    encoding=INTERMEDIATE,
-                    job_id=job.job_id,
-                ),
-                timeout=timeout,
-            )
-            result = await _follow(call, progress, "separation")
-            del node.warnings[:]  # e.g. a compiled model that fell back to eager: into the manifest
-            node.warnings.extend(result.warnings)
-            return list(result.stems)
-        if node.stage == "hpss":
-            source = node.name.split(":", 1)[1]
-            harmonic_key, percussive_key = plan.hpss_keys(source)
-            stub = self.clients.stub(hpss_pb2_grpc.HpssServiceStub, self.settings.hpss_addr)
-            call = stub.Decompose(
-                hpss_pb2.DecomposeRequest(
-                    input_key=plan.mix_key if source == "mix" else plan.stem_key(source),
-                    harmonic_key=harmonic_key,
-                    percussive_key=percussive_key,
-                    options=job.options.hpss,
-                    encoding=INTERMEDIATE,
-                    job_id=job.job_id,
-                    skip_loudness=source != "mix",  # a stem's parts only feed composites
-                ),
-                timeout=timeout,
-            )
-            result = await _follow(call, progress, "hpss")
-            return [result.harmonic, result.percussive]
-        if node.stage == "composite":
-            stub = self.clients.stub(composite_pb2_grpc.CompositeServiceStub, self.settings.composite_addr)
-            request = composite_pb2.CompositeRequest(encoding=INTERMEDIATE, job_id=job.job_id)
-            for name, keys in plan.composites().items():
-                request.composites.add(name=name, input_keys=keys, output_key=plan.key("composite", name))
-            return list((await stub.Composite(request, timeout=timeout)).tracks)
-        if node.stage == "normalize":
-            stub = self.clients.stub(normalize_pb2_grpc.NormalizeServiceStub, self.settings.normalize_addr)
-            request = normalize_pb2.NormalizeRequest(
-                reference_key=plan.mix_key,
-                options=job.options.normalize,
-                encoding=job.options.encoding,
-                job_id=job.job_id,
-            )
-            # Every input was measured by the worker that wrote it: normalize need not measure again.
-            written = {track.key: track for n in job.nodes for track in n.outputs}
-            for name, key in plan.intermediate_tracks().items():
-                item = request.items.add(name=name, input_key=key, output_key=plan.output_key(name))
-                if key in written and written[key].HasField("loudness"):
-                    item.loudness.CopyFrom(written[key].loudness)
-            if plan.mix_key in written and written[plan.mix_key].HasField("loudness"):
-                request.reference_loudness.CopyFrom(written[plan.mix_key].loudness)
-            response = await stub.Normalize(request, timeout=timeout)
-            job.normalization.CopyFrom(
-                orchestrator_pb2.NormalizationSummary(
-                    reference=response.reference,
-                    linked_gain_db=response.linked_gain_db,
-                    limited_by_ceiling=response.limited_by_ceiling,
-                )
-            )
-            return [item.track for item in response.tracks]
-        raise errors.FailedPrecondition(f"unknown stage {node.stage!r}")
+    async def _dispatch(
+        self,
+        node: orchestrator_pb2.Node,
+        plan: Plan,
+        info: separation_pb2.ModelInfo,
+        job: orchestrator_pb2.Job,
+        progress: Callable[[float], None],
+    ) -> list[common_pb2.Track]:
+        """One generic path for every node: its request → its stage's call → its outputs."""
+        spec = plan.node(node.name)
+        request = spec.build_request(plan, job)
+        response: Any
+        if spec.stage == LOCAL_STAGE:
+            response = await self._decode(request, info)
+        else:
+            rpc = _RPCS[spec.stage]
+            stub = self.clients.stub(rpc.stub, getattr(self.settings, rpc.address))
+            call = getattr(stub, rpc.method)(request, timeout=self.settings.stage_timeout_seconds)
+            response = await (_follow(call, progress, spec.stage) if rpc.streams else call)
+        return spec.collect(response, node, job)
 
-    async def _decode(self, job, plan: Plan, info) -> common_pb2.Track:
+    async def _decode(self, request: DecodeRequest, info: separation_pb2.ModelInfo) -> common_pb2.Track:
         """Input → float WAV at the model's rate and channel count, shared by every stage."""
 
         def work() -> common_pb2.Track:
             # Block by block (bounded memory: a 20-minute song is not held in the orchestrator).
             with scratch.workdir("decode-") as tmp:
                 local = Path(tmp) / "input"
-                self.store.get_to_file(job.input.key, local)
+                self.store.get_to_file(request.input_key, local)
                 fmt, subtype, ext = ENCODINGS[INTERMEDIATE]
                 mix = Path(tmp) / f"mix{ext}"
                 writer = TrackWriter(mix, info.sample_rate, info.audio_channels, fmt=fmt, subtype=subtype)
                 try:
                     # Messages name the user's file, not the scratch copy ("input").
                     blocks = decode_blocks(
-                        local, sample_rate=info.sample_rate, channels=info.audio_channels, name=job.input.name
+                        local, sample_rate=info.sample_rate, channels=info.audio_channels, name=request.input_name
                     )
                     for block in blocks:
                         writer.write(block)
@@ -406,9 +379,27 @@ class Runner:
                 except BaseException:
                     writer.abort()
                     raise
-                return Outputs(self.store, tmp).publish_file("mix", plan.mix_key, mix, measured)
+                return Outputs(self.store, tmp).publish_file("mix", request.output_key, mix, measured)
 
         return await asyncio.to_thread(work)
+
+
+def _match_nodes(job: orchestrator_pb2.Job, plan: Plan) -> None:
+    """Fit a resumed job's nodes (from its manifest, maybe written by older code) to the plan:
+    matched by name, dependencies as the graph derives them now, nodes the plan gained added."""
+    names = {spec.name for spec in plan.nodes}
+    unknown = [n.name for n in job.nodes if n.name not in names]
+    if unknown:
+        raise errors.FailedPrecondition(
+            f"the manifest's nodes {unknown} are not in this job's plan {sorted(names)}; run the job again"
+        )
+    have = {n.name for n in job.nodes}
+    for spec in plan.nodes:
+        if spec.name not in have:
+            job.nodes.add(name=spec.name, stage=spec.stage, state=common_pb2.NODE_STATE_PENDING)
+    for node in job.nodes:
+        del node.depends_on[:]
+        node.depends_on.extend(plan.depends_on(node.name))
 
 
 def _unreachable_message(stage: str, where: str, elapsed: float, budget: float, retry: bool, reason: str) -> str:
