@@ -77,3 +77,17 @@ def test_default_model_without_weights_fails_fast_and_says_how(file_mesh, tmp_pa
     assert done.returncode == 1
     assert "AUDIOMESH_MODEL_REPO" in done.stderr and "demucs_unittest" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_model_execution_words_and_labels_come_from_the_proto_enum():
+    """`audiomesh models` and the separation worker name ModelExecution values from the enum
+    itself (no table of integers): every value round-trips, an unknown (newer) one shows blank."""
+    from audiomesh.separation.execution import execution_label, execution_value
+    from audiomesh.v1 import separation_pb2
+
+    enum = separation_pb2.ModelExecution
+    for value in enum.values():
+        word = enum.Name(value).removeprefix("MODEL_EXECUTION_").lower() if value else ""
+        assert execution_value(word) == value
+    assert execution_label(separation_pb2.MODEL_EXECUTION_COMPILE_FAILED) == "compile failed"
+    assert execution_label(separation_pb2.MODEL_EXECUTION_UNSPECIFIED) == execution_label(max(enum.values()) + 1) == ""

@@ -24,8 +24,6 @@ from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
 CHUNK = 1 << 20
-# ModelInfo.execution (audiomesh.v1.ModelExecution) as `audiomesh models` shows it.
-_EXECUTION = {1: "eager", 2: "compiling", 3: "compiled", 4: "compile failed", 5: "eager (faster)"}
 
 
 def _state(job) -> str:
@@ -204,6 +202,7 @@ def cmd_up(args, settings: Settings) -> int:
 
 
 async def _simple(args, settings: Settings) -> int:
+    from audiomesh.separation.execution import execution_label
     from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
     clients = settings.client_factory(as_user=True)
@@ -228,7 +227,7 @@ async def _simple(args, settings: Settings) -> int:
             for m in resp.models:
                 mark = "*" if m.name == resp.default_model else " "
                 avail = "available" if m.available else "no weights here"
-                runs = _EXECUTION.get(m.execution, "")
+                runs = execution_label(m.execution)
                 print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
                 if m.compile_error:
                     print(f"    {m.compile_error}")

@@ -27,6 +27,7 @@ from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.separation import SeparatorFactory
 from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
+from audiomesh.separation.execution import execution_value
 from audiomesh.separation.registry import configure_torch_threads
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
@@ -35,16 +36,6 @@ from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 #: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
 WRITER_NICE = 5
-
-#: ``ModelInfo.execution`` / ``SeparatorModel.execution`` → the proto enum.
-EXECUTION = {
-    "": separation_pb2.MODEL_EXECUTION_UNSPECIFIED,
-    "eager": separation_pb2.MODEL_EXECUTION_EAGER,
-    "compiling": separation_pb2.MODEL_EXECUTION_COMPILING,
-    "compiled": separation_pb2.MODEL_EXECUTION_COMPILED,
-    "compile_failed": separation_pb2.MODEL_EXECUTION_COMPILE_FAILED,
-    "eager_faster": separation_pb2.MODEL_EXECUTION_EAGER_FASTER,
-}
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
@@ -59,7 +50,7 @@ def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> sepa
         loaded=getattr(info, "loaded", loaded),
         description=getattr(info, "description", ""),
         max_segment_seconds=info.max_segment,
-        execution=EXECUTION.get(getattr(info, "execution", ""), separation_pb2.MODEL_EXECUTION_UNSPECIFIED),
+        execution=execution_value(getattr(info, "execution", "")),
         compile_error=getattr(info, "compile_error", ""),
         eager_chunk_seconds=eager_s,
         compiled_chunk_seconds=compiled_s,
@@ -143,7 +134,7 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                     model=name,
                     elapsed_seconds=elapsed,
                     device=str(model.device),
-                    execution=EXECUTION[execution],
+                    execution=execution_value(execution),
                     warnings=warnings,
                 )
             )
