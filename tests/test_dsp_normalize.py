@@ -9,7 +9,16 @@ import pytest
 
 from audiomesh.dsp.composite import mix
 from audiomesh.dsp.loudness import Measurement, measure
-from audiomesh.dsp.normalize import MODES, apply_gain_db, linked_gain_db, per_track_gain_db
+from audiomesh.dsp.normalize import (
+    MODES,
+    Gains,
+    after_gain,
+    apply_gain_db,
+    choose_reference,
+    linked_gain_db,
+    normalize_gains,
+    per_track_gain_db,
+)
 from audiomesh.errors import InvalidInput
 
 SR = 44100
@@ -102,6 +111,94 @@ def test_per_track_ceiling() -> None:
     assert per_track_gain_db(Measurement(-math.inf, -math.inf, -math.inf)) == 0.0
 
 
+# --------------------------------------------------------------------------- the worker's policy
+
+SILENT = Measurement(-math.inf, -math.inf, -math.inf)
+MIX = Measurement(-20.0, -9.0, -8.8)
+DRUMS = Measurement(-24.0, -4.2, -4.0)  # +6 dB would put them at +2 dBTP
+BASS = Measurement(-26.0, -12.0, -11.5)
+
+
+def test_off_keeps_every_level_whatever_the_ceiling() -> None:
+    loud = Measurement(-5.0, 3.0, 3.5)  # far past any ceiling: off still leaves it alone
+    for linked in (True, False):
+        gains = normalize_gains([loud, BASS, SILENT], MIX, mode="off", target=-14.0, ceiling_dbtp=-1.0, linked=linked)
+        assert gains == Gains((0.0, 0.0, 0.0), 0.0, False)
+    with pytest.raises(InvalidInput, match=r"tracks\[0\] must be a Measurement"):
+        normalize_gains([-14.0], MIX, mode="off")  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linked_gives_every_track_the_reference_gain_when_the_ceiling_allows(mode: str) -> None:
+    target = -14.0 if mode == "loudness" else -3.0
+    level = MIX.integrated_lufs if mode == "loudness" else MIX.sample_peak_dbfs
+    gains = normalize_gains([BASS, SILENT], MIX, mode=mode, target=target, ceiling_dbtp=-1.0)
+    assert gains.linked_gain_db == pytest.approx(target - level)
+    assert gains.gains_db == (gains.linked_gain_db, gains.linked_gain_db)
+    assert gains.limited_by_ceiling is False
+
+
+def test_linked_ceiling_lowers_the_shared_gain_and_says_so() -> None:
+    gains = normalize_gains([BASS, DRUMS], MIX, target=-14.0, ceiling_dbtp=-1.0)
+    assert gains.linked_gain_db == pytest.approx(3.0)  # -1 - (-4.0), not -14 - (-20)
+    assert gains.gains_db == (gains.linked_gain_db,) * 2 and gains.limited_by_ceiling is True
+    # the reference's own true peak counts too
+    hot_mix = Measurement(-20.0, -2.0, -1.5)
+    assert normalize_gains([BASS], hot_mix, target=-14.0, ceiling_dbtp=-1.0).limited_by_ceiling is True
+    # no ceiling, no limit
+    assert normalize_gains([BASS, DRUMS], MIX, ceiling_dbtp=None) == Gains((6.0, 6.0), 6.0, False)
+
+
+@pytest.mark.parametrize(("ceiling", "limited"), [(2.0, False), (1.9999, True), (2.5, False), (0.0, True)])
+def test_limited_exactly_when_the_ceiling_lowered_the_linked_gain(ceiling: float, limited: bool) -> None:
+    # Target gain +6 dB puts DRUMS at +2.0 dBTP: a ceiling at 2.0 or above leaves it, any lower cuts it.
+    gains = normalize_gains([DRUMS], MIX, target=-14.0, ceiling_dbtp=ceiling)
+    assert gains.limited_by_ceiling is limited
+    assert gains.linked_gain_db == pytest.approx(min(6.0, ceiling + 4.0))
+
+
+def test_per_track_gives_each_track_its_own_gain_and_never_reports_a_limit() -> None:
+    gains = normalize_gains([BASS, DRUMS, SILENT], MIX, target=-14.0, ceiling_dbtp=-1.0, linked=False)
+    assert gains.gains_db == pytest.approx((10.5, 3.0, 0.0))  # bass by the ceiling, drums too, silence 0
+    assert gains.linked_gain_db == 0.0 and gains.limited_by_ceiling is False
+    assert gains.gains_db == tuple(per_track_gain_db(m, target=-14.0, ceiling_dbtp=-1.0) for m in [BASS, DRUMS, SILENT])
+
+
+def test_silent_inputs() -> None:
+    # A silent reference has no gain that reaches the target: 0 dB, not limited ...
+    assert normalize_gains([SILENT, BASS], SILENT) == Gains((0.0, 0.0), 0.0, False)
+    # ... but loud tracks under it are still held under the ceiling, and that is a limit.
+    loud = Measurement(-10.0, 0.5, 1.0)
+    assert normalize_gains([loud], SILENT, ceiling_dbtp=-1.0) == Gains((-2.0,), -2.0, True)
+    assert normalize_gains([], MIX, target=-14.0) == Gains((), 6.0, False)
+
+
+def test_choose_reference() -> None:
+    keys = ["drums.wav", "mix.wav", "mix.wav"]
+    assert choose_reference(keys, "mix.wav") == ("mix.wav", 1)  # the first item with the key
+    assert choose_reference(keys) == ("drums.wav", 0)  # none asked for: the first item's input
+    assert choose_reference(keys, "song.wav") == ("song.wav", None)  # not an item: measure it alone
+    with pytest.raises(InvalidInput, match="at least one input key"):
+        choose_reference([], "mix.wav")
+
+
+def test_after_gain_adds_the_gain_to_the_true_peak_but_never_below_the_sample_peak() -> None:
+    measured = Measurement(-14.0, -3.0, -3.0)  # measured without true peak: true peak = sample peak
+    assert after_gain(DRUMS, 2.0, measured) == Measurement(-14.0, -3.0, -2.0)
+    assert after_gain(Measurement(-30.0, -10.0, -10.0), 5.0, measured).true_peak_dbtp == -3.0
+    assert after_gain(SILENT, 0.0, SILENT) == SILENT
+
+
+def test_normalize_gains_on_measured_arrays_keeps_the_sum() -> None:
+    tracks = stems(drum_level=0.9)
+    mixed = mix(tracks)
+    gains = normalize_gains([measure(y, SR) for y in tracks.values()], measure(mixed, SR))
+    assert gains.limited_by_ceiling  # peaky drums
+    out = {name: apply_gain_db(y, g) for (name, y), g in zip(tracks.items(), gains.gains_db, strict=True)}
+    assert np.abs(mix(out) - apply_gain_db(mixed, gains.linked_gain_db)).max() <= 1e-6
+    assert max(measure(y, SR).true_peak_dbtp for y in out.values()) <= -1.0 + 1e-3
+
+
 # --------------------------------------------------------------------------- apply_gain_db and mix
 
 
@@ -157,6 +254,9 @@ M = Measurement(-20.0, -6.0, -5.5)
         ),
         (lambda: mix([np.zeros((2, 10)), np.zeros(10)]), r"input 'signals\[1\]' has shape \(10,\)"),
         (lambda: mix({"vocals": np.zeros(3, dtype=np.int32)}), r"input 'vocals' must be a floating-point"),
+        (lambda: normalize_gains([M], M, mode="rms"), r"mode must be one of 'loudness', 'peak'; got 'rms'"),
+        (lambda: normalize_gains(M, M), r"tracks must be a sequence of Measurement"),
+        (lambda: normalize_gains([M], M, linked=False, target=math.nan), r"target must be a finite level"),
     ],
 )
 def test_invalid_input_raises(call, message: str) -> None:

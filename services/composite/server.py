@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import contextlib
 
+import grpc
+
 from audiomesh import errors, scratch
-from audiomesh.audio.stream import TrackWriter, iter_blocks
+from audiomesh.audio.stream import MixSource, write_track
 from audiomesh.config import Settings
-from audiomesh.dsp.composite import check_same_shape, mix
+from audiomesh.dsp.composite import mix_blocks
 from audiomesh.parallel import map_threads
 from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job
 from audiomesh.tracks import ENCODINGS, Outputs, open_source
-from audiomesh.v1 import composite_pb2, composite_pb2_grpc
+from audiomesh.v1 import common_pb2, composite_pb2, composite_pb2_grpc
 
 
 class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    async def Composite(self, request: composite_pb2.CompositeRequest, context):
+    async def Composite(
+        self, request: composite_pb2.CompositeRequest, context: grpc.aio.ServicerContext
+    ) -> composite_pb2.CompositeResponse:
         if not request.composites:
             raise errors.InvalidInput("at least one composite is required")
         for spec in request.composites:
@@ -33,33 +37,26 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                 raise errors.InvalidInput(f"composite {spec.name!r} needs a name, an output_key and input_keys")
         fmt, subtype, ext = ENCODINGS[request.encoding]
 
-        def work(cancel) -> list:
+        def work(cancel) -> list[common_pb2.Track]:
             with scratch.workdir("comp-") as tmp, Outputs(self.store, tmp) as outputs:
 
-                def composite(spec):
+                def composite(spec: composite_pb2.CompositeSpec) -> common_pb2.Track:
+                    path = outputs.scratch_path(ext)
                     with contextlib.ExitStack() as stack:
-                        sources = {}
-                        for key in spec.input_keys:
-                            sources[key] = stack.enter_context(open_source(self.store, key, tmp))
-                        check_same_shape({key: (s.channels, s.frames) for key, s in sources.items()})
-                        rates = {key: s.sample_rate for key, s in sources.items()}
-                        if len(set(rates.values())) > 1:
-                            raise errors.InvalidInput(f"composite {spec.name!r}: inputs differ in sample rate: {rates}")
-                        first = next(iter(sources.values()))
-                        path = outputs.scratch_path(ext)
-                        writer = TrackWriter(path, first.sample_rate, first.channels, fmt=fmt, subtype=subtype)
-                        try:
-                            for start, block in iter_blocks(first):
-                                if cancel.is_set():
-                                    raise errors.Cancelled("composite cancelled")
-                                blocks = {spec.input_keys[0]: block}
-                                for key, source in list(sources.items())[1:]:
-                                    blocks[key] = source.read(start, start + block.shape[1])
-                                writer.write(mix(blocks))
-                            measured = writer.close()
-                        except BaseException:
-                            writer.abort()
-                            raise
+                        sources: dict[str, MixSource] = {
+                            key: stack.enter_context(open_source(self.store, key, tmp)) for key in spec.input_keys
+                        }
+                        first = sources[spec.input_keys[0]]
+                        measured = write_track(
+                            path,
+                            mix_blocks(sources),
+                            first.sample_rate,
+                            first.channels,
+                            fmt=fmt,
+                            subtype=subtype,
+                            cancelled=cancel.is_set,
+                            what="composite",
+                        )
                     return outputs.publish_file(spec.name, spec.output_key, path, measured)
 
                 return map_threads(composite, request.composites)

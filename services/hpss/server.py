@@ -10,11 +10,15 @@ without oversubscribing them).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
+
 from audiomesh import errors, scratch
-from audiomesh.audio.stream import TrackWriter
+from audiomesh.audio.stream import write_tracks
 from audiomesh.config import Settings
 from audiomesh.dsp.hpss import hpss_blocks, warmup
 from audiomesh.memory import limit_arenas, release_memory
@@ -25,64 +29,52 @@ from audiomesh.telemetry import bind_job, logger
 from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
 
+Report = Callable[[float, str], None]
+
 
 class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
     def __init__(self, store: ObjectStore, *, threads: int | None = None) -> None:
         self.store = store
         self.threads = threads
 
-    async def Decompose(self, request: hpss_pb2.DecomposeRequest, context):
+    async def Decompose(
+        self, request: hpss_pb2.DecomposeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[hpss_pb2.DecomposeResponse]:
         if not (request.input_key and request.harmonic_key and request.percussive_key):
             raise errors.InvalidInput("input_key, harmonic_key and percussive_key are required")
         kwargs = hpss_kwargs(request.options)
+        fmt, subtype, ext = ENCODINGS[request.encoding]
         started = time.perf_counter()
 
-        def work(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
+        def work(report: Report, cancel: threading.Event) -> list[common_pb2.Track]:
             try:
-                return decompose(report, cancel)
+                with scratch.workdir("hpss-") as tmp, Outputs(self.store, tmp) as outputs:
+                    report(0.0, "loading audio")
+                    keys = {"harmonic": request.harmonic_key, "percussive": request.percussive_key}
+                    paths = [Path(tmp) / f"{name}{ext}" for name in keys]
+                    with open_source(self.store, request.input_key, Path(tmp)) as source:
+                        report(0.05, "decomposing")
+                        measured = write_tracks(
+                            paths,
+                            ((h, p) for _start, h, p in hpss_blocks(source, max_workers=self.threads, **kwargs)),
+                            source.sample_rate,
+                            source.channels,
+                            fmt=fmt,
+                            subtype=subtype,
+                            measure=not request.skip_loudness,
+                            cancelled=cancel.is_set,
+                            progress=lambda done: report(0.05 + 0.9 * done / source.frames, "decomposing"),
+                            what="hpss",
+                        )
+                    report(0.95, "writing")
+                    return [
+                        outputs.publish_file(name, key, path, m)
+                        for (name, key), path, m in zip(keys.items(), paths, measured, strict=True)
+                    ]
             finally:
                 release_memory()
 
-        def decompose(report, cancel) -> tuple[common_pb2.Track, common_pb2.Track]:
-            with scratch.workdir("hpss-") as tmp, Outputs(self.store, tmp) as outputs:
-                report(0.0, "loading audio")
-                source = open_source(self.store, request.input_key, Path(tmp))
-                fmt, subtype, ext = ENCODINGS[request.encoding]
-                paths = {"harmonic": Path(tmp) / f"harmonic{ext}", "percussive": Path(tmp) / f"percussive{ext}"}
-                writers = {
-                    name: TrackWriter(
-                        path,
-                        source.sample_rate,
-                        source.channels,
-                        fmt=fmt,
-                        subtype=subtype,
-                        measure=not request.skip_loudness,
-                    )
-                    for name, path in paths.items()
-                }
-                try:
-                    report(0.05, "decomposing")
-                    for start, harmonic, percussive in hpss_blocks(source, max_workers=self.threads, **kwargs):
-                        if cancel.is_set():
-                            raise errors.Cancelled("hpss cancelled")
-                        writers["harmonic"].write(harmonic)
-                        writers["percussive"].write(percussive)
-                        report(0.05 + 0.9 * (start + harmonic.shape[-1]) / source.frames, "decomposing")
-                    measured = {name: writer.close() for name, writer in writers.items()}
-                except BaseException:
-                    for writer in writers.values():
-                        writer.abort()
-                    raise
-                finally:
-                    source.close()
-                report(0.95, "writing")
-                keys = {"harmonic": request.harmonic_key, "percussive": request.percussive_key}
-                tracks = {
-                    name: outputs.publish_file(name, keys[name], path, measured[name]) for name, path in paths.items()
-                }
-                return tracks["harmonic"], tracks["percussive"]
-
-        def result(tracks: tuple[common_pb2.Track, common_pb2.Track]) -> hpss_pb2.DecomposeResponse:
+        def result(tracks: list[common_pb2.Track]) -> hpss_pb2.DecomposeResponse:
             elapsed = time.perf_counter() - started
             logger().info("hpss done", input_key=request.input_key, seconds=round(elapsed, 2))
             return hpss_pb2.DecomposeResponse(

@@ -13,15 +13,17 @@ the gain, up to float rounding).
 
 from __future__ import annotations
 
-import dataclasses
+import threading
 from pathlib import Path
+
+import grpc
 
 from audiomesh import errors, scratch
 from audiomesh.audio.io import probe
-from audiomesh.audio.stream import TrackWriter, iter_blocks, measure_source
+from audiomesh.audio.stream import iter_blocks, measure_source, write_track
 from audiomesh.config import Settings
 from audiomesh.dsp.loudness import Measurement
-from audiomesh.dsp.normalize import apply_gain_db, linked_gain_db, per_track_gain_db
+from audiomesh.dsp.normalize import after_gain, apply_gain_db, choose_reference, normalize_gains
 from audiomesh.options import normalization
 from audiomesh.parallel import map_threads
 from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
@@ -44,107 +46,85 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
         self.settings = settings
         self.store = store
 
-    async def Normalize(self, request: normalize_pb2.NormalizeRequest, context):
+    async def Normalize(
+        self, request: normalize_pb2.NormalizeRequest, context: grpc.aio.ServicerContext
+    ) -> normalize_pb2.NormalizeResponse:
         if not request.items:
             raise errors.InvalidInput("at least one item is required")
         for item in request.items:
             if not (item.name and item.input_key and item.output_key):
                 raise errors.InvalidInput(f"item {item.name!r} needs a name, an input_key and an output_key")
         norm = normalization(request.options, self.settings)
-        mode, target, ceiling, linked = norm.mode, norm.target, norm.ceiling_dbtp, norm.linked
         fmt, subtype, ext = ENCODINGS[request.encoding]
+        items = list(request.items)
 
-        def work(cancel):
-            with scratch.workdir("norm-") as tmp:
+        def work(cancel: threading.Event) -> normalize_pb2.NormalizeResponse:
+            with scratch.workdir("norm-") as tmp, Outputs(self.store, tmp) as outputs:
 
                 def measured(key: str) -> Measurement:
                     with open_source(self.store, key, tmp) as source:
                         return measure_source(source, cancel.is_set)
 
                 # Levels before gain: as the workers that wrote the inputs measured them, else here.
-                before = dict(
-                    zip(
-                        [item.name for item in request.items],
-                        map_threads(
-                            lambda item: (
-                                measurement_from_pb(item.loudness)
-                                if item.HasField("loudness")
-                                else measured(item.input_key)
-                            ),
-                            request.items,
-                        ),
-                        strict=True,
-                    )
+                before = map_threads(
+                    lambda item: (
+                        measurement_from_pb(item.loudness) if item.HasField("loudness") else measured(item.input_key)
+                    ),
+                    items,
                 )
-                reference_key = request.reference_key or request.items[0].input_key
+                reference_key, same = choose_reference([item.input_key for item in items], request.reference_key)
                 if request.HasField("reference_loudness"):
                     reference = measurement_from_pb(request.reference_loudness)
                 else:
-                    same = [before[item.name] for item in request.items if item.input_key == reference_key]
-                    reference = same[0] if same else measured(reference_key)
-                limited = False
-                if mode == "off":
-                    gains = dict.fromkeys(before, 0.0)
-                    shared = 0.0
-                elif linked:
-                    shared = linked_gain_db(
-                        reference, list(before.values()), mode=mode, target=target, ceiling_dbtp=ceiling
-                    )
-                    unbounded = linked_gain_db(reference, [], mode=mode, target=target, ceiling_dbtp=None)
-                    limited = shared < unbounded - 1e-9
-                    gains = dict.fromkeys(before, shared)
-                else:
-                    shared = 0.0
-                    gains = {
-                        name: per_track_gain_db(m, mode=mode, target=target, ceiling_dbtp=ceiling)
-                        for name, m in before.items()
-                    }
+                    reference = before[same] if same is not None else measured(reference_key)
+                gains = normalize_gains(
+                    before,
+                    reference,
+                    mode=norm.mode,
+                    target=norm.target,
+                    ceiling_dbtp=norm.ceiling_dbtp,
+                    linked=norm.linked,
+                )
                 if cancel.is_set():
                     raise errors.Cancelled("normalize cancelled")
 
-                def write(item) -> normalize_pb2.NormalizedTrack:
-                    gain = gains[item.name]
+                def write(i: int) -> normalize_pb2.NormalizedTrack:
+                    item, gain, path = items[i], gains.gains_db[i], outputs.scratch_path(ext)
                     with open_source(self.store, item.input_key, tmp) as source:
-                        path = outputs.scratch_path(ext)
-                        # The true peak after a gain is the one before plus the gain (upsampling is
-                        # linear): only loudness (its gates are absolute too) is measured again.
-                        writer = TrackWriter(
-                            path, source.sample_rate, source.channels, fmt=fmt, subtype=subtype, true_peak=False
+                        blocks = (apply_gain_db(block, gain) for _start, block in iter_blocks(source))
+                        # Only loudness and sample peak are measured again (see after_gain).
+                        after = write_track(
+                            path,
+                            blocks,
+                            source.sample_rate,
+                            source.channels,
+                            fmt=fmt,
+                            subtype=subtype,
+                            true_peak=False,
+                            cancelled=cancel.is_set,
+                            what="normalize",
                         )
-                        try:
-                            for _start, block in iter_blocks(source):
-                                if cancel.is_set():
-                                    raise errors.Cancelled("normalize cancelled")
-                                writer.write(apply_gain_db(block, gain))
-                            after = writer.close()
-                        except BaseException:
-                            writer.abort()
-                            raise
-                    true_peak = max(after.sample_peak_dbfs, before[item.name].true_peak_dbtp + gain)
-                    track = outputs.publish_file(
-                        item.name, item.output_key, path, dataclasses.replace(after, true_peak_dbtp=true_peak)
-                    )
-                    return normalize_pb2.NormalizedTrack(
-                        track=track, before=loudness_pb(before[item.name]), gain_db=gain
-                    )
+                    assert after is not None  # measured: write_track measures unless told not to
+                    track = outputs.publish_file(item.name, item.output_key, path, after_gain(before[i], gain, after))
+                    return normalize_pb2.NormalizedTrack(track=track, before=loudness_pb(before[i]), gain_db=gain)
 
-                with Outputs(self.store, tmp) as outputs:
-                    tracks = map_threads(write, request.items)
                 return normalize_pb2.NormalizeResponse(
-                    tracks=tracks,
+                    tracks=map_threads(write, range(len(items))),
                     reference=loudness_pb(reference),
-                    linked_gain_db=shared,
-                    limited_by_ceiling=limited,
+                    linked_gain_db=gains.linked_gain_db,
+                    limited_by_ceiling=gains.limited_by_ceiling,
                 )
 
         with bind_job(request.job_id):
             return await run_in_thread(work)
 
-    async def Measure(self, request: normalize_pb2.MeasureRequest, context):
+    async def Measure(
+        self, request: normalize_pb2.MeasureRequest, context: grpc.aio.ServicerContext
+    ) -> normalize_pb2.MeasureResponse:
         if not request.keys:
             raise errors.InvalidInput("at least one key is required")
 
-        def work(cancel):
+        def work(cancel: threading.Event) -> normalize_pb2.MeasureResponse:
             def one(key: str) -> normalize_pb2.Measurement:
                 with scratch.workdir("measure-") as tmp:
                     local = Path(tmp) / "input"

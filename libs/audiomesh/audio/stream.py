@@ -10,14 +10,18 @@ For work on songs of any length in bounded memory (see :mod:`audiomesh.separatio
   seconds of state; about twice as fast as measuring the whole array.
 - :class:`TrackWriter` — encodes a WAV/FLAC file block by block as
   :func:`audiomesh.audio.io.write_audio` would, measuring on the way.
+- :func:`write_tracks` / :func:`write_track` — a stream of blocks (a kernel's output) into
+  files, cancellable, all or nothing: what the workers do with what their kernels yield.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.signal
@@ -35,6 +39,8 @@ __all__ = [
     "TrackWriter",
     "iter_blocks",
     "measure_source",
+    "write_track",
+    "write_tracks",
 ]
 
 
@@ -107,7 +113,7 @@ class SoundFileSource:
 BLOCK_FRAMES = 1 << 17
 
 
-def iter_blocks(source: MixSource, block_frames: int = BLOCK_FRAMES):
+def iter_blocks(source: MixSource, block_frames: int = BLOCK_FRAMES) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, (channels, n) float32)`` blocks covering ``source`` in order."""
     for start in range(0, source.frames, block_frames):
         yield start, source.read(start, min(start + block_frames, source.frames))
@@ -342,3 +348,66 @@ class TrackWriter:
                 raise
         else:
             self.abort()
+
+
+def write_tracks(
+    paths: Sequence[Path],
+    blocks: Iterable[Sequence[np.ndarray]],
+    sample_rate: int,
+    channels: int,
+    *,
+    fmt: str = "wav",
+    subtype: str = "FLOAT",
+    true_peak: bool = True,
+    measure: bool = True,
+    cancelled: Callable[[], bool] = lambda: False,
+    progress: Callable[[int], None] | None = None,
+    what: str = "writing",
+) -> list[Measurement | None]:
+    """Write a stream of blocks into several tracks at once, all or nothing.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        One file per track (WAV/FLAC, ``fmt`` and ``subtype`` as for :class:`TrackWriter`).
+    blocks : iterable of sequence of np.ndarray [shape=(channels, n)]
+        Consecutive blocks, one per path in each item (e.g. ``(harmonic, percussive)``).
+    sample_rate, channels : int
+        Of every track.
+    true_peak, measure : bool
+        As for :class:`TrackWriter`.
+    cancelled : callable
+        Asked before each block; True stops with :class:`~audiomesh.errors.Cancelled`
+        (``"<what> cancelled"``).
+    progress : callable or None
+        Called after each block with the frames written so far.
+
+    Returns
+    -------
+    measurements : list of Measurement or None
+        Of each track, in the order of ``paths`` (None with ``measure=False``).
+
+    Any exception (a bad block, a cancel, one from ``blocks`` itself) deletes every file.
+    """
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                TrackWriter(path, sample_rate, channels, fmt=fmt, subtype=subtype, true_peak=true_peak, measure=measure)
+            )
+            for path in paths
+        ]
+        for parts in blocks:
+            if cancelled():
+                raise Cancelled(f"{what} cancelled")
+            for writer, block in zip(writers, parts, strict=True):
+                writer.write(block)
+            if progress is not None:
+                progress(writers[0].frames)
+    return [writer.measurement for writer in writers]
+
+
+def write_track(
+    path: Path, blocks: Iterable[np.ndarray], sample_rate: int, channels: int, **kwargs: Any
+) -> Measurement | None:
+    """:func:`write_tracks` for one track: ``blocks`` yields ``(channels, n)`` arrays."""
+    return write_tracks([path], ((block,) for block in blocks), sample_rate, channels, **kwargs)[0]

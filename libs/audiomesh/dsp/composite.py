@@ -1,17 +1,19 @@
 """Composite tracks: sample-wise sums of same-shaped signals (e.g. ``main = Σ accompaniment``).
 
-Pure functions, no I/O.
+Pure functions, no I/O: `mix` sums arrays, `mix_blocks` sums long signals read block by
+block from :class:`~audiomesh.audio.stream.MixSource` readers, with the same result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from audiomesh.audio.stream import BLOCK_FRAMES, MixSource
 from audiomesh.errors import InvalidInput
 
-__all__ = ["check_same_shape", "mix"]
+__all__ = ["check_same_shape", "mix", "mix_blocks"]
 
 
 def mix(signals: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
@@ -71,6 +73,40 @@ def mix(signals: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
     for _, s in named:
         total += s
     return total.astype(np.result_type(*(s.dtype for _, s in named)), copy=False)
+
+
+def mix_blocks(sources: Mapping[str, MixSource], *, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """`mix` of long signals, block by block: the same samples, bit for bit, in bounded memory.
+
+    Parameters
+    ----------
+    sources : mapping of name -> MixSource
+        At least one, all of one shape ``(channels, frames)`` and one sample rate. Names
+        appear in error messages.
+    block_frames : int
+        Frames per block (the last one may be shorter).
+
+    Yields
+    ------
+    block : np.ndarray [shape=(channels, n)]
+        Consecutive blocks of the sum, covering every frame.
+
+    Raises
+    ------
+    audiomesh.errors.InvalidInput
+        Before the first block, if there are no sources, or they differ in shape (as
+        `check_same_shape` says) or in sample rate.
+    """
+    if not sources:
+        raise InvalidInput("mix needs at least one input signal, got none")
+    check_same_shape({name: (s.channels, s.frames) for name, s in sources.items()})
+    rates = {name: s.sample_rate for name, s in sources.items()}
+    if len(set(rates.values())) > 1:
+        raise InvalidInput(f"inputs to mix differ in sample rate: {rates}")
+    frames = next(iter(sources.values())).frames
+    for start in range(0, frames, block_frames):
+        stop = min(start + block_frames, frames)
+        yield mix({name: s.read(start, stop) for name, s in sources.items()})
 
 
 def check_same_shape(shapes: Mapping[str, tuple[int, ...]]) -> None:

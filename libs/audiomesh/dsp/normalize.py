@@ -14,7 +14,9 @@ ceiling.
 normalized mix; *per-track* normalization gives each track its own gain.
 
 The functions take `audiomesh.dsp.loudness.Measurement` values, not audio: measure once,
-decide gains, apply with `apply_gain_db`. Pure functions, no I/O.
+decide gains, apply with `apply_gain_db`. Pure functions, no I/O. `normalize_gains` is the
+whole policy of the normalize worker (modes including ``"off"``, linked or per-track, whether
+the ceiling lowered the linked gain); `choose_reference` says which input is the reference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,8 +36,13 @@ __all__ = [
     "MODES",
     "DEFAULT_TARGET_LUFS",
     "DEFAULT_CEILING_DBTP",
+    "OFF",
+    "Gains",
+    "after_gain",
     "apply_gain_db",
+    "choose_reference",
     "linked_gain_db",
+    "normalize_gains",
     "per_track_gain_db",
 ]
 
@@ -42,6 +50,8 @@ __all__ = [
 MODES = ("loudness", "peak")
 DEFAULT_TARGET_LUFS = -14.0
 DEFAULT_CEILING_DBTP = -1.0
+#: The mode of a job that keeps its levels (every gain 0 dB); `normalize_gains` accepts it.
+OFF = "off"
 
 
 def per_track_gain_db(
@@ -152,6 +162,151 @@ def linked_gain_db(
     for i, track in enumerate(tracks):
         _check_measurement(track, f"tracks[{i}]")
     return _gain(_level(reference, mode), target, [reference, *tracks], ceiling_dbtp)
+
+
+@dataclass(frozen=True)
+class Gains:
+    """What `normalize_gains` decides.
+
+    Attributes
+    ----------
+    gains_db : tuple of float
+        The gain of each track, in the order the tracks were given.
+    linked_gain_db : float
+        The one gain every track shares when linked; 0.0 per-track or ``"off"``.
+    limited_by_ceiling : bool
+        True exactly when the true-peak ceiling lowered the linked gain below the one that
+        brings the reference to the target (never per-track or ``"off"``).
+    """
+
+    gains_db: tuple[float, ...]
+    linked_gain_db: float
+    limited_by_ceiling: bool
+
+
+def normalize_gains(
+    tracks: Sequence[Measurement],
+    reference: Measurement,
+    *,
+    mode: str = "loudness",
+    target: float = DEFAULT_TARGET_LUFS,
+    ceiling_dbtp: float | None = DEFAULT_CEILING_DBTP,
+    linked: bool = True,
+) -> Gains:
+    """The gains that normalize a set of tracks: the normalize worker's policy, on measurements.
+
+    Parameters
+    ----------
+    tracks : sequence of Measurement
+        Each track's levels before gain.
+    reference : Measurement
+        Levels of the signal a linked target applies to (the mix; see `choose_reference`).
+        Unused per-track and with ``"off"``.
+    mode : {"loudness", "peak", "off"}
+        As in `linked_gain_db`; ``"off"`` keeps every level (all gains 0 dB, nothing checked
+        but the measurements).
+    target : float, finite
+        Target level in LUFS (``"loudness"``) or dBFS (``"peak"``).
+    ceiling_dbtp : float, finite, or None
+        True-peak ceiling in dBTP; ``None`` disables it.
+    linked : bool
+        True: one gain for all, `linked_gain_db` of the reference and every track. False:
+        `per_track_gain_db` of each track.
+
+    Returns
+    -------
+    gains : Gains
+        Per-track gains, the shared linked gain, and whether the ceiling lowered it.
+
+    Raises
+    ------
+    audiomesh.errors.InvalidInput
+        If ``mode`` is not ``"off"`` or one of `MODES`, or a level or option is not finite.
+
+    Examples
+    --------
+    >>> from audiomesh.dsp.loudness import Measurement
+    >>> from audiomesh.dsp.normalize import normalize_gains
+    >>> mix = Measurement(integrated_lufs=-20.0, sample_peak_dbfs=-6.0, true_peak_dbtp=-5.8)
+    >>> drums = Measurement(integrated_lufs=-24.0, sample_peak_dbfs=-4.2, true_peak_dbtp=-4.0)
+    >>> normalize_gains([drums], mix)  # +6 dB would put the drums at +2 dBTP
+    Gains(gains_db=(3.0,), linked_gain_db=3.0, limited_by_ceiling=True)
+    >>> normalize_gains([drums], mix, linked=False)
+    Gains(gains_db=(3.0,), linked_gain_db=0.0, limited_by_ceiling=False)
+    """
+    if isinstance(tracks, Measurement) or not isinstance(tracks, Sequence):
+        raise InvalidInput("tracks must be a sequence of Measurement (it may be empty)")
+    if mode == OFF:
+        for i, track in enumerate(tracks):
+            _check_measurement(track, f"tracks[{i}]")
+        return Gains(tuple(0.0 for _ in tracks), 0.0, False)
+    if not linked:
+        gains = tuple(per_track_gain_db(m, mode=mode, target=target, ceiling_dbtp=ceiling_dbtp) for m in tracks)
+        return Gains(gains, 0.0, False)
+    shared = linked_gain_db(reference, tracks, mode=mode, target=target, ceiling_dbtp=ceiling_dbtp)
+    unbounded = linked_gain_db(reference, [], mode=mode, target=target, ceiling_dbtp=None)
+    # A tolerance, not `<`: the two gains come from different sums of the same floats.
+    return Gains(tuple(shared for _ in tracks), shared, shared < unbounded - 1e-9)
+
+
+def choose_reference(input_keys: Sequence[str], reference_key: str = "") -> tuple[str, int | None]:
+    """Which input a linked gain is computed from.
+
+    Parameters
+    ----------
+    input_keys : sequence of str
+        The object keys of the tracks to normalize, in request order (at least one).
+    reference_key : str
+        The reference asked for (the mix); ``""``: the first track's input.
+
+    Returns
+    -------
+    key : str
+        The reference's object key.
+    index : int or None
+        The first track whose input is that key (its measurement is the reference's: reuse
+        it), or None when the reference is none of the tracks (measure it on its own).
+
+    Examples
+    --------
+    >>> from audiomesh.dsp.normalize import choose_reference
+    >>> choose_reference(["drums.wav", "mix.wav"], "mix.wav")
+    ('mix.wav', 1)
+    >>> choose_reference(["drums.wav"])
+    ('drums.wav', 0)
+    >>> choose_reference(["drums.wav"], "mix.wav")
+    ('mix.wav', None)
+    """
+    if not input_keys:
+        raise InvalidInput("at least one input key is required to choose a reference")
+    key = reference_key or input_keys[0]
+    return key, next((i for i, k in enumerate(input_keys) if k == key), None)
+
+
+def after_gain(before: Measurement, gain_db: float, measured: Measurement) -> Measurement:
+    """The levels of a track after ``gain_db``, from its true peak before and a cheap measure after.
+
+    Upsampling is linear, so the true peak after a gain is the one before plus the gain (up
+    to float rounding): a writer measures only loudness and sample peak after the gain
+    (``true_peak=False``, the costly 4x upsampling skipped) and this completes it.
+
+    Parameters
+    ----------
+    before : Measurement
+        The track before gain (its true peak is used).
+    gain_db : float
+        The gain applied.
+    measured : Measurement
+        The track after gain, measured without true peak (its true peak is its sample peak).
+
+    Returns
+    -------
+    after : Measurement
+        ``measured`` with true peak ``max(measured.sample_peak_dbfs, before.true_peak_dbtp +
+        gain_db)`` (never below the sample peak).
+    """
+    true_peak = max(measured.sample_peak_dbfs, before.true_peak_dbtp + gain_db)
+    return replace(measured, true_peak_dbtp=true_peak)
 
 
 def apply_gain_db(y: np.ndarray, gain_db: float) -> np.ndarray:
