@@ -1,5 +1,6 @@
-"""audiomesh.audio.stream writers as the workers use them: TrackWriter as a context manager and
-the separation stem writers (blocks in on one thread, files and measurements out)."""
+"""audiomesh.audio.stream writers as the workers use them: TrackWriter as a context manager,
+write_tracks, dsp.composite.mix_blocks, and the separation stem writers
+(audiomesh.separation.stems: blocks in on one thread, files and measurements out)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from audiomesh.audio.stream import ArraySource, TrackWriter, write_track, write_
 from audiomesh.dsp.composite import mix, mix_blocks
 from audiomesh.dsp.loudness import measure
 from audiomesh.errors import Cancelled, InvalidInput
+from audiomesh.separation.stems import StemWriters, write_stems
 
 RATE = 44100
 
@@ -94,3 +96,63 @@ def test_mix_blocks_refuses_mismatched_sources(other: np.ndarray, rate: int, wor
         next(mix_blocks(sources))
     with pytest.raises(InvalidInput, match="at least one"):
         next(mix_blocks({}))
+
+
+def stem_blocks(n_blocks: int = 4, frames: int = 9000) -> tuple[dict[str, np.ndarray], list]:
+    """Whole stems and the ``(start, {stem: block})`` stream a model would yield for them."""
+    whole = {"drums": tone(n_blocks * frames / RATE, 110.0), "bass": tone(n_blocks * frames / RATE, 55.0, 0.3)}
+    stream = [(i, {k: y[:, i : i + frames] for k, y in whole.items()}) for i in range(0, n_blocks * frames, frames)]
+    return whole, stream
+
+
+def test_write_stems_writes_every_stem_and_its_measurement(tmp_path) -> None:
+    whole, stream = stem_blocks()
+    written = write_stems(stream, tmp_path, RATE, 2, fmt="wav", subtype="FLOAT", ext=".wav")
+    assert list(written) == ["drums", "bass"]  # the order stems came
+    for name, (path, measured) in written.items():
+        assert path.parent == tmp_path and path.suffix == ".wav"
+        np.testing.assert_array_equal(sf.read(path, dtype="float32")[0].T, whole[name])
+        assert measured == measure(whole[name], RATE)
+
+
+def test_write_stems_raises_a_writer_thread_error_on_the_caller_and_leaves_nothing(tmp_path) -> None:
+    _, stream = stem_blocks(n_blocks=12)
+    stream[1][1]["bass"] = np.zeros((1, 9000), np.float32)  # the writer thread refuses it
+    produced = []
+
+    def blocks():
+        for item in stream:
+            produced.append(item[0])
+            yield item
+
+    with pytest.raises(InvalidInput, match="expected 2 channels"):
+        write_stems(blocks(), tmp_path, RATE, 2)
+    assert list(tmp_path.iterdir()) == []
+    assert len(produced) < len(stream)  # the error stopped the producer early (bounded queue)
+
+
+def test_write_stems_aborts_on_a_producer_error_or_a_cancel(tmp_path) -> None:
+    _, stream = stem_blocks()
+
+    def failing():
+        yield from stream[:2]
+        raise RuntimeError("model failed")
+
+    with pytest.raises(RuntimeError, match="model failed"):
+        write_stems(failing(), tmp_path, RATE, 2)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(Cancelled, match="separation cancelled"):
+        write_stems(stream, tmp_path, RATE, 2, cancelled=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stem_writers_left_without_finish_or_aborted_after_it_leave_nothing(tmp_path) -> None:
+    _, stream = stem_blocks()
+    with StemWriters(tmp_path, RATE, 2) as sink:  # left without finish(): nothing is claimed
+        sink.put(stream[0][1])
+    assert list(tmp_path.iterdir()) == []
+    sink = StemWriters(tmp_path, RATE, 2)
+    sink.put(stream[0][1])
+    assert len(sink.finish()) == 2 and len(list(tmp_path.iterdir())) == 2
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []

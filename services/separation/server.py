@@ -10,17 +10,14 @@ registered separators) and ``split=False`` take the whole-array path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import queue
 import threading
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
+import grpc
 import torch
 
 from audiomesh import errors, scratch
-from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.memory import allocator, limit_arenas, release_memory
 from audiomesh.options import separation_options
@@ -29,13 +26,13 @@ from audiomesh.separation import SeparatorFactory
 from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
 from audiomesh.separation.execution import execution_value
 from audiomesh.separation.registry import configure_torch_threads
+from audiomesh.separation.stems import write_stems
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
 from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
-#: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
-WRITER_NICE = 5
+Report = Callable[[float, str], None]
 
 
 def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
@@ -77,16 +74,19 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         self.compiler = compiler
         self.activity = activity or Activity()
 
-    async def Separate(self, request: separation_pb2.SeparateRequest, context):
+    async def Separate(
+        self, request: separation_pb2.SeparateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[separation_pb2.SeparateResponse]:
         if not request.input_key or not request.output_prefix:
             raise errors.InvalidInput("input_key and output_prefix are required")
         name = request.model or self.settings.default_model
         model = await asyncio.to_thread(self.factory.get, name)
         options = separation_options(request.options)
         options.validate(model)
+        fmt, subtype, ext = ENCODINGS[request.encoding]
         started = time.perf_counter()
 
-        def work(report, cancel) -> tuple[list[common_pb2.Track], int]:
+        def work(report: Report, cancel: threading.Event) -> tuple[list[common_pb2.Track], int]:
             # `model` stays this request's model even if a compiled one replaces it meanwhile.
             with self.activity:  # background compiles wait for no separation to run
                 before = graph_calls()
@@ -95,28 +95,29 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                 finally:
                     release_memory()  # the model's working set goes back: the next request starts lean
 
-        def separate(report, cancel) -> list[common_pb2.Track]:
+        def separate(report: Report, cancel: threading.Event) -> list[common_pb2.Track]:
+            def progress(fraction: float) -> None:
+                report(0.95 * fraction, "separating")
+
             with scratch.workdir("sep-") as tmp, Outputs(self.store, tmp) as outputs:
                 report(0.0, "loading audio")
-                if hasattr(model, "separate_stream") and options.split:
-                    return _separate_streaming(model, options, self.store, request, Path(tmp), outputs, report, cancel)
+                # Read in place when already at the model's rate and channels (the decoded mix always is).
                 with open_source(
-                    self.store,
-                    request.input_key,
-                    Path(tmp),
-                    sample_rate=model.sample_rate,
-                    channels=model.audio_channels,
+                    self.store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels
                 ) as source:
-                    mix, rate = source.read(0, source.frames), source.sample_rate
-                stems = model.separate(
-                    mix, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
-                )
-                if cancel.is_set():
-                    raise errors.Cancelled("separation cancelled")
+                    if hasattr(model, "separate_stream") and options.split:  # any length, bounded memory
+                        blocks = model.separate_stream(source, options=options, progress=progress, cancel=cancel)
+                    else:  # other registered separators, and split=False: the whole array at once
+                        mix = source.read(0, source.frames)
+                        blocks = [(0, model.separate(mix, options=options, progress=progress, cancel=cancel))]
+                    rate, channels = source.sample_rate, source.channels
+                    written = write_stems(
+                        blocks, tmp, rate, channels, fmt=fmt, subtype=subtype, ext=ext, cancelled=cancel.is_set
+                    )
                 report(0.95, "writing stems")
                 return [
-                    outputs.publish(src, f"{request.output_prefix}/{src}.wav", y, rate, request.encoding)
-                    for src, y in stems.items()
+                    outputs.publish_file(stem, f"{request.output_prefix}/{stem}.wav", path, measured)
+                    for stem, (path, measured) in written.items()
                 ]
 
         def result(done: tuple[list[common_pb2.Track], int]) -> separation_pb2.SeparateResponse:
@@ -144,86 +145,13 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
             async for message in stream_work(work, progress_message=_progress, result_message=result):
                 yield message
 
-    async def ListModels(self, request, context):
+    async def ListModels(
+        self, request: separation_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> separation_pb2.ListModelsResponse:
         infos = await asyncio.to_thread(self.factory.list_models)
         return separation_pb2.ListModelsResponse(
             models=[model_info_pb(i) for i in infos], default_model=self.settings.default_model
         )
-
-
-class _StemWriters:
-    """Encode and measure stem blocks on a writer thread (a bounded queue: memory stays bounded)."""
-
-    def __init__(self, tmp: Path, rate: int, channels: int, encoding: int) -> None:
-        self.fmt, self.subtype, self.ext = ENCODINGS[encoding]
-        self.tmp, self.rate, self.channels = tmp, rate, channels
-        self.writers: dict[str, TrackWriter] = {}
-        self.queue: queue.Queue[dict | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="stem-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # lower this thread only (Linux)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        while (stems := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain, so the producer never blocks
-            try:
-                for name, block in stems.items():
-                    if name not in self.writers:
-                        path = self.tmp / f"stem-{len(self.writers)}{self.ext}"
-                        self.writers[name] = TrackWriter(
-                            path, self.rate, self.channels, fmt=self.fmt, subtype=self.subtype
-                        )
-                    self.writers[name].write(block)
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the request's thread
-                self.error = exc
-
-    def put(self, stems: dict) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(stems)
-
-    def finish(self) -> dict[str, tuple[Path, object]]:
-        """Wait for the writer; ``{stem: (file, Measurement)}`` in the order stems came."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return {name: (w.path, w.close()) for name, w in self.writers.items()}
-
-    def abort(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        for writer in self.writers.values():
-            writer.abort()
-
-
-def _separate_streaming(model, options, store, request, tmp: Path, outputs: Outputs, report, cancel):
-    """Separate block by block into files, then publish each stem (bounded memory)."""
-    # Read in place when already at the model's rate and channels (the decoded mix always is).
-    source = open_source(store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels)
-    sink = _StemWriters(tmp, model.sample_rate, model.audio_channels, request.encoding)
-    try:
-        for _start, stems in model.separate_stream(
-            source, options=options, progress=lambda f: report(0.95 * f, "separating"), cancel=cancel
-        ):
-            sink.put(stems)
-        if cancel.is_set():
-            raise errors.Cancelled("separation cancelled")
-        report(0.95, "writing stems")
-        written = sink.finish()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        source.close()
-    return [
-        outputs.publish_file(name, f"{request.output_prefix}/{name}.wav", path, measurement)
-        for name, (path, measurement) in written.items()
-    ]
 
 
 def build(settings: Settings) -> ServiceSpec:
