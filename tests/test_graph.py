@@ -1,0 +1,313 @@
+"""make_plan and the stage graph, tested directly: no mesh, no gRPC calls, no store."""
+
+from __future__ import annotations
+
+import graphlib
+import re
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pool
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from audiomesh.errors import FailedPrecondition, InvalidInput
+from audiomesh.services.orchestrator import graph
+from audiomesh.services.orchestrator.graph import (
+    DERIVED_TRACKS,
+    LOCAL_STAGE,
+    STAGE_WEIGHTS,
+    DecodeRequest,
+    Plan,
+    describe,
+    make_plan,
+)
+from audiomesh.services.orchestrator.runner import _RPCS, _match_nodes
+from audiomesh.tracks import ENCODINGS, INTERMEDIATE, extension
+from audiomesh.v1 import common_pb2, hpss_pb2, normalize_pb2, orchestrator_pb2, separation_pb2
+
+HTDEMUCS = ["drums", "bass", "other", "vocals"]
+HTDEMUCS_6S = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+JOB = "0b8e7a2c-job"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def plan_of(sources=HTDEMUCS, two_stems="", main_stems=(), ext=".wav") -> Plan:
+    return make_plan(JOB, sources=list(sources), two_stems=two_stems, main_stems=list(main_stems), ext=ext)
+
+
+def job_of(encoding: int = common_pb2.AUDIO_ENCODING_WAV_PCM16) -> orchestrator_pb2.Job:
+    return orchestrator_pb2.Job(
+        job_id=JOB,
+        input=orchestrator_pb2.JobInput(key=f"jobs/{JOB}/input/song.flac", name="song.flac"),
+        options=orchestrator_pb2.JobOptions(model="htdemucs", encoding=encoding),
+    )
+
+
+def deps(plan: Plan) -> dict[str, list[str]]:
+    return {n.name: plan.depends_on(n.name) for n in plan.nodes}
+
+
+def rel(plan: Plan, keys) -> list[str]:
+    return [k.removeprefix(plan.prefix + "/") for k in keys]
+
+
+# --- recipes ------------------------------------------------------------------------------
+def test_default_recipe_of_the_four_stem_model():
+    plan = plan_of()
+    assert plan.stems == ("drums", "bass", "other", "vocals")
+    assert plan.main_stems == ("drums", "bass", "other")
+    assert [(n.name, n.stage) for n in plan.nodes] == [
+        ("decode", "decode"),
+        ("separation", "separation"),
+        ("hpss:mix", "hpss"),
+        ("hpss:drums", "hpss"),
+        ("hpss:bass", "hpss"),
+        ("hpss:other", "hpss"),
+        ("composite", "composite"),
+        ("normalize", "normalize"),
+    ]
+    assert deps(plan) == {
+        "decode": [],
+        "separation": ["decode"],
+        "hpss:mix": ["decode"],
+        "hpss:drums": ["separation"],
+        "hpss:bass": ["separation"],
+        "hpss:other": ["separation"],
+        "composite": ["separation", "hpss:drums", "hpss:bass", "hpss:other"],
+        # normalize reads the mix as the reference of linked gain
+        "normalize": ["decode", "separation", "hpss:mix", "composite"],
+    }
+    assert rel(plan, plan.node("separation").writes) == [f"separation/{s}.wav" for s in HTDEMUCS]
+    delivered = [*HTDEMUCS, "harmonic", "percussive", "main", "main_harmonic", "main_percussive"]
+    assert rel(plan, plan.node("normalize").writes) == [f"output/{t}.wav" for t in delivered]
+    assert plan.composites()["main_harmonic"] == [plan.hpss_keys(s)[0] for s in ("drums", "bass", "other")]
+
+
+def test_two_stems_vocals_makes_main_the_accompaniment():
+    plan = plan_of(two_stems="vocals")
+    assert plan.stems == ("vocals", "no_vocals")
+    assert plan.main_stems == ("no_vocals",)
+    assert [n.name for n in plan.nodes if n.stage == "hpss"] == ["hpss:mix", "hpss:no_vocals"]
+    assert plan.composites()["main"] == [plan.stem_key("no_vocals")]
+    assert deps(plan)["composite"] == ["separation", "hpss:no_vocals"]
+
+
+def test_two_stems_of_another_source_sums_both_into_main():
+    plan = plan_of(two_stems="drums")
+    assert plan.stems == ("drums", "no_drums")
+    assert plan.main_stems == ("drums", "no_drums")  # no vocals to leave out
+    assert rel(plan, plan.node("separation").writes) == ["separation/drums.wav", "separation/no_drums.wav"]
+
+
+def test_explicit_main_stems_keep_their_order_and_drop_duplicates():
+    assert plan_of(main_stems=["vocals", "bass"]).main_stems == ("vocals", "bass")
+    plan = plan_of(main_stems=["bass", "drums", "bass"])
+    assert plan.main_stems == ("bass", "drums")
+    assert [n.name for n in plan.nodes if n.stage == "hpss"] == ["hpss:mix", "hpss:bass", "hpss:drums"]
+    assert plan_of(two_stems="vocals", main_stems=["vocals"]).main_stems == ("vocals",)
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_encoding_sets_the_extension_of_delivered_tracks_only(encoding):
+    ext = extension(encoding)
+    plan = plan_of(ext=ext)
+    assert all(k.endswith(ext) for k in plan.node("normalize").writes)
+    intermediate = [k for n in plan.nodes if n.name != "normalize" for k in n.writes]
+    assert all(k.endswith(".wav") for k in intermediate)  # float32 WAV between stages
+    request = plan.node("normalize").build_request(plan, job_of(encoding))
+    assert request.encoding == encoding
+    assert [i.output_key for i in request.items] == list(plan.node("normalize").writes)
+
+
+def test_six_stem_model():
+    plan = plan_of(HTDEMUCS_6S)
+    assert plan.stems == tuple(HTDEMUCS_6S)
+    assert plan.main_stems == ("drums", "bass", "other", "guitar", "piano")
+    assert [n.name for n in plan.nodes if n.stage == "hpss"] == ["hpss:mix"] + [f"hpss:{s}" for s in plan.main_stems]
+    assert len(plan.node("normalize").writes) == 6 + 5
+    assert set(STAGE_WEIGHTS) == {n.stage for n in plan.nodes}
+
+
+@pytest.mark.parametrize(
+    ("sources", "two_stems", "main_stems", "match"),
+    [
+        (HTDEMUCS, "piano", [], r"two_stems 'piano' is not a source of this model; choose one of \["),
+        (HTDEMUCS, "", ["guitar"], r"main_stems \['guitar'\] are not stems of this job; choose from \["),
+        (HTDEMUCS, "vocals", ["drums"], r"main_stems \['drums'\] are not stems of this job"),
+        (["vocals"], "", [], "main would be empty: set main_stems"),
+        (["drums", "mix"], "", [], r"model sources .* must be distinct and none of \['mix'"),
+        (["drums", "drums"], "", [], "must be distinct"),
+    ],
+)
+def test_refused_combinations_name_the_field(sources, two_stems, main_stems, match):
+    with pytest.raises(InvalidInput, match=match):
+        plan_of(sources, two_stems=two_stems, main_stems=main_stems)
+
+
+# --- requests and responses ---------------------------------------------------------------
+def test_request_builders_use_the_keys_their_nodes_declare():
+    plan, job = plan_of(), job_of()
+    decode = plan.node("decode").build_request(plan, job)
+    assert decode == DecodeRequest(job.input.key, "song.flac", plan.mix_key)
+
+    node = plan.node("separation")
+    sep = node.build_request(plan, job)
+    assert isinstance(sep, separation_pb2.SeparateRequest)
+    assert (sep.input_key,) == node.reads
+    # the worker writes <output_prefix>/<stem>.wav
+    assert tuple(f"{sep.output_prefix}/{s}.wav" for s in plan.stems) == node.writes
+    assert (sep.model, sep.encoding, sep.job_id) == ("htdemucs", INTERMEDIATE, JOB)
+
+    for name, source, delivered in [("hpss:mix", plan.mix_key, True), ("hpss:bass", plan.stem_key("bass"), False)]:
+        node = plan.node(name)
+        req = node.build_request(plan, job)
+        assert isinstance(req, hpss_pb2.DecomposeRequest)
+        assert req.input_key == source == node.reads[0]
+        assert (req.harmonic_key, req.percussive_key) == node.writes
+        assert req.skip_loudness is not delivered  # a stem's parts only feed composites
+
+    node = plan.node("composite")
+    comp = node.build_request(plan, job)
+    assert {k for c in comp.composites for k in c.input_keys} == set(node.reads)
+    assert tuple(c.output_key for c in comp.composites) == node.writes
+
+    node = plan.node("normalize")
+    norm = node.build_request(plan, job)
+    assert {i.input_key for i in norm.items} | {norm.reference_key} == set(node.reads)
+    assert tuple(i.output_key for i in norm.items) == node.writes
+
+
+def test_normalize_reuses_loudness_measured_upstream():
+    plan, job = plan_of(), job_of()
+    loud = common_pb2.Loudness(integrated_lufs=-20.5, sample_peak_dbfs=-3, true_peak_dbtp=-2.5)
+    job.nodes.add(name="decode").outputs.add(name="mix", key=plan.mix_key, loudness=loud)
+    job.nodes.add(name="separation").outputs.add(name="bass", key=plan.stem_key("bass"), loudness=loud)
+    request = plan.node("normalize").build_request(plan, job)
+    assert request.reference_loudness == loud
+    measured = {i.name for i in request.items if i.HasField("loudness")}
+    assert measured == {"bass"}  # the others were not measured yet: the worker measures them
+
+
+def test_collectors_keep_what_responses_say():
+    plan, job = plan_of(), job_of()
+    node = orchestrator_pb2.Node(name="separation", warnings=["from the last attempt"])
+    stems = [common_pb2.Track(name=s, key=plan.stem_key(s)) for s in plan.stems]
+    result = separation_pb2.SeparateResult(stems=stems, warnings=["compiled model fell back to eager"])
+    assert plan.node("separation").collect(result, node, job) == stems
+    assert list(node.warnings) == ["compiled model fell back to eager"]
+
+    tracks = [common_pb2.Track(name="main", key="k")]
+    response = normalize_pb2.NormalizeResponse(
+        tracks=[normalize_pb2.NormalizedTrack(track=t, gain_db=-3) for t in tracks],
+        reference=common_pb2.Loudness(integrated_lufs=-11),
+        linked_gain_db=-3,
+        limited_by_ceiling=True,
+    )
+    assert plan.node("normalize").collect(response, orchestrator_pb2.Node(), job) == tracks
+    assert job.normalization.linked_gain_db == -3 and job.normalization.limited_by_ceiling
+    assert job.normalization.reference.integrated_lufs == -11
+
+
+def test_every_stage_has_a_call_that_takes_its_request():
+    """The runner's stub table matches the contracts and the graph's requests."""
+    plan, job = plan_of(), job_of()
+    pool = descriptor_pool.Default()
+    for node in plan.nodes:
+        if node.stage == LOCAL_STAGE:
+            continue
+        rpc = _RPCS[node.stage]
+        service = pool.FindServiceByName("audiomesh.v1." + rpc.stub.__name__.removesuffix("Stub"))
+        method = service.methods_by_name[rpc.method]
+        assert method.server_streaming is rpc.streams
+        assert node.build_request(plan, job).DESCRIPTOR is method.input_type
+
+
+# --- resume -------------------------------------------------------------------------------
+def test_resumed_manifest_nodes_are_matched_by_name():
+    plan = plan_of()
+    job = job_of()
+    # as the code before the graph records wrote it: normalize without decode, no hpss:other
+    job.nodes.add(name="decode", stage="decode", state=common_pb2.NODE_STATE_SUCCEEDED)
+    job.nodes.add(
+        name="normalize",
+        stage="normalize",
+        state=common_pb2.NODE_STATE_PENDING,
+        depends_on=["separation", "hpss:mix", "composite"],
+    )
+    _match_nodes(job, plan)
+    assert {n.name: list(n.depends_on) for n in job.nodes} == deps(plan)
+    assert job.nodes[0].state == common_pb2.NODE_STATE_SUCCEEDED
+    assert {n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_PENDING} == (
+        {n.name for n in plan.nodes} - {"decode"}
+    )
+
+    job.nodes.add(name="hpss:piano", stage="hpss")
+    with pytest.raises(FailedPrecondition, match=r"nodes \['hpss:piano'\] are not in this job's plan"):
+        _match_nodes(job, plan)
+
+
+# --- the README shows the graph as the code has it -----------------------------------------
+def test_readme_shows_the_default_plan():
+    table = describe(plan_of())
+    assert table in README.read_text(), f"README's architecture section should show:\n{table}"
+
+
+# --- properties ---------------------------------------------------------------------------
+# Real source names and short made-up ones (which collide more often: "a" and "no_a", ...).
+names = st.one_of(
+    st.sampled_from([*HTDEMUCS_6S, "no_vocals", "main_x", "mix_harmonic"]),
+    st.text(alphabet="abno_", min_size=1, max_size=5),
+).filter(lambda s: s not in DERIVED_TRACKS)
+
+
+@st.composite
+def recipes(draw):
+    sources = draw(st.lists(names, min_size=1, max_size=7, unique=True))
+    two_stems = draw(st.one_of(st.just(""), st.sampled_from(sources), names))
+    stems = [two_stems, f"no_{two_stems}"] if two_stems else sources
+    main = draw(st.lists(st.one_of(st.sampled_from(stems), names), max_size=5))
+    return sources, two_stems, main
+
+
+@settings(max_examples=100, deadline=None)
+@given(recipes())
+def test_every_accepted_plan_is_a_sound_graph(recipe):
+    sources, two_stems, main_stems = recipe
+    try:
+        plan = make_plan(JOB, sources=sources, two_stems=two_stems, main_stems=main_stems, ext=".flac")
+    except InvalidInput as exc:
+        assert re.match(r"(two_stems|main_stems|main would be empty)", str(exc)), exc
+        return
+    writers: dict[str, list[int]] = {}
+    for i, node in enumerate(plan.nodes):
+        for key in node.writes:
+            writers.setdefault(key, []).append(i)
+    assert all(len(w) == 1 for w in writers.values()), "a key is written by two nodes"
+    for i, node in enumerate(plan.nodes):
+        for key in node.reads:
+            assert key in writers and writers[key][0] < i, f"{node.name} reads {key} before it is written"
+        expected = {plan.nodes[writers[k][0]].name for k in node.reads}
+        assert set(plan.depends_on(node.name)) == expected
+    graphlib.TopologicalSorter(deps(plan)).prepare()  # raises CycleError on a cycle
+    assert len({n.name for n in plan.nodes}) == len(plan.nodes)
+    # every delivered track is written before normalize reads it, and normalize writes it
+    normalize = plan.node("normalize")
+    request = normalize.build_request(plan, job_of())
+    delivered = {i.name for i in request.items}
+    assert delivered == {*plan.stems, "harmonic", "percussive", "main", "main_harmonic", "main_percussive"}
+    assert all(i.input_key in writers and i.output_key in normalize.writes for i in request.items)
+    assert all(k.endswith(".flac") for k in normalize.writes)
+    assert plan.main_stems and set(plan.main_stems) <= set(plan.stems)
+
+
+def test_a_broken_graph_is_caught_at_plan_time():
+    """A record that reads what nothing earlier writes is a bug make_plan refuses to run."""
+    plan = plan_of()
+    nodes = list(plan.nodes)
+    nodes[1], nodes[2] = nodes[2], nodes[1]  # still valid: both read only the mix
+    graph.check_graph(nodes)
+    with pytest.raises(RuntimeError, match="hpss:drums reads .*separation/drums.wav that no earlier node writes"):
+        graph.check_graph([nodes[0], nodes[3], *nodes[1:3], *nodes[4:]])
+    with pytest.raises(RuntimeError, match="written by both"):
+        graph.check_graph([*nodes, nodes[-1].__class__(**{**nodes[-1].__dict__, "name": "again", "reads": ()})])
