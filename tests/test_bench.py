@@ -18,7 +18,6 @@ import sys
 import pytest
 
 from audiomesh.bench import KEYS, critical_path, format_table, read_peak_rss_mb
-from audiomesh.launcher import thread_env
 
 SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
 
@@ -93,20 +92,6 @@ def test_bench_builds_the_released_htdemucs_configuration(tmp_path) -> None:
     assert name == "bench_htdemucs" and params > 40e6  # htdemucs has 41.98 M parameters
     model = get_model(name, repo=repo)
     assert sum(p.numel() for p in model.parameters()) == params and model.segment == pytest.approx(7.8)
-
-
-def test_thread_env_gives_torch_the_cores_and_preloads_jemalloc_into_separation_only(monkeypatch) -> None:
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
-    separation = thread_env("separation", {})
-    assert separation["LD_PRELOAD"] == "libjemalloc.so.2"
-    assert separation["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-    assert separation["AUDIOMESH_TORCH_THREADS"] == str(len(os.sched_getaffinity(0)))
-    assert thread_env("separation", {"LD_PRELOAD": "mine.so"})["LD_PRELOAD"] == "mine.so"  # set wins
-    hpss = thread_env("hpss", {})
-    assert "LD_PRELOAD" not in hpss and hpss["OMP_NUM_THREADS"] == "1"
-    assert thread_env("separation", {"AUDIOMESH_THREAD_BUDGET": "false"}) == {"AUDIOMESH_THREAD_BUDGET": "false"}
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert "LD_PRELOAD" not in thread_env("separation", {})
 
 
 def test_critical_path_follows_the_longest_chain() -> None:

@@ -1,13 +1,19 @@
-"""Settings: defaults for a laptop, environment over .env, errors that name the variable."""
+"""Settings: defaults for a laptop, environment over .env, errors that name the variable; the
+launcher reads them once and derives each child's settings from them."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes.util
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from audiomesh.config import load_settings
 from audiomesh.errors import ConfigError
+from audiomesh.parallel import usable_cores
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +136,114 @@ async def test_page_size_has_one_range_read_by_the_orchestrator_and_the_openapi_
     finally:
         await spec.on_stop()
         await server.stop(1)
+
+
+def _child(name: str, env: dict[str, str] | None = None, *, cores: int = 8):
+    """What the launcher starts worker ``name`` with, and the settings that worker reads from it
+    (same folder, so the same ``.env``)."""
+    from audiomesh.launcher import thread_env
+
+    started = thread_env(name, load_settings(environ=env or {}), env or {}, cores=cores)
+    return started, load_settings(environ=started)
+
+
+def test_thread_budget_fills_in_only_what_no_source_set(tmp_path):
+    """The launcher derives each worker's thread settings from Settings: the budget where the user
+    set nothing, and a value from ``.env`` or the environment otherwise (it used to read only the
+    environment, so ``.env`` lost to the budget)."""
+    env, hpss = _child("hpss")
+    assert (hpss.hpss_threads, hpss.worker_concurrency, env["OMP_NUM_THREADS"]) == (1, 16, "1")
+    env, separation = _child("separation")
+    assert (separation.torch_threads, env["OMP_NUM_THREADS"], env["NUMBA_NUM_THREADS"]) == (8, "8", "8")
+    assert _child("composite")[1].worker_concurrency == 2  # the default: the budget leaves it
+
+    (tmp_path / ".env").write_text(
+        "AUDIOMESH_HPSS_THREADS=3\nAUDIOMESH_WORKER_CONCURRENCY=5\nAUDIOMESH_TORCH_THREADS=0\n"
+    )
+    assert (_child("hpss")[1].hpss_threads, _child("hpss")[1].worker_concurrency) == (3, 5)
+    assert _child("separation")[1].torch_threads == 0  # set to torch's default on purpose: kept
+    assert _child("hpss", {"AUDIOMESH_HPSS_THREADS": "4"})[1].hpss_threads == 4  # environment > .env
+    assert _child("hpss", {"OMP_NUM_THREADS": "6"})[0]["OMP_NUM_THREADS"] == "6"  # process-level: set wins
+
+    (tmp_path / ".env").write_text("AUDIOMESH_THREAD_BUDGET=false\n")
+    env, separation = _child("separation")
+    assert separation.torch_threads == 0 and "OMP_NUM_THREADS" not in env and "LD_PRELOAD" not in env
+
+
+def test_separation_gets_jemalloc_and_every_core(monkeypatch):
+    # find_library is replaced (the one stand-in here): the result must not depend on whether
+    # this machine has libjemalloc installed.
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    separation, _ = _child("separation", cores=len(os.sched_getaffinity(0)))
+    assert separation["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert separation["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert separation["AUDIOMESH_TORCH_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert _child("separation", {"LD_PRELOAD": "mine.so"})[0]["LD_PRELOAD"] == "mine.so"  # set wins
+    hpss, _ = _child("hpss")
+    assert "LD_PRELOAD" not in hpss and hpss["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert "LD_PRELOAD" not in _child("separation")[0]
+
+
+def _log_events(path: Path) -> list[dict]:
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return [e for e in events if isinstance(e, dict)]
+
+
+def test_dotenv_and_environment_each_reach_every_service_under_the_launcher(monkeypatch, tmp_path):
+    """A Mesh started in a folder with a ``.env``: its values and the environment's each reach every
+    service, the thread settings included. Observed in each child: the settings it logs at start,
+    GetConfig (orchestrator), the concurrency bound each worker's server applies, and torch's
+    thread count in separation."""
+    import grpc
+    from google.protobuf import json_format
+
+    from audiomesh.launcher import WORKERS, Mesh
+    from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    torch_threads = usable_cores() + 1  # never the budget's pick (every core)
+    (tmp_path / ".env").write_text(
+        "AUDIOMESH_HPSS_THREADS=2\n"  # the budget's pick: 1
+        "AUDIOMESH_WORKER_CONCURRENCY=3\n"  # the budget's pick for HPSS: at least 4
+        f"AUDIOMESH_TORCH_THREADS={torch_threads}\n"
+        "AUDIOMESH_RATE_LIMIT_PER_MINUTE=123\n"
+        "AUDIOMESH_MAX_QUEUED_JOBS=77\n"
+    )
+    monkeypatch.setenv("AUDIOMESH_MAX_QUEUED_JOBS", "88")  # the environment wins over .env
+    monkeypatch.setenv("AUDIOMESH_MAX_ACTIVE_JOBS_PER_PRINCIPAL", "9")
+    expected = {
+        "hpss_threads": 2,
+        "worker_concurrency": 3,
+        "torch_threads": torch_threads,
+        "rate_limit_per_minute": 123,
+        "max_queued_jobs": 88,
+        "max_active_jobs_per_principal": 9,
+    }
+    env = {
+        "AUDIOMESH_DEFAULT_MODEL": "demucs_unittest",
+        "AUDIOMESH_LOG_FORMAT": "json",
+        "AUDIOMESH_STORE_URL": f"file://{tmp_path / 'data'}",
+        "AUDIOMESH_RETENTION_HOURS": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    logs = tmp_path / "logs"
+    mesh = Mesh(env=env, log_dir=logs, gateway=True).start(timeout=240)
+    try:
+        with grpc.insecure_channel(mesh.orchestrator) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            reply = stub.GetConfig(orchestrator_pb2.GetConfigRequest(), timeout=30)
+    finally:
+        mesh.stop()
+    config = json_format.MessageToDict(reply.config)
+    assert {k: config[k] for k in expected} == expected
+    for name in ("orchestrator", *WORKERS, "gateway"):
+        events = _log_events(logs / f"{name}.log")
+        logged = next(e["settings"] for e in events if e.get("event") == "settings")
+        assert {k: logged[k] for k in expected} == expected, name
+        if name in WORKERS:
+            assert next(e for e in events if e.get("event") == "listening")["concurrency"] == 3, name
+    torch = next(e for e in _log_events(logs / "separation.log") if e.get("event") == "torch")
+    assert torch["threads"] == torch_threads

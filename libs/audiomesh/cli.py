@@ -146,9 +146,8 @@ async def _process(args, settings: Settings, target: str) -> int:
     return 1 if failures else 0
 
 
-async def _mesh_running(target: str) -> bool:
-
-    clients = load_settings().client_factory()
+async def _mesh_running(settings: Settings, target: str) -> bool:
+    clients = settings.client_factory()
     try:
         return await clients.health(target, timeout=1.0) == "SERVING"
     finally:
@@ -157,14 +156,14 @@ async def _mesh_running(target: str) -> bool:
 
 def cmd_process(args, settings: Settings) -> int:
     target = settings.orchestrator_addr
-    if asyncio.run(_mesh_running(target)):
+    if asyncio.run(_mesh_running(settings, target)):
         return asyncio.run(_process(args, settings, target))
     from audiomesh.launcher import Mesh
 
     default_store = Path("data").resolve().as_uri()
     log_dir = Path("data/logs") if settings.store_url == default_store else None
     print("no mesh running: starting one for this command (logs in %s)" % (log_dir or "a temp folder"), file=sys.stderr)
-    with Mesh(log_dir=log_dir) as mesh:
+    with Mesh(settings=settings, log_dir=log_dir) as mesh:
         return asyncio.run(_process(args, settings, mesh.orchestrator))
 
 
@@ -177,7 +176,7 @@ def cmd_up(args, settings: Settings) -> int:
 
     configure_logging("up", level=settings.log_level, fmt=settings.log_format)
     stop = threading.Event()
-    mesh = Mesh(ports=default_ports(settings), inherit_output=True, gateway=True)
+    mesh = Mesh(settings=settings, ports=default_ports(settings), inherit_output=True, gateway=True)
     try:
         mesh.start()
     except BaseException:  # Ctrl-C or a service that did not start: nothing may stay behind

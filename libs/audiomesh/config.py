@@ -1,18 +1,24 @@
 """Settings: read once at start from the environment (prefix ``AUDIOMESH_``) and ``.env``.
 
-Precedence: environment > ``.env`` > defaults. Every default suits one laptop: a file store
-under ``./data``, every service on 127.0.0.1. An invalid value fails at start with a
-:class:`~audiomesh.errors.ConfigError` naming the variable.
+Precedence: environment > ``.env`` > secrets folder > defaults. Every default suits one laptop:
+a file store under ``./data``, every service on 127.0.0.1. An invalid value fails at start with
+a :class:`~audiomesh.errors.ConfigError` naming the variable.
+
+A process reads them once (:func:`load_settings`); the launcher reads its children's once too
+(``load_settings(environ=...)``) and derives each worker's thread settings from that object
+(:func:`audiomesh.launcher.thread_env`), so ``.env`` counts the same under ``audiomesh up``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from audiomesh.errors import ConfigError
 
@@ -22,11 +28,39 @@ DEFAULT_PORTS = {"orchestrator": 50051, "separation": 50052, "hpss": 50053, "com
 
 CommaList = Annotated[list[str], NoDecode]
 
+# The environment load_settings(environ=...) reads instead of os.environ (None: os.environ).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("audiomesh_settings_environ", default=None)
+
+
+class _EnvironSource(EnvSettingsSource):
+    """Environment variables from a mapping (a child's environment) instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}  # case-insensitive, like os.environ
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = _ENVIRON.get()
+        if environ is not None:
+            env_settings = _EnvironSource(settings_cls, environ)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     # Object store
     store_url: str = Field("./data", description="a folder, file:///path or s3://bucket[/prefix]")
@@ -114,8 +148,10 @@ class Settings(BaseSettings):
     thread_budget: bool = Field(
         True,
         description="the launcher (audiomesh up/process, Mesh) sets each worker's thread counts so concurrent "
-        "stages don't oversubscribe the cores: separation gets every core for torch, the other workers one "
-        "thread per request (OMP/MKL/OpenBLAS/numba, AUDIOMESH_HPSS_THREADS); variables already set win",
+        "stages don't oversubscribe the cores: separation gets every core for torch (AUDIOMESH_TORCH_THREADS), "
+        "HPSS one thread per request (AUDIOMESH_HPSS_THREADS) and more requests at once "
+        "(AUDIOMESH_WORKER_CONCURRENCY), the other workers one OMP/MKL/OpenBLAS/numba thread; a value set in "
+        "the environment, .env or the secrets folder wins",
     )
     hpss_threads: int = Field(0, ge=0, description="threads per HPSS request; 0 = up to 2 per channel (usable CPUs)")
 
@@ -210,16 +246,22 @@ class Settings(BaseSettings):
         )
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings once; raise ConfigError naming the first bad variable.
 
     ``AUDIOMESH_SECRETS_DIR`` names a folder of secret files, one per setting, named like the
     variable in lower case (``audiomesh_service_token``), as Docker and Kubernetes mount
     secrets; the environment and ``.env`` win over them.
+
+    ``environ``: the environment variables to read instead of ``os.environ`` (``.env`` in the
+    current folder and the secrets folder are read all the same): the launcher reads the
+    settings its children will have. The result's ``model_fields_set`` names the settings some
+    source gave (environment, ``.env``, secrets, ``overrides``) rather than the default.
     """
-    secrets_dir = os.environ.get("AUDIOMESH_SECRETS_DIR") or None
+    secrets_dir = (os.environ if environ is None else environ).get("AUDIOMESH_SECRETS_DIR") or None
     if secrets_dir is not None and not Path(secrets_dir).is_dir():
         raise ConfigError(f"AUDIOMESH_SECRETS_DIR={secrets_dir!r}: not a folder")
+    reading = _ENVIRON.set(environ)
     try:
         return Settings(_secrets_dir=secrets_dir, **overrides)
     except ValidationError as exc:
@@ -229,3 +271,5 @@ def load_settings(**overrides: Any) -> Settings:
             value = err.get("input")
             problems.append(f"{ENV_PREFIX}{field.upper()}={value!r}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    finally:
+        _ENVIRON.reset(reading)

@@ -3,6 +3,11 @@
 ``Mesh`` starts every worker (port 0 unless ports are given), waits for each to report
 SERVING through a ready file, then starts the orchestrator pointed at them. Used by
 ``audiomesh up``, by ``audiomesh process`` when no mesh is running, and by the tests.
+
+Settings are read once, in the launcher, as the children will read them (environment >
+``.env`` > secrets folder > defaults); what the launcher decides for a child (its thread
+budget, the workers' addresses, a service token) is derived from that object and handed to
+the child in its environment, so it never hides a value the user gave in ``.env``.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-
-from dotenv import dotenv_values
+from typing import Any
 
 from audiomesh import scratch
 from audiomesh.auth import RateLimiter
-from audiomesh.config import SERVICES, Settings, load_settings
+from audiomesh.config import ENV_PREFIX, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError, Unavailable
 from audiomesh.parallel import usable_cores
 from audiomesh.rpc.server import AuthPolicy, start_server
@@ -41,6 +46,8 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
     if name not in (*SERVICES, "gateway"):
         raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}, gateway")
     configure_logging(name, level=settings.log_level, fmt=settings.log_format)
+    # What this process runs with, whatever the source (env, .env, secrets, the launcher's choice).
+    logger().info("settings", settings=settings.public_dict())
     configure_tracing(name, otlp_endpoint=settings.otlp_endpoint)
     swept = scratch.sweep()
     if swept:
@@ -107,59 +114,74 @@ def auth_policy(settings: Settings, name: str) -> AuthPolicy | None:
     return AuthPolicy(service_token=token) if token else None
 
 
-def with_service_token(env: dict[str, str]) -> dict[str, str]:
-    """``env`` plus a fresh AUDIOMESH_SERVICE_TOKEN for this run when API keys are on (in ``env``
-    or ``.env``) and no token is set: the children share it, so workers answer only this run's
-    orchestrator."""
-    dotenv = {k: v or "" for k, v in dotenv_values(".env").items()} if Path(".env").is_file() else {}
-    merged = {k.upper(): v for k, v in {**dotenv, **env}.items()}
-    if merged.get("AUDIOMESH_API_KEYS", "").strip() and not merged.get("AUDIOMESH_SERVICE_TOKEN", "").strip():
-        return {**env, "AUDIOMESH_SERVICE_TOKEN": secrets.token_urlsafe(32)}
-    return env
+def budget_settings(name: str, settings: Settings, *, cores: int) -> dict[str, Any]:
+    """The settings the thread budget (``settings.thread_budget``) picks for worker ``name``:
+    only those no source gave (environment, ``.env``, secrets: ``settings.model_fields_set``).
+
+    Separation and HPSS run at the same time in a job (HPSS of the mix beside separation, then
+    the stem fan-out), so only torch gets every core; HPSS runs one thread per request and gets
+    its parallelism from concurrent requests.
+    """
+    if not settings.thread_budget:
+        return {}
+    budget: dict[str, Any] = {}
+    if name == "separation":
+        budget["torch_threads"] = cores
+    elif name == "hpss":  # one thread per request: run a job's stem fan-out (and the mix) at once
+        budget = {"hpss_threads": 1, "worker_concurrency": max(4, 2 * cores)}
+    return {field: value for field, value in budget.items() if field not in settings.model_fields_set}
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def thread_env(name: str, env: dict[str, str]) -> dict[str, str]:
-    """``env`` plus the thread counts of worker ``name`` (AUDIOMESH_THREAD_BUDGET, on by default).
+def thread_env(name: str, settings: Settings, env: Mapping[str, str], *, cores: int | None = None) -> dict[str, str]:
+    """The environment worker ``name`` starts with: ``env`` plus its thread budget.
 
-    Separation and HPSS run at the same time in a job (HPSS of the mix beside separation, then
-    the stem fan-out), so only torch gets every core; every other worker runs one thread per
-    request and gets its parallelism from concurrent requests. Variables already set win.
+    The AUDIOMESH_ settings of :func:`budget_settings` travel as variables (the child reads them
+    back into its Settings). The native thread pools (OMP/MKL/OpenBLAS/numba) and separation's
+    allocator (LD_PRELOAD jemalloc) are process-level, not settings: the libraries and the
+    dynamic loader read them once when they load, before any Settings exist in the child, so
+    they stay plain environment, set unless ``env`` has them. ``cores``: default the usable CPUs.
     """
-    if env.get("AUDIOMESH_THREAD_BUDGET", "true").strip().lower() in ("0", "false", "no", "off"):
-        return env
-    cores = usable_cores()
     out = dict(env)
+    if not settings.thread_budget:
+        return out
+    cores = usable_cores() if cores is None else cores
+    for field, value in budget_settings(name, settings, cores=cores).items():
+        out[f"{ENV_PREFIX}{field.upper()}"] = str(value)
     for var in _THREAD_VARS:
         out.setdefault(var, str(cores if name == "separation" else 1))
-    if name == "separation" and out.get("AUDIOMESH_TORCH_THREADS", "0").strip() in ("", "0"):
-        out["AUDIOMESH_TORCH_THREADS"] = str(cores)
     if name == "separation" and "LD_PRELOAD" not in out and (jemalloc := ctypes.util.find_library("jemalloc")):
         # jemalloc, never giving pages back: a CPU chunk 1.2x faster than on glibc malloc and a
         # flat peak RSS (instead of 1.6-1.9 GB creeping up chunk by chunk); see BENCHMARKS.md.
         out["LD_PRELOAD"] = jemalloc
         out.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
-    if name == "hpss":  # one thread per request: run a job's stem fan-out (and the mix) at once
-        out.setdefault("AUDIOMESH_HPSS_THREADS", "1")
-        out.setdefault("AUDIOMESH_WORKER_CONCURRENCY", str(max(4, 2 * cores)))
     return out
 
 
 class Mesh:
-    """The five services as child processes on 127.0.0.1."""
+    """The five services as child processes on 127.0.0.1 (the address clients use; they bind
+    AUDIOMESH_HOST, 127.0.0.1 unless set).
+
+    ``env``: variables added to this process's environment for the children. ``settings``: the
+    children's settings when the caller has read them already (``audiomesh up`` reads them
+    once, from this environment); by default read here, with a ConfigError before any child
+    starts when one is invalid.
+    """
 
     def __init__(
         self,
         *,
         env: dict[str, str] | None = None,
+        settings: Settings | None = None,
         ports: dict[str, int] | None = None,
         log_dir: Path | None = None,
         inherit_output: bool = False,
         gateway: bool = False,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
+        self.settings = settings if settings is not None else load_settings(environ=self.env)
         self.ports = dict(ports or dict.fromkeys((*SERVICES, "gateway"), 0))
         self.gateway = gateway
         self._run_dir = Path(tempfile.mkdtemp(prefix="audiomesh-mesh-"))
@@ -217,10 +239,13 @@ class Mesh:
             raise Unavailable(f"{', '.join(ready)} did not become healthy within {timeout:.0f} s; see {self.log_dir}")
 
     def start(self, timeout: float = 300.0) -> Mesh:
-        env = with_service_token(dict(self.env))
-        env.setdefault("AUDIOMESH_HOST", "127.0.0.1")
+        env = dict(self.env)
+        if self.settings.api_keys and not self.settings.service_token.get_secret_value():
+            # One token for this run, shared by the children: workers answer only this orchestrator.
+            env[f"{ENV_PREFIX}SERVICE_TOKEN"] = secrets.token_urlsafe(32)
         # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
-        ready = {name: self._spawn(name, thread_env(name, env)) for name in WORKERS}
+        cores = usable_cores()
+        ready = {name: self._spawn(name, thread_env(name, self.settings, env, cores=cores)) for name in WORKERS}
         self._wait_ready(ready, timeout)
         for name, addr in self.addresses.items():
             env[f"AUDIOMESH_{name.upper()}_ADDR"] = addr

@@ -60,14 +60,15 @@ class Range:
     def contains(self, value: object) -> bool:
         if self.kind in ("length", "items"):
             return len(value) <= self.maximum  # type: ignore[arg-type]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
-        if self.kind == "integer" and int(value) != value:
+        number = float(value)  # ints, floats and numpy scalars alike (the bounds are small)
+        if not math.isfinite(number) or (self.kind == "integer" and int(number) != number):
             return False
-        if self.zero_is_default and value == 0:
+        if self.zero_is_default and number == 0:
             return True
-        low_ok = value > self.minimum if self.exclusive_minimum else value >= self.minimum
-        return low_ok and value <= self.maximum
+        low_ok = number > self.minimum if self.exclusive_minimum else number >= self.minimum
+        return low_ok and number <= self.maximum
 
     def schema(self) -> dict:
         """JSON Schema keywords for the field (OpenAPI 3.1)."""

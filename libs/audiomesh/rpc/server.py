@@ -76,7 +76,8 @@ class AuthPolicy:
     rate_limiter: RateLimiter | None = None
 
     def admit(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
+        # Only "-bin" keys carry bytes values; neither header read here is one.
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         if self.service_token:
             given = metadata.get(SERVICE_TOKEN_HEADER, "")
             if not hmac.compare_digest(given.encode(), self.service_token.encode()):
@@ -183,7 +184,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def __aenter__(self):
                 self.start = time.perf_counter()
                 self.code = "OK"
-                if limited:
+                if limited and interceptor._limit is not None:
                     if interceptor._in_flight >= interceptor._limit:
                         self.code = "RESOURCE_EXHAUSTED"
                         interceptor._log_call(method, self.code, self.start)
@@ -214,8 +215,8 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                     interceptor._log_call(method, "CANCELLED", self.start)
                     return False
                 if isinstance(exc, grpc.aio.AbortError) or isinstance(exc, grpc.RpcError):
-                    code = context.code() if hasattr(context, "code") else None
-                    interceptor._log_call(method, getattr(code, "name", "ABORTED"), self.start)
+                    status = context.code() if hasattr(context, "code") else None
+                    interceptor._log_call(method, getattr(status, "name", "ABORTED"), self.start)
                     return False
                 interceptor._log.exception("unhandled error", method=method)
                 interceptor._log_call(method, "INTERNAL", self.start, error=repr(exc))
@@ -349,7 +350,7 @@ async def start_server(
             await running.set_serving(True)
 
         running._warm_task = asyncio.ensure_future(_warm())  # type: ignore[attr-defined]
-    log.info("listening", bind=bind, port=port, services=names)
+    log.info("listening", bind=bind, port=port, services=names, concurrency=concurrency)
     return running
 
 
