@@ -84,7 +84,7 @@ class Gateway:
         return self.clients.channel(self.settings.orchestrator_addr)
 
     @property
-    def orchestrator(self) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
+    def orchestrator(self) -> orchestrator_pb2_grpc.OrchestratorServiceAsyncStub:
         return orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
 
     def metadata(self, request: Request) -> tuple[tuple[str, str], ...]:
@@ -222,6 +222,7 @@ class Gateway:
                         sent += len(value)
                         if sent > limit:
                             return _too_large(limit)
+                        assert call_task is not None  # the parser yields "file-start" before any "file-data"
                         if not await _offer(chunks, value, call_task):
                             break
                 if call_task is not None and call_task.done():
@@ -551,6 +552,7 @@ def create_app(
         )
 
     async def rpc_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, grpc.aio.AioRpcError)  # registered for AioRpcError only
         return rpc_error_response(exc)
 
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -480,12 +480,12 @@ def _child_compiled(spec: dict[str, Any]) -> dict[str, Any]:
             num_workers=0,
         )
         seconds = time.perf_counter() - started
-        out = (out[0] * std + mean).numpy()
+        stems = (out[0] * std + mean).numpy()
     if compiled.failure is not None:
         raise RuntimeError(f"the compiled model failed: {compiled.failure}")
     diff = None
     if Path(spec["reference"]).is_file():
-        diff = float(np.abs(out - np.load(spec["reference"], mmap_mode="r")).max())
+        diff = float(np.abs(stems - np.load(spec["reference"], mmap_mode="r")).max())
     return {
         "seconds": seconds,
         "compile_seconds": compile_seconds,
@@ -841,7 +841,7 @@ def machine_facts() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("audiomesh", "torch", "demucs", "numpy", "scipy", "librosa", "numba", "bottleneck", "grpcio"):
         try:
             versions[package] = metadata.version(package)

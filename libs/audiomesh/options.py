@@ -7,12 +7,13 @@ options when it is created, so a bad option fails the request instead of the job
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from audiomesh import errors, ranges
 from audiomesh.config import Settings
 from audiomesh.dsp import hpss as hpss_kernel
 from audiomesh.dsp import normalize as normalize_kernel
-from audiomesh.separation.base import ModelInfo, SeparationOptions
+from audiomesh.separation.base import ModelInfo, Origin, SeparationOptions
 from audiomesh.v1 import common_pb2, orchestrator_pb2, separation_pb2
 
 _MODES = {
@@ -55,7 +56,7 @@ def check_separation_options(pb: common_pb2.SeparationOptions, info: separation_
         sources=tuple(info.sources),
         sample_rate=info.sample_rate,
         audio_channels=info.audio_channels,
-        origin=info.origin,
+        origin=cast(Origin, info.origin),  # the worker's ListModels reports one of Origin's names
         max_segment=info.max_segment_seconds if info.HasField("max_segment_seconds") else None,
     )
     separation_options(pb).validate(described)
@@ -65,7 +66,9 @@ def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
     """Keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's); checked."""
     for name in ("kernel_size_harmonic", "kernel_size_percussive", "n_fft", "hop_length"):
         ranges.check(f"hpss.{name}", getattr(pb, name))
-    for name in ("margin_harmonic", "margin_percussive", "power"):
+    optional: tuple[Literal["margin_harmonic", "margin_percussive", "power"], ...]
+    optional = ("margin_harmonic", "margin_percussive", "power")  # HasField takes the field names as literals
+    for name in optional:
         if pb.HasField(name):
             ranges.check(f"hpss.{name}", getattr(pb, name))
     if pb.hop_length > (pb.n_fft or 2048):
@@ -74,7 +77,7 @@ def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
             f"leave gaps; got {pb.hop_length}"
         )
     n_fft = pb.n_fft or 2048
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "kernel_size": (pb.kernel_size_harmonic or 31, pb.kernel_size_percussive or 31),
         "margin": (
             pb.margin_harmonic if pb.HasField("margin_harmonic") else 1.0,

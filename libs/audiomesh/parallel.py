@@ -30,6 +30,6 @@ def map_threads(fn: Callable[[T], R], items: Iterable[T], *, max_workers: int | 
         futures = [pool.submit(fn, x) for x in items]
         wait(futures)
     for future in futures:
-        if future.exception() is not None:
-            raise future.exception()
+        if (error := future.exception()) is not None:
+            raise error
     return [future.result() for future in futures]

@@ -13,7 +13,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _FLOAT = {"anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]}
 _INT64 = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]{1,19}$"}]}  # written as strings
-_SCALARS = {
+_SCALARS: dict[int, dict] = {
     FieldDescriptor.TYPE_DOUBLE: _FLOAT,
     FieldDescriptor.TYPE_FLOAT: _FLOAT,
     FieldDescriptor.TYPE_INT32: {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
@@ -25,7 +25,7 @@ _SCALARS = {
     FieldDescriptor.TYPE_STRING: {"type": "string"},
     FieldDescriptor.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
 }
-_WELL_KNOWN = {
+_WELL_KNOWN: dict[str, dict] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     "google.protobuf.Duration": {"type": "string"},
     "google.protobuf.Struct": {"type": "object"},

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 _configured_tracing = False
 
 
-def _add_trace_ids(_logger, _method, event: dict) -> dict:
+def _add_trace_ids(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
         event.setdefault("trace_id", format(ctx.trace_id, "032x"))
@@ -41,7 +42,7 @@ def configure_logging(service: str, *, level: str = "info", fmt: str = "auto") -
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -30,7 +30,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import bottleneck
 import librosa
@@ -43,7 +43,8 @@ from audiomesh.errors import InvalidInput
 __all__ = ["BLOCK_FRAMES", "hpss", "hpss_blocks", "warmup"]
 
 #: ``np.pad`` modes that ``librosa.stft`` accepts for centred frames.
-PAD_MODES = ("constant", "edge", "linear_ramp", "reflect", "symmetric")
+PadMode = Literal["constant", "edge", "linear_ramp", "reflect", "symmetric"]
+PAD_MODES: tuple[PadMode, ...] = ("constant", "edge", "linear_ramp", "reflect", "symmetric")
 
 #: Default STFT frames per block of :func:`hpss_blocks` (~12 s at 44.1 kHz with hop 512):
 #: small enough for the caches and ~0.1 GB per stereo block, large enough that the frames
@@ -64,7 +65,7 @@ def hpss(
     win_length: int | None = None,
     window: Any = "hann",
     center: bool = True,
-    pad_mode: str = "constant",
+    pad_mode: PadMode = "constant",
     max_workers: int | None = None,
     block_frames: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +254,7 @@ def hpss_blocks(
     win_length: int | None = None,
     window: Any = "hann",
     center: bool = True,
-    pad_mode: str = "constant",
+    pad_mode: PadMode = "constant",
     max_workers: int | None = None,
     block_frames: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -369,7 +370,7 @@ def _blocks(
     power: float,
     win_length: int,
     window: Any,
-    pad_mode: str,
+    pad_mode: PadMode,
     max_workers: int,
     block_frames: int,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -422,7 +423,7 @@ def _blocks(
             yield start, harmonic, percussive
 
 
-def _padded_samples(source: Any, geo: _Geometry, a: int, b: int, pad_mode: str) -> np.ndarray:
+def _padded_samples(source: Any, geo: _Geometry, a: int, b: int, pad_mode: PadMode) -> np.ndarray:
     """Padded positions ``[a, b)``: the samples, with librosa's centring pad at the true ends."""
     lo, hi = a - geo.offset, b - geo.offset
     core_lo = max(lo, 0)
@@ -512,14 +513,14 @@ def _masked(
 
 def check_options(
     *,
-    kernel_size: int | tuple[int, int] = 31,
+    kernel_size: int | tuple[int, int] | list[int] = 31,
     power: float = 2.0,
-    margin: float | tuple[float, float] = 1.0,
+    margin: float | tuple[float, float] | list[float] = 1.0,
     n_fft: int = 2048,
     hop_length: int | None = None,
     win_length: int | None = None,
     window: Any = "hann",
-    pad_mode: str = "constant",
+    pad_mode: PadMode = "constant",
 ) -> tuple[tuple[int, int], tuple[float, float], float, tuple[int, int, int]]:
     """Validate :func:`hpss` options without a signal (so a job can be refused up front).
 
@@ -759,7 +760,13 @@ def _check_audio(y: Any) -> np.ndarray:
 
 
 def _is_positive_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) > 0
+
+
+def _is_real(v: Any) -> bool:
+    """A real number, bool excluded. Returns a plain bool (not a type guard): the value keeps its
+    own type (int, float, numpy scalar) where numbers.Real would declare no comparisons."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _pair(value: Any, name: str) -> tuple[Any, Any]:
@@ -788,7 +795,7 @@ def _check_margin(margin: Any) -> tuple[float, float]:
 
 
 def _check_power(power: Any) -> float:
-    if not isinstance(power, numbers.Real) or isinstance(power, bool) or not power > 0:
+    if not _is_real(power) or not power > 0:
         raise InvalidInput(f"power must be > 0 (np.inf for hard masks), got {power!r}")
     return power
 

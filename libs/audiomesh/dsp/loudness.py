@@ -297,12 +297,9 @@ def _db(amplitude: float) -> float:
 
 
 def _check_rate(sample_rate: Any) -> float:
-    if (
-        isinstance(sample_rate, bool)
-        or not isinstance(sample_rate, numbers.Real)
-        or not math.isfinite(sample_rate)
-        or sample_rate < MIN_SAMPLE_RATE
-    ):
+    # One isinstance call, so mypy does not narrow to numbers.Real (which declares no comparisons).
+    is_real = isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool)
+    if not is_real or not math.isfinite(sample_rate) or sample_rate < MIN_SAMPLE_RATE:
         raise InvalidInput(f"sample_rate must be a number >= {MIN_SAMPLE_RATE} Hz, got {sample_rate!r}")
     return sample_rate
 

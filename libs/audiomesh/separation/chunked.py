@@ -31,7 +31,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,12 @@ from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource, Stre
 from audiomesh.errors import Cancelled, InvalidInput
 
 if TYPE_CHECKING:
-    from torch import nn
+    from demucs.apply import BagOfModels
+    from demucs.apply import Model as Network  # one Demucs, HDemucs or HTDemucs
+
+    #: What demucs' apply_model runs: one network or a bag of them. Typed as these rather than
+    #: nn.Module, whose __getattr__ types every attribute (samplerate, segment, ...) as Tensor | Module.
+    AnyDemucs = Network | BagOfModels
 
 __all__ = [
     "ArraySource",
@@ -87,17 +92,17 @@ def mix_stats(source: MixSource) -> tuple[torch.Tensor, torch.Tensor]:
         block = source.read(start, min(start + SCAN_FRAMES, source.frames))
         if not np.isfinite(block).all():
             raise InvalidInput("mix must hold finite samples (found NaN or infinity)")
-        ref = torch.from_numpy(block).mean(0).double().numpy()
-        n = ref.size
-        block_mean = float(ref.mean())
-        block_m2 = float(np.square(ref - block_mean).sum())
+        mono = torch.from_numpy(block).mean(0).double().numpy()
+        n = mono.size
+        block_mean = float(mono.mean())
+        block_m2 = float(np.square(mono - block_mean).sum())
         delta = block_mean - mean
         total = count + n
         mean += delta * n / total
         m2 += block_m2 + delta * delta * count * n / total
         count = total
-    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32) + 1e-8
+    deviation = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(deviation, dtype=torch.float32) + 1e-8
 
 
 # --------------------------------------------------------------------------- separation
@@ -110,7 +115,7 @@ class _Pass:
     Local position ``p`` (apply_model's coordinates for this pass) is mix frame ``p - lead``.
     """
 
-    model: nn.Module
+    model: Network
     model_index: int
     lead: int  # mix frame of local 0 is -lead (max_shift - offset with shifts, else 0)
     length: int  # local positions: [0, length)
@@ -136,7 +141,7 @@ class _Pass:
         return self.next_chunk - self.lead
 
 
-def _consume_forward_draws(model: nn.Module, calls: int) -> None:
+def _consume_forward_draws(model: Network, calls: int) -> None:
     """Advance :mod:`random` as ``calls`` forward passes of ``model`` would.
 
     HTDemucs' cross-domain Transformer draws its sine-embedding shift with
@@ -170,7 +175,7 @@ class StreamingSeparator:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: AnyDemucs,
         *,
         shifts: int = 1,
         overlap: float = 0.25,
@@ -191,7 +196,7 @@ class StreamingSeparator:
         self.device = torch.device(device)
         self.transition_power = float(transition_power)
         if isinstance(model, BagOfModels):
-            self.submodels = list(model.models)
+            self.submodels = cast("list[Network]", list(model.models))  # a bag holds networks only
             self.bag_weights: list[list[float]] | None = [list(map(float, w)) for w in model.weights]
         else:
             self.submodels = [model]
@@ -231,12 +236,13 @@ class StreamingSeparator:
     def _chunk(self, p: _Pass, source: MixSource) -> torch.Tensor:
         """The model's output for the pass's next chunk: what apply_model(split=False) returns."""
         from demucs.apply import TensorChunk, apply_model
+        from demucs.demucs import Demucs
         from demucs.htdemucs import HTDemucs
 
         length = min(p.segment_length, p.length - p.next_chunk)
         if isinstance(p.model, HTDemucs) and self.segment is not None:
             valid_length = int(self.segment * p.model.samplerate)
-        elif hasattr(p.model, "valid_length"):
+        elif isinstance(p.model, (Demucs, HTDemucs)):  # HDemucs has no valid_length
             valid_length = p.model.valid_length(length)
         else:
             valid_length = length
@@ -244,7 +250,11 @@ class StreamingSeparator:
         start = p.next_chunk - p.lead - delta // 2  # mix frame of the padded chunk's first sample
         window = torch.from_numpy(_read_padded(source, start, start + valid_length))[None]
         chunk = TensorChunk(window, delta // 2, length)
-        kwargs = {"overlap": self.overlap, "transition_power": self.transition_power, "segment": self.segment}
+        kwargs: dict[str, Any] = {
+            "overlap": self.overlap,
+            "transition_power": self.transition_power,
+            "segment": self.segment,
+        }
         if p.random_state is None:
             return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
         # A shift pass: the model call sees the `random` state apply_model's pass would be in.
@@ -263,7 +273,7 @@ class StreamingSeparator:
         weight = p.weight[:length]
         contribution = (weight * chunk_out).to("cpu")
         end = offset + length
-        if p.acc is None:
+        if p.acc is None or p.acc_weight is None:  # both or neither
             p.acc_start = offset
             p.acc = torch.zeros(*chunk_out.shape[:-1], length)
             p.acc_weight = torch.zeros(length)

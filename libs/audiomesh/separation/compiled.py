@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from audiomesh.separation.base import SeparatorModel
+    from audiomesh.separation.chunked import AnyDemucs
     from audiomesh.separation.registry import SeparatorFactory
 
 __all__ = [
@@ -117,16 +118,19 @@ def configure_cache(cache_dir: Path | str) -> Path:
     return folder
 
 
-def chunk_shapes(module: nn.Module) -> list[tuple[int, int, int]]:
+def chunk_shapes(module: AnyDemucs) -> list[tuple[int, int, int]]:
     """The input shape of every model call the separator makes for a full chunk, one per submodel.
 
     ``(1, audio_channels, frames)`` where ``frames`` is what ``apply_model`` pads a chunk of the
     model's own segment to (HTDemucs: its training segment).
     """
+    from demucs.demucs import Demucs
+    from demucs.htdemucs import HTDemucs
+
     shapes = []
     for sub in _submodels(module):
         frames = int(sub.samplerate * float(sub.segment))
-        if hasattr(sub, "valid_length"):
+        if isinstance(sub, (Demucs, HTDemucs)):  # HDemucs has no valid_length
             frames = int(sub.valid_length(frames))
         shapes.append((1, int(sub.audio_channels), frames))
     return shapes
@@ -169,7 +173,8 @@ def record_compile(cache_dir: Path | str, model: DemucsModel, backend: str, seco
 def _record(folder: Path, key: str, model: DemucsModel, backend: str, seconds: float) -> None:
     with _marker_lock:
         entries = _read_marker(folder)
-        entry = entries.get(key) if isinstance(entries.get(key), dict) else {}
+        found = entries.get(key)
+        entry = found if isinstance(found, dict) else {}
         history = [*entry.get("compiles", []), {"seconds": round(seconds, 3), "at": datetime.now(UTC).isoformat()}]
         entries[key] = {
             "model": model.name,
@@ -297,17 +302,17 @@ class CompiledDemucsModel(DemucsModel):
             device=eager.device,
         )
 
-    def _clone(self, module: nn.Module) -> nn.Module:
+    def _clone(self, module: AnyDemucs) -> AnyDemucs:
         from demucs.apply import BagOfModels
 
         if isinstance(module, BagOfModels):
             bag = copy.copy(module)
             bag.__dict__["_modules"] = dict(module._modules)  # the original bag keeps its list
-            bag.models = torch.nn.ModuleList([self._clone(sub) for sub in module.models])
+            bag.models = torch.nn.ModuleList([self._clone(sub) for sub in _submodels(module)])
             return bag
         clone = copy.copy(module)  # same submodules and weights, own __dict__
         forward = _CompiledForward(module, self.backend, self)
-        clone.forward = forward
+        clone.forward = forward  # type: ignore[method-assign]  # the point: calls reach the compiled graphs
         self._forwards.append(forward)
         return clone
 

@@ -25,7 +25,7 @@ import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from audiomesh.separation.base import (
 from audiomesh.separation.chunked import MixSource, StreamingSeparator, mix_stats, normalized
 
 if TYPE_CHECKING:
-    from torch import nn
+    from audiomesh.separation.chunked import AnyDemucs, Network
 
 __all__ = ["DemucsModel", "demucs_max_segment"]
 
@@ -52,13 +52,13 @@ __all__ = ["DemucsModel", "demucs_max_segment"]
 _MAX_SHIFT_SECONDS = 0.5
 
 
-def _submodels(model: nn.Module) -> list[nn.Module]:
+def _submodels(model: AnyDemucs) -> list[Network]:
     from demucs.apply import BagOfModels
 
-    return list(model.models) if isinstance(model, BagOfModels) else [model]
+    return cast("list[Network]", list(model.models)) if isinstance(model, BagOfModels) else [model]
 
 
-def demucs_max_segment(model: nn.Module) -> float | None:
+def demucs_max_segment(model: AnyDemucs) -> float | None:
     """Longest chunk (s) ``model`` accepts: the smallest HTDemucs training segment, or None.
 
     Same rule as ``demucs.separate`` (``HTDemucs.segment`` / ``BagOfModels.max_allowed_segment``).
@@ -92,7 +92,7 @@ class DemucsModel(SeparatorModel):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: AnyDemucs,
         *,
         name: str,
         origin: Origin = "builtin",
@@ -143,7 +143,7 @@ class DemucsModel(SeparatorModel):
         return self._device
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> AnyDemucs:
         """The wrapped demucs module (on :attr:`device`)."""
         return self._model
 
@@ -272,7 +272,7 @@ class _ChunkProgress:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: AnyDemucs,
         *,
         frames: int,
         options: SeparationOptions,
@@ -313,7 +313,7 @@ class _ChunkProgress:
         self._progress((model_idx * self._passes + shift_idx + within) / self._units)
 
 
-def _describe(model: nn.Module) -> str:
+def _describe(model: AnyDemucs) -> str:
     subs = _submodels(model)
     klass = type(subs[0]).__name__
     params = sum(p.numel() for p in model.parameters())

@@ -449,14 +449,14 @@ class SeparatorFactory:
         bundled = _bundled_bag(name)
         for folder in self._repos:
             files = _find_signatures(folder, bundled["models"]) if bundled else None
-            if files is not None:
+            if bundled and files is not None:
                 return spec("local_repo", True, loader="bag_files", yaml=bundled["path"], files=files, repo=folder)
         cached = _hf_cached(name)
         if cached is not None:
             return spec("pretrained", True, loader="hf_cache", **cached)
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         files = _find_signatures(hub, bundled["models"]) if bundled else None
-        if files is not None:
+        if bundled and files is not None:
             return spec("pretrained", True, loader="bag_files", yaml=bundled["path"], files=files)
         return spec("pretrained", False, loader="download")
 

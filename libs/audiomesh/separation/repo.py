@@ -163,7 +163,8 @@ def _package(model: nn.Module, *, half: bool, training_args: Mapping[str, Any] |
     from demucs.states import get_state
 
     try:
-        args, kwargs = model._init_args_kwargs
+        # Set by demucs.states.capture_init; nn.Module.__getattr__ declares every attribute Tensor | Module.
+        args, kwargs = model._init_args_kwargs  # type: ignore[misc]
     except AttributeError:
         raise InvalidInput(
             f"{type(model).__name__} cannot be saved to a demucs repository: its __init__ is not "

@@ -230,7 +230,7 @@ class LimitedReader(io.RawIOBase):
         self._pending = self._pending[n:]
         return out
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = 1 << 62
         if self.length >= 0:
@@ -254,7 +254,7 @@ class LimitedReader(io.RawIOBase):
             )
         return out
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)

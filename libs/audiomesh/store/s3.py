@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import BinaryIO
+from typing import BinaryIO, cast
 from urllib.parse import urlsplit
 
 import certifi
@@ -88,14 +88,14 @@ class _S3Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, size: int | None = -1) -> bytes:
         with self._store._translate(f"read {self._key!r}", self._key):
             return self._response.read(None if size is None or size < 0 else size)
 
     def readall(self) -> bytes:
         return self.read(-1)
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
@@ -294,7 +294,7 @@ class S3Store(ObjectStore):
             result = self._client.put_object(
                 self._bucket,
                 name,
-                reader,
+                cast(BinaryIO, reader),  # minio only calls read(n); LimitedReader is a RawIOBase
                 length if length >= 0 else -1,
                 content_type=content_type or "application/octet-stream",
                 part_size=self._part_size,
@@ -373,7 +373,7 @@ class S3Store(ObjectStore):
             count += self._remove(batch, prefix)
         return count
 
-    def _remove(self, batch: list[DeleteObject], prefix: str) -> int:
+    def _remove(self, batch: Sequence[DeleteObject], prefix: str) -> int:  # `list` here is S3Store.list
         with self._translate(f"delete objects under {prefix!r}"):
             errors = list(self._client.remove_objects(self._bucket, batch))
         failed = [e for e in errors if e.code not in _NOT_FOUND_CODES]
