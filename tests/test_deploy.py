@@ -693,7 +693,8 @@ COMPOSE_KNOBS = {"AUDIOMESH_IMAGE"}  # compose's own variables that share the pr
 
 
 def environ_reads() -> set[str]:
-    """Names the code reads with os.environ[...] / os.environ.get(...) / os.getenv(...)."""
+    """Names the code reads with os.environ[...] / os.environ.get(...) / os.getenv(...), or with .get(...)
+    on any other environment mapping (``(os.environ if environ is None else environ).get(...)``)."""
     names = set()
     for folder in ("libs", "services", "gateway"):
         for path in (ROOT / folder).rglob("*.py"):
@@ -703,7 +704,14 @@ def environ_reads() -> set[str]:
                 target = None
                 if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
                     target = node.slice
-                elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv"):
+                elif isinstance(node, ast.Call) and (
+                    ast.unparse(node.func) == "os.getenv"
+                    or (
+                        isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "get"
+                        and "environ" in ast.unparse(node.func.value)
+                    )
+                ):
                     target = node.args[0] if node.args else None
                 if isinstance(target, ast.Constant) and isinstance(target.value, str):
                     names.add(target.value)
