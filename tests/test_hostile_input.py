@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiomesh.audio.io import probe, scan_samples
 from audiomesh.demo import synth_song
 
 RATE = 44100
@@ -28,9 +29,8 @@ def wav(y: np.ndarray, rate: int = RATE, subtype: str = "PCM_16", fmt: str = "WA
     return buf.getvalue()
 
 
-def song(seconds: float = 1.0, channels: int = 2) -> np.ndarray:
-    y = synth_song(seconds, RATE)
-    return np.vstack([y] * ((channels + 1) // 2))[:channels] if channels != 2 else y
+def song(seconds: float = 1.0) -> np.ndarray:
+    return synth_song(seconds, RATE)
 
 
 def lying_length() -> bytes:
@@ -107,7 +107,7 @@ ACCEPTED = {
     "traversal name": ("../../../etc/passwd.wav", wav(song()), "passwd.wav"),
     "unicode name": ("Björk – Jóga 🎵.wav", wav(song()), None),
     "control chars in name": ("a\x00b\x1b[31mc.wav", wav(song()), None),
-    "8 channels": ("eight.wav", wav(np.vstack([synth_song(1.0, RATE)] * 4)), "eight.wav"),
+    "8 channels": ("eight.wav", wav(synth_song(1.0, RATE, 8)), "eight.wav"),
     "48 kHz FLAC": ("s.flac", wav(synth_song(1.0, 48000), rate=48000, fmt="FLAC"), "s.flac"),
 }
 
@@ -123,8 +123,39 @@ def store_files(file_mesh) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
-def test_corpus_is_large_enough():
-    assert len(REFUSED) + len(JSON_REFUSED) + len(ACCEPTED) >= 25
+#: Refusals for the request, not the file: their file must pass the upload checks, or the mesh
+#: could refuse it for a problem of the file and the case would pass for the wrong reason.
+NOT_THE_FILE = [
+    "garbage options JSON",
+    "options wrong type",
+    "unknown enum",
+    "unknown option",
+    "unknown model",
+    "unknown form field",
+    "bad hpss margin",
+    "NaN target",
+]
+
+
+def test_corpus_files_are_what_the_cases_say(tmp_path):
+    """Without a mesh: the orchestrator's upload checks (probe, then every sample scanned)
+    pass every accepted file and every file of a request-level refusal, as the cases claim."""
+
+    def checked(name: str, data: bytes):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}{Path(name).suffix}"
+        path.write_bytes(data)
+        info = probe(path, name=name)
+        assert scan_samples(path, name=name) == info.frames, name
+        return info
+
+    for case in NOT_THE_FILE:
+        name, data, _ = REFUSED[case][0]["files"]["file"]
+        info = checked(name, data)
+        assert (info.channels, info.sample_rate, info.frames) == (2, RATE, RATE), case
+    infos = {case: checked(name, data) for case, (name, data, _) in ACCEPTED.items()}
+    assert infos["8 channels"].channels == 8
+    assert (infos["48 kHz FLAC"].format, infos["48 kHz FLAC"].sample_rate) == ("FLAC", 48000)
+    assert all(info.duration_s >= 1.0 for info in infos.values())
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
