@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import graphlib
 import re
 from pathlib import Path
@@ -310,4 +311,4 @@ def test_a_broken_graph_is_caught_at_plan_time():
     with pytest.raises(RuntimeError, match="hpss:drums reads .*separation/drums.wav that no earlier node writes"):
         graph.check_graph([nodes[0], nodes[3], *nodes[1:3], *nodes[4:]])
     with pytest.raises(RuntimeError, match="written by both"):
-        graph.check_graph([*nodes, nodes[-1].__class__(**{**nodes[-1].__dict__, "name": "again", "reads": ()})])
+        graph.check_graph([*nodes, dataclasses.replace(nodes[-1], name="again", reads=())])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
 class _Rpc:
     """How the runner calls a worker stage; the request and outputs come from the graph's nodes."""
 
-    stub: Callable[[grpc.aio.Channel], Any]  # the generated stub class
+    stub: type  # the generated stub class
     address: str  # the Settings field with the worker's address
     method: str
     streams: bool  # a server stream of progress messages, then one result
@@ -158,7 +158,7 @@ class Runner:
                 job.error.CopyFrom(common_pb2.ErrorDetail(code="INTERNAL", message=f"{type(exc).__name__}: {exc}"))
                 await self._finish(rec, common_pb2.JOB_STATE_FAILED, "job failed: internal error")
 
-    async def _finish(self, rec: JobRecord, state: int, event: str) -> None:
+    async def _finish(self, rec: JobRecord, state: common_pb2.JobState.ValueType, event: str) -> None:
         for node in rec.job.nodes:
             if node.state in (common_pb2.NODE_STATE_RUNNING, common_pb2.NODE_STATE_PENDING):
                 node.state = (
@@ -173,7 +173,7 @@ class Runner:
         rec.job.current_stage = ""
         await self.registry.changed(rec, event)
 
-    async def _plan_when_reachable(self, rec: JobRecord):
+    async def _plan_when_reachable(self, rec: JobRecord) -> tuple[Plan, separation_pb2.ModelInfo]:
         """Plan the job, waiting (within the budget) for a separation worker that is not up
         yet — e.g. an orchestrator restarted before its workers resumes jobs at start."""
         deadline = time.monotonic() + self.settings.unavailable_budget_seconds
@@ -207,7 +207,7 @@ class Runner:
         started = time.monotonic()
         await self.registry.changed(rec, "job running")
         node_slots = asyncio.Semaphore(self.settings.max_parallel_nodes)
-        running: dict[str, asyncio.Task] = {}
+        running: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
                 done_names = {n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_SUCCEEDED}
@@ -235,13 +235,16 @@ class Runner:
         job.fraction = 1.0
         await self._finish(rec, common_pb2.JOB_STATE_SUCCEEDED, "job succeeded")
 
+    def _all_exist(self, keys: list[str]) -> bool:
+        return all(self.store.exists(k) for k in keys)
+
     async def _prepare_resume(self, rec: JobRecord) -> None:
         """Reuse succeeded nodes whose outputs still exist; everything else runs again."""
         reused = []
         for node in rec.job.nodes:
             if node.state == common_pb2.NODE_STATE_SUCCEEDED:
                 keys = [t.key for t in node.outputs]
-                present = await asyncio.to_thread(lambda ks=keys: all(self.store.exists(k) for k in ks))
+                present = await asyncio.to_thread(self._all_exist, keys)
                 if present:
                     reused.append(node.name)
                     continue
@@ -252,7 +255,15 @@ class Runner:
         await self.registry.changed(rec, f"job resumed; reusing {', '.join(reused) or 'nothing'}")
 
     # --- one node ----------------------------------------------------------------------
-    async def _run_node(self, rec, node, plan: Plan, info, slots: asyncio.Semaphore, started: float) -> None:
+    async def _run_node(
+        self,
+        rec: JobRecord,
+        node: orchestrator_pb2.Node,
+        plan: Plan,
+        info: separation_pb2.ModelInfo,
+        slots: asyncio.Semaphore,
+        started: float,
+    ) -> None:
         async with slots:
             node.state = common_pb2.NODE_STATE_RUNNING
             node.start_time.CopyFrom(now_pb())
@@ -367,19 +378,14 @@ class Runner:
                 self.store.get_to_file(request.input_key, local)
                 fmt, subtype, ext = ENCODINGS[INTERMEDIATE]
                 mix = Path(tmp) / f"mix{ext}"
-                writer = TrackWriter(mix, info.sample_rate, info.audio_channels, fmt=fmt, subtype=subtype)
-                try:
+                with TrackWriter(mix, info.sample_rate, info.audio_channels, fmt=fmt, subtype=subtype) as writer:
                     # Messages name the user's file, not the scratch copy ("input").
                     blocks = decode_blocks(
                         local, sample_rate=info.sample_rate, channels=info.audio_channels, name=request.input_name
                     )
                     for block in blocks:
                         writer.write(block)
-                    measured = writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-                return Outputs(self.store, tmp).publish_file("mix", request.output_key, mix, measured)
+                return Outputs(self.store, tmp).publish_file("mix", request.output_key, mix, writer.measurement)
 
         return await asyncio.to_thread(work)
 
@@ -434,7 +440,7 @@ def _set_current_stage(job: orchestrator_pb2.Job) -> None:
         job.current_stage = ", ".join(names)
 
 
-async def _follow(call, progress, stage: str):
+async def _follow(call: AsyncIterator[Any], progress: Callable[[float], None], stage: str) -> Any:
     """Relay a worker's progress stream; return its result message."""
     async for msg in call:
         if msg.HasField("progress"):
