@@ -263,7 +263,7 @@ def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any)
         raise ConfigError(f"AUDIOMESH_SECRETS_DIR={secrets_dir!r}: not a folder")
     reading = _ENVIRON.set(environ)
     try:
-        return Settings(_secrets_dir=secrets_dir, **overrides)
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]  # an init-only option, not a field
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

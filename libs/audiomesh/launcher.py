@@ -384,7 +384,7 @@ class Mesh:
     def __enter__(self) -> Mesh:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

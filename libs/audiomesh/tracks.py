@@ -38,7 +38,7 @@ INTERMEDIATE = common_pb2.AUDIO_ENCODING_WAV_FLOAT32
 SILENCE_LUFS = -200.0  # how -inf loudness is stored in messages and manifests
 
 
-def encoding_by_name(name: str) -> int:
+def encoding_by_name(name: str) -> common_pb2.AudioEncoding.ValueType:
     return common_pb2.AudioEncoding.Value("AUDIO_ENCODING_" + name.upper())
 
 
