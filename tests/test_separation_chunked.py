@@ -18,11 +18,12 @@ from demucs.pretrained import get_model
 
 from audiomesh.audio.io import read_audio, write_audio
 from audiomesh.audio.stream import ArraySource, SoundFileSource, StreamingMeasure, TrackWriter
+from audiomesh.demo import synth_song
 from audiomesh.dsp.loudness import measure
 from audiomesh.errors import Cancelled, InvalidInput
 from audiomesh.separation import DemucsModel, SeparationOptions
 from audiomesh.separation.chunked import StreamingSeparator, mix_stats
-from tests.helpers.models import SAMPLE_RATE, make_tiny_htdemucs, synth_mix
+from tests.helpers.models import SAMPLE_RATE, make_tiny_htdemucs
 
 #: The issue's bar for "matches one-shot apply_model".
 MIN_SDR_DB = 60.0
@@ -60,7 +61,7 @@ def unittest_model() -> DemucsModel:
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
-    return synth_mix(4.3)  # several 1 s chunks of the tiny model, and a partial last one
+    return synth_song(4.3)  # several 1 s chunks of the tiny model, and a partial last one
 
 
 # --------------------------------------------------------------------------- equality with apply_model
@@ -126,7 +127,7 @@ def test_streaming_separator_equals_raw_apply_model(tiny: DemucsModel, mix: np.n
 
 def test_file_source_matches_one_shot_within_60_db(tiny: DemucsModel, tmp_path) -> None:
     """A mix read from its file in place (normalisation from float64 block moments) vs one-shot."""
-    mix = synth_mix(6.2, seed=2)
+    mix = synth_song(6.2, seed=2)
     path = tmp_path / "mix.wav"
     write_audio(path, mix, SAMPLE_RATE, subtype="FLOAT")
     random.seed(1)
@@ -140,7 +141,7 @@ def test_file_source_matches_one_shot_within_60_db(tiny: DemucsModel, tmp_path) 
 
 
 def test_mix_stats_of_a_file_equal_torch_within_float32(tmp_path) -> None:
-    mix = synth_mix(3.0, seed=4)
+    mix = synth_song(3.0, seed=4)
     path = tmp_path / "mix.wav"
     write_audio(path, mix, SAMPLE_RATE, subtype="FLOAT")
     exact_mean, exact_std = mix_stats(ArraySource(mix, SAMPLE_RATE))
@@ -247,7 +248,7 @@ def test_streaming_measure_of_silence_and_mono() -> None:
 
 @pytest.mark.parametrize(("fmt", "subtype"), [("wav", "FLOAT"), ("wav", "PCM_16"), ("flac", "PCM_24")])
 def test_track_writer_writes_what_write_audio_writes(tmp_path, fmt: str, subtype: str) -> None:
-    y = synth_mix(1.7) * 1.4  # some samples past full scale: PCM clips, float keeps them
+    y = synth_song(1.7) * 1.4  # some samples past full scale: PCM clips, float keeps them
     writer = TrackWriter(tmp_path / f"streamed.{fmt}", SAMPLE_RATE, 2, fmt=fmt, subtype=subtype)
     for start in range(0, y.shape[1], 10_000):
         writer.write(y[:, start : start + 10_000])

@@ -19,6 +19,7 @@ import torch
 from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 
+from audiomesh.demo import synth_song
 from audiomesh.errors import (
     AlreadyExists,
     Cancelled,
@@ -40,7 +41,7 @@ from audiomesh.separation import (
     save_model_to_repo,
 )
 from audiomesh.separation import registry as registry_module
-from tests.helpers.models import make_tiny_htdemucs, make_tiny_repo, synth_mix
+from tests.helpers.models import make_tiny_htdemucs, make_tiny_repo
 
 SOURCES = ("drums", "bass", "other", "vocals")
 
@@ -63,7 +64,7 @@ def tiny(factory: SeparatorFactory, tiny_repo: tuple[Path, str]) -> SeparatorMod
 
 @pytest.fixture(scope="module")
 def mix() -> np.ndarray:
-    return synth_mix(seconds=2.0)
+    return synth_song(2.0)
 
 
 def _direct(model: torch.nn.Module, mix: np.ndarray, seed: int, **kwargs) -> np.ndarray:
