@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import librosa
 import numpy as np
 import pytest
 import scipy.ndimage
 
 from audiomesh.dsp import hpss as hpss_module
-from audiomesh.dsp.hpss import hpss, warmup
+from audiomesh.dsp.hpss import hpss
 from audiomesh.errors import InvalidInput
 
 TOLERANCE = 1e-5
@@ -166,8 +170,38 @@ def test_median_filter_equals_scipy_reflect(size: int, axis: int) -> None:
     assert np.array_equal(hpss_module._median_filter(x, size, axis), expected)
 
 
-def test_warmup_runs() -> None:
-    warmup()
+_WARMUP_CHILD = """
+import json
+import librosa.core.spectrum
+import numpy as np
+from audiomesh.dsp import hpss as m
+
+kernels = [vars(librosa.core.spectrum)["__overlap_add"], m._fused_masks_kernel()]
+def compiled():
+    return sorted(str(sig) for kernel in kernels for sig in kernel.signatures)
+before = compiled()
+m.warmup()
+warm = compiled()
+y = np.random.default_rng(1).standard_normal((2, 44100)).astype(np.float32) * 0.1
+for channels in (1, 2):
+    for workers in (1, 2, 4):
+        for block_frames in (None, 16):
+            list(m.hpss_blocks(m._Array(y[:channels]), max_workers=workers, block_frames=block_frames))
+print(json.dumps({"before": before, "warm": warm, "new": sorted(set(compiled()) - set(warm))}))
+"""
+
+
+def test_warmup_leaves_every_kernel_the_worker_calls_compiled() -> None:
+    """In a fresh process (numba's compiled signatures are per process): after `warmup`, the
+    hpss worker's calls (`hpss_blocks` on float32 mono/stereo, whole and in blocks, 1-4 threads)
+    find every numba kernel already specialised for their array types, so no job compiles."""
+    child = subprocess.run(
+        [sys.executable, "-c", _WARMUP_CHILD], capture_output=True, text=True, timeout=240, check=True
+    )
+    seen = json.loads(child.stdout.splitlines()[-1])
+    assert seen["before"] == []  # a fresh process: what follows is warmup's doing
+    assert any("float32" in sig for sig in seen["warm"]) and any("float64" in sig for sig in seen["warm"])
+    assert seen["new"] == [], "compiled during the first job, not at warmup"
 
 
 # --------------------------------------------------------------------------- rules

@@ -549,10 +549,18 @@ def warmup() -> None:
     >>> warmup()
     """
     rng = np.random.default_rng(0)
-    y = rng.standard_normal((2, 4096)) * 0.1
+    y = rng.standard_normal((2, 1 << 14)) * 0.1  # long enough that librosa's ISTFT works in chunks
     for dtype in (np.float32, np.float64):
         hpss(y.astype(dtype), kernel_size=5, n_fft=256, max_workers=1)
         hpss(y[0].astype(dtype), kernel_size=5, n_fft=256, max_workers=1)
+    # The worker's path, `hpss_blocks` on float32: whole and in blocks, with and without the
+    # columns split among threads (each gives numba other array layouts to compile for).
+    for channels in (1, 2):
+        for workers in (1, 4):
+            for block_frames in (None, 8):
+                source = _Array(y[:channels].astype(np.float32))
+                for _ in hpss_blocks(source, kernel_size=5, n_fft=256, max_workers=workers, block_frames=block_frames):
+                    pass
 
 
 # --------------------------------------------------------------------------- kernels
