@@ -14,12 +14,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message as ProtoMessage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
@@ -32,7 +34,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from stream_zip import ZIP_AUTO, stream_zip
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from stream_zip import ZIP_AUTO, MemberFile, stream_zip
 
 import audiomesh
 from audiomesh import errors
@@ -68,7 +71,7 @@ class SegmentConvertor(Convertor):
 register_url_convertor("seg", SegmentConvertor())
 
 
-def to_json(message) -> dict:
+def to_json(message: ProtoMessage) -> dict:
     return json_format.MessageToDict(message)
 
 
@@ -99,7 +102,7 @@ class Gateway:
         return tuple(md)
 
     # --- annotated routes -----------------------------------------------------------
-    def endpoint(self, route: HttpRoute):
+    def endpoint(self, route: HttpRoute) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             try:
                 message = await self._request_message(route, request)
@@ -122,7 +125,7 @@ class Gateway:
         handle.__name__ = route.method.name
         return handle
 
-    async def _request_message(self, route: HttpRoute, request: Request):
+    async def _request_message(self, route: HttpRoute, request: Request) -> ProtoMessage:
         message = route.request_class()
         if route.body == "*":
             raw = await request.body()
@@ -140,7 +143,7 @@ class Gateway:
             json_format.ParseDict(dict(request.path_params), message)
         return message
 
-    async def _stream(self, route: HttpRoute, message, request: Request) -> Response:
+    async def _stream(self, route: HttpRoute, message: ProtoMessage, request: Request) -> Response:
         call = self.channel.unary_stream(
             route.grpc_path,
             request_serializer=route.request_class.SerializeToString,
@@ -161,7 +164,7 @@ class Gateway:
             item = first
             try:
                 while item is not grpc.aio.EOF:
-                    yield frame({"result": to_json(item)})
+                    yield frame({"result": to_json(cast(ProtoMessage, item))})  # `is not EOF` does not narrow
                     item = await call.read()
             except grpc.aio.AioRpcError as exc:
                 yield frame({"error": rpc_error_json(exc)})
@@ -198,7 +201,7 @@ class Gateway:
         sent = 0
         complete = False  # the whole body arrived and parsed: only then may the call see its end
 
-        async def messages():
+        async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
             yield orchestrator_pb2.UploadAudioRequest(
                 metadata=orchestrator_pb2.UploadMetadata(
                     filename=upload.filename or "upload", options=upload.options, create_job=True
@@ -321,7 +324,7 @@ class Gateway:
             entries.append((filename, key, info.size))
         modified = datetime.now(UTC).replace(tzinfo=None)
 
-        def members():
+        def members() -> Iterator[MemberFile]:
             for filename, key, size in entries:
                 yield filename, modified, 0o644, ZIP_AUTO(size, level=1), self.store.iter_chunks(key, _CHUNK)
 
@@ -360,7 +363,7 @@ class Gateway:
         )
 
 
-async def _offer(queue: asyncio.Queue, item, call_task: asyncio.Future) -> bool:
+async def _offer(queue: asyncio.Queue, item: object, call_task: asyncio.Future) -> bool:
     """Queue ``item`` for the upload call; False when the call ended first (refused early:
     nobody reads the queue any more, so a plain ``put`` on a full queue would wait forever)."""
     if call_task.done():
@@ -589,11 +592,11 @@ def create_app(
 class AccessLog:
     """Request id (from X-Request-ID or new), echoed in the response; one log line per request."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.log = logger(component="http")
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -608,7 +611,7 @@ class AccessLog:
         started = time.perf_counter()
         status = [500]
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message.setdefault("headers", [])

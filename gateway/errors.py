@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf import json_format
@@ -43,7 +44,7 @@ def status_json(status: status_pb2.Status) -> dict:
 
 
 def error_response(
-    code: grpc.StatusCode, message: str, *, http_status: int | None = None, headers=None
+    code: grpc.StatusCode, message: str, *, http_status: int | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     status = status_pb2.Status(code=code.value[0], message=message)
     return JSONResponse(status_json(status), status_code=http_status or HTTP_STATUS[code], headers=headers)

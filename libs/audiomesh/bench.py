@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -723,7 +723,7 @@ async def _one_job(target: str, store_url: str, song: Path, shifts: int, limit_s
     options.separation.shifts = shifts
     size_bytes = await asyncio.to_thread(lambda: song.stat().st_size)
 
-    async def messages():
+    async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
         yield orchestrator_pb2.UploadAudioRequest(
             metadata=orchestrator_pb2.UploadMetadata(
                 filename=song.name, options=options, create_job=True, size_bytes=size_bytes

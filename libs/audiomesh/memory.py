@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Callable
 
 __all__ = ["limit_arenas", "release_memory"]
 
@@ -66,7 +67,7 @@ def allocator() -> str:
 
 
 @functools.cache
-def _jemalloc_mallctl():
+def _jemalloc_mallctl() -> Callable[..., int] | None:
     """jemalloc's ``mallctl`` when jemalloc is this process's allocator (LD_PRELOAD), else None."""
     try:
         mallctl = ctypes.CDLL(None).mallctl

@@ -7,9 +7,14 @@ facade's OpenAPI document, so both describe exactly what ``json_format`` writes 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+if TYPE_CHECKING:
+    from google._upb._message import Descriptor as UpbDescriptor
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
 _FLOAT = {"anyOf": [{"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]}
 _INT64 = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": "^-?[0-9]{1,19}$"}]}  # written as strings
@@ -35,7 +40,7 @@ _WELL_KNOWN: dict[str, dict] = {
 
 
 def message_schemas(
-    *roots: Descriptor,
+    *roots: Descriptor | UpbDescriptor,  # Message.DESCRIPTOR is either, by protobuf backend
     ref_prefix: str = "#/$defs/",
     required: dict[str, list[str]] | None = None,
     field_overrides: dict[str, dict] | None = None,
@@ -49,7 +54,7 @@ def message_schemas(
     required = required or {}
     field_overrides = field_overrides or {}
 
-    def field_schema(field: FieldDescriptor) -> dict:
+    def field_schema(field: FieldDescriptor | UpbFieldDescriptor) -> dict:
         if field.message_type is not None:
             full = field.message_type.full_name
             if field.message_type.GetOptions().map_entry:
@@ -65,7 +70,7 @@ def message_schemas(
             return {"enum": [v.name for v in field.enum_type.values]}
         return copy.deepcopy(_SCALARS[field.type])
 
-    def add(desc: Descriptor) -> None:
+    def add(desc: Descriptor | UpbDescriptor) -> None:
         if desc.full_name in defs:
             return
         defs[desc.full_name] = {}  # recursion guard

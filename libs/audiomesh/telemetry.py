@@ -90,7 +90,7 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("audiomesh")
 
 
-def logger(**bound) -> structlog.stdlib.BoundLogger:
+def logger(**bound: Any) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger("audiomesh").bind(**bound)
 
 

@@ -17,6 +17,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -424,7 +425,7 @@ def decode_blocks(
 
 
 def _converted(
-    y: np.ndarray, stream, channels: int | None, shown: str, at: int, *, last: bool, rate: int | None = None
+    y: np.ndarray, stream: Any, channels: int | None, shown: str, at: int, *, last: bool, rate: int | None = None
 ) -> np.ndarray:
     """One block of :func:`decode_blocks`: checked, downmixed, resampled, upmixed."""
     _check_block_finite(y.T, shown, at, rate)

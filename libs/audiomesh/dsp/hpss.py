@@ -667,7 +667,15 @@ def _fused_masks_kernel() -> Callable[..., None]:
     return numba.njit(nogil=True, cache=True)(_fused_masks_power2)
 
 
-def _fused_masks_power2(spec, mag, harm, perc, out_harm, out_perc, tiny):  # pragma: no cover - compiled
+def _fused_masks_power2(  # pragma: no cover - compiled
+    spec: np.ndarray,
+    mag: np.ndarray,
+    harm: np.ndarray,
+    perc: np.ndarray,
+    out_harm: np.ndarray,
+    out_perc: np.ndarray,
+    tiny: float,
+) -> None:
     """:func:`_apply_masks` for margins 1 and power 2 in one pass: per bin, the float operations
     of the numpy path in the same order (``max``, two divisions, two squares, the sum, two
     divisions; 0.5 where both medians are below ``tiny``; librosa's ``magphase``; the complex

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -231,7 +232,9 @@ def _polyphase_filter(up: int) -> tuple[np.ndarray, int]:
     return phases, half_len
 
 
-def _peak_of_upsampled(padded, phases, pad, up, half_len, start, stop):  # pragma: no cover - numba
+def _peak_of_upsampled(  # pragma: no cover - numba
+    padded: np.ndarray, phases: np.ndarray, pad: int, up: int, half_len: int, start: int, stop: int
+) -> float:
     # Output q = up * m + k of resample_poly is sample q + half_len of the full convolution of
     # the zero-stuffed signal with h (half_len is a multiple of up): phase k, from input sample
     # m + half_len // up backwards.
@@ -248,7 +251,7 @@ def _peak_of_upsampled(padded, phases, pad, up, half_len, start, stop):  # pragm
 
 
 @functools.cache
-def _peak_kernel():
+def _peak_kernel() -> Callable[..., float]:
     """:func:`_peak_of_upsampled` compiled by numba (imported here: only measuring loads numba)."""
     import numba
 

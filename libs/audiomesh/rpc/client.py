@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -16,6 +17,8 @@ from audiomesh.auth import SERVICE_TOKEN_HEADER
 # Transparent retries for calls that never reached a healthy server. Idempotent unary calls
 # (health, ListModels, Measure) also retry UNAVAILABLE; streaming work is retried by the
 # orchestrator, which knows what was written.
+_Stub = TypeVar("_Stub")
+
 _SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
@@ -58,22 +61,35 @@ class _AddMetadata:
     def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
         self.pairs = pairs
 
-    def _details(self, details):
-        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *self.pairs))
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*(details.metadata or ()), *self.pairs),
+            details.credentials,
+            details.wait_for_ready,
+        )
 
 
+# The continuations and calls are generic over message types; these interceptors pass any through.
 class _UnaryUnaryMetadata(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _UnaryStreamMetadata(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
         return await continuation(self._details(details), request)
 
 
 class _StreamUnaryMetadata(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(details), request_iterator)
 
 
@@ -110,7 +126,8 @@ class ClientFactory:
             self._channels[target] = chan
         return self._channels[target]
 
-    def stub(self, stub_class: type, target: str):
+    def stub(self, stub_class: Callable[[grpc.aio.Channel], _Stub], target: str) -> _Stub:
+        """``stub_class`` on the target's channel: a generated ``*Stub`` class gives its async stub type."""
         return stub_class(self.channel(target))
 
     async def health(self, target: str, service: str = "", *, timeout: float = 2.0) -> str:  # noqa: ASYNC109 - a gRPC deadline

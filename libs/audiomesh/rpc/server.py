@@ -16,7 +16,9 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -125,13 +127,20 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._auth = auth
 
-    async def intercept_service(self, continuation, details):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
         limited = self._limit is not None and not method.startswith(_EXEMPT_PREFIXES) and method not in self._light
         client_streaming = bool(handler.stream_unary or handler.stream_stream)
+        # The aio server's handlers are coroutine / async-generator functions; the stubs declare the sync ones.
+        inner: Any
+        wrapped: Callable[[Any, grpc.aio.ServicerContext], Any]
         if handler.unary_unary or handler.stream_unary:
             kind = "unary_unary" if handler.unary_unary else "stream_unary"
             inner = handler.unary_unary or handler.stream_unary
@@ -140,7 +149,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_stream or handler.stream_stream
         if kind in ("unary_unary", "stream_unary"):
 
-            async def unary(request, context):
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._call(method, context, limited, request if client_streaming else None):
                     self._admit(method, context)
                     return await inner(request, context)
@@ -148,7 +157,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             wrapped = unary
         else:
 
-            async def streaming(request, context):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with self._call(method, context, limited, request if client_streaming else None):
                     self._admit(method, context)
                     responses = inner(request, context)
@@ -175,13 +184,15 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             return
         current_principal.set(self._auth.admit(context))
 
-    def _call(self, method: str, context: grpc.aio.ServicerContext, limited: bool, requests: Any = None):
+    def _call(
+        self, method: str, context: grpc.aio.ServicerContext, limited: bool, requests: Any = None
+    ) -> AbstractAsyncContextManager[Any]:
         """``requests``: a client-streaming call's request iterator, drained before an error ends
         the call (see :func:`_drain_requests`)."""
         interceptor = self
 
         class _Scope:
-            async def __aenter__(self):
+            async def __aenter__(self) -> _Scope:
                 self.start = time.perf_counter()
                 self.code = "OK"
                 if limited and interceptor._limit is not None:
@@ -198,7 +209,9 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self.counted = limited
                 return self
 
-            async def __aexit__(self, exc_type, exc, tb):
+            async def __aexit__(
+                self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+            ) -> bool:
                 if self.counted:
                     interceptor._in_flight -= 1
                 if exc is None:
@@ -225,7 +238,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return _Scope()
 
-    def _log_call(self, method: str, code: str, start: float, **extra) -> None:
+    def _log_call(self, method: str, code: str, start: float, **extra: Any) -> None:
         if method.startswith(_EXEMPT_PREFIXES):
             return
         ms = round((time.perf_counter() - start) * 1000, 1)

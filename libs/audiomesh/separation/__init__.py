@@ -6,6 +6,8 @@ returns ``{source: (channels, frames) float32}``. See :mod:`.base` for the contr
 :mod:`.repo` for local weight folders (``AUDIOMESH_MODEL_REPO``).
 """
 
+from typing import Any
+
 from audiomesh.separation.base import (
     MAX_SHIFTS,
     ModelInfo,
@@ -30,7 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from audiomesh import fsutil
 from audiomesh.errors import InvalidInput, NotFound, TooLarge
@@ -254,7 +254,7 @@ class LimitedReader(io.RawIOBase):
             )
         return out
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (bytearray, memoryview, ...)
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
