@@ -538,10 +538,12 @@ def check_options(
 
 
 def warmup() -> None:
-    """Compile librosa's numba kernels by running a tiny `hpss` in float32 and float64.
+    """Compile the numba kernels (librosa's overlap-add, the fused masks) for every array type
+    `hpss` and `hpss_blocks` give them, by running both on tiny signals.
 
-    Call once at service start (before reporting SERVING): the first ISTFT of each
-    dtype JIT-compiles for several seconds.
+    Call once at service start (before reporting SERVING): each new dtype or array layout
+    JIT-compiles for seconds (without numba's on-disk cache, ~15 s on 2 cores for the
+    worker's calls), and the first job would pay it.
 
     Examples
     --------
