@@ -7,4 +7,5 @@ bash scripts/setup_helm.sh
 .venv/bin/buf lint
 .venv/bin/python scripts/gen_protos.py --check
 .venv/bin/ruff check .
+.venv/bin/python scripts/typecheck.py
 .venv/bin/python -m pytest "$@"

@@ -14,7 +14,9 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
@@ -23,28 +25,38 @@ from audiomesh import bench
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
+if TYPE_CHECKING:
+    from audiomesh.v1 import orchestrator_pb2
+    from audiomesh.v1.orchestrator_pb2_grpc import OrchestratorServiceAsyncStub
+
 CHUNK = 1 << 20
 
 
-def _state(job) -> str:
+def _state(job: orchestrator_pb2.Job) -> str:
     from audiomesh.v1 import common_pb2
 
     return common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
 
 
-def _fmt_eta(job) -> str:
+def _fmt_eta(job: orchestrator_pb2.Job) -> str:
     if not job.HasField("eta_seconds"):
         return "--:--"
     s = int(job.eta_seconds)
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-async def _upload(stub, path: Path, options, *, filename: str | None = None):
+async def _upload(
+    stub: OrchestratorServiceAsyncStub,
+    path: Path,
+    options: orchestrator_pb2.JobOptions,
+    *,
+    filename: str | None = None,
+) -> orchestrator_pb2.UploadAudioResponse:
     from audiomesh.v1 import orchestrator_pb2
 
     size = await asyncio.to_thread(lambda: path.stat().st_size)
 
-    async def messages():
+    async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
         yield orchestrator_pb2.UploadAudioRequest(
             metadata=orchestrator_pb2.UploadMetadata(
                 filename=filename or path.name, options=options, create_job=True, size_bytes=size
@@ -57,7 +69,9 @@ async def _upload(stub, path: Path, options, *, filename: str | None = None):
     return await stub.UploadAudio(messages())
 
 
-async def _watch(stub, job_id: str, *, label: str, quiet: bool = False):
+async def _watch(
+    stub: OrchestratorServiceAsyncStub, job_id: str, *, label: str, quiet: bool = False
+) -> orchestrator_pb2.Job:
     """Follow a job with a progress bar (stage, %, ETA); return its final state."""
     from tqdm import tqdm
 
@@ -71,10 +85,12 @@ async def _watch(stub, job_id: str, *, label: str, quiet: bool = False):
         bar.set_postfix_str(f"{_state(job).lower()} {job.current_stage} ETA {_fmt_eta(job)}", refresh=False)
         bar.refresh()
     bar.close()
+    if job is None:  # WatchJob always sends a snapshot first; say so rather than fail on None later
+        raise AudiomeshError(f"WatchJob for {job_id} ended without sending the job")
     return job
 
 
-def _download(settings: Settings, job, out_dir: Path) -> list[Path]:
+def _download(settings: Settings, job: orchestrator_pb2.Job, out_dir: Path) -> list[Path]:
     store = settings.open_store()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -88,7 +104,7 @@ def _download(settings: Settings, job, out_dir: Path) -> list[Path]:
     return written
 
 
-def _job_options(args):
+def _job_options(args: argparse.Namespace) -> orchestrator_pb2.JobOptions:
     from audiomesh.v1 import orchestrator_pb2
 
     options = orchestrator_pb2.JobOptions(model=args.model or "")
@@ -99,7 +115,7 @@ def _job_options(args):
     return options
 
 
-async def _process(args, settings: Settings, target: str) -> int:
+async def _process(args: argparse.Namespace, settings: Settings, target: str) -> int:
     from audiomesh.v1 import orchestrator_pb2_grpc
 
     clients = settings.client_factory(as_user=True)
@@ -154,7 +170,7 @@ async def _mesh_running(settings: Settings, target: str) -> bool:
         await clients.close()
 
 
-def cmd_process(args, settings: Settings) -> int:
+def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     target = settings.orchestrator_addr
     if asyncio.run(_mesh_running(settings, target)):
         return asyncio.run(_process(args, settings, target))
@@ -167,7 +183,7 @@ def cmd_process(args, settings: Settings) -> int:
         return asyncio.run(_process(args, settings, mesh.orchestrator))
 
 
-def cmd_up(args, settings: Settings) -> int:
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
@@ -200,7 +216,7 @@ def cmd_up(args, settings: Settings) -> int:
     return 0
 
 
-async def _simple(args, settings: Settings) -> int:
+async def _simple(args: argparse.Namespace, settings: Settings) -> int:
     from audiomesh.separation.execution import execution_label
     from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
@@ -222,9 +238,9 @@ async def _simple(args, settings: Settings) -> int:
             job = (await stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=args.job_id))).job
             print(f"{job.job_id} {_state(job)}")
         elif args.command == "models":
-            resp = await stub.ListModels(separation_pb2.ListModelsRequest())
-            for m in resp.models:
-                mark = "*" if m.name == resp.default_model else " "
+            listed = await stub.ListModels(separation_pb2.ListModelsRequest())
+            for m in listed.models:
+                mark = "*" if m.name == listed.default_model else " "
                 avail = "available" if m.available else "no weights here"
                 runs = execution_label(m.execution)
                 print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
@@ -240,7 +256,7 @@ async def _simple(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_warm(args, settings: Settings) -> int:
+def cmd_warm(args: argparse.Namespace, settings: Settings) -> int:
     """Compile models with AUDIOMESH_COMPILE_BACKEND into AUDIOMESH_COMPILE_CACHE_DIR; 1 if any failed."""
     from audiomesh.separation import SeparatorFactory
     from audiomesh.separation.compiled import configure_cache, warm_cache

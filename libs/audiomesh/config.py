@@ -15,12 +15,17 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from audiomesh.errors import ConfigError
+
+if TYPE_CHECKING:  # imported where used: they import this module
+    from audiomesh.auth import KeyRing
+    from audiomesh.rpc import ClientFactory
+    from audiomesh.store import ObjectStore
 
 ENV_PREFIX = "AUDIOMESH_"
 SERVICES = ("orchestrator", "separation", "hpss", "composite", "normalize")
@@ -191,7 +196,7 @@ class Settings(BaseSettings):
             raise ValueError("must be host:port (or dns:///host:port)")
         return value
 
-    def client_factory(self, *, as_user: bool = False, as_service: bool = False):
+    def client_factory(self, *, as_user: bool = False, as_service: bool = False) -> ClientFactory:
         """The one way to make gRPC clients: TLS trust from AUDIOMESH_TLS_CA_FILE, and the
         caller's credentials (the CLI's API key, or the service token between services)."""
         from audiomesh.rpc import ClientFactory
@@ -202,7 +207,7 @@ class Settings(BaseSettings):
             service_token=self.service_token.get_secret_value() if as_service else "",
         )
 
-    def key_ring(self):
+    def key_ring(self) -> KeyRing:
         from audiomesh.auth import KeyRing, parse_key_entries
 
         return KeyRing(parse_key_entries(self.api_keys))
@@ -231,7 +236,7 @@ class Settings(BaseSettings):
 
         return Path(tempfile.gettempdir()) / "audiomesh-compile-cache"
 
-    def open_store(self, *, create_bucket: bool = True):
+    def open_store(self, *, create_bucket: bool = True) -> ObjectStore:
         """The configured store; ``create_bucket=False`` does not contact an S3 server yet."""
         from audiomesh.store import open_store
 
@@ -263,7 +268,7 @@ def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any)
         raise ConfigError(f"AUDIOMESH_SECRETS_DIR={secrets_dir!r}: not a folder")
     reading = _ENVIRON.set(environ)
     try:
-        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]  # an init-only option, not a field
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # an init option (typed by the pydantic mypy plugin)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -14,12 +14,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import soundfile as sf
 
 from audiomesh.audio.io import AudioInfo, file_sha256, probe, read_audio, write_audio
-from audiomesh.audio.stream import ArraySource, MixSource, SoundFileSource
+from audiomesh.audio.stream import ArraySource, ClosableSource, SoundFileSource
 from audiomesh.dsp.loudness import Measurement, measure
 from audiomesh.store import ObjectStore
 from audiomesh.v1 import common_pb2
@@ -88,7 +89,7 @@ def open_source(
     *,
     sample_rate: int | None = None,
     channels: int | None = None,
-) -> MixSource:
+) -> ClosableSource:
     """Download ``key`` into ``workdir`` and open it for reading in blocks (see :func:`open_local`).
 
     Close the source when done.
@@ -104,7 +105,7 @@ def open_source(
         raise
 
 
-def open_local(path: Path, *, sample_rate: int | None = None, channels: int | None = None) -> MixSource:
+def open_local(path: Path, *, sample_rate: int | None = None, channels: int | None = None) -> ClosableSource:
     """A WAV or FLAC file already at ``sample_rate`` and ``channels`` (``None``: any) is read in
     place (:class:`SoundFileSource`: nothing held in memory; every intermediate track is one);
     anything else is decoded and converted into memory (:class:`ArraySource`) and the file deleted.
@@ -168,7 +169,9 @@ class Outputs:
     def __enter__(self) -> Outputs:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         # Failed or cancelled (any exception, KeyboardInterrupt included): remove what was written.
         if exc_type is not None:
             self.discard()

@@ -8,6 +8,7 @@ encoded and measured as they go; the composites of a request run on parallel thr
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import grpc
 
@@ -37,7 +38,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
                 raise errors.InvalidInput(f"composite {spec.name!r} needs a name, an output_key and input_keys")
         fmt, subtype, ext = ENCODINGS[request.encoding]
 
-        def work(cancel) -> list[common_pb2.Track]:
+        def work(cancel: threading.Event) -> list[common_pb2.Track]:
             with scratch.workdir("comp-") as tmp, Outputs(self.store, tmp) as outputs:
 
                 def composite(spec: composite_pb2.CompositeSpec) -> common_pb2.Track:

@@ -305,7 +305,7 @@ def make_plan(job_id: str, *, sources: list[str], two_stems: str, main_stems: li
     return dataclasses.replace(plan, nodes=nodes)
 
 
-def overall_fraction(nodes) -> float:
+def overall_fraction(nodes: Iterable[orchestrator_pb2.Node]) -> float:
     """Progress of a job, each node weighted by its stage's expected cost."""
     total = done = 0.0
     for node in nodes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -174,6 +174,10 @@ class JobRegistry:
         guards any path that does not).
         """
         rec = self.get(job_id)
+
+        def moved_since(version: int) -> Callable[[], bool]:  # binds `version` now (a lambda in the loop would not)
+            return lambda: rec.version != version or self.closing
+
         seen = rec.version
         snapshot = _copy(rec.job)
         yield snapshot
@@ -181,7 +185,7 @@ class JobRegistry:
         # Decide on the snapshot sent, not the live record: the last message is the final state.
         while snapshot.state not in TERMINAL and job_id in self.records:
             async with rec.changed:
-                await rec.changed.wait_for(lambda seen=seen: rec.version != seen or self.closing)
+                await rec.changed.wait_for(moved_since(seen))
             if self.closing:
                 raise errors.Unavailable(
                     f"the orchestrator is stopping; job {job_id} resumes when it is back: watch it again then"

@@ -10,8 +10,10 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 from google.protobuf import struct_pb2
 
 import audiomesh
@@ -26,7 +28,7 @@ from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
-from .jobs import JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
+from .jobs import JobRecord, JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
 from .runner import Runner
 
 # Recovery retries while the store does not answer: first delay, doubling up to the max.
@@ -46,7 +48,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.runner = runner
         self.log = logger(component="orchestrator")
 
-    def _own(self, job_id: str):
+    def _own(self, job_id: str) -> JobRecord:
         """The caller's job: another principal's job is NOT_FOUND, exactly like a missing one."""
         self.registry.require_loaded()
         rec = self.registry.get(job_id)
@@ -84,7 +86,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         raise errors.NotFound(f"no object with key {key!r} in the store")
 
     # --- creating jobs -----------------------------------------------------------------
-    async def UploadAudio(self, request_iterator, context):
+    async def UploadAudio(
+        self, request_iterator: AsyncIterator[orchestrator_pb2.UploadAudioRequest], context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.UploadAudioResponse:
         self.registry.require_loaded()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
@@ -127,7 +131,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             response.job.CopyFrom(await self._create(job_id, job_input, options))
         return response
 
-    async def CreateJob(self, request: orchestrator_pb2.CreateJobRequest, context):
+    async def CreateJob(
+        self, request: orchestrator_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CreateJobResponse:
         self.registry.require_loaded()
         if not request.input_key:
             raise errors.InvalidInput("input_key is required")
@@ -192,7 +198,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self.runner.plan(probe_job)
         return resolved
 
-    async def _create(self, job_id: str, job_input, options) -> orchestrator_pb2.Job:
+    async def _create(
+        self, job_id: str, job_input: orchestrator_pb2.JobInput, options: orchestrator_pb2.JobOptions
+    ) -> orchestrator_pb2.Job:
         job = orchestrator_pb2.Job(
             job_id=job_id,
             state=common_pb2.JOB_STATE_QUEUED,
@@ -207,10 +215,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return rec.job
 
     # --- reading jobs ------------------------------------------------------------------
-    async def GetJob(self, request, context):
+    async def GetJob(
+        self, request: orchestrator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetJobResponse:
         return orchestrator_pb2.GetJobResponse(job=self._own(request.job_id).job)
 
-    async def ListJobs(self, request, context):
+    async def ListJobs(
+        self, request: orchestrator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListJobsResponse:
         self.registry.require_loaded()
         ranges.check("page_size", request.page_size, ranges.PAGE_SIZE)
         size = request.page_size or ranges.DEFAULT_PAGE_SIZE
@@ -227,18 +239,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         token = _encode_token(_position(page[-1].job)) if len(records) > size else ""
         return orchestrator_pb2.ListJobsResponse(jobs=[r.job for r in page], next_page_token=token)
 
-    async def WatchJob(self, request, context):
+    async def WatchJob(
+        self, request: orchestrator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.WatchJobResponse]:
         self._own(request.job_id)
         async for job in self.registry.watch(request.job_id):
             yield orchestrator_pb2.WatchJobResponse(job=job)
 
     # --- changing jobs -----------------------------------------------------------------
-    async def CancelJob(self, request, context):
+    async def CancelJob(
+        self, request: orchestrator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CancelJobResponse:
         rec = self._own(request.job_id)
         await _cancel(rec)
         return orchestrator_pb2.CancelJobResponse(job=rec.job)
 
-    async def RetryJob(self, request, context):
+    async def RetryJob(
+        self, request: orchestrator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.RetryJobResponse:
         rec = self._own(request.job_id)
         if rec.job.state not in (common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED):
             state = common_pb2.JobState.Name(rec.job.state)
@@ -249,22 +267,28 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self.registry.changed(rec, "job retried; nodes that succeeded will be reused")
         return orchestrator_pb2.RetryJobResponse(job=rec.job)
 
-    async def DeleteJob(self, request, context):
+    async def DeleteJob(
+        self, request: orchestrator_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.DeleteJobResponse:
         await _cancel(self._own(request.job_id))
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 
     # --- facts -------------------------------------------------------------------------
-    async def GetConfig(self, request, context):
+    async def GetConfig(
+        self, request: orchestrator_pb2.GetConfigRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetConfigResponse:
         config = struct_pb2.Struct()
         config.update(self.settings.public_dict())
         return orchestrator_pb2.GetConfigResponse(config=config, version=audiomesh.__version__)
 
-    async def ListModels(self, request, context) -> separation_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: separation_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> separation_pb2.ListModelsResponse:
         return await self.runner.list_models()
 
 
-async def _cancel(rec) -> None:
+async def _cancel(rec: JobRecord) -> None:
     """Cancel a running job and wait (bounded) until the runner has marked it CANCELLED."""
     if not rec.terminal and rec.task is not None:
         rec.task.cancel()

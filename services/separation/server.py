@@ -22,7 +22,7 @@ from audiomesh.config import Settings
 from audiomesh.memory import allocator, limit_arenas, release_memory
 from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
-from audiomesh.separation import SeparatorFactory
+from audiomesh.separation import ModelInfo, SeparatorFactory
 from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
 from audiomesh.separation.execution import execution_value
 from audiomesh.separation.registry import configure_torch_threads
@@ -35,7 +35,7 @@ from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 Report = Callable[[float, str], None]
 
 
-def model_info_pb(info, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
+def model_info_pb(info: ModelInfo, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
     eager_s, compiled_s = getattr(info, "chunk_seconds", None) or (None, None)
     return separation_pb2.ModelInfo(
         name=info.name,

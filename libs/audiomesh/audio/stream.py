@@ -21,7 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import scipy.signal
@@ -52,6 +52,16 @@ class MixSource(Protocol):
     sample_rate: int
 
     def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ClosableSource(MixSource, Protocol):
+    """A :class:`MixSource` that holds something (an open file): close it, or use it in ``with``."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class ArraySource:
@@ -119,7 +129,7 @@ def iter_blocks(source: MixSource, block_frames: int = BLOCK_FRAMES) -> Iterator
         yield start, source.read(start, min(start + block_frames, source.frames))
 
 
-def measure_source(source: MixSource, cancelled=lambda: False) -> Measurement:
+def measure_source(source: MixSource, cancelled: Callable[[], bool] = lambda: False) -> Measurement:
     """:func:`audiomesh.dsp.loudness.measure` of a whole source, read block by block."""
     meter = StreamingMeasure(source.sample_rate, source.channels)
     for _start, block in iter_blocks(source):
@@ -229,7 +239,7 @@ class StreamingMeasure:
         self.frames += block.shape[1]
         self._blocks(self.frames)
 
-    def result(self):
+    def result(self) -> Measurement:
         """The :class:`~audiomesh.dsp.loudness.Measurement` of everything fed so far."""
         if self.true_peak:
             self._true_peak(np.zeros((self.channels, 0)), final=True)
