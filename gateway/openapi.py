@@ -25,7 +25,9 @@ _PATH_SCHEMAS = {
 
 # Object keys: the server accepts more (see audiomesh.store.validate_key); the schema promises
 # a conservative subset that is always valid: '/'-separated names without dot segments.
-_KEY = {"pattern": "^[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}){0,7}$"}  # principals may hold @
+_KEY = {
+    "pattern": "^[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._@ -]{0,127}){0,7}$"
+}  # principals may hold @
 _FIELD_OVERRIDES = {
     "audiomesh.v1.CreateJobRequest.input_key": _KEY,
     **field_schemas(),  # job option and page-size ranges: the table the validators read (audiomesh.ranges)
