@@ -15,43 +15,23 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-import torch
 
 from audiomesh import errors, scratch
 from audiomesh.config import Settings
-from audiomesh.memory import allocator, limit_arenas, release_memory
+from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
-from audiomesh.separation import ModelInfo, SeparatorFactory
+from audiomesh.separation import SeparatorFactory
 from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
-from audiomesh.separation.execution import execution_value
-from audiomesh.separation.registry import configure_torch_threads
-from audiomesh.separation.stems import write_stems
+from audiomesh.separation.execution import execution_value, model_info_pb
+from audiomesh.separation.registry import configure_torch_threads, log_runtime
+from audiomesh.separation.stems import separate_to_files
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
 from audiomesh.tracks import ENCODINGS, Outputs, open_source
 from audiomesh.v1 import common_pb2, separation_pb2, separation_pb2_grpc
 
 Report = Callable[[float, str], None]
-
-
-def model_info_pb(info: ModelInfo, *, available: bool = True, loaded: bool = False) -> separation_pb2.ModelInfo:
-    eager_s, compiled_s = getattr(info, "chunk_seconds", None) or (None, None)
-    return separation_pb2.ModelInfo(
-        name=info.name,
-        sources=list(info.sources),
-        sample_rate=info.sample_rate,
-        audio_channels=info.audio_channels,
-        origin=info.origin,
-        available=getattr(info, "available", available),
-        loaded=getattr(info, "loaded", loaded),
-        description=getattr(info, "description", ""),
-        max_segment_seconds=info.max_segment,
-        execution=execution_value(getattr(info, "execution", "")),
-        compile_error=getattr(info, "compile_error", ""),
-        eager_chunk_seconds=eager_s,
-        compiled_chunk_seconds=compiled_s,
-    )
 
 
 def _progress(fraction: float, text: str) -> separation_pb2.SeparateResponse:
@@ -105,15 +85,10 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                 with open_source(
                     self.store, request.input_key, tmp, sample_rate=model.sample_rate, channels=model.audio_channels
                 ) as source:
-                    if hasattr(model, "separate_stream") and options.split:  # any length, bounded memory
-                        blocks = model.separate_stream(source, options=options, progress=progress, cancel=cancel)
-                    else:  # other registered separators, and split=False: the whole array at once
-                        mix = source.read(0, source.frames)
-                        blocks = [(0, model.separate(mix, options=options, progress=progress, cancel=cancel))]
-                    rate, channels = source.sample_rate, source.channels
-                    written = write_stems(
-                        blocks, tmp, rate, channels, fmt=fmt, subtype=subtype, ext=ext, cancelled=cancel.is_set
-                    )
+                    written = separate_to_files(
+                        model, source, tmp, options=options, fmt=fmt, subtype=subtype, ext=ext,
+                        progress=progress, cancel=cancel,
+                    )  # fmt: skip
                 report(0.95, "writing stems")
                 return [
                     outputs.publish_file(stem, f"{request.output_prefix}/{stem}.wav", path, measured)
@@ -179,19 +154,7 @@ def build(settings: Settings) -> ServiceSpec:
         except errors.AudiomeshError as exc:
             logger().warning("default model not loaded", model=settings.default_model, reason=str(exc))
         release_memory()  # what loading freed (jemalloc keeps it otherwise) is not held while idle
-        logger().info(
-            "torch",
-            threads=torch.get_num_threads(),
-            cuda=torch.cuda.is_available(),
-            compile=settings.compile,
-            allocator=allocator(),
-        )
-        if allocator() != "jemalloc" and not torch.cuda.is_available():
-            logger().warning(
-                "separation runs on the C library's malloc: install libjemalloc2 (Debian/Ubuntu) and start "
-                "the worker through `audiomesh up` (or LD_PRELOAD it): a CPU chunk runs 1.2x faster with it "
-                "(BENCHMARKS.md)"
-            )
+        log_runtime(compile_mode=settings.compile)
 
     async def on_stop() -> None:
         if compiler is not None:

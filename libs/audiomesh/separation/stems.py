@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,7 +26,11 @@ from audiomesh.audio.stream import TrackWriter
 from audiomesh.dsp.loudness import Measurement
 from audiomesh.errors import Cancelled
 
-__all__ = ["WRITER_NICE", "StemWriters", "write_stems"]
+if TYPE_CHECKING:
+    from audiomesh.audio.stream import MixSource
+    from audiomesh.separation.base import SeparationOptions, SeparatorModel
+
+__all__ = ["WRITER_NICE", "StemWriters", "separate_to_files", "write_stems"]
 
 #: Niceness added to the stem-writer thread: it encodes and measures in the gaps torch leaves.
 WRITER_NICE = 5
@@ -174,3 +179,40 @@ def write_stems(
         if cancelled():
             raise Cancelled("separation cancelled")
         return sink.finish()
+
+
+def separate_to_files(
+    model: SeparatorModel,
+    source: MixSource,
+    directory: Path,
+    *,
+    options: SeparationOptions,
+    fmt: str,
+    subtype: str,
+    ext: str,
+    progress: Callable[[float], None],
+    cancel: threading.Event,
+) -> Written:
+    """Separate ``source`` with ``model`` into one file per stem (:func:`write_stems`), all or nothing.
+
+    A model that streams (:meth:`~audiomesh.separation.DemucsModel.separate_stream`) runs chunk
+    by chunk, any length in bounded memory; other registered separators, and ``options.split``
+    off, separate the whole array at once.
+    """
+    separate_stream = getattr(model, "separate_stream", None)
+    blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]]
+    if separate_stream is not None and options.split:
+        blocks = separate_stream(source, options=options, progress=progress, cancel=cancel)
+    else:
+        mix = source.read(0, source.frames)
+        blocks = [(0, model.separate(mix, options=options, progress=progress, cancel=cancel))]
+    return write_stems(
+        blocks,
+        directory,
+        source.sample_rate,
+        source.channels,
+        fmt=fmt,
+        subtype=subtype,
+        ext=ext,
+        cancelled=cancel.is_set,
+    )
