@@ -8,4 +8,5 @@ bash scripts/setup_helm.sh
 .venv/bin/python scripts/gen_protos.py --check
 .venv/bin/ruff check .
 .venv/bin/python scripts/typecheck.py
-.venv/bin/python -m pytest "$@"
+# Both cores (most tests wait on subprocess meshes); a test file per worker (tests/conftest.py).
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -1,5 +1,5 @@
 """Shared fixtures live in tests/helpers/*; register them here. Also how the suite is split
-across pytest-xdist workers (scripts/test.sh runs ``-n 3 --dist loadfile``)."""
+across pytest-xdist workers (scripts/test.sh runs ``-n 2 --dist loadfile``)."""
 
 import pytest
 
