@@ -136,11 +136,34 @@ def chunk_shapes(module: AnyDemucs) -> list[tuple[int, int, int]]:
     return shapes
 
 
+#: How the graphs are cut (bumped when that changes: graphs cached before are other graphs).
+GRAPH_LAYOUT = 2  # 2: the inverse STFT is left out of the graphs (see _keep_istft_eager)
+
+
+def _keep_istft_eager() -> None:
+    """Run Demucs' inverse STFT eagerly, between compiled graphs (once per process).
+
+    Tracing ``torch.istft`` on torch 2.13 unrolls its overlap-add into one step per sample of
+    the 4096-point window: ~50 CPU-s of every process's first compile (tiny HTDemucs on 2 cores:
+    74 s → 24 s), for an operator that runs as the same FFT kernel either way (an FFT is an
+    external call even under Inductor). Same stems (max abs difference 3.7e-8 vs eager).
+    """
+    import demucs.hdemucs
+    import demucs.htdemucs
+
+    for module in (demucs.hdemucs, demucs.htdemucs):
+        if not hasattr(module.ispectro, "_audiomesh_eager"):
+            eager = torch.compiler.disable(module.ispectro)
+            eager._audiomesh_eager = True  # a marker: wrap once
+            module.ispectro = eager  # type: ignore[attr-defined]  # demucs' stubs do not re-export it
+
+
 def compile_key(model: DemucsModel, backend: str) -> str:
     """What a compiled graph depends on, as a short hash: name, architecture (every parameter's
-    name, shape and dtype), chunk shapes, device, backend, torch version and torch's thread
-    count (Inductor's CPU kernels specialize on it)."""
+    name, shape and dtype), chunk shapes, device, backend, torch version, torch's thread
+    count (Inductor's CPU kernels specialize on it) and :data:`GRAPH_LAYOUT`."""
     parts: list[Any] = [model.name, model.device, backend, torch.__version__, torch.get_num_threads()]
+    parts.append(GRAPH_LAYOUT)
     for sub, shape in zip(_submodels(model.model), chunk_shapes(model.model), strict=True):
         params = [(n, list(p.shape), str(p.dtype)) for n, p in sub.named_parameters()]
         parts.append([type(sub).__name__, list(shape), params])
@@ -196,12 +219,17 @@ class _CompiledForward:
 
     def __init__(self, module: nn.Module, backend: str, owner: CompiledDemucsModel) -> None:
         self.eager = module.forward
+        _keep_istft_eager()
         self.compiled = torch.compile(module.forward, backend=_backend(backend), dynamic=False)
         self.run_only = torch._dynamo.run(self.compiled)  # cached graphs only: never compiles
         self.owner = owner
+        # The chunk shape it was compiled for (set by warm()). Another shape runs eager: the
+        # graphs after the inverse STFT's break would otherwise still match some of its calls.
+        self.shape: tuple[int, ...] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.owner.failure is None:
+        fits = self.shape is None or (bool(args) and tuple(args[0].shape) == self.shape)
+        if self.owner.failure is None and fits:
             before = graph_calls()
             try:
                 out = self.run_only(*args, **kwargs)
@@ -341,6 +369,7 @@ class CompiledDemucsModel(DemucsModel):
             # inference tensors from others, and a graph is only reused for what it was traced on.
             with torch.inference_mode(), torch.no_grad():  # as the separator calls it
                 mix = torch.randn(shape, generator=generator).to(self.device)
+                forward.shape = tuple(shape)
                 out = forward.compiled(mix)  # compiles: minutes with Inductor and a cold cache
                 ref = forward.eager(mix)
             diff = float((out - ref).abs().max())
