@@ -91,3 +91,18 @@ def test_model_execution_words_and_labels_come_from_the_proto_enum():
         assert execution_value(word) == value
     assert execution_label(separation_pb2.MODEL_EXECUTION_COMPILE_FAILED) == "compile failed"
     assert execution_label(separation_pb2.MODEL_EXECUTION_UNSPECIFIED) == execution_label(max(enum.values()) + 1) == ""
+
+
+def test_a_model_reporting_an_execution_the_enum_lacks_is_listed_as_unspecified():
+    """A plug-in separator's own word must not fail ListModels (every job's plan calls it)."""
+    from types import SimpleNamespace
+
+    from audiomesh.separation.execution import model_info_pb
+    from audiomesh.v1 import separation_pb2
+
+    info = SimpleNamespace(
+        name="plug", sources=("a", "b"), sample_rate=44100, audio_channels=2, origin="test", max_segment=None
+    )
+    for word, expected in (("warming_up", "MODEL_EXECUTION_UNSPECIFIED"), ("compiled", "MODEL_EXECUTION_COMPILED")):
+        info.execution = word
+        assert separation_pb2.ModelExecution.Name(model_info_pb(info).execution) == expected

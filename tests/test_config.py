@@ -247,3 +247,25 @@ def test_dotenv_and_environment_each_reach_every_service_under_the_launcher(monk
             assert next(e for e in events if e.get("event") == "listening")["concurrency"] == 3, name
     torch = next(e for e in _log_events(logs / "separation.log") if e.get("event") == "torch")
     assert torch["threads"] == torch_threads
+
+
+@pytest.mark.parametrize(
+    ("host", "reached_at"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("::", "127.0.0.1"),
+        ("127.0.0.2", "127.0.0.2"),
+        ("::1", "[::1]"),
+    ],
+)
+def test_the_mesh_reaches_its_children_where_they_bind(host, reached_at):
+    """AUDIOMESH_HOST (env or .env) is what every child binds; the mesh's own clients reach them
+    there (loopback for a wildcard), not at a hard-coded 127.0.0.1 they may not listen on."""
+    from audiomesh.launcher import Mesh
+
+    mesh = Mesh(settings=load_settings(host=host))
+    try:
+        assert mesh.client_host == reached_at
+    finally:
+        mesh.stop()

@@ -161,8 +161,8 @@ def thread_env(name: str, settings: Settings, env: Mapping[str, str], *, cores: 
 
 
 class Mesh:
-    """The five services as child processes on 127.0.0.1 (the address clients use; they bind
-    AUDIOMESH_HOST, 127.0.0.1 unless set).
+    """The five services as child processes, each binding AUDIOMESH_HOST (127.0.0.1 unless set);
+    they reach each other at that host, or at 127.0.0.1 when it is a wildcard (0.0.0.0, ::).
 
     ``env``: variables added to this process's environment for the children. ``settings``: the
     children's settings when the caller has read them already (``audiomesh up`` reads them
@@ -196,6 +196,14 @@ class Mesh:
         self._log = logger(component="mesh")
         self._stopping = threading.Event()  # set by stop(): supervise() restarts nothing after it
 
+    @property
+    def client_host(self) -> str:
+        """Where the children are reached: the host they bind (a wildcard: loopback)."""
+        host = self.settings.host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
     def _spawn(self, name: str, env: dict[str, str]) -> Path:
         self._run_dir.mkdir(parents=True, exist_ok=True)
         ready = self._run_dir / f"{name}.ready"
@@ -226,7 +234,7 @@ class Mesh:
             for name, path in list(ready.items()):
                 if path.exists():
                     port = json.loads(path.read_text())["port"]
-                    self.addresses[name] = f"127.0.0.1:{port}"
+                    self.addresses[name] = f"{self.client_host}:{port}"
                     del ready[name]
                 elif self.procs[name].poll() is not None:
                     self.stop()
@@ -321,7 +329,7 @@ class Mesh:
                 if ready.exists():
                     del starting[name]
                     port = json.loads(ready.read_text())["port"]
-                    self.addresses[name] = f"127.0.0.1:{port}"
+                    self.addresses[name] = f"{self.client_host}:{port}"
                     self._log.info("service restarted", service=name, address=self.addresses[name])
                 elif now > deadline:  # hung at start: end it; the next pass counts the exit
                     del starting[name]

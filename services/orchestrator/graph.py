@@ -8,7 +8,8 @@ fan-out runs in parallel. Adding a stage is adding one record here (plus its stu
 runner's table).
 
     decode ─► separation ─► hpss:<stem> (each stem of the main recipe) ─► composite ─► normalize
-       └────► hpss:mix ─────────────────────────────────────────────────────────────────┘
+       ├────► hpss:mix ─────────────────────────────────────────────────────────────────┤
+       └─────────────────────────── (the mix: linked gain's reference) ─────────────────┘
 
 :func:`describe` prints the default plan as a table (README's architecture section shows it).
 """

@@ -342,9 +342,11 @@ class TrackWriter:
 
     def abort(self) -> None:
         """Close and delete the file (what a failed or cancelled writer leaves: nothing)."""
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()
+        finally:
+            self.path.unlink(missing_ok=True)  # even when closing failed (a full disk on the last flush)
 
     def __enter__(self) -> TrackWriter:
         return self
@@ -399,20 +401,25 @@ def write_tracks(
 
     Any exception (a bad block, a cancel, one from ``blocks`` itself) deletes every file.
     """
-    with contextlib.ExitStack() as stack:
-        writers = [
-            stack.enter_context(
-                TrackWriter(path, sample_rate, channels, fmt=fmt, subtype=subtype, true_peak=true_peak, measure=measure)
-            )
-            for path in paths
-        ]
-        for parts in blocks:
-            if cancelled():
-                raise Cancelled(f"{what} cancelled")
-            for writer, block in zip(writers, parts, strict=True):
-                writer.write(block)
-            if progress is not None:
-                progress(writers[0].frames)
+    writers: list[TrackWriter] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for path in paths:
+                writer = TrackWriter(
+                    path, sample_rate, channels, fmt=fmt, subtype=subtype, true_peak=true_peak, measure=measure
+                )
+                writers.append(stack.enter_context(writer))
+            for parts in blocks:
+                if cancelled():
+                    raise Cancelled(f"{what} cancelled")
+                for writer, block in zip(writers, parts, strict=True):
+                    writer.write(block)
+                if progress is not None:
+                    progress(writers[0].frames)
+    except BaseException:
+        for writer in writers:  # one that closed before another failed to: its file goes too
+            writer.abort()
+        raise
     return [writer.measurement for writer in writers]
 
 

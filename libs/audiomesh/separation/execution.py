@@ -52,8 +52,17 @@ def model_info_pb(info: ModelInfo) -> separation_pb2.ModelInfo:
         loaded=getattr(info, "loaded", False),
         description=getattr(info, "description", ""),
         max_segment_seconds=info.max_segment,
-        execution=execution_value(getattr(info, "execution", "")),
+        execution=_known_execution(getattr(info, "execution", "")),
         compile_error=getattr(info, "compile_error", ""),
         eager_chunk_seconds=eager_s,
         compiled_chunk_seconds=compiled_s,
     )
+
+
+def _known_execution(execution: str) -> separation_pb2.ModelExecution.ValueType:
+    """:func:`execution_value`, with a word the enum lacks (a plug-in separator's) as unspecified:
+    one model's odd word must not fail ``ListModels``, which every job's plan calls."""
+    try:
+        return execution_value(execution)
+    except ValueError:
+        return separation_pb2.MODEL_EXECUTION_UNSPECIFIED
