@@ -51,17 +51,16 @@ _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
 class _Rpc:
     """How the runner calls a worker stage; the request and outputs come from the graph's nodes."""
 
-    stub: type  # the generated stub class
-    address: str  # the Settings field with the worker's address
+    stub: type  # the generated stub class; the worker's address is Settings.address_of(stage)
     method: str
     streams: bool  # a server stream of progress messages, then one result
 
 
 _RPCS: dict[str, _Rpc] = {
-    "separation": _Rpc(separation_pb2_grpc.SeparationServiceStub, "separation_addr", "Separate", streams=True),
-    "hpss": _Rpc(hpss_pb2_grpc.HpssServiceStub, "hpss_addr", "Decompose", streams=True),
-    "composite": _Rpc(composite_pb2_grpc.CompositeServiceStub, "composite_addr", "Composite", streams=False),
-    "normalize": _Rpc(normalize_pb2_grpc.NormalizeServiceStub, "normalize_addr", "Normalize", streams=False),
+    "separation": _Rpc(separation_pb2_grpc.SeparationServiceStub, "Separate", streams=True),
+    "hpss": _Rpc(hpss_pb2_grpc.HpssServiceStub, "Decompose", streams=True),
+    "composite": _Rpc(composite_pb2_grpc.CompositeServiceStub, "Composite", streams=False),
+    "normalize": _Rpc(normalize_pb2_grpc.NormalizeServiceStub, "Normalize", streams=False),
 }
 
 
@@ -318,7 +317,7 @@ class Runner:
                         unreachable_since = unreachable_since or first_try
                         message = _unreachable_message(
                             node.stage,
-                            getattr(self.settings, _RPCS[node.stage].address),
+                            self.settings.address_of(node.stage),
                             time.monotonic() - unreachable_since,
                             self.settings.unavailable_budget_seconds,
                             retry,
@@ -363,7 +362,7 @@ class Runner:
             response = await self._decode(request, info)
         else:
             rpc = _RPCS[spec.stage]
-            stub = self.clients.stub(rpc.stub, getattr(self.settings, rpc.address))
+            stub = self.clients.stub(rpc.stub, self.settings.address_of(spec.stage))
             call = getattr(stub, rpc.method)(request, timeout=self.settings.stage_timeout_seconds)
             response = await (_follow(call, progress, spec.stage) if rpc.streams else call)
         return spec.collect(response, node, job)
