@@ -38,6 +38,13 @@ class AlreadyExists(AudiomeshError):
     code = "ALREADY_EXISTS"
 
 
+class PreconditionFailed(AudiomeshError):
+    """A conditional write lost: the object changed since it was read, or already exists
+    (S3's 412; HTTP 409). Nothing was written; re-read and decide again."""
+
+    code = "ABORTED"
+
+
 class FailedPrecondition(AudiomeshError):
     """The request is valid but the system is not in a state to run it (HTTP 400)."""
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from audiomesh import fsutil
-from audiomesh.errors import InvalidInput, NotFound, TooLarge
+from audiomesh.errors import InvalidInput, NotFound, PreconditionFailed, TooLarge
 from audiomesh.fsutil import atomic_path
 
 __all__ = [
@@ -46,8 +46,9 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 class ObjectInfo:
     """What a store knows about one stored object.
 
-    ``etag`` is the S3 ETag without quotes, or None where the backend has none (file store).
-    ``last_modified`` is timezone-aware (UTC).
+    ``etag`` is the S3 ETag without quotes; the file store makes its own (inode, mtime and
+    size of the file), new on every write even of the same bytes. It is what
+    :meth:`ObjectStore.put_if` compares. ``last_modified`` is timezone-aware (UTC).
     """
 
     key: str
@@ -336,7 +337,77 @@ class ObjectStore(ABC):
         data = bytes(data)
         return self.put_stream(key, io.BytesIO(data), length=len(data), content_type=content_type)
 
+    @abstractmethod
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> ObjectInfo:
+        """Store the small object ``data`` under ``key`` in one atomic write, only if a
+        condition holds; the building block of leases and fenced manifests.
+
+        Parameters
+        ----------
+        key : str
+            Object key, see :func:`validate_key`.
+        data : bytes
+            The whole content (one PUT; meant for manifests and leases, not audio).
+        if_match : str or None
+            Write only if ``key`` exists with exactly this ETag (S3 ``If-Match``).
+        if_none_match : bool
+            Write only if ``key`` does not exist (S3 ``If-None-Match: *``).
+        content_type : str
+            MIME type recorded where the backend supports it (S3).
+
+        Exactly one of ``if_match`` and ``if_none_match`` must be given (InvalidInput).
+
+        Returns
+        -------
+        info : ObjectInfo
+            The new object, with the ETag of what was written (compare it next time).
+
+        Raises
+        ------
+        PreconditionFailed
+            The condition does not hold (the object exists / changed / is gone); nothing was
+            written. After a lost connection the client may have retried a write that had
+            already succeeded, and then sees this error for its own write: callers treat it as
+            "re-read and decide", which is always safe.
+        """
+
+    @staticmethod
+    def _check_condition(key: str, if_match: str | None, if_none_match: bool) -> None:
+        validate_key(key)
+        if (if_match is not None) == bool(if_none_match):
+            raise InvalidInput(
+                f"put_if({key!r}) needs exactly one condition: if_match=ETAG or if_none_match=True, "
+                f"got if_match={if_match!r}, if_none_match={if_none_match!r}"
+            )
+        if if_match is not None and (not isinstance(if_match, str) or not if_match.strip('"')):
+            raise InvalidInput(f"put_if({key!r}): if_match must be a non-empty ETag string, got {if_match!r}")
+
+    @staticmethod
+    def _precondition_failed(key: str, if_match: str | None, current: str | None) -> PreconditionFailed:
+        """The error naming the key and the condition that did not hold."""
+        if if_match is None:
+            return PreconditionFailed(f"{key!r} already exists (etag {current}); the write required that it did not")
+        if current is None:
+            return PreconditionFailed(f"{key!r} does not exist; the write required etag {if_match}")
+        return PreconditionFailed(
+            f"{key!r} changed: its etag is {current}, the write required {if_match}; re-read it and decide again"
+        )
+
     # ---- reading
+
+    @abstractmethod
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The whole content of a small object ``key`` and the ObjectInfo (with ETag) of
+        exactly that content, from one read: pass ``info.etag`` to :meth:`put_if`'s
+        ``if_match`` to write only if nobody changed it since. NotFound if it is missing."""
 
     @abstractmethod
     def open(self, key: str, *, offset: int = 0) -> AbstractContextManager[BinaryIO]:

@@ -3,15 +3,23 @@
 Every write goes to a temp file in the target's directory (``.amtmp-*.tmp``, hidden from
 :meth:`FileStore.list`), is fsynced, renamed over the target, and the directory is fsynced:
 after a crash a key holds its old or its new content, never a partial one.
+
+Conditional writes (:meth:`FileStore.put_if`) compare and rename while holding an exclusive
+``flock`` on one lock file in the root (``.amtmp-cond-lock.tmp``, hidden like temp files):
+they are atomic across threads and processes on one host, not across hosts sharing the
+directory over NFS (flock there is advisory at best).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import io
 import os
 import stat as stat_mod
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +44,8 @@ __all__ = ["FileStore"]
 _MKSTEMP_ATTEMPTS = 5
 #: mkstemp creates 0600; objects are meant to be readable by every service sharing the volume.
 _FILE_MODE = 0o644
+#: The one lock file conditional writes hold; its name is a temp file's, so list() hides it.
+LOCK_NAME = f"{TMP_PREFIX}cond-lock{TMP_SUFFIX}"
 
 
 def _is_tmp(name: str) -> bool:
@@ -54,7 +64,10 @@ class FileStore(ObjectStore):
     -----
     Unlike S3, a file system cannot hold both ``a`` and ``a/b``: storing one while the
     other exists raises :class:`~audiomesh.errors.FailedPrecondition`.
-    ``etag`` is always None.
+    ``etag`` is ``"<inode>-<mtime ns>-<size>"`` in hex: every write is a new file renamed over
+    the key and stamped with a nanosecond clock, so each write gets a new ETag, even of the
+    same bytes. Conditional writes are safe across processes on one host, not across hosts
+    sharing the directory over NFS.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -118,7 +131,7 @@ class FileStore(ObjectStore):
         return ObjectInfo(
             key=key,
             size=st.st_size,
-            etag=None,
+            etag=f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}",
             last_modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
         )
 
@@ -157,6 +170,10 @@ class FileStore(ObjectStore):
                 while chunk := reader.read(DEFAULT_CHUNK_SIZE):
                     out.write(chunk)
                 out.flush()
+                # The ETag includes the mtime: stamp it from a nanosecond clock (the kernel's file
+                # times are coarse), so a later file reusing this inode never repeats an ETag.
+                now = time.time_ns()
+                os.utime(out.fileno(), ns=(now, now))
                 os.fsync(out.fileno())
             try:
                 os.replace(tmp, path)
@@ -181,7 +198,48 @@ class FileStore(ObjectStore):
                 ) from None
             raise
 
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> ObjectInfo:
+        self._check_condition(key, if_match, if_none_match)
+        data = bytes(data)
+        with self._cond_lock():
+            try:
+                current: str | None = self.stat(key).etag
+            except NotFound:
+                current = None
+            if (if_none_match and current is not None) or (if_match is not None and current != if_match.strip('"')):
+                raise self._precondition_failed(key, if_match, current)
+            # Still under the lock: the compare and the rename are one step for every other put_if.
+            return self.put_stream(key, io.BytesIO(data), length=len(data), content_type=content_type)
+
+    @contextlib.contextmanager
+    def _cond_lock(self) -> Iterator[None]:
+        """Exclusive flock on the root's lock file. A new open per call: flock locks belong to
+        the open file description, so this excludes other threads of this process too."""
+        fd = os.open(os.path.join(self._root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     # ---- reading
+
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        with self.open(key) as f:
+            # fstat of the open file: the ETag of exactly these bytes (a write renames a new
+            # file over the key; this one never changes).
+            st = os.fstat(f.fileno())
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise NotFound(f"no object with key {key!r} in the store")
+            return f.read(), self._info(key, st)
 
     @contextlib.contextmanager
     def open(self, key: str, *, offset: int = 0) -> Iterator[BinaryIO]:

@@ -30,6 +30,7 @@ from audiomesh.errors import (
     FailedPrecondition,
     InvalidInput,
     NotFound,
+    PreconditionFailed,
     TooLarge,
     Unavailable,
 )
@@ -58,6 +59,8 @@ _RETRYABLE_CODES = {
     "RequestTimeout",
     "RequestTimeTooSkewed",
 }
+#: A conditional write's refusal: 412, or 409 when a concurrent conditional write is in flight.
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _INVALID_CODES = {"KeyTooLongError", "InvalidArgument", "InvalidRequest", "InvalidObjectName"}
 
 
@@ -307,7 +310,61 @@ class S3Store(ObjectStore):
             last_modified=_header_time(result.http_headers),
         )
 
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> ObjectInfo:
+        self._check_condition(key, if_match, if_none_match)
+        name = self._name(key)
+        data = bytes(data)
+        # minio's put_object turns unknown headers into x-amz-meta-* user metadata; its
+        # lower-level PutObject call sends them as real request headers.
+        condition = {"If-None-Match": "*"} if if_none_match else {"If-Match": f'"{(if_match or "").strip(chr(34))}"'}
+        headers: dict[str, str | list[str] | tuple[str]] = {"Content-Type": content_type, **condition}
+        with self._translate(f"store {key!r}", key):
+            try:
+                result = self._client._put_object(self._bucket, name, data, headers)
+            except S3Error as exc:
+                status = getattr(exc.response, "status", 0) or 0
+                if exc.code in _PRECONDITION_CODES or status == 412:
+                    raise self._s3_precondition_failed(key, if_match) from exc
+                if if_match is not None and exc.code in _NOT_FOUND_CODES:
+                    raise self._precondition_failed(key, if_match, None) from exc  # If-Match on a missing key
+                raise
+        return ObjectInfo(
+            key=key, size=len(data), etag=_strip_etag(result.etag), last_modified=_header_time(result.http_headers)
+        )
+
+    @staticmethod
+    def _s3_precondition_failed(key: str, if_match: str | None) -> PreconditionFailed:
+        if if_match is None:
+            return PreconditionFailed(f"{key!r} already exists; the write required that it did not (If-None-Match: *)")
+        return PreconditionFailed(
+            f"{key!r} changed or is gone: the write required etag {if_match.strip(chr(34))} (If-Match); "
+            "re-read it and decide again"
+        )
+
     # ---- reading
+
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        name = self._name(validate_key(key))
+        with self._translate(f"read {key!r}", key):
+            response = self._client.get_object(self._bucket, name)
+            try:
+                data = response.read()
+                headers = response.headers
+            finally:
+                response.close()
+                response.release_conn()
+        # The GET's own headers: the ETag of exactly these bytes, whatever was written since.
+        return data, ObjectInfo(
+            key=key, size=len(data), etag=_strip_etag(headers.get("ETag")), last_modified=_header_time(headers)
+        )
 
     @contextlib.contextmanager
     def open(self, key: str, *, offset: int = 0) -> Iterator[BinaryIO]:
