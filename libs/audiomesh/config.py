@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # imported where used: they import this module
 ENV_PREFIX = "AUDIOMESH_"
 SERVICES = ("orchestrator", "separation", "hpss", "composite", "normalize")
 DEFAULT_PORTS = {"orchestrator": 50051, "separation": 50052, "hpss": 50053, "composite": 50054, "normalize": 50055}
+# Seconds in-flight calls get to finish after SIGTERM when AUDIOMESH_DRAIN_SECONDS is 0: a
+# separation runs for minutes (a whole song), the DSP workers for seconds to a minute.
+DRAIN_DEFAULTS = {"orchestrator": 30.0, "separation": 600.0, "hpss": 120.0, "composite": 120.0, "normalize": 120.0}
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -114,13 +117,37 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         2, ge=1, description="requests one worker runs at once; more get RESOURCE_EXHAUSTED"
     )
-    max_running_jobs: int = Field(2, ge=1, description="jobs the orchestrator runs at once; others wait QUEUED")
+    max_running_jobs: int = Field(
+        0,
+        ge=0,
+        description="jobs one orchestrator runs at once (others wait QUEUED); 0 = no cap: the workers' "
+        "capacity bounds the work in flight (busy workers answer RESOURCE_EXHAUSTED and nodes wait)",
+    )
     max_parallel_nodes: int = Field(4, ge=1, description="stage-graph nodes of one job running at once")
     node_attempts: int = Field(3, ge=1, le=10, description="tries per node on retryable errors")
     unavailable_budget_seconds: float = Field(
         120.0, ge=0, description="how long a node keeps retrying a worker or store that cannot be reached"
     )
     stage_timeout_seconds: float = Field(3600.0, gt=0, description="deadline of one worker call")
+    replica_id: str = Field(
+        "",
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._:-]*$",
+        description="this orchestrator's name in job leases and manifests; empty = hostname-pid",
+    )
+    lease_ttl_seconds: float = Field(
+        15.0,
+        ge=1.0,
+        le=600.0,
+        description="job lease lifetime: an orchestrator renews its jobs' leases every third of it; another "
+        "takes a job over when its lease stayed unchanged this long (docs/consistency.md)",
+    )
+    drain_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="on SIGTERM, how long in-flight calls may run on (new calls are refused) before they are "
+        "cancelled; 0 = the service's default: separation 600, hpss/composite/normalize 120, orchestrator 30",
+    )
     retention_hours: float = Field(
         168.0, ge=0, description="delete finished jobs, and uploads no job uses, older than this; 0 keeps them"
     )
@@ -185,15 +212,18 @@ class Settings(BaseSettings):
             raise ValueError("must be a folder, file:///absolute/path or s3://bucket[/prefix]")
         return value
 
-    @field_validator(
-        "orchestrator_addr", "separation_addr", "hpss_addr", "composite_addr", "normalize_addr", "gateway_addr"
-    )
+    @field_validator("orchestrator_addr", "separation_addr", "hpss_addr", "composite_addr", "normalize_addr")
+    @classmethod
+    def _grpc_target(cls, value: str) -> str:
+        check_target(value)
+        return value
+
+    @field_validator("gateway_addr")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        target = value.removeprefix("dns:///")
-        host, sep, port = target.rpartition(":")
+        host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError("must be host:port (or dns:///host:port)")
+            raise ValueError("must be host:port")
         return value
 
     def client_factory(self, *, as_user: bool = False, as_service: bool = False) -> ClientFactory:
@@ -211,6 +241,10 @@ class Settings(BaseSettings):
         from audiomesh.auth import KeyRing, parse_key_entries
 
         return KeyRing(parse_key_entries(self.api_keys))
+
+    def drain_seconds_of(self, service: str) -> float:
+        """AUDIOMESH_DRAIN_SECONDS, or the service's default (DRAIN_DEFAULTS) when it is 0."""
+        return self.drain_seconds or DRAIN_DEFAULTS.get(service, 30.0)
 
     def address_of(self, service: str) -> str:
         return getattr(self, f"{service}_addr")
@@ -249,6 +283,47 @@ class Settings(BaseSettings):
             s3_region=self.s3_region or None,
             s3_secure=self.s3_secure,
         )
+
+
+_TARGET_FORMS = (
+    "host:port, dns:///host:port (every address the name resolves to, round-robin), "
+    "ipv4:a.b.c.d:port,a.b.c.d:port or ipv6:[addr]:port,[addr]:port (a fixed list, round-robin)"
+)
+
+
+def check_target(value: str) -> None:
+    """Raise ValueError unless ``value`` is a gRPC target audiomesh clients can dial:
+    ``host:port``, ``dns:///host:port`` (or ``dns://authority/host:port``), or a fixed list
+    ``ipv4:a:p,b:p`` / ``ipv6:[a]:p,[b]:p`` (gRPC's own multi-address targets)."""
+    import ipaddress
+
+    def port_ok(port: str) -> bool:
+        return port.isdigit() and 0 < int(port) < 65536
+
+    scheme, sep, rest = value.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        for item in rest.split(","):
+            host, colon, port = item.rpartition(":")
+            try:
+                if scheme == "ipv6":
+                    if not (host.startswith("[") and host.endswith("]")):
+                        raise ValueError
+                    ipaddress.IPv6Address(host[1:-1])
+                else:
+                    ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{item!r} in {value!r} is not an {scheme} address; use {_TARGET_FORMS}") from None
+            if not colon or not port_ok(port):
+                raise ValueError(f"{item!r} in {value!r} has no valid port; use {_TARGET_FORMS}")
+        return
+    target = value
+    if value.startswith("dns:"):
+        target = value.removeprefix("dns:")
+        if target.startswith("//"):  # dns://[authority]/host:port
+            target = target[2:].partition("/")[2]
+    host, colon, port = target.rpartition(":")
+    if not colon or not host or "," in target or "/" in target or not port_ok(port):
+        raise ValueError(f"{value!r} is not a gRPC target; use {_TARGET_FORMS}")
 
 
 def load_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

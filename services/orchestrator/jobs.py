@@ -1,18 +1,23 @@
 """Job records: state in memory, the manifest in the store after every state change.
 
-The manifest is the source of truth across restarts: on start the registry loads every
-``jobs/*/manifest.json``; jobs that were not finished are handed back to the runner.
-Watchers wait on a per-job version counter, so each sees every change after its snapshot.
+The manifest is the source of truth across restarts and replicas. A replica holds a record
+for every job it has seen; it *owns* the ones whose lease it holds (``rec.lease``, see
+lease.py) and only those it writes — each write conditional on the manifest ETag it last read
+or wrote (fencing: a replica that lost the job cannot overwrite the new owner's state). The
+others it *follows*: re-read from the store when asked for or watched. Watchers wait on a
+per-job version counter, so each sees every change after its snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
@@ -21,8 +26,12 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 from audiomesh.v1 import common_pb2, orchestrator_pb2
 
+from .lease import Lease
+
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 _PROGRESS_PERSIST_INTERVAL = 2.0  # seconds between manifest writes caused by progress alone
+FOLLOW_INTERVAL = 0.5  # seconds between reads of a followed job's manifest while someone watches it
+_LOAD_CONCURRENCY = 16  # manifests read at once when discovering jobs
 
 
 def now_pb() -> timestamp_pb2.Timestamp:
@@ -55,10 +64,18 @@ class JobRecord:
     last_persist: float = 0.0
     persisted_state: int = -1  # the job state in the last manifest written (or attempted)
     persist_error: str = ""
+    etag: str | None = None  # the manifest's ETag as this replica last read or wrote it
+    lease: Lease | None = None  # held: this replica owns the job and writes its manifest
+    lost: bool = False  # the lease was lost while running: the runner stops and writes nothing
+    refreshed: float = 0.0  # monotonic time of the last read of a followed job's manifest
 
     @property
     def terminal(self) -> bool:
         return self.job.state in TERMINAL
+
+    @property
+    def owned(self) -> bool:
+        return self.lease is not None
 
     def node(self, name: str) -> orchestrator_pb2.Node:
         for node in self.job.nodes:
@@ -72,16 +89,18 @@ class JobRegistry:
         self.store = store
         self.outage_budget = outage_budget
         self.records: dict[str, JobRecord] = {}
-        self.loaded = False  # every manifest in the store read (set by the orchestrator's recovery)
+        self.loaded = False  # every manifest in the store read once (ListJobs waits for it)
         self.closing = False  # the orchestrator is stopping: watchers end (close_watchers)
+        # Called when a write finds the lease gone or the manifest changed by another replica.
+        self.on_lost: Callable[[JobRecord, str], None] | None = None
         self._config = struct_pb2.Struct()
         self._config.update(config)
         self.log = logger(component="jobs")
 
     # --- lookup -----------------------------------------------------------------------
     def require_loaded(self) -> None:
-        """Job RPCs answer UNAVAILABLE (which clients retry) until recovery has read every
-        manifest: a half-loaded registry would call a job from before the restart NOT_FOUND."""
+        """ListJobs answers UNAVAILABLE (which clients retry) until every manifest has been read
+        once: a half-loaded list would miss jobs. (A job asked for by id is read on demand.)"""
         if not self.loaded:
             raise errors.Unavailable("orchestrator is loading jobs from the store; retry")
 
@@ -92,6 +111,55 @@ class JobRegistry:
             raise errors.NotFound(f"job {job_id!r} not found")
         return rec
 
+    async def lookup(self, job_id: str) -> JobRecord:
+        """The job as current as the store has it: an owned record as it is, a followed one re-read
+        when older than FOLLOW_INTERVAL, an unknown one read from the store (created by another
+        replica, or not loaded yet); NotFound when no manifest exists."""
+        validate_job_id(job_id)
+        rec = self.records.get(job_id)
+        if rec is None:
+            loaded = await self._read(manifest_key(job_id))
+            if loaded is None:
+                raise errors.NotFound(f"job {job_id!r} not found")
+            rec = self.records.setdefault(job_id, loaded)
+        elif not rec.owned and time.monotonic() - rec.refreshed >= FOLLOW_INTERVAL:
+            await self.refresh(rec)
+            rec = self.get(job_id)  # NotFound if it was deleted elsewhere
+        return rec
+
+    async def _read(self, key: str) -> JobRecord | None:
+        """A followed record from the manifest at ``key``; None if it does not exist."""
+        try:
+            data, info = await asyncio.to_thread(self.store.read, key)
+        except errors.NotFound:
+            return None
+        doc = manifest.loads(data)
+        return JobRecord(job=doc.job, events=list(doc.events), etag=info.etag, refreshed=time.monotonic())
+
+    async def refresh(self, rec: JobRecord) -> None:
+        """Re-read a followed job's manifest; wake its watchers if it changed (or was deleted)."""
+        if rec.owned:
+            return
+        job_id = rec.job.job_id
+        try:
+            data, info = await asyncio.to_thread(self.store.read, rec.job.manifest_key)
+        except errors.NotFound:
+            if self.records.get(job_id) is rec:
+                del self.records[job_id]
+            await self._notify(rec)
+            return
+        rec.refreshed = time.monotonic()
+        if info.etag == rec.etag or rec.owned:  # unchanged, or adopted by this replica meanwhile
+            return
+        doc = manifest.loads(data)
+        rec.job, rec.events, rec.etag = doc.job, list(doc.events), info.etag
+        await self._notify(rec)
+
+    async def _notify(self, rec: JobRecord) -> None:
+        rec.version += 1
+        async with rec.changed:
+            rec.changed.notify_all()
+
     def newest_first(self) -> list[JobRecord]:
         # job_id breaks ties so the order is total (ListJobs' cursor relies on it).
         return sorted(
@@ -99,8 +167,10 @@ class JobRegistry:
         )
 
     # --- changes ----------------------------------------------------------------------
-    async def add(self, job: orchestrator_pb2.Job, event: str) -> JobRecord:
-        rec = JobRecord(job=job)
+    async def add(self, job: orchestrator_pb2.Job, event: str, lease: Lease) -> JobRecord:
+        """A new job this replica created (and holds ``lease`` of): its first manifest is written
+        only if none exists."""
+        rec = JobRecord(job=job, lease=lease)
         self.records[job.job_id] = rec
         await self.changed(rec, event)
         return rec
@@ -117,15 +187,16 @@ class JobRegistry:
         due = time.monotonic() - rec.last_persist >= _PROGRESS_PERSIST_INTERVAL
         if persist or due or rec.job.state != rec.persisted_state:
             await self.persist(rec)
-        rec.version += 1
-        async with rec.changed:
-            rec.changed.notify_all()
+        await self._notify(rec)
 
     async def persist(self, rec: JobRecord) -> None:
-        """One atomic write (file: temp + fsync + rename; S3: one PUT). A store that cannot be
-        reached is retried for ``outage_budget`` seconds; a full or unreachable store leaves the
-        previous manifest intact and is logged — the job goes on in memory and the next change
-        writes again."""
+        """One atomic, fenced write (file: temp + rename under a lock; S3: one conditional PUT).
+        A store that cannot be reached is retried for ``outage_budget`` seconds while the lease
+        holds; a full or unreachable store leaves the previous manifest intact and is logged —
+        the job goes on in memory and the next change writes again. Nothing is written without
+        a valid lease, and a manifest changed by another replica means the job was taken over."""
+        if not rec.owned:
+            return  # lost (the runner is stopping) or followed: the owner writes
         async with rec.write_lock:
             rec.last_persist = time.monotonic()
             state = rec.job.state
@@ -147,9 +218,20 @@ class JobRegistry:
         deadline = time.monotonic() + self.outage_budget
         delay = 0.25
         while True:
+            lease = rec.lease
+            if lease is None or not lease.valid():
+                # Checked before every PUT: an owner that could not renew for TTL×2/3 may already
+                # have been replaced; only the ETag condition below can tell, and it must not race.
+                self.lose(rec, "the lease expired before the manifest could be written")
+                return
+            condition: dict[str, Any] = {"if_match": rec.etag} if rec.etag else {"if_none_match": True}
             try:
-                await asyncio.to_thread(self.store.put_bytes, rec.job.manifest_key, data)
+                info = await asyncio.to_thread(self.store.put_if, rec.job.manifest_key, data, **condition)
+                rec.etag = info.etag
                 rec.persist_error = ""
+                return
+            except errors.PreconditionFailed:
+                self.lose(rec, "the manifest was changed by another replica: it owns the job now")
                 return
             except errors.Unavailable as exc:
                 if time.monotonic() + delay > deadline:
@@ -160,6 +242,16 @@ class JobRegistry:
             except errors.AudiomeshError as exc:  # StoreFull and the like
                 self._persist_failed(rec, exc)
                 return
+
+    def lose(self, rec: JobRecord, reason: str) -> None:
+        """This replica no longer owns ``rec``: stop writing it; the runner stops its job."""
+        if rec.lease is None:
+            return
+        self.log.warning("job lease lost; stopping without writing", job_id=rec.job.job_id, reason=reason)
+        rec.lease = None
+        rec.refreshed = 0.0  # follow it from the store from now on
+        if self.on_lost is not None:
+            self.on_lost(rec, reason)
 
     def _persist_failed(self, rec: JobRecord, exc: Exception) -> None:
         rec.persist_error = str(exc)
@@ -173,7 +265,7 @@ class JobRegistry:
         job without a ``current_stage`` is never sent (the runner sets one with the state; this
         guards any path that does not).
         """
-        rec = self.get(job_id)
+        rec = await self.lookup(job_id)
 
         def moved_since(version: int) -> Callable[[], bool]:  # binds `version` now (a lambda in the loop would not)
             return lambda: rec.version != version or self.closing
@@ -183,9 +275,15 @@ class JobRegistry:
         yield snapshot
         sent = _visible(snapshot)
         # Decide on the snapshot sent, not the live record: the last message is the final state.
-        while snapshot.state not in TERMINAL and job_id in self.records:
-            async with rec.changed:
-                await rec.changed.wait_for(moved_since(seen))
+        while snapshot.state not in TERMINAL and self.records.get(job_id) is rec:
+            # A followed job changes in the store, not here: re-read its manifest every FOLLOW_INTERVAL.
+            with contextlib.suppress(TimeoutError):
+                async with rec.changed:
+                    await asyncio.wait_for(rec.changed.wait_for(moved_since(seen)), FOLLOW_INTERVAL)
+            if not rec.owned and rec.version == seen and not self.closing:
+                if time.monotonic() - rec.refreshed >= FOLLOW_INTERVAL / 2:  # one read for all watchers
+                    await self.refresh(rec)
+                continue
             if self.closing:
                 raise errors.Unavailable(
                     f"the orchestrator is stopping; job {job_id} resumes when it is back: watch it again then"
@@ -226,35 +324,40 @@ class JobRegistry:
             await asyncio.to_thread(self.store.delete, upload)
             count += 1
         self.log.info("job deleted", job_id=job_id, objects=count)
-        # Wake watchers so they end.
-        rec.version += 1
-        async with rec.changed:
-            rec.changed.notify_all()
+        await self._notify(rec)  # watchers end
         return count
 
     # --- recovery and retention ---------------------------------------------------------
-    async def load_all(self) -> list[JobRecord]:
-        """Read every manifest in the store; return the records that must be resumed.
+    async def discover(self) -> list[JobRecord]:
+        """Read the manifests of the jobs this replica has not seen yet (every job, the first
+        time), ``_LOAD_CONCURRENCY`` at a time; return the new records (followed: none is owned).
 
-        All or nothing: a store that stops answering half-way raises
-        :class:`~audiomesh.errors.Unavailable` (the caller retries the whole load) instead of
-        skipping the manifests it could not read — those jobs would vanish."""
-        infos = await asyncio.to_thread(lambda: list(self.store.list("jobs/")))
-        loaded: dict[str, JobRecord] = {}
-        for info in infos:
-            if not info.key.endswith("/manifest.json"):
-                continue
-            try:
-                data = await asyncio.to_thread(self.store.get_bytes, info.key)
-                doc = manifest.loads(data)
-            except errors.Unavailable:
-                raise
-            except errors.AudiomeshError as exc:
-                self.log.warning("skipping unreadable manifest", key=info.key, reason=str(exc))
-                continue
-            loaded[doc.job.job_id] = JobRecord(job=doc.job, events=list(doc.events))
-        self.records.update(loaded)
-        return [rec for rec in loaded.values() if not rec.terminal]
+        A store that stops answering half-way raises :class:`~audiomesh.errors.Unavailable`
+        (the caller tries again later) instead of skipping what it could not read. A folder
+        without a manifest (a job being created) is skipped until its manifest exists."""
+        prefixes = await asyncio.to_thread(lambda: list(self.store.list_prefixes("jobs/")))
+        ids = [p.removeprefix("jobs/").rstrip("/") for p in prefixes]
+        new = [i for i in ids if i not in self.records and is_job_id(i)]
+        slots = asyncio.Semaphore(_LOAD_CONCURRENCY)
+
+        async def read(job_id: str) -> JobRecord | None:
+            async with slots:
+                try:
+                    return await self._read(manifest_key(job_id))
+                except errors.Unavailable:
+                    raise
+                except errors.AudiomeshError as exc:
+                    self.log.warning("skipping unreadable manifest", key=manifest_key(job_id), reason=str(exc))
+                    return None
+
+        found = await asyncio.gather(*(read(i) for i in new))
+        return [self.records.setdefault(r.job.job_id, r) for r in found if r is not None]
+
+    async def load_all(self) -> list[JobRecord]:
+        """Every job in the store (see :meth:`discover`); the unfinished ones."""
+        await self.discover()
+        self.loaded = True
+        return [rec for rec in self.records.values() if not rec.terminal]
 
     async def sweep(self, retention_hours: float) -> tuple[int, int]:
         """Retention, one pass: delete finished jobs older than ``retention_hours`` (with the
@@ -286,15 +389,16 @@ class JobRegistry:
         ]
 
 
+def is_job_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
 def validate_job_id(job_id: str) -> None:
     """Job ids are UUID4 strings; anything else never touches a key."""
-    import uuid
-
-    try:
-        ok = str(uuid.UUID(job_id)) == job_id
-    except (ValueError, AttributeError, TypeError):
-        ok = False
-    if not ok:
+    if not is_job_id(job_id):
         raise errors.InvalidInput(f"job_id {job_id!r} is not a job id (a lowercase UUID)")
 
 

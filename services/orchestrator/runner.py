@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,15 @@ class Runner:
         self.store = store
         self.registry = registry
         self.clients = clients
-        self.job_slots = asyncio.Semaphore(settings.max_running_jobs)
+        # 0: no cap here; the workers' capacity bounds the work (busy ones answer RESOURCE_EXHAUSTED).
+        self.job_slots = asyncio.Semaphore(settings.max_running_jobs) if settings.max_running_jobs else None
         self.shutting_down = False
+        # Gives up a job's lease when it ended or was handed off (cluster.Cluster.release).
+        self.release: Callable[[JobRecord], Awaitable[None]] | None = None
 
     async def shutdown(self) -> None:
-        """Stop running jobs without marking them cancelled: their manifests stay
-        unfinished, so the next start resumes them."""
+        """Hand every running job over: stop it without marking it cancelled, write its state,
+        release its lease; another orchestrator (or this one after a restart) resumes it."""
         self.shutting_down = True
         tasks = [r.task for r in self.registry.records.values() if r.task and not r.task.done()]
         for task in tasks:
@@ -125,7 +128,8 @@ class Runner:
     def start(self, rec: JobRecord) -> None:
         rec.task = asyncio.ensure_future(self._run(rec))
 
-    def retry(self, rec: JobRecord) -> None:
+    @staticmethod
+    def reset_for_retry(rec: JobRecord) -> None:
         """Queue a FAILED/CANCELLED job again; resume reuses the nodes whose outputs exist."""
         rec.job.state = common_pb2.JOB_STATE_QUEUED
         rec.job.ClearField("error")
@@ -133,17 +137,30 @@ class Runner:
             if node.state != common_pb2.NODE_STATE_SUCCEEDED:
                 node.state = common_pb2.NODE_STATE_PENDING
                 node.ClearField("error")
-        self.start(rec)
 
     async def _run(self, rec: JobRecord) -> None:
+        try:
+            await self._run_owned(rec)
+        finally:
+            # Ended here, or handed off: a peer may take the lease at once. (Lost: nothing to give.)
+            if self.release is not None and rec.lease is not None and (rec.terminal or self.shutting_down):
+                await self.release(rec)
+
+    async def _run_owned(self, rec: JobRecord) -> None:
         job = rec.job
         with bind_job(job.job_id), tracer().start_as_current_span("job", attributes={"job.id": job.job_id}):
             try:
-                async with self.job_slots:
+                if self.job_slots is None:
                     await self._execute(rec)
+                else:
+                    async with self.job_slots:
+                        await self._execute(rec)
             except asyncio.CancelledError:
+                if rec.lost:  # another replica owns the job now: not a word more from this one
+                    logger().info("job stopped here: its lease was lost")
+                    return
                 if self.shutting_down:
-                    await self.registry.changed(rec, "orchestrator stopping; job will resume on restart")
+                    await self.registry.changed(rec, "orchestrator stopping; job handed over to another orchestrator")
                     return
                 await self._finish(rec, common_pb2.JOB_STATE_CANCELLED, "job cancelled")
             except NodeFailed as exc:

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import hashlib
 import json
-import os
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 from google.protobuf import struct_pb2
 
 import audiomesh
-from audiomesh import errors, ranges, scratch
-from audiomesh.audio.io import file_sha256, probe, scan_samples
+from audiomesh import errors, ranges
+from audiomesh.audio.io import AudioInfo, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
+from audiomesh.hashing import sha256_chunks
 from audiomesh.options import check_job_options, normalization
 from audiomesh.rpc import Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename, validate_key
@@ -28,6 +29,7 @@ from audiomesh.telemetry import logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
+from .cluster import Cluster, cancel_key
 from .jobs import JobRecord, JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
 from .runner import Runner
 
@@ -41,17 +43,20 @@ def _principal() -> str:
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    def __init__(self, settings: Settings, store: ObjectStore, registry: JobRegistry, runner: Runner) -> None:
+    def __init__(
+        self, settings: Settings, store: ObjectStore, registry: JobRegistry, runner: Runner, cluster: Cluster
+    ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
         self.runner = runner
+        self.cluster = cluster
         self.log = logger(component="orchestrator")
 
-    def _own(self, job_id: str) -> JobRecord:
-        """The caller's job: another principal's job is NOT_FOUND, exactly like a missing one."""
-        self.registry.require_loaded()
-        rec = self.registry.get(job_id)
+    async def _own(self, job_id: str) -> JobRecord:
+        """The caller's job, as current as the store has it (any replica may run it): another
+        principal's job is NOT_FOUND, exactly like a missing one."""
+        rec = await self.registry.lookup(job_id)
         if rec.job.owner != _principal():
             raise errors.NotFound(f"job {job_id!r} not found")
         return rec
@@ -104,28 +109,34 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         job_id = str(uuid.uuid4())
         name = sanitize_filename(meta.filename or "input")
         options = await self._resolve_options(meta.options) if meta.create_job else meta.options
-        # Spool to a local temp file while counting bytes: nothing is stored before the
-        # whole upload arrived, fits the limit and decodes as audio.
-        fd, spool = tempfile.mkstemp(prefix="upload-", dir=scratch.process_dir())
+        # Without a job, the upload is stored under its owner (CreateJob checks it, retention
+        # removes it if no job ever uses it); with one, it is the job's input. Both keys are new
+        # (a fresh UUID), so streaming into the final key overwrites nothing, and a job folder
+        # without a manifest is not a job yet (JobRegistry.discover skips it).
+        key = f"jobs/{job_id}/input/{name}" if meta.create_job else upload_key(_principal(), name)
+        # The chunks stream straight into the store (multipart on S3; no local spool), counted
+        # against the limit and hashed on the way; the stored object is then checked in place.
+        # Anything refused is deleted: no object stays behind.
+        pump = _UploadPump(request_iterator, asyncio.get_running_loop(), limit)
+        stored = False
         try:
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                async for msg in request_iterator:
-                    if msg.HasField("metadata"):
-                        raise errors.InvalidInput("metadata may only be sent in the first message")
-                    size += len(msg.chunk)
-                    if size > limit:
-                        raise errors.TooLarge(f"upload exceeds the limit of {limit} bytes")
-                    out.write(msg.chunk)
-            job_input = await self._inspect(Path(spool), name, size)
-            # Without a job, the upload is stored under its owner (CreateJob checks it, retention
-            # removes it if no job ever uses it); with one, it is the job's input.
-            key = f"jobs/{job_id}/input/{name}" if meta.create_job else upload_key(_principal(), name)
-            job_input.key = key
-            await asyncio.to_thread(self.store.put_file, key, spool)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(spool)
+            put = asyncio.ensure_future(
+                asyncio.to_thread(self.store.put_stream, key, pump, max_bytes=limit, content_type=_UPLOAD_TYPE)
+            )
+            try:
+                await asyncio.shield(put)
+            except asyncio.CancelledError:
+                pump.abort()  # the put ends at its next chunk and removes what it wrote
+                with contextlib.suppress(BaseException):
+                    await put
+                raise
+            stored = True
+            job_input = await self._inspect(key, name, pump.size, pump.sha256.hexdigest())
+        except BaseException:
+            if stored:
+                await self._discard(key)
+            raise
+        size = pump.size
         response = orchestrator_pb2.UploadAudioResponse(input_key=key, size_bytes=size)
         if meta.create_job:
             response.job.CopyFrom(await self._create(job_id, job_input, options))
@@ -146,37 +157,52 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise errors.TooLarge(
                 f"{request.input_key} is {info.size} bytes; the limit is {self.settings.max_upload_bytes}"
             )
-        with scratch.workdir("create-") as tmp:
-            local = Path(tmp) / "input"
-            await asyncio.to_thread(self.store.get_to_file, request.input_key, local)
-            job_input = await self._inspect(local, sanitize_filename(Path(request.input_key).name), info.size)
-        job_input.key = request.input_key
+        # Checked in place in the store (range reads), not downloaded to scratch.
+        job_input = await self._inspect(request.input_key, sanitize_filename(Path(request.input_key).name), info.size)
         job = await self._create(str(uuid.uuid4()), job_input, options)
         return orchestrator_pb2.CreateJobResponse(job=job)
 
-    async def _inspect(self, path: Path, name: str, size: int) -> orchestrator_pb2.JobInput:
+    async def _inspect(self, key: str, name: str, size: int, sha256: str | None = None) -> orchestrator_pb2.JobInput:
+        """Check the stored object ``key`` as a job input, reading it in place (range reads with
+        read-ahead; ``audio.io`` copies it to scratch only for a format that needs ffmpeg), and
+        describe it; ``sha256`` if the caller hashed it already, else one more sequential read."""
         if size == 0:
             raise errors.InvalidInput(f"{name}: the file is empty (0 bytes)")
-        info = await asyncio.to_thread(lambda: probe(path, name=name))
         limits = self.settings
-        if info.channels > limits.max_channels:
-            raise errors.InvalidInput(f"{name}: {info.channels} channels; at most {limits.max_channels} are accepted")
-        if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
-            raise errors.InvalidInput(
-                f"{name}: sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}–{limits.max_sample_rate} Hz"
-            )
-        if info.duration_s < limits.min_duration_seconds:
-            raise errors.InvalidInput(
-                f"{name}: {info.duration_s:.3f} s of audio is too short; at least {limits.min_duration_seconds:g} s"
-            )
-        await asyncio.to_thread(lambda: scan_samples(path, name=name))  # NaN/Inf refused before storing
-        if info.duration_s > self.settings.max_duration_seconds:
-            raise errors.InvalidInput(
-                f"{name}: {info.duration_s:.0f} s of audio exceeds the limit of {self.settings.max_duration_seconds:.0f} s"
-            )
-        return orchestrator_pb2.JobInput(
-            name=name, sha256=await asyncio.to_thread(file_sha256, path), size_bytes=size, audio=audio_info_pb(info)
-        )
+
+        def check() -> tuple[AudioInfo, str]:
+            with self.store.open_seekable(key) as f:
+                info = probe(f, name=name)
+                if info.channels > limits.max_channels:
+                    raise errors.InvalidInput(
+                        f"{name}: {info.channels} channels; at most {limits.max_channels} are accepted"
+                    )
+                if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
+                    raise errors.InvalidInput(
+                        f"{name}: sample rate {info.sample_rate} Hz is outside "
+                        f"{limits.min_sample_rate}–{limits.max_sample_rate} Hz"
+                    )
+                if info.duration_s < limits.min_duration_seconds:
+                    raise errors.InvalidInput(
+                        f"{name}: {info.duration_s:.3f} s of audio is too short; at least "
+                        f"{limits.min_duration_seconds:g} s"
+                    )
+                scan_samples(f, name=name)  # NaN/Inf and damage refused before a job uses it
+            if info.duration_s > limits.max_duration_seconds:
+                raise errors.InvalidInput(
+                    f"{name}: {info.duration_s:.0f} s of audio exceeds the limit of {limits.max_duration_seconds:.0f} s"
+                )
+            return info, sha256 or sha256_chunks(self.store.iter_chunks(key))
+
+        info, digest = await asyncio.to_thread(check)
+        return orchestrator_pb2.JobInput(key=key, name=name, sha256=digest, size_bytes=size, audio=audio_info_pb(info))
+
+    async def _discard(self, key: str) -> None:
+        """Delete a refused upload (shielded: it completes even if the call is being cancelled)."""
+        try:
+            await asyncio.shield(asyncio.to_thread(self.store.delete, key))
+        except Exception as exc:  # noqa: BLE001 - the refusal is what the caller must see
+            self.log.warning("could not delete a refused upload; retention removes it", key=key, reason=str(exc))
 
     async def _resolve_options(self, options: orchestrator_pb2.JobOptions) -> orchestrator_pb2.JobOptions:
         """Fill defaults and check the options against the model before anything is stored."""
@@ -210,15 +236,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             manifest_key=manifest_key(job_id),
             owner=_principal(),
         )
-        rec = await self.registry.add(job, f"job created from {job_input.name} ({job_input.size_bytes} bytes)")
-        self.runner.start(rec)
+        lease = await self.cluster.claim_new(job_id)
+        rec = await self.registry.add(
+            job, f"job created from {job_input.name} ({job_input.size_bytes} bytes) on {lease.label}", lease
+        )
+        self.cluster.run(rec)
         return rec.job
 
     # --- reading jobs ------------------------------------------------------------------
     async def GetJob(
         self, request: orchestrator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetJobResponse:
-        return orchestrator_pb2.GetJobResponse(job=self._own(request.job_id).job)
+        return orchestrator_pb2.GetJobResponse(job=(await self._own(request.job_id)).job)
 
     async def ListJobs(
         self, request: orchestrator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -242,7 +271,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def WatchJob(
         self, request: orchestrator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.WatchJobResponse]:
-        self._own(request.job_id)
+        await self._own(request.job_id)
         async for job in self.registry.watch(request.job_id):
             yield orchestrator_pb2.WatchJobResponse(job=job)
 
@@ -250,27 +279,38 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelJob(
         self, request: orchestrator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelJobResponse:
-        rec = self._own(request.job_id)
-        await _cancel(rec)
+        rec = await self._own(request.job_id)
+        await self._cancel(rec)
         return orchestrator_pb2.CancelJobResponse(job=rec.job)
 
     async def RetryJob(
         self, request: orchestrator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetryJobResponse:
-        rec = self._own(request.job_id)
-        if rec.job.state not in (common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED):
-            state = common_pb2.JobState.Name(rec.job.state)
-            raise errors.FailedPrecondition(
-                f"job {request.job_id} is {state}; only FAILED or CANCELLED jobs can be retried"
-            )
-        self.runner.retry(rec)
-        await self.registry.changed(rec, "job retried; nodes that succeeded will be reused")
+        rec = await self._own(request.job_id)
+        _check_retryable(rec)
+        # Whoever retries runs the job: take its lease (released when it ended; a holder that
+        # died before releasing it frees it after a TTL), then check again on the fresh manifest.
+        if not rec.owned and not await self.cluster.take(rec, wait=self.cluster.ttl + 1):
+            raise errors.Unavailable(f"job {request.job_id} is held by another orchestrator; retry in a few seconds")
+        try:
+            _check_retryable(rec)
+        except errors.FailedPrecondition:
+            await self.cluster.release(rec)
+            raise
+        await asyncio.to_thread(self.store.delete, cancel_key(rec.job.job_id))  # an old request must not stop it
+        self.runner.reset_for_retry(rec)
+        await self.registry.changed(rec, f"job retried on {self.cluster.replica}; nodes that succeeded will be reused")
+        if rec.owned:
+            self.cluster.run(rec)
         return orchestrator_pb2.RetryJobResponse(job=rec.job)
 
     async def DeleteJob(
         self, request: orchestrator_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.DeleteJobResponse:
-        await _cancel(self._own(request.job_id))
+        rec = await self._own(request.job_id)
+        await self._cancel(rec)
+        if not rec.terminal:
+            raise errors.FailedPrecondition(f"job {request.job_id} is still stopping; delete it again in a few seconds")
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 
@@ -287,14 +327,80 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> separation_pb2.ListModelsResponse:
         return await self.runner.list_models()
 
+    async def _cancel(self, rec: JobRecord) -> None:
+        """Cancel a job and wait (bounded) until it is marked CANCELLED: here if this replica runs
+        it, else through a request its holder acts on (or whoever takes it over next)."""
+        if rec.terminal:
+            return
+        if rec.owned and rec.task is not None:
+            rec.task.cancel()
+            # Cancelling the task cancels the workers' calls; they stop within one chunk.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        else:
+            await self.cluster.request_cancel(rec)
 
-async def _cancel(rec: JobRecord) -> None:
-    """Cancel a running job and wait (bounded) until the runner has marked it CANCELLED."""
-    if not rec.terminal and rec.task is not None:
-        rec.task.cancel()
-        # Cancelling the task cancels the workers' calls; they stop within one chunk.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+
+def _check_retryable(rec: JobRecord) -> None:
+    if rec.job.state not in (common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED):
+        state = common_pb2.JobState.Name(rec.job.state)
+        raise errors.FailedPrecondition(
+            f"job {rec.job.job_id} is {state}; only FAILED or CANCELLED jobs can be retried"
+        )
+
+
+_UPLOAD_TYPE = "application/octet-stream"
+
+
+class _UploadPump:
+    """The chunks of an UploadAudio stream as a blocking iterable, for ``store.put_stream`` in a
+    worker thread: each ``next()`` pulls one message on the event loop. Counts bytes against the
+    limit and hashes them (sha256) on the way."""
+
+    def __init__(
+        self,
+        requests: AsyncIterator[orchestrator_pb2.UploadAudioRequest],
+        loop: asyncio.AbstractEventLoop,
+        limit: int,
+    ) -> None:
+        self._requests = requests
+        self._loop = loop
+        self._limit = limit
+        self._pending: concurrent.futures.Future | None = None
+        self._aborted = False
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    async def _next(self) -> bytes | None:
+        msg = await anext(self._requests, None)
+        if msg is None:
+            return None
+        if msg.HasField("metadata"):
+            raise errors.InvalidInput("metadata may only be sent in the first message")
+        return msg.chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            if self._aborted:
+                raise errors.Cancelled("the upload call ended before its last chunk")
+            self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            try:
+                chunk = self._pending.result()
+            except concurrent.futures.CancelledError:
+                raise errors.Cancelled("the upload call ended before its last chunk") from None
+            if chunk is None:
+                return
+            self.size += len(chunk)
+            if self.size > self._limit:
+                raise errors.TooLarge(f"upload exceeds the limit of {self._limit} bytes")
+            self.sha256.update(chunk)
+            yield chunk
+
+    def abort(self) -> None:
+        """From the event loop: make the thread's pending and next pulls raise Cancelled."""
+        self._aborted = True
+        if self._pending is not None:
+            self._pending.cancel()
 
 
 def _position(job: orchestrator_pb2.Job) -> tuple[int, str]:
@@ -328,7 +434,8 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
     store = store or settings.open_store(create_bucket=False)
     registry = JobRegistry(store, settings.public_dict(), outage_budget=settings.unavailable_budget_seconds)
     runner = Runner(settings, store, registry, settings.client_factory(as_service=True))
-    servicer = OrchestratorServicer(settings, store, registry, runner)
+    cluster = Cluster(settings, store, registry, runner)
+    servicer = OrchestratorServicer(settings, store, registry, runner, cluster)
     background: list[asyncio.Task] = []
 
     async def sweep_forever() -> None:
@@ -343,10 +450,12 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
     stopping = asyncio.Event()
 
     async def recover() -> None:
-        """Recovery, awaited as warm-up so health stays NOT_SERVING until it is done: load every
-        manifest (retried with backoff, 0.5 s doubling to 30 s, for as long as the store does
-        not answer), resume unfinished jobs, then start the retention sweeper. Until then job
-        RPCs answer UNAVAILABLE (``JobRegistry.require_loaded``)."""
+        """Recovery, awaited as warm-up so health stays NOT_SERVING until it is done: read every
+        manifest (16 at a time; retried with backoff, 0.5 s doubling to 30 s, for as long as the
+        store does not answer), then start the cluster scan — which takes over unfinished jobs
+        whose lease was released or went silent for a TTL, this replica's own from before a
+        restart included — and the retention sweeper. Until then ListJobs answers UNAVAILABLE
+        (``JobRegistry.require_loaded``); a job asked for by id is read from the store."""
         log = registry.log
         delay, attempt, started = _RECOVERY_FIRST_DELAY, 0, time.monotonic()
         while True:
@@ -371,15 +480,16 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
             delay = min(delay * 2, _RECOVERY_MAX_DELAY)
         if stopping.is_set():
             raise asyncio.CancelledError
-        registry.loaded = True
-        # Every job is queryable after a restart; unfinished ones run again from their manifest.
-        for rec in unfinished:
-            log.info("resuming job", job_id=rec.job.job_id, state=common_pb2.JobState.Name(rec.job.state))
-            runner.start(rec)
+        # Every job is queryable after a restart; unfinished ones run again from their manifest,
+        # here or on a peer: whichever takes the lease first (the first scan runs at once).
+        taken = await cluster.scan_once()
+        cluster.start_scanning()
         log.info(
             "recovery done: jobs loaded from the store; SERVING",
             jobs=len(registry.records),
-            resumed=len(unfinished),
+            unfinished=len(unfinished),
+            taken_over=taken,
+            replica=cluster.replica,
             attempts=attempt,
             seconds=round(time.monotonic() - started, 2),
         )
@@ -390,7 +500,7 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
         await registry.close_watchers()
         for task in background:
             task.cancel()
-        await runner.shutdown()
+        await cluster.stop()
 
     return ServiceSpec(
         registrations=[

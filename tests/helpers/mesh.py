@@ -23,6 +23,8 @@ BASE_ENV = {
     "AUDIOMESH_LOG_LEVEL": "info",
     "AUDIOMESH_TORCH_THREADS": "1",
     "AUDIOMESH_RETENTION_HOURS": "0",
+    # Short leases: a killed orchestrator's jobs are taken over within seconds.
+    "AUDIOMESH_LEASE_TTL_SECONDS": "6",
     "HF_HUB_OFFLINE": "1",
 }
 
