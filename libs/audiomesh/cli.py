@@ -1,6 +1,7 @@
 """The ``audiomesh`` command: run the mesh, submit songs, inspect jobs.
 
 audiomesh up                         every service on localhost, file store in ./data
+audiomesh up --replicas orchestrator=3 --replicas separation=2   several processes of a service
 audiomesh process song.mp3 --out out one job per file, progress bar, tracks in out/
 audiomesh process --demo --out out   the same on a synthesized clip
 audiomesh jobs | show ID | cancel ID | models
@@ -72,19 +73,31 @@ async def _upload(
 async def _watch(
     stub: OrchestratorServiceAsyncStub, job_id: str, *, label: str, quiet: bool = False
 ) -> orchestrator_pb2.Job:
-    """Follow a job with a progress bar (stage, %, ETA); return its final state."""
+    """Follow a job with a progress bar (stage, %, ETA); return its final state.
+
+    The watch is resumed when its orchestrator goes away (restart, kill, another replica
+    answering): the bar says "reconnecting" meanwhile and goes on from the job's state then.
+    """
     from tqdm import tqdm
 
+    from audiomesh.rpc.client import follow_job
     from audiomesh.v1 import orchestrator_pb2
 
     bar = tqdm(total=100, desc=label, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}", disable=quiet)
     job = None
-    async for msg in stub.WatchJob(orchestrator_pb2.WatchJobRequest(job_id=job_id)):
-        job = msg.job
-        bar.n = round(job.fraction * 100, 1)
-        bar.set_postfix_str(f"{_state(job).lower()} {job.current_stage} ETA {_fmt_eta(job)}", refresh=False)
-        bar.refresh()
-    bar.close()
+
+    def reconnecting(attempt: int, delay: float, why: str) -> None:
+        bar.set_postfix_str(f"reconnecting (try {attempt})…", refresh=True)
+
+    request = orchestrator_pb2.WatchJobRequest(job_id=job_id)
+    try:
+        async for msg in follow_job(lambda: stub.WatchJob(request), on_retry=reconnecting):
+            job = msg.job
+            bar.n = round(job.fraction * 100, 1)
+            bar.set_postfix_str(f"{_state(job).lower()} {job.current_stage} ETA {_fmt_eta(job)}", refresh=False)
+            bar.refresh()
+    finally:
+        bar.close()
     if job is None:  # WatchJob always sends a snapshot first; say so rather than fail on None later
         raise AudiomeshError(f"WatchJob for {job_id} ended without sending the job")
     return job
@@ -192,7 +205,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging("up", level=settings.log_level, fmt=settings.log_format)
     stop = threading.Event()
-    mesh = Mesh(settings=settings, ports=default_ports(settings), inherit_output=True, gateway=True)
+    mesh = Mesh(
+        settings=settings,
+        ports=default_ports(settings),
+        inherit_output=True,
+        gateway=True,
+        replicas=dict(args.replicas),
+    )
     try:
         mesh.start()
     except BaseException:  # Ctrl-C or a service that did not start: nothing may stay behind
@@ -200,7 +219,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         raise
     print("audiomesh is up (Ctrl-C to stop):")
     for name in SERVICES:
-        print(f"  {name:<13} {mesh.addresses[name]}")
+        instances = mesh.instances(name)
+        if len(instances) == 1:
+            print(f"  {name:<13} {mesh.addresses[name]}")
+            continue
+        print(f"  {name:<13} {mesh.addresses[name]}   ({len(instances)} processes, round-robin)")
+        for instance in instances:
+            print(f"    {instance:<15} {mesh.addresses[instance]}")
     print(f"  store         {settings.store_url}")
     if settings.api_keys and not settings.service_token.get_secret_value():
         print("  service token generated for this run: the workers answer only this orchestrator")
@@ -276,6 +301,16 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if any(isinstance(r, Exception) for r in results.values()) else 0
 
 
+def _replica_count(text: str) -> tuple[str, int]:
+    """``SERVICE=N`` of ``up --replicas``."""
+    service, sep, count = text.partition("=")
+    if not sep or service not in SERVICES or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give SERVICE=N with N >= 1 and SERVICE one of {', '.join(SERVICES)} (e.g. separation=2)"
+        )
+    return service, int(count)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiomesh", description="Music separation as a mesh of gRPC services.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,7 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=[*SERVICES, "gateway"])
     p.add_argument("--port", type=int, default=None, help="0 picks a free port; default from AUDIOMESH_<NAME>_ADDR")
     p.add_argument("--ready-file", type=Path, default=None, help="write {port} here once SERVING")
-    sub.add_parser("up", help="start every service and the web page on localhost (file store in ./data)")
+    p = sub.add_parser("up", help="start every service and the web page on localhost (file store in ./data)")
+    p.add_argument(
+        "--replicas",
+        action="append",
+        type=_replica_count,
+        default=[],
+        metavar="SERVICE=N",
+        help="run N processes of SERVICE (repeatable; default 1 each), e.g. orchestrator=3",
+    )
     p = sub.add_parser("process", help="separate files (starts a mesh when none is running)")
     p.add_argument("files", nargs="*")
     p.add_argument("--demo", action="store_true", help="also process a synthesized demo clip")

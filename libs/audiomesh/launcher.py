@@ -84,7 +84,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
             tmp.replace(ready_file)
 
         asyncio.ensure_future(announce())
-    await running.serve_until_signal(before_stop=spec.on_stop)
+    await running.serve_until_signal(grace=settings.drain_seconds_of(name), before_stop=spec.on_stop)
     scratch.remove_own()
     shutdown_tracing()
     logger().info("stopped")
@@ -168,6 +168,16 @@ class Mesh:
     children's settings when the caller has read them already (``audiomesh up`` reads them
     once, from this environment); by default read here, with a ConfigError before any child
     starts when one is invalid.
+
+    ``replicas``: processes per service (default 1 each; ``audiomesh up --replicas``). A service
+    with one process is one instance named after it (``orchestrator``, log ``orchestrator.log``);
+    with several, ``orchestrator-1`` … ``orchestrator-N``, each with its own port, log file,
+    supervision and restart on its port, and orchestrators with their own AUDIOMESH_REPLICA_ID.
+    ``addresses[service]`` is the one gRPC target clients use: the instance's ``host:port``, or
+    every instance as ``ipv4:a:p,b:p`` (round-robin, see audiomesh.rpc.client); each instance's
+    own address is ``addresses[instance]``. Per-instance control for tests and ``up``:
+    :meth:`instances`, :meth:`kill`, :meth:`terminate`, :meth:`restart`, :meth:`pause`,
+    :meth:`resume`, :meth:`pid` (a service name stands for its instance when it has one).
     """
 
     def __init__(
@@ -179,11 +189,27 @@ class Mesh:
         log_dir: Path | None = None,
         inherit_output: bool = False,
         gateway: bool = False,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.env = {**os.environ, **(env or {})}
         self.settings = settings if settings is not None else load_settings(environ=self.env)
-        self.ports = dict(ports or dict.fromkeys((*SERVICES, "gateway"), 0))
+        counts = check_replicas(replicas or {})
         self.gateway = gateway
+        # Instance names per service, in start order; ``_service_of`` maps them back.
+        self._instances: dict[str, list[str]] = {}
+        for service in (*SERVICES, "gateway"):
+            n = counts.get(service, 1)
+            self._instances[service] = [service] if n == 1 else [f"{service}-{i}" for i in range(1, n + 1)]
+        self._service_of = {inst: service for service, insts in self._instances.items() for inst in insts}
+        # A port per instance: the service's (0 = any free one) for the first, any free one for
+        # the others (a fixed port + i would collide with the next service's default port).
+        given = dict(ports or {})
+        self.ports = {
+            inst: given.get(service, 0) if i == 0 else 0
+            for service, insts in self._instances.items()
+            for i, inst in enumerate(insts)
+        }
+        self._paused: set[str] = set()
         self._run_dir = Path(tempfile.mkdtemp(prefix="audiomesh-mesh-"))
         self.log_dir = Path(log_dir) if log_dir else self._run_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +230,26 @@ class Mesh:
             return "127.0.0.1"
         return f"[{host}]" if ":" in host else host
 
+    def instances(self, service: str) -> list[str]:
+        """The instance names of ``service`` (``["orchestrator"]``, or ``orchestrator-1`` …)."""
+        if service not in self._instances:
+            raise KeyError(f"no service {service!r} in this mesh; services: {', '.join(self._instances)}")
+        return list(self._instances[service])
+
+    def _instance(self, name: str) -> str:
+        """``name`` as an instance: itself, or a service's only instance."""
+        if name in self._service_of:
+            return name
+        insts = self.instances(name)
+        if len(insts) > 1:
+            raise KeyError(f"{name} runs {len(insts)} instances here: name one of {', '.join(insts)}")
+        return insts[0]
+
+    def _target(self, service: str) -> str:
+        """The gRPC target of every instance of ``service`` (one ``host:port`` for one)."""
+        addrs = [self.addresses[inst] for inst in self._instances[service]]
+        return addrs[0] if len(addrs) == 1 else multi_target(addrs)
+
     def _spawn(self, name: str, env: dict[str, str]) -> Path:
         self._run_dir.mkdir(parents=True, exist_ok=True)
         ready = self._run_dir / f"{name}.ready"
@@ -213,12 +259,13 @@ class Mesh:
             "-m",
             "audiomesh.cli",
             "serve",
-            name,
+            self._service_of[name],
             "--port",
             str(self.ports[name]),
             "--ready-file",
             str(ready),
         ]
+        self._paused.discard(name)
         self.envs[name] = env
         out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         try:
@@ -253,19 +300,39 @@ class Mesh:
             env[f"{ENV_PREFIX}SERVICE_TOKEN"] = secrets.token_urlsafe(32)
         # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
         cores = usable_cores()
-        ready = {name: self._spawn(name, thread_env(name, self.settings, env, cores=cores)) for name in WORKERS}
+        ready = {
+            inst: self._spawn(inst, thread_env(name, self.settings, env, cores=cores))
+            for name in WORKERS
+            for inst in self._instances[name]
+        }
         self._wait_ready(ready, timeout)
-        for name, addr in self.addresses.items():
-            env[f"AUDIOMESH_{name.upper()}_ADDR"] = addr
+        for name in WORKERS:
+            self.addresses[name] = self._target(name)
+            env[f"AUDIOMESH_{name.upper()}_ADDR"] = self.addresses[name]
         self.env = env
-        self._wait_ready({"orchestrator": self._spawn("orchestrator", env)}, timeout)
+        self._start_service("orchestrator", timeout)
         self.env["AUDIOMESH_ORCHESTRATOR_ADDR"] = self.addresses["orchestrator"]
         if self.gateway:
-            self._wait_ready({"gateway": self._spawn("gateway", self.env)}, timeout)
+            self._start_service("gateway", timeout)
         return self
 
+    def _start_service(self, service: str, timeout: float) -> None:
+        insts = self._instances[service]
+        ready = {}
+        for inst in insts:
+            env = self.env
+            if len(insts) > 1:  # each orchestrator owns jobs under its own name (leases)
+                env = {**env, f"{ENV_PREFIX}REPLICA_ID": inst}
+            ready[inst] = self._spawn(inst, env)
+        self._wait_ready(ready, timeout)
+        self.addresses[service] = self._target(service)
+
     def restart(self, name: str, timeout: float = 120.0) -> None:
-        """Start a stopped (or killed) service again on the same port."""
+        """Start a stopped (or killed) instance again on the same port, with the same environment."""
+        name = self._instance(name)
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {proc.pid}); kill or terminate it first")
         self.ports[name] = int(self.addresses[name].rpartition(":")[2])
         self._wait_ready({name: self._spawn(name, self.envs.get(name, self.env))}, timeout)
 
@@ -346,18 +413,54 @@ class Mesh:
             text = fh.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
 
+    def pid(self, name: str) -> int:
+        """The process id of an instance (or of a service's only instance)."""
+        return self.procs[self._instance(name)].pid
+
     def kill(self, name: str) -> None:
+        """kill -9 an instance (a service's only instance) and reap it."""
+        name = self._instance(name)
         proc = self.procs[name]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        self._paused.discard(name)
+
+    def terminate(self, name: str, timeout: float = 60.0) -> int:
+        """SIGTERM an instance (it drains) and wait for it to exit; its exit code. A paused one
+        is resumed first, or it could not act on the signal."""
+        name = self._instance(name)
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        if name in self._paused:
+            self.resume(name)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{name} (pid {proc.pid}) did not exit within {timeout:.0f} s of SIGTERM") from None
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP an instance: it holds its port and connections but does nothing (a frozen
+        or partitioned process, as far as its peers can tell) until :meth:`resume`."""
+        name = self._instance(name)
+        self.procs[name].send_signal(signal.SIGSTOP)
+        self._paused.add(name)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a paused instance."""
+        name = self._instance(name)
+        self.procs[name].send_signal(signal.SIGCONT)
+        self._paused.discard(name)
 
     def stop(self, grace: float = 30.0) -> None:
         self._stopping.set()
-        order = ["gateway", "orchestrator", *WORKERS]
+        order = [inst for service in ("gateway", "orchestrator", *WORKERS) for inst in self._instances[service]]
         for name in order:
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+                if name in self._paused:  # a stopped process acts on SIGTERM only once continued
+                    proc.send_signal(signal.SIGCONT)
+        self._paused.clear()
         deadline = time.monotonic() + grace
         for name in order:
             proc = self.procs.get(name)
@@ -408,5 +511,41 @@ def _exit_reason(code: int) -> str:
 
 
 def default_ports(settings: Settings | None = None) -> dict[str, int]:
+    """Each service's port from its address setting (the first address of a list)."""
     settings = settings or load_settings()
-    return {name: int(settings.address_of(name).rpartition(":")[2]) for name in (*SERVICES, "gateway")}
+    return {name: int(settings.address_of(name).split(",")[0].rpartition(":")[2]) for name in (*SERVICES, "gateway")}
+
+
+def check_replicas(replicas: Mapping[str, int]) -> dict[str, int]:
+    """``replicas`` checked: known services (not the gateway: one HTTP port), counts >= 1."""
+    for service, n in replicas.items():
+        if service not in SERVICES:
+            raise ConfigError(
+                f"replicas: unknown service {service!r}; choose from {', '.join(SERVICES)} "
+                "(the gateway runs once: it is one HTTP port)"
+            )
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"replicas: {service}={n!r}; give a whole number of processes, at least 1")
+    return dict(replicas)
+
+
+def multi_target(addresses: list[str]) -> str:
+    """One gRPC target for several ``host:port`` addresses: ``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,…``),
+    which a channel with the round_robin policy spreads calls over. gRPC lists take IP literals
+    only, so a host name is resolved here."""
+    import ipaddress
+    import socket
+
+    literal: list[str] = []
+    for addr in addresses:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0])
+        literal.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    v6 = [a.startswith("[") for a in literal]
+    if any(v6) and not all(v6):
+        raise ConfigError(f"cannot list IPv4 and IPv6 addresses in one gRPC target: {', '.join(literal)}")
+    return ("ipv6:" if all(v6) else "ipv4:") + ",".join(literal)
