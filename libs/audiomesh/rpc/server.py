@@ -38,6 +38,10 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Longest a failed client-streaming call keeps reading (and dropping) the caller's messages.
 _DRAIN_SECONDS = 10.0
+# Server keepalive: a caller that does not ack a ping is gone and its calls are cancelled
+# within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS (~4 s), well inside an orchestrator lease's 2/3 TTL.
+KEEPALIVE_MS = 2_000
+KEEPALIVE_TIMEOUT_MS = 2_000
 
 
 def status_details(exc: errors.AudiomeshError) -> tuple[tuple[str, bytes], ...]:
@@ -282,9 +286,11 @@ class RunningServer:
         await self.server.stop(grace)
 
     async def serve_until_signal(
-        self, grace: float = 25.0, before_stop: Callable[[], Awaitable[None]] | None = None
+        self, *, grace: float, before_stop: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        """Block until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls."""
+        """Block until SIGTERM/SIGINT, then drain: NOT_SERVING for every service name, new calls
+        refused (UNAVAILABLE: the listener closes and connections get GOAWAY, so callers go to
+        another replica), in-flight calls run on for up to ``grace`` seconds, then are cancelled."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -330,6 +336,14 @@ async def start_server(
             ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # Notice a caller that froze or was cut off: ping every 2 s, close the transport (which
+            # cancels its calls, so a separation stops) when a ping is not acked within 2 s. Without
+            # this a worker would run on for a job whose new owner already runs the same node.
+            # max_pings_without_data 0: keep pinging through a long call that sends nothing.
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.max_pings_without_data", 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()
