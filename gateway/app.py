@@ -11,13 +11,13 @@ aggregated ``/health``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import cast
 
 import grpc
 from google.protobuf import json_format
@@ -41,6 +41,7 @@ import audiomesh
 from audiomesh import errors
 from audiomesh.config import SERVICES, Settings
 from audiomesh.rpc import ClientFactory
+from audiomesh.rpc.client import follow_job
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger, tracer
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
@@ -144,32 +145,73 @@ class Gateway:
         return message
 
     async def _stream(self, route: HttpRoute, message: ProtoMessage, request: Request) -> Response:
-        call = self.channel.unary_stream(
+        metadata = self.metadata(request)
+        open_call = self.channel.unary_stream(
             route.grpc_path,
             request_serializer=route.request_class.SerializeToString,
             response_deserializer=route.response_class.FromString,
-        )(message, metadata=self.metadata(request))
+        )
+        sse = "text/event-stream" in request.headers.get("accept", "")
+        # Messages, the end, an error, or (SSE only) a reconnect under way, in order.
+        events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        call = None
+        messages: AsyncIterator[ProtoMessage]
+        if route.method.name == "WatchJob":
+            # The watch outlives its orchestrator: reopened upstream (any replica) until the job
+            # ends, each snapshot once, so the browser or client sees one unbroken stream.
+            def reconnecting(attempt: int, delay: float, why: str) -> None:
+                if sse:
+                    events.put_nowait(("reconnecting", {"attempt": attempt, "retryInSeconds": delay, "reason": why}))
+
+            messages = follow_job(lambda: open_call(message, metadata=metadata), on_retry=reconnecting)
+        else:
+            call = open_call(message, metadata=metadata)
+            messages = aiter(call)
         # Read the first message before answering, so a NOT_FOUND is a 404, not a 200 stream.
         try:
-            first = await call.read()
+            first = await anext(messages, None)
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
-        sse = "text/event-stream" in request.headers.get("accept", "")
+        except errors.Unavailable as exc:  # follow_job gave up
+            return error_response(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-        def frame(payload: dict) -> bytes:
-            text = json.dumps(payload, separators=(",", ":"))
-            return f"data: {text}\n\n".encode() if sse else (text + "\n").encode()
+        async def pump() -> None:
+            try:
+                async for item in messages:
+                    events.put_nowait(("result", to_json(item)))
+                events.put_nowait(("end", None))
+            except grpc.aio.AioRpcError as exc:
+                events.put_nowait(("error", rpc_error_json(exc)))
+            except errors.Unavailable as exc:
+                events.put_nowait(("error", {"code": grpc.StatusCode.UNAVAILABLE.value[0], "message": str(exc)}))
+
+        def frame(kind: str, payload: object) -> bytes:
+            text = json.dumps({kind: payload} if kind != "reconnecting" else payload, separators=(",", ":"))
+            if not sse:
+                return (text + "\n").encode()
+            return (b"event: reconnecting\n" if kind == "reconnecting" else b"") + f"data: {text}\n\n".encode()
 
         async def body() -> AsyncIterator[bytes]:
-            item = first
+            if first is None:
+                return
+            yield frame("result", to_json(first))
+            task = asyncio.ensure_future(pump())
             try:
-                while item is not grpc.aio.EOF:
-                    yield frame({"result": to_json(cast(ProtoMessage, item))})  # `is not EOF` does not narrow
-                    item = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                yield frame({"error": rpc_error_json(exc)})
+                while True:
+                    kind, payload = await events.get()
+                    if kind == "end":
+                        break
+                    yield frame(kind, payload)
+                    if kind == "error":
+                        break
             finally:
-                call.cancel()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if call is not None:
+                    call.cancel()
+                elif (aclose := getattr(messages, "aclose", None)) is not None:
+                    await aclose()
 
         media = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache"})

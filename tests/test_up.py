@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from audiomesh.config import load_settings
 from audiomesh.errors import ConfigError
 from audiomesh.launcher import Mesh
 from audiomesh.rpc.client import CHANNEL_OPTIONS
-from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from tests.helpers.mesh import BASE_ENV, SUCCEEDED, upload, wait_for, write_song
 
 
@@ -117,12 +118,14 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Two orchestrators and two separation workers, each a process of its own."""
+    """Two orchestrators and two separation workers, each a process of its own, and the gateway.
+    A short lease: a killed orchestrator's jobs are taken over within seconds."""
     tmp = tmp_path_factory.mktemp("cluster")
     mesh = Mesh(
-        env={**BASE_ENV, "AUDIOMESH_STORE_URL": f"file://{tmp / 'data'}"},
+        env={**BASE_ENV, "AUDIOMESH_STORE_URL": f"file://{tmp / 'data'}", "AUDIOMESH_LEASE_TTL_SECONDS": "5"},
         log_dir=tmp / "logs",
         replicas={"orchestrator": 2, "separation": 2},
+        gateway=True,
     )
     mesh.start(timeout=240)
     try:
@@ -164,9 +167,9 @@ def test_replicas_get_their_own_names_ports_logs_and_one_round_robin_target(clus
 
 async def test_jobs_spread_over_separation_replicas_and_an_orchestrator_can_die(cluster, tmp_path):
     song = write_song(tmp_path / "song.wav", 2.0).read_bytes()
-    # Jobs go to one orchestrator (today a job lives in the replica that took it); its
+    # Every call through the orchestrators' list (any replica answers for any job); the
     # separation calls go round-robin over the two separation processes.
-    async with grpc.aio.insecure_channel(cluster.addresses["orchestrator-1"]) as channel:
+    async with grpc.aio.insecure_channel(cluster.orchestrator, options=CHANNEL_OPTIONS) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         created = [await upload(stub, song, f"song{i}.wav") for i in range(4)]
         finished = await asyncio.gather(*(wait_for(stub, r.job.job_id, timeout=180) for r in created))
@@ -234,3 +237,91 @@ def test_up_replicas_flag_is_parsed_and_checked(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["up", "--replicas", bad])
         assert "SERVICE=N" in capsys.readouterr().err
+
+
+# --- watches that outlive their orchestrator ---------------------------------------------------
+
+
+async def _wait_running(target: str, name: str, *, timeout: float = 120.0) -> str:
+    """The id of the newest job named ``name`` once it is RUNNING (mid-job: time to kill)."""
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = (await stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=20), timeout=10)).jobs
+            for job in jobs:
+                if job.input.name == name and job.state == common_pb2.JOB_STATE_RUNNING:
+                    return job.job_id
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no RUNNING job named {name} within {timeout:.0f} s")
+
+
+async def test_cli_watch_survives_its_orchestrator_being_killed_and_restarted(cluster, tmp_path):
+    """`audiomesh process` watching through orchestrator-1 alone: kill -9 it mid-job, start it
+    again; the CLI reconnects (its bar says so) and prints the finished job."""
+    song = write_song(tmp_path / "resume.wav", 8.0)
+    env = {**{k: v for k, v in cluster.env.items() if k.startswith("AUDIOMESH_")}}
+    env["AUDIOMESH_ORCHESTRATOR_ADDR"] = cluster.addresses["orchestrator-1"]
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiomesh.cli", "process", str(song), "--out", str(tmp_path / "out"),
+        env={**os.environ, **env}, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        job_id = await _wait_running(cluster.orchestrator, "resume.wav")
+        cluster.kill("orchestrator-1")
+        await asyncio.sleep(1.0)  # the watch is down: the CLI retries, backing off
+        await asyncio.to_thread(cluster.restart, "orchestrator-1")
+        out, err = await asyncio.wait_for(cli.communicate(), 180)
+    finally:
+        if cli.returncode is None:
+            cli.kill()
+            await cli.wait()
+    text = err.decode("utf-8", "replace")
+    assert cli.returncode == 0, text[-3000:]
+    assert f"job {job_id} done" in out.decode(), out
+    assert "reconnecting" in text and "Traceback" not in text, text[-3000:]
+    assert len(list((tmp_path / "out" / "resume").glob("*.wav"))) == 9
+
+
+def test_gateway_watch_streams_continue_across_orchestrator_restarts(cluster, tmp_path):
+    """NDJSON and SSE watches through the gateway, with every orchestrator killed and restarted
+    mid-job: both streams go on (the gateway reopens the watch upstream), each snapshot once,
+    and end with the finished job; SSE also tells the page it is reconnecting."""
+    song = write_song(tmp_path / "relay.wav", 8.0).read_bytes()
+    with httpx.Client(base_url=cluster.url, timeout=60) as http:
+        resp = http.post("/v1/jobs:upload", files={"file": ("relay.wav", song)})
+        assert resp.status_code == 200, resp.text
+        job_id = resp.json()["job"]["jobId"]
+        lines: dict[str, list[str]] = {"ndjson": [], "sse": []}
+        first = {name: threading.Event() for name in lines}
+
+        def read(name: str, accept: str) -> None:
+            with http.stream("GET", f"/v1/jobs/{job_id}:watch", headers={"accept": accept}) as stream:
+                for line in stream.iter_lines():
+                    if line:
+                        lines[name].append(line)
+                        first[name].set()
+
+        readers = [
+            threading.Thread(target=read, args=("ndjson", "application/x-ndjson"), daemon=True),
+            threading.Thread(target=read, args=("sse", "text/event-stream"), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(60) for event in first.values()), lines
+        asyncio.run(_wait_running(cluster.orchestrator, "relay.wav"))
+        for name in cluster.instances("orchestrator"):
+            cluster.kill(name)
+        time.sleep(1.0)
+        for name in cluster.instances("orchestrator"):
+            cluster.restart(name)
+        for reader in readers:
+            reader.join(timeout=180)
+            assert not reader.is_alive(), lines
+    results = [json.loads(line) for line in lines["ndjson"]]
+    assert all("result" in r for r in results), results[-3:]
+    assert results[-1]["result"]["job"]["state"] == "JOB_STATE_SUCCEEDED"
+    assert all(a != b for a, b in itertools.pairwise(lines["ndjson"])), "a snapshot was repeated"
+    assert "event: reconnecting" in lines["sse"], lines["sse"][:10]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines["sse"] if line.startswith("data: ")]
+    assert data[-1]["result"]["job"]["state"] == "JOB_STATE_SUCCEEDED", data[-3:]

@@ -97,6 +97,12 @@ const el = (tag, props = {}, ...children) => {
 // replaceChildren() would print null as "null": skip empty children.
 const setChildren = (node, ...children) => node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
 
+// A lost progress stream is reopened after 0.2 s, doubling to 2 s, for up to 60 s without
+// one successful reconnect (the gateway itself reopens the stream to the orchestrators).
+const RETRY_FIRST_MS = 200;
+const RETRY_MAX_MS = 2000;
+const RETRY_GIVE_UP_MS = 60000;
+
 const state = {
   config: {},
   models: [],
@@ -106,7 +112,8 @@ const state = {
   job: null,
   source: null, // its EventSource
   retryTimer: 0,
-  retryDelay: 1000,
+  retryDelay: RETRY_FIRST_MS,
+  lostSince: 0, // when the watch was lost (0: it is not); retries stop RETRY_GIVE_UP_MS after
   tracksSignature: "",
   historyToken: "",
 };
@@ -513,6 +520,8 @@ function openJob(job) {
     stopWatching();
     state.jobId = id;
     state.tracksSignature = "";
+    state.retryDelay = RETRY_FIRST_MS;
+    state.lostSince = 0;
     $("job-connection").textContent = "";
   }
   renderJob(job);
@@ -549,6 +558,10 @@ function watch(id) {
   source.onopen = () => {
     $("job-connection").textContent = "";
   };
+  // The gateway says so while it reopens the stream upstream (an orchestrator went away).
+  source.addEventListener("reconnecting", () => {
+    if (state.source === source) $("job-connection").textContent = "Reconnecting…";
+  });
   source.onmessage = (ev) => {
     if (state.source !== source) return;
     const payload = parseJson(ev.data);
@@ -562,7 +575,9 @@ function watch(id) {
     }
     const job = payload.result && payload.result.job;
     if (!job || job.jobId && job.jobId !== id) return;
-    state.retryDelay = 1000;
+    state.retryDelay = RETRY_FIRST_MS;
+    state.lostSince = 0;
+    $("job-connection").textContent = "";
     renderJob(job);
     upsertHistory(job);
     if (TERMINAL.has(job.state)) stopWatching();
@@ -573,10 +588,23 @@ function watch(id) {
     if (state.source !== source) return;
     stopWatching();
     $("job-connection").textContent = "Connection lost — reconnecting…";
-    const delay = state.retryDelay;
-    state.retryDelay = Math.min(15000, delay * 2);
-    state.retryTimer = setTimeout(() => refreshJob(id, { rewatch: true }), delay);
+    retryLater(id);
   };
+}
+
+// Schedules the next attempt to reopen the watch, or gives up (with a note) once the watch
+// has been lost for RETRY_GIVE_UP_MS.
+function retryLater(id) {
+  const now = Date.now();
+  if (!state.lostSince) state.lostSince = now;
+  if (now - state.lostSince >= RETRY_GIVE_UP_MS) {
+    $("job-connection").textContent = "Lost the connection to the server — reload the page to try again.";
+    state.lostSince = 0;
+    return;
+  }
+  const delay = state.retryDelay;
+  state.retryDelay = Math.min(RETRY_MAX_MS, delay * 2);
+  state.retryTimer = setTimeout(() => refreshJob(id, { rewatch: true }), delay);
 }
 
 async function refreshJob(id, { rewatch = false } = {}) {
@@ -585,6 +613,7 @@ async function refreshJob(id, { rewatch = false } = {}) {
     const data = await api("GET", jobPath(id));
     if (state.jobId !== id || !data.job) return;
     $("job-connection").textContent = "";
+    state.lostSince = 0;
     renderJob(data.job);
     upsertHistory(data.job);
     if (rewatch && !TERMINAL.has(data.job.state)) watch(id);
@@ -592,11 +621,7 @@ async function refreshJob(id, { rewatch = false } = {}) {
     if (state.jobId !== id) return;
     if (err instanceof NetworkError || (err instanceof ApiError && err.status >= 500)) {
       $("job-connection").textContent = "Can't reach the server — still trying…";
-      if (rewatch) {
-        const delay = state.retryDelay;
-        state.retryDelay = Math.min(15000, delay * 2);
-        state.retryTimer = setTimeout(() => refreshJob(id, { rewatch: true }), delay);
-      }
+      if (rewatch) retryLater(id);
     } else {
       $("job-connection").textContent = "";
       showError(describe(err, "job"));

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -13,6 +15,9 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from audiomesh import errors
 from audiomesh.auth import SERVICE_TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from audiomesh.v1 import orchestrator_pb2
 
 # Transparent retries for calls that never reached a healthy server. Idempotent unary calls
 # (health, ListModels, Measure) also retry UNAVAILABLE; streaming work is retried by the
@@ -147,6 +152,66 @@ class ClientFactory:
         for chan in self._channels.values():
             await chan.close()
         self._channels.clear()
+
+
+class WatchLost(errors.Unavailable):
+    """:func:`follow_job` gave up: no watch could be reopened within its ``give_up_after``."""
+
+
+async def follow_job(
+    open_watch: Callable[[], AsyncIterator[orchestrator_pb2.WatchJobResponse]],
+    *,
+    backoff: float = 0.2,
+    max_backoff: float = 2.0,
+    give_up_after: float = 60.0,
+    on_retry: Callable[[int, float, str], None] | None = None,
+) -> AsyncIterator[orchestrator_pb2.WatchJobResponse]:
+    """A WatchJob that survives its server: the messages of ``open_watch()`` streams, reopened
+    until the job is terminal, each distinct snapshot once.
+
+    A stream that fails UNAVAILABLE (its orchestrator stopped, restarted, or cannot be reached)
+    or ends before a terminal state is opened again after ``backoff`` seconds, doubling to
+    ``max_backoff``; a new watch starts with a snapshot of the job, which is how it continues
+    from where it is, and a snapshot equal to the last one passed on is dropped (no repeated
+    line). ``on_retry(attempt, delay_s, why)`` is told before each wait. Other errors (NOT_FOUND,
+    PERMISSION_DENIED, …) are raised as they are; after ``give_up_after`` seconds without a
+    message :class:`WatchLost` is raised, naming the last failure.
+    """
+    from audiomesh.v1 import common_pb2
+
+    terminal = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+    last = b""
+    attempt = 0
+    delay = backoff
+    heard = time.monotonic()  # the last message, or the start
+    while True:
+        why = "the stream ended before the job did"
+        stream = open_watch()
+        try:
+            async for msg in stream:
+                heard, attempt, delay = time.monotonic(), 0, backoff
+                raw = msg.SerializeToString(deterministic=True)
+                if raw != last:
+                    last = raw
+                    yield msg
+                if msg.job.state in terminal:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            why = f"UNAVAILABLE: {exc.details()}"
+        finally:  # a gRPC call is cancelled, a generator closed
+            if isinstance(stream, grpc.aio.Call):
+                stream.cancel()
+            elif (aclose := getattr(stream, "aclose", None)) is not None:
+                await aclose()
+        if time.monotonic() - heard + delay > give_up_after:
+            raise WatchLost(f"lost the job's watch and could not reopen it within {give_up_after:.0f} s ({why})")
+        attempt += 1
+        if on_retry is not None:
+            on_retry(attempt, delay, why)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_backoff)
 
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.AudiomeshError]] = {
