@@ -15,9 +15,10 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 import grpc
 from google.protobuf import json_format
@@ -163,7 +164,10 @@ class Gateway:
                 if sse:
                     events.put_nowait(("reconnecting", {"attempt": attempt, "retryInSeconds": delay, "reason": why}))
 
-            messages = follow_job(lambda: open_call(message, metadata=metadata), on_retry=reconnecting)
+            messages = follow_job(
+                lambda: cast("AsyncIterable[orchestrator_pb2.WatchJobResponse]", open_call(message, metadata=metadata)),
+                on_retry=reconnecting,
+            )
         else:
             call = open_call(message, metadata=metadata)
             messages = aiter(call)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from audiomesh import manifest
 from tests.helpers.mesh import BASE_ENV, write_song
@@ -106,3 +107,30 @@ def test_a_model_reporting_an_execution_the_enum_lacks_is_listed_as_unspecified(
     for word, expected in (("warming_up", "MODEL_EXECUTION_UNSPECIFIED"), ("compiled", "MODEL_EXECUTION_COMPILED")):
         info.execution = word
         assert separation_pb2.ModelExecution.Name(model_info_pb(info).execution) == expected
+
+
+async def test_a_lost_watch_is_retried_with_backoff_then_given_up():
+    """follow_job (the CLI's and the gateway's watch) against an address nothing answers: it
+    retries UNAVAILABLE at 0.2 s doubling to the cap, then raises WatchLost naming why."""
+    import grpc
+
+    from audiomesh.rpc.client import CHANNEL_OPTIONS, WatchLost, follow_job
+    from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    retries: list[tuple[int, float, str]] = []
+    async with grpc.aio.insecure_channel("127.0.0.1:1", options=CHANNEL_OPTIONS) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.WatchJobRequest(job_id="5b1c1d3e-0000-4000-8000-000000000000")
+        started = time.monotonic()
+        with pytest.raises(WatchLost, match=r"within 2 s \(UNAVAILABLE"):
+            async for _ in follow_job(
+                lambda: stub.WatchJob(request),
+                max_backoff=0.8,
+                give_up_after=2.0,
+                on_retry=lambda *a: retries.append(a),
+            ):
+                pass
+    assert [delay for _, delay, _ in retries][:3] == [0.2, 0.4, 0.8]
+    assert all(delay <= 0.8 for _, delay, _ in retries)
+    assert [attempt for attempt, _, _ in retries] == list(range(1, len(retries) + 1))
+    assert 1.0 < time.monotonic() - started < 10

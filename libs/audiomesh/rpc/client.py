@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -159,7 +159,7 @@ class WatchLost(errors.Unavailable):
 
 
 async def follow_job(
-    open_watch: Callable[[], AsyncIterator[orchestrator_pb2.WatchJobResponse]],
+    open_watch: Callable[[], AsyncIterable[orchestrator_pb2.WatchJobResponse]],
     *,
     backoff: float = 0.2,
     max_backoff: float = 2.0,
