@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import inspect
 import os
 import re
 import shlex
@@ -29,9 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from audiomesh.config import DEFAULT_PORTS, SERVICES, Settings, load_settings
+from audiomesh.config import DEFAULT_PORTS, DRAIN_DEFAULTS, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError
-from audiomesh.rpc.server import RunningServer
 from tests.helpers.deploy import CHART, HELM_VENV, ROOT, helm, require_helm_venv
 
 SCENARIOS = {p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))}
@@ -40,8 +38,9 @@ WORKERS = tuple(s for s in SERVICES if s != "orchestrator")
 NAMESPACE = "audiomesh"
 RELEASE = "am"
 KUBERNETES_VERSIONS = ["1.27.0", "1.33.0"]  # the chart's kubeVersion floor, and a recent one
-# How long a service drains on SIGTERM; pods must be given longer.
-SERVER_DRAIN_SECONDS = inspect.signature(RunningServer.serve_until_signal).parameters["grace"].default
+# How long each service drains on SIGTERM by default (the gateway: uvicorn's graceful shutdown);
+# pods and containers must be given longer.
+DRAIN_SECONDS = {**DRAIN_DEFAULTS, "gateway": 20.0}
 
 # Values that break one cross-value rule each, and the message _validate.tpl must give.
 INVALID = {
@@ -71,6 +70,18 @@ INVALID = {
         "hpss.autoscaling: minReplicas (5) is above maxReplicas (2)",
     ),
     "offline-without-volume": ({"modelCache": {"offline": True}}, "Set modelCache.persistence.enabled=true"),
+    "grace-shorter-than-drain": (
+        {"separation": {"drainSeconds": 900}},
+        "Set separation.terminationGracePeriodSeconds=915 or more (or lower separation.drainSeconds)",
+    ),
+    "grace-shorter-than-prestop": (
+        {"preStopSleepSeconds": 30},
+        "Set orchestrator.terminationGracePeriodSeconds=70 or more",
+    ),
+    "gateway-grace": (
+        {"gateway": {"terminationGracePeriodSeconds": 10}},
+        "Set gateway.terminationGracePeriodSeconds=35",
+    ),
 }
 
 
@@ -84,6 +95,8 @@ def charts() -> dict:
     scenarios = {name: {"values": _values(path), "release": RELEASE} for name, path in SCENARIOS.items()}
     scenarios["long-release-name"] = {"values": {}, "release": "a-release-name-that-is-rather-long-for-k8s-xx"}
     scenarios["typo"] = {"values": {"separation": {"replicas": 2}}}
+    scenarios["single-orchestrator"] = {"values": {"orchestrator": {"replicaCount": 1}}, "lint": False}
+    scenarios["no-prestop"] = {"values": {"preStopSleepSeconds": 0}, "lint": False}
     for name, (values, _) in INVALID.items():
         scenarios[f"invalid-{name}"] = {"values": values, "lint": False}
     return helm(
@@ -203,7 +216,11 @@ def test_every_service_is_a_hardened_deployment_with_probes_and_resources(charts
         tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
         assert "emptyDir" in tmp and {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
         assert pod["serviceAccountName"] == sa["metadata"]["name"]
-        assert pod["terminationGracePeriodSeconds"] > SERVER_DRAIN_SECONDS
+        # The preStop sleep, then the service's drain, both inside the grace period.
+        (sleep,) = [int(a) for a in c["lifecycle"]["preStop"]["exec"]["command"][1:]]
+        assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep" and 0 < sleep <= 10
+        drain = float(plain_env(c).get("AUDIOMESH_DRAIN_SECONDS", DRAIN_SECONDS[component]))
+        assert pod["terminationGracePeriodSeconds"] >= sleep + drain + 10, component
         assert c["envFrom"] == [{"configMapRef": {"name": f"{RELEASE}-audiomesh"}}]
         assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
 
@@ -249,12 +266,44 @@ def test_addresses_name_the_rendered_services_and_ports(charts, scenario):
     assert data["AUDIOMESH_HOST"] == "0.0.0.0"
 
 
-def test_orchestrator_is_one_replica_replaced_by_recreate(charts):
+def _pdbs(charts: dict, scenario: str) -> dict[str, dict]:
+    return {
+        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: p["spec"]
+        for p in objects(charts, scenario, "PodDisruptionBudget")
+    }
+
+
+def test_orchestrators_are_several_rolled_with_a_surge_and_a_budget(charts):
+    """Equal orchestrators (leases in the store): a rolling upgrade starts a new pod before it
+    stops an old one, and a node drain keeps one up."""
     for scenario in SCENARIOS:
         dep = deployment(charts, scenario, "orchestrator")
-        assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
-        pdbs = objects(charts, scenario, "PodDisruptionBudget")
-        assert all(p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] != "orchestrator" for p in pdbs)
+        assert dep["spec"]["replicas"] >= 2, scenario
+        assert dep["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        }
+        assert _pdbs(charts, scenario)["orchestrator"] == {
+            "minAvailable": 1,
+            "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]},
+        }
+    one = deployment(charts, "single-orchestrator", "orchestrator")
+    assert one["spec"]["replicas"] == 1 and "orchestrator" not in _pdbs(charts, "single-orchestrator")
+    assert "orchestrator.replicaCount=2" in _ok(charts, "single-orchestrator")["notes"]
+
+
+def test_drain_settings_reach_each_service(charts):
+    """AUDIOMESH_DRAIN_SECONDS per Deployment from <service>.drainSeconds: separation gets longer
+    than a song, and its pod a grace period above it."""
+    values = _values(CHART / "values.yaml")
+    for component in WORKERS + ("orchestrator",):
+        env = plain_env(container(deployment(charts, "default", component)))
+        assert float(env["AUDIOMESH_DRAIN_SECONDS"]) == values[component]["drainSeconds"] == DRAIN_SECONDS[component]
+    sep = deployment(charts, "default", "separation")["spec"]["template"]["spec"]
+    assert float(plain_env(sep["containers"][0])["AUDIOMESH_DRAIN_SECONDS"]) >= 600
+    assert sep["terminationGracePeriodSeconds"] >= 660
+    assert "AUDIOMESH_DRAIN_SECONDS" not in plain_env(container(deployment(charts, "default", "gateway")))
+    assert "lifecycle" not in container(deployment(charts, "no-prestop", "separation"))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -322,6 +371,11 @@ def test_autoscaling_and_disruption_budgets(charts):
         component = pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
         labels = deployment(charts, "default", component)["spec"]["template"]["metadata"]["labels"]
         assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Budgets only where there is more than one pod: one pod alone needs none (a node drain may
+    # always evict it), replicaCount > 1 or an HPA get one.
+    assert set(_pdbs(charts, "default")) == {"orchestrator", "gateway"}
+    assert set(_pdbs(charts, "s3-external")) == set(COMPONENTS)
+    assert _pdbs(charts, "s3-external")["separation"]["maxUnavailable"] == 1
 
 
 def test_gpu_scenario_requests_gpus_and_cuda(charts):
@@ -621,7 +675,7 @@ def test_compose_wires_the_mesh():
     assert _default(services["gateway"]["ports"][0]) == "127.0.0.1:8080:8080"
     assert set(_compose()["volumes"]) == {"s3-data", "models", "secrets"}
     for name in COMPONENTS:  # longer than the services' own drain on SIGTERM
-        assert int(services[name]["stop_grace_period"].removesuffix("s")) > SERVER_DRAIN_SECONDS
+        assert int(services[name]["stop_grace_period"].removesuffix("s")) > DRAIN_SECONDS[name]
 
 
 def test_compose_generates_the_service_token_once(tmp_path, monkeypatch):
@@ -688,6 +742,8 @@ COMPOSE_CODE_DEFAULTS = {
     "max_parallel_nodes", "node_attempts", "unavailable_budget_seconds", "stage_timeout_seconds",
     "retention_hours", "rate_limit_per_minute", "max_active_jobs_per_principal", "max_queued_jobs",
     "max_channels", "min_sample_rate", "max_sample_rate", "thread_budget", "hpss_threads",
+    "drain_seconds",  # 0: each service's own default; stop_grace_period is longer for each
+    "lease_ttl_seconds", "replica_id",  # compose runs one orchestrator; its name: hostname-pid
 }  # fmt: skip
 COMPOSE_KNOBS = {"AUDIOMESH_IMAGE"}  # compose's own variables that share the prefix
 
@@ -822,4 +878,4 @@ def test_readme_has_a_deploy_section_before_configuration():
     ):
         assert needle in deploy, needle
     guide = (ROOT / "docs" / "deploy.md").read_text()
-    assert "## Why one orchestrator" in guide and "Recreate" in guide
+    assert "## Several orchestrators" in guide and "RollingUpdate" in guide and "drainSeconds" in guide

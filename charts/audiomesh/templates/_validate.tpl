@@ -34,6 +34,16 @@ Each message says what to set. values.schema.json checks each value on its own.
 {{- fail (printf "%s.autoscaling: minReplicas (%v) is above maxReplicas (%v)." $component $as.minReplicas $as.maxReplicas) }}
 {{- end }}
 {{- end }}
+{{- range $component := list "orchestrator" "separation" "hpss" "composite" "normalize" }}
+{{- $v := index $.Values $component }}
+{{- $needed := add $.Values.preStopSleepSeconds $v.drainSeconds 10 }}
+{{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "%s: terminationGracePeriodSeconds=%v would kill the pod while it drains: it must cover preStopSleepSeconds (%v) + %s.drainSeconds (%v) + 10 s to exit. Set %s.terminationGracePeriodSeconds=%v or more (or lower %s.drainSeconds)." $component $v.terminationGracePeriodSeconds $.Values.preStopSleepSeconds $component $v.drainSeconds $component $needed $component) }}
+{{- end }}
+{{- end }}
+{{- if lt (int .Values.gateway.terminationGracePeriodSeconds) (int (add .Values.preStopSleepSeconds 30)) }}
+{{- fail (printf "gateway: terminationGracePeriodSeconds=%v must cover preStopSleepSeconds (%v) + the gateway's 20 s drain + 10 s to exit. Set gateway.terminationGracePeriodSeconds=%v or more." .Values.gateway.terminationGracePeriodSeconds .Values.preStopSleepSeconds (add .Values.preStopSleepSeconds 30)) }}
+{{- end }}
 {{- if and .Values.modelCache.offline (not .Values.modelCache.persistence.enabled) }}
 {{- fail "modelCache: offline=true with no volume means separation never has weights (only the built-in demucs_unittest). Set modelCache.persistence.enabled=true (existingClaim holding the .th/.yaml files)." }}
 {{- end }}
