@@ -1,8 +1,10 @@
-"""HTTP uploads that fail half-way end their UploadAudio call and leave no spool file behind.
+"""HTTP uploads that fail half-way end their UploadAudio call and leave nothing behind.
 
-Each case runs against the shared mesh's real gateway: the orchestrator's scratch folder
-(``<tmp>/audiomesh-scratch/<pid>/``) must hold no ``upload-*`` file afterwards, and the
-orchestrator must have logged the UploadAudio call as ended (its "rpc" access-log line).
+Each case runs against the shared mesh's real gateway. Uploads stream straight into the store
+(never through the orchestrator's disk): afterwards the store holds no temp file of an upload
+in flight and no new object, the orchestrator's scratch folder
+(``<tmp>/audiomesh-scratch/<pid>/``) holds no ``upload-*`` spool file (there are none any more),
+and the orchestrator has logged the UploadAudio call as ended (its "rpc" access-log line).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def spool_files(mesh) -> list[Path]:
     return sorted(folder.glob("upload-*")) if folder.is_dir() else []
 
 
+def store_temp_files(mesh) -> list[Path]:
+    """The file store's temp files below jobs/: an upload being streamed in."""
+    root = Path(mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://")) / "jobs"
+    return sorted(root.rglob(".amtmp-*")) if root.is_dir() else []
+
+
 def upload_calls_ended(mesh) -> list[dict]:
     lines = (mesh.log_dir / "orchestrator.log").read_text().splitlines()
     events = [json.loads(x) for x in lines if UPLOAD in x and x.startswith("{")]
@@ -56,6 +64,7 @@ def wait_until(predicate, timeout: float = 15.0) -> bool:
 def assert_call_ended_and_nothing_spooled(mesh, calls_before: int) -> None:
     assert wait_until(lambda: len(upload_calls_ended(mesh)) > calls_before), "UploadAudio is still in flight"
     assert wait_until(lambda: not spool_files(mesh)), f"spool files left: {spool_files(mesh)}"
+    assert wait_until(lambda: not store_temp_files(mesh)), f"store temp files left: {store_temp_files(mesh)}"
 
 
 def file_part(filename: str = "song.wav") -> bytes:
@@ -87,6 +96,7 @@ def test_field_after_the_file_is_400_and_creates_nothing(http, file_mesh, tmp_pa
 
 def test_client_disconnect_mid_upload_ends_the_call(file_mesh):
     before = upload_calls_ended(file_mesh)
+    stored_before = stored(file_mesh)
     host, port = file_mesh.addresses["gateway"].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         head = (
@@ -94,9 +104,11 @@ def test_client_disconnect_mid_upload_ends_the_call(file_mesh):
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {4 << 20}\r\n\r\n"
         ).encode()
         sock.sendall(head + file_part() + b"RIFF" + b"\0" * (512 * 1024))
-        # The orchestrator is spooling this upload: then the client goes away.
-        assert wait_until(lambda: bool(spool_files(file_mesh)), 10), "the upload never reached the orchestrator"
+        # The orchestrator is streaming this upload into the store: then the client goes away.
+        assert wait_until(lambda: bool(store_temp_files(file_mesh)), 10), "the upload never reached the store"
+        assert not spool_files(file_mesh), "the upload was spooled to the orchestrator's disk"
     assert_call_ended_and_nothing_spooled(file_mesh, len(before))
+    assert stored(file_mesh) == stored_before
 
 
 def test_chunked_upload_over_the_limit_is_413_and_ends_the_call(http, file_mesh):

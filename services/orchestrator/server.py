@@ -10,8 +10,9 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -129,6 +130,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 pump.abort()  # the put ends at its next chunk and removes what it wrote
                 with contextlib.suppress(BaseException):
                     await put
+                # A cancelled call's stream may also just end: then the put completed with a cut-off upload.
+                await self._discard(key)
                 raise
             stored = True
             job_input = await self._inspect(key, name, pump.size, pump.sha256.hexdigest())
@@ -449,48 +452,47 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
 
     stopping = asyncio.Event()
 
-    async def recover() -> None:
-        """Recovery, awaited as warm-up so health stays NOT_SERVING until it is done: read every
-        manifest (16 at a time; retried with backoff, 0.5 s doubling to 30 s, for as long as the
-        store does not answer), then start the cluster scan — which takes over unfinished jobs
-        whose lease was released or went silent for a TTL, this replica's own from before a
-        restart included — and the retention sweeper. Until then ListJobs answers UNAVAILABLE
-        (``JobRegistry.require_loaded``); a job asked for by id is read from the store."""
-        log = registry.log
-        delay, attempt, started = _RECOVERY_FIRST_DELAY, 0, time.monotonic()
-        while True:
+    async def retry_until_stopped(what: str, action: Callable[[], Awaitable[Any]]) -> Any:
+        """``action()`` until it succeeds (0.5 s doubling to 30 s between tries, for as long as the
+        store does not answer); CancelledError if the orchestrator stops first."""
+        delay, attempt = _RECOVERY_FIRST_DELAY, 0
+        while not stopping.is_set():
             attempt += 1
             try:
-                # Opening the store the usual way is the first call that needs an answer (an S3
-                # bucket is created if missing); then every manifest, all or nothing.
-                await asyncio.to_thread(lambda: settings.open_store().close())
-                unfinished = await registry.load_all()
-                break
-            except Exception as exc:  # noqa: BLE001 - any failure is retried; giving up would stay NOT_SERVING
-                log.warning(
-                    "jobs not loaded: the store did not answer; NOT_SERVING, retrying",
-                    attempt=attempt,
-                    retry_in_s=delay,
-                    reason=str(exc),
-                )
+                return await action()
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; giving up would stay stuck
+                registry.log.warning(what, attempt=attempt, retry_in_s=delay, reason=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
-            if stopping.is_set():
-                raise asyncio.CancelledError  # stopped before the store answered: never SERVING
             delay = min(delay * 2, _RECOVERY_MAX_DELAY)
-        if stopping.is_set():
-            raise asyncio.CancelledError
+        raise asyncio.CancelledError
+
+    async def recover() -> None:
+        """Warm-up: SERVING as soon as the store answers (opening it the usual way creates a
+        missing S3 bucket), however many jobs it holds. Then, in the background: read every
+        manifest (16 at a time; until then ListJobs answers UNAVAILABLE, while a job asked for by
+        id is read on demand), start the cluster scan — which takes over unfinished jobs whose
+        lease was released or went silent for a TTL, this replica's own from before a restart
+        included — and the retention sweeper."""
+        await retry_until_stopped(
+            "the store did not answer; NOT_SERVING, retrying",
+            lambda: asyncio.to_thread(lambda: settings.open_store().close()),
+        )
+        background.append(asyncio.ensure_future(load_and_scan()))
+
+    async def load_and_scan() -> None:
+        started = time.monotonic()
+        unfinished = await retry_until_stopped("jobs not loaded: the store did not answer; retrying", registry.load_all)
         # Every job is queryable after a restart; unfinished ones run again from their manifest,
         # here or on a peer: whichever takes the lease first (the first scan runs at once).
         taken = await cluster.scan_once()
         cluster.start_scanning()
-        log.info(
-            "recovery done: jobs loaded from the store; SERVING",
+        registry.log.info(
+            "jobs loaded from the store",
             jobs=len(registry.records),
             unfinished=len(unfinished),
             taken_over=taken,
             replica=cluster.replica,
-            attempts=attempt,
             seconds=round(time.monotonic() - started, 2),
         )
         background.append(asyncio.ensure_future(sweep_forever()))

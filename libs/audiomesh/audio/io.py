@@ -3,13 +3,16 @@
 Arrays are float32 with shape ``(channels, frames)`` everywhere in audiomesh. Decoding uses
 soundfile (libsndfile: WAV, FLAC, OGG, MP3 and friends), identified from the file's
 content, not its name; when libsndfile cannot read a file and ``ffmpeg`` is on PATH, ffmpeg
-decodes it to a temporary WAV. Errors a user can fix are :class:`~audiomesh.errors.InvalidInput`
+decodes it to a temporary WAV. :func:`probe`, :func:`scan_samples`, :func:`read_audio` and
+:func:`decode_blocks` also take a seekable binary file (e.g. ``store.open_seekable(key)``), so a
+stored object is checked in place, without a local copy. Errors a user can fix are :class:`~audiomesh.errors.InvalidInput`
 with a message that says what is wrong with the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,7 +20,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, TypeAlias, cast
 
 import numpy as np
 import soundfile as sf
@@ -55,6 +58,13 @@ _FLAC_SUBTYPES = ("PCM_16", "PCM_24")
 _RESAMPLE_QUALITIES = ("HQ", "VHQ")
 _FFMPEG_TIMEOUT_S = 600
 _SNIFF_BYTES = 64
+
+#: What the decoding functions read: a path, or a readable, seekable binary file.
+Source: TypeAlias = "str | os.PathLike[str] | BinaryIO"
+
+
+def _is_stream(source: object) -> bool:
+    return hasattr(source, "read") and hasattr(source, "seek")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,23 +138,40 @@ def _sniff(head: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _read_head(path: str) -> bytes:
-    with open(path, "rb") as f:
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[BinaryIO]:
+    """``source`` as a binary file at offset 0: a stream is rewound (not closed), a path opened."""
+    if _is_stream(source):
+        stream: BinaryIO = source  # type: ignore[assignment]
+        stream.seek(0)
+        yield stream
+        stream.seek(0)
+    else:
+        with open(os.fspath(source), "rb") as f:  # type: ignore[arg-type]
+            yield cast(BinaryIO, f)
+
+
+def _read_head(source: Source) -> bytes:
+    with _opened(source) as f:
         return f.read(_SNIFF_BYTES)
 
 
-def _display(path: str, name: str | None) -> str:
-    return repr(name if name is not None else os.path.basename(path))
+def _display(source: Source, name: str | None) -> str:
+    if name is not None:
+        return repr(name)
+    if _is_stream(source):
+        return repr(os.path.basename(str(getattr(source, "name", "the stream"))))
+    return repr(os.path.basename(os.fspath(source)))  # type: ignore[arg-type]
 
 
-def _wav_data_chunk(path: str) -> tuple[int, int] | None:
+def _wav_data_chunk(source: Source) -> tuple[int, int] | None:
     """(declared data-chunk size, bytes present after its header) of a RIFF WAVE file."""
-    with open(path, "rb") as f:
+    with _opened(source) as f:
         header = f.read(12)
         if len(header) < 12 or header[:4] not in (b"RIFF", b"RIFX") or header[8:12] != b"WAVE":
             return None
         endian = "<" if header[:4] == b"RIFF" else ">"
-        file_size = os.fstat(f.fileno()).st_size
+        file_size = f.seek(0, io.SEEK_END)
         pos = 12
         while pos + 8 <= file_size:
             f.seek(pos)
@@ -156,8 +183,8 @@ def _wav_data_chunk(path: str) -> tuple[int, int] | None:
     return None
 
 
-def _check_wav_complete(path: str, shown: str) -> None:
-    found = _wav_data_chunk(path)
+def _check_wav_complete(source: Source, shown: str) -> None:
+    found = _wav_data_chunk(source)
     if found is None:
         return
     declared, present = found
@@ -218,30 +245,43 @@ def _ffmpeg_decode(ffmpeg: str, path: str, out_wav: str, shown: str, sniffed: tu
 
 
 @contextlib.contextmanager
-def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple[str, AudioInfo]]:
-    """Validate ``path`` and yield (a path soundfile can read, its AudioInfo).
+def _decodable(source: Source, name: str | None) -> Iterator[tuple[Any, AudioInfo]]:
+    """Validate ``source`` and yield (what soundfile can read, its AudioInfo).
 
-    The yielded path is ``path`` itself, or a temporary WAV decoded by ffmpeg that is
-    removed afterwards.
+    What is yielded is ``source`` itself (a path, or the stream rewound to 0), or the path of
+    a temporary WAV decoded by ffmpeg that is removed afterwards.
     """
-    path = os.fspath(path)
-    shown = _display(path, name)
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise NotFound(f"audio file {shown} does not exist") from None
-    if os.path.isdir(path):
-        raise InvalidInput(f"{shown} is a directory, not an audio file")
+    shown = _display(source, name)
+    if _is_stream(source):
+        stream: BinaryIO = source  # type: ignore[assignment]
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(0)
+        path = None
+    else:
+        path = os.fspath(source)  # type: ignore[arg-type]
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise NotFound(f"audio file {shown} does not exist") from None
+        if os.path.isdir(path):
+            raise InvalidInput(f"{shown} is a directory, not an audio file")
     if size == 0:
         raise InvalidInput(f"{shown}: the file is empty (0 bytes)")
     try:
-        info = sf.info(path)
+        with _opened(source) if path is None else contextlib.nullcontext(path) as readable:
+            info = sf.info(readable)
     except (sf.LibsndfileError, RuntimeError) as exc:
-        sniffed = _sniff(_read_head(path))
+        sniffed = _sniff(_read_head(source))
         ffmpeg = _ffmpeg()
         if ffmpeg is None:
             raise _not_supported(shown, sniffed, exc) from None
         with scratch.workdir("ffmpeg-") as tmp:
+            if path is None:
+                # ffmpeg reads files, not Python streams: only formats libsndfile cannot read
+                # copy a stream (a stored object) to local scratch, for ffmpeg.
+                path = os.path.join(tmp, "input")
+                with _opened(source) as f, open(path, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
             wav = os.path.join(tmp, "decoded.wav")
             _ffmpeg_decode(ffmpeg, path, wav, shown, sniffed)
             decoded = sf.info(wav)
@@ -251,8 +291,10 @@ def _decodable(path: str | os.PathLike[str], name: str | None) -> Iterator[tuple
             yield wav, result
         return
     if info.format == "WAV" or info.format == "WAVEX":
-        _check_wav_complete(path, shown)
-    yield path, _make_info(info, shown)
+        _check_wav_complete(source, shown)
+    if path is None:
+        stream.seek(0)
+    yield (stream if path is None else path), _make_info(info, shown)
 
 
 def _not_supported(shown: str, sniffed: tuple[str, str] | None, exc: Exception) -> InvalidInput:
@@ -270,10 +312,12 @@ def _damaged(shown: str, sniffed: tuple[str, str], reason: str) -> InvalidInput:
 
 
 def _libsndfile_reason(exc: Exception) -> str:
-    """libsndfile's reason without the "Error opening '<server path>': " prefix."""
+    """libsndfile's reason without the "Error opening '<server path>': " (or "<stream repr>: ") prefix."""
     text = str(exc)
     if text.startswith("Error opening '") and "': " in text:
         return text.rpartition("': ")[2]
+    if text.startswith("Error opening <") and ">: " in text:
+        return text.partition(">: ")[2]
     return text
 
 
@@ -295,13 +339,15 @@ def _make_info(info: sf._SoundFileInfo, shown: str, *, fmt: str | None = None, s
 # --------------------------------------------------------------------------- public API
 
 
-def probe(path: str | os.PathLike[str], *, name: str | None = None) -> AudioInfo:
+def probe(path: Source, *, name: str | None = None) -> AudioInfo:
     """Identify an audio file from its content and check that it is usable.
 
     Parameters
     ----------
-    path : path-like
-        The file. Its extension is ignored; the content decides.
+    path : path-like or seekable binary file
+        The file. Its extension is ignored; the content decides. A stream (e.g. a stored
+        object from ``store.open_seekable``) is read in place; only a format that needs ffmpeg
+        is copied to a local temporary file first.
     name : str, optional
         The name to show in error messages (e.g. the user's upload name); default: the
         file's base name.
@@ -323,7 +369,7 @@ def probe(path: str | os.PathLike[str], *, name: str | None = None) -> AudioInfo
 
 
 def read_audio(
-    path: str | os.PathLike[str],
+    path: Source,
     *,
     sample_rate: int | None = None,
     channels: int | None = None,
@@ -355,7 +401,7 @@ def read_audio(
         Everything :func:`probe` raises; a decoding failure; NaN or infinite samples; an
         unsupported channel conversion.
     """
-    shown = _display(os.fspath(path), name)
+    shown = _display(path, name)
     with _decodable(path, name) as (real_path, info):
         try:
             data, sr = sf.read(real_path, dtype="float32", always_2d=True)
@@ -379,7 +425,7 @@ def read_audio(
 
 
 def decode_blocks(
-    path: str | os.PathLike[str],
+    path: Source,
     *,
     sample_rate: int | None = None,
     channels: int | None = None,
@@ -393,7 +439,7 @@ def decode_blocks(
     result. NaN/infinite samples or an empty file raise `InvalidInput` when they are reached:
     a caller writing the blocks somewhere must remove what it wrote on error.
     """
-    shown = _display(os.fspath(path), name)
+    shown = _display(path, name)
     with _decodable(path, name) as (real_path, info):
         try:
             with sf.SoundFile(real_path) as f:
@@ -462,16 +508,19 @@ def _adapt_channels(y: np.ndarray, channels: int, shown: str) -> np.ndarray:
     )
 
 
-def scan_samples(path: str | os.PathLike[str], *, name: str | None = None, block_frames: int = 1 << 16) -> int:
+def scan_samples(path: Source, *, name: str | None = None, block_frames: int = 1 << 16) -> int:
     """Decode every sample once, in blocks (bounded memory), as a job's decode will.
 
     Returns the number of frames read. Raises InvalidInput on NaN/Inf samples (naming the
     first bad frame) and on a file that stops decoding part-way or yields fewer frames than
     its header declares (a truncated FLAC, an MP3 with junk in the middle): libsndfile opens
     and probes such files fine and fails only when the damaged part is read. Formats only
-    ffmpeg decodes were decoded whole by :func:`probe` and are not read again here.
+    ffmpeg decodes were decoded whole by :func:`probe` and are not read again here. ``path``
+    may be a seekable binary file (read from its start).
     """
-    shown = _display(os.fspath(path), name)
+    shown = _display(path, name)
+    if _is_stream(path):
+        path.seek(0)  # type: ignore[union-attr]
     try:
         f = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError):

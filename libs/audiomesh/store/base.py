@@ -7,6 +7,7 @@ async services call it through ``asyncio.to_thread``. Keys are validated here, o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from audiomesh import fsutil
 from audiomesh.errors import InvalidInput, NotFound, PreconditionFailed, TooLarge
@@ -261,6 +262,101 @@ class LimitedReader(io.RawIOBase):
         return len(data)
 
 
+#: A seek forward by at most this much reads on through the open stream instead of reopening.
+_SKIP_BYTES = 256 << 10
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable, read-only raw file over one stored object (see :meth:`ObjectStore.open_seekable`).
+
+    It keeps one streamed read (:meth:`ObjectStore.open` at an offset: an HTTP Range GET on
+    S3) open and reads on from it; a seek backwards or far ahead closes it and opens the next
+    read where the position is, lazily, on the next read.
+    """
+
+    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
+        super().__init__()
+        self._store, self._key, self._size = store, key, size
+        self.name = key  # what soundfile shows when it refuses the content
+        self._pos = 0
+        self._stream: BinaryIO | None = None
+        self._stream_cm: AbstractContextManager[BinaryIO] | None = None
+        self._stream_pos = 0
+        #: How many streamed reads were opened (tests check the reads stay few).
+        self.opens = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos} in {self._key!r}")
+        self._pos = pos
+        return pos
+
+    def _drop_stream(self) -> None:
+        if self._stream_cm is not None:
+            cm, self._stream_cm, self._stream = self._stream_cm, None, None
+            cm.__exit__(None, None, None)
+
+    def _stream_at(self, pos: int) -> BinaryIO:
+        if self._stream is not None and 0 <= pos - self._stream_pos <= _SKIP_BYTES:
+            while self._stream_pos < pos:  # a short skip: cheaper than a new request
+                skipped = self._stream.read(min(pos - self._stream_pos, DEFAULT_CHUNK_SIZE))
+                if not skipped:
+                    break
+                self._stream_pos += len(skipped)
+        if self._stream is None or self._stream_pos != pos:
+            self._drop_stream()
+            cm = self._store.open(self._key, offset=pos)
+            self._stream = cm.__enter__()
+            self._stream_cm, self._stream_pos = cm, pos
+            self.opens += 1
+        assert self._stream is not None
+        return self._stream
+
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (bytearray, memoryview, ...)
+        if self.closed:
+            raise ValueError(f"read from closed object reader {self._key!r}")
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        stream = self._stream_at(self._pos)
+        got = 0
+        while got < want:
+            data = stream.read(want - got)
+            if not data:
+                raise NotFound(
+                    f"object {self._key!r} ended at byte {self._pos + got} of {self._size}: it was replaced "
+                    "or deleted while being read"
+                )
+            view[got : got + len(data)] = data
+            got += len(data)
+        self._pos += got
+        self._stream_pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drop_stream()
+        super().close()
+
+
 def atomic_download(chunks: Iterable[bytes], path: str | os.PathLike[str]) -> None:
     """Write ``chunks`` to ``path`` via a temp file in the same directory + fsync + rename."""
     with atomic_path(path, make_dirs=True) as tmp, open(tmp, "wb") as out:
@@ -416,6 +512,22 @@ class ObjectStore(ABC):
 
         Raises NotFound (on entering) if the key does not exist.
         """
+
+    @contextlib.contextmanager
+    def open_seekable(self, key: str, *, read_ahead: int = DEFAULT_CHUNK_SIZE) -> Iterator[BinaryIO]:
+        """A context manager yielding a read-only, *seekable* binary file over ``key``, without a
+        local copy: what decoders that seek (soundfile) need to read a stored object in place.
+
+        Reads go through a ``read_ahead``-byte buffer; underneath, one streamed read (a Range
+        GET on S3) stays open while reads are sequential, and a seek elsewhere opens the next
+        one where it lands. The file store overrides this with the file itself.
+
+        Raises NotFound (on entering) if the key does not exist.
+        """
+        info = self.stat(key)
+        raw = _RangeReader(self, key, info.size)
+        with io.BufferedReader(raw, buffer_size=max(read_ahead, io.DEFAULT_BUFFER_SIZE)) as f:
+            yield cast(BinaryIO, f)
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:

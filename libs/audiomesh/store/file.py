@@ -253,6 +253,13 @@ class FileStore(ObjectStore):
                 f.seek(offset)
             yield f
 
+    @contextlib.contextmanager
+    def open_seekable(self, key: str, *, read_ahead: int = DEFAULT_CHUNK_SIZE) -> Iterator[BinaryIO]:
+        # The file itself seeks; the open descriptor keeps reading this version if a write
+        # renames a new file over the key meanwhile.
+        with self.open(key) as f:
+            yield f
+
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         try:
