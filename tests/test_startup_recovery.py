@@ -30,17 +30,30 @@ async def health_status(channel) -> int:
 
 
 async def assert_loading(stub, job_id: str) -> None:
-    """Job RPCs say "loading, retry" while the registry is not fully loaded."""
+    """Job RPCs answer UNAVAILABLE (retry) while the store does not: ListJobs says the registry is
+    loading; a job asked for by id is read from the store on demand, so the message names the store."""
     calls = {
-        "GetJob": stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id), timeout=5),
-        "ListJobs": stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=5),
-        "CancelJob": stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id), timeout=5),
+        "GetJob": stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id), timeout=10),
+        "ListJobs": stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=10),
+        "CancelJob": stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id), timeout=10),
     }
     for name, call in calls.items():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (name, err.value)
-        assert "loading jobs from the store" in err.value.details(), name
+        expected = "loading jobs from the store" if name == "ListJobs" else "cannot reach S3 endpoint"
+        assert expected in err.value.details(), name
+
+
+async def list_when_loaded(stub, wait: float = 10.0) -> orchestrator_pb2.ListJobsResponse:
+    """ListJobs, retried while it says the manifests are still loading (bounded)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.1)
 
 
 async def test_store_down_at_start_is_retried_until_it_answers(s3_server, tmp_path):
@@ -71,7 +84,7 @@ async def test_store_down_at_start_is_retried_until_it_answers(s3_server, tmp_pa
             await asyncio.wait_for(server.ready.wait(), 15)  # next attempt within 2 s (+ urllib3's retries)
             assert time.monotonic() - started < 15
             assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
-            listed = await stub.ListJobs(orchestrator_pb2.ListJobsRequest())
+            listed = await list_when_loaded(stub)
             assert [j.job_id for j in listed.jobs] == jobs
             got = await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=jobs[1]))
             assert got.job.job_id == jobs[1]
@@ -93,18 +106,20 @@ class GatedStore:
         self.waiting = threading.Event()
         self.gate = threading.Event()
 
-    def get_bytes(self, key: str) -> bytes:
+    def read(self, key: str):
         self.reads += 1
         if key.endswith("/manifest.json") and self.reads == 2:
             self.waiting.set()
             assert self.gate.wait(20), "the test never opened the gate"
-        return self._store.get_bytes(key)
+        return self._store.read(key)
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
 
 
-async def test_job_rpcs_answer_unavailable_until_every_manifest_is_loaded(tmp_path):
+async def test_serving_before_every_manifest_is_loaded(tmp_path):
+    """Readiness does not wait for thousands of manifests: SERVING once the store answers; ListJobs
+    says "loading, retry" until every manifest was read, while a job asked for by id is read on demand."""
     settings = load_settings(store_url=f"file://{tmp_path / 'store'}", retention_hours=0)
     real = settings.open_store()
     jobs = [write_job(real, NOW - timedelta(minutes=i)) for i in range(2)]
@@ -115,15 +130,18 @@ async def test_job_rpcs_answer_unavailable_until_every_manifest_is_loaded(tmp_pa
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             assert await asyncio.to_thread(store.waiting.wait, 10), "loading never reached the second manifest"
-            # One manifest read, one pending: both jobs are "loading", neither is NOT_FOUND.
-            for job_id in jobs:
-                await assert_loading(stub, job_id)
-            assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
-            store.gate.set()
             await asyncio.wait_for(server.ready.wait(), 10)
-            for job_id in jobs:
-                got = await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))
+            assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading jobs from the store" in err.value.details()
+            for job_id in jobs:  # one manifest read, one pending: both are found by id
+                got = await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id), timeout=5)
                 assert got.job.job_id == job_id
+            store.gate.set()
+            listed = await list_when_loaded(stub)
+            assert [j.job_id for j in listed.jobs] == jobs
     finally:
         store.gate.set()
         await spec.on_stop()

@@ -28,7 +28,7 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 
 from .jobs import FOLLOW_INTERVAL, JobRecord, JobRegistry
-from .lease import Lease, LeaseLost, Leases
+from .lease import Lease, LeaseLost, Leases, write_through
 from .runner import Runner
 
 __all__ = ["Cluster", "cancel_key"]
@@ -77,8 +77,13 @@ class Cluster:
             if rec.lease is not lease:
                 continue
             if time.monotonic() - lease.sent_at >= self.ttl / 3:
+
+                def renewed(new: Lease, old: Lease = lease) -> None:
+                    if rec.lease is old:  # not released or lost meanwhile
+                        rec.lease = new
+
                 try:
-                    renewed = await asyncio.to_thread(self.leases.renew, lease)
+                    await write_through(renewed, self.leases.renew, lease)
                 except LeaseLost as exc:
                     self.registry.lose(rec, str(exc))
                     return
@@ -89,8 +94,6 @@ class Cluster:
                     self.log.warning("lease not renewed; retrying", job_id=job_id, reason=str(exc))
                     await asyncio.sleep(min(0.5, max(0.05, lease.remaining() / 4)))
                     continue
-                if rec.lease is lease:
-                    rec.lease = renewed
             await self._check_cancel(rec)
 
     async def _check_cancel(self, rec: JobRecord) -> None:

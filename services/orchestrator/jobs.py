@@ -26,7 +26,7 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 from audiomesh.v1 import common_pb2, orchestrator_pb2
 
-from .lease import Lease
+from .lease import Lease, write_through
 
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 _PROGRESS_PERSIST_INTERVAL = 2.0  # seconds between manifest writes caused by progress alone
@@ -111,9 +111,9 @@ class JobRegistry:
             raise errors.NotFound(f"job {job_id!r} not found")
         return rec
 
-    async def lookup(self, job_id: str) -> JobRecord:
+    async def lookup(self, job_id: str, *, max_age: float = FOLLOW_INTERVAL) -> JobRecord:
         """The job as current as the store has it: an owned record as it is, a followed one re-read
-        when older than FOLLOW_INTERVAL, an unknown one read from the store (created by another
+        when older than ``max_age`` seconds, an unknown one read from the store (created by another
         replica, or not loaded yet); NotFound when no manifest exists."""
         validate_job_id(job_id)
         rec = self.records.get(job_id)
@@ -122,7 +122,7 @@ class JobRegistry:
             if loaded is None:
                 raise errors.NotFound(f"job {job_id!r} not found")
             rec = self.records.setdefault(job_id, loaded)
-        elif not rec.owned and time.monotonic() - rec.refreshed >= FOLLOW_INTERVAL:
+        elif not rec.owned and time.monotonic() - rec.refreshed >= max_age:
             await self.refresh(rec)
             rec = self.get(job_id)  # NotFound if it was deleted elsewhere
         return rec
@@ -226,8 +226,13 @@ class JobRegistry:
                 return
             condition: dict[str, Any] = {"if_match": rec.etag} if rec.etag else {"if_none_match": True}
             try:
-                info = await asyncio.to_thread(self.store.put_if, rec.job.manifest_key, data, **condition)
-                rec.etag = info.etag
+                await write_through(
+                    lambda info: setattr(rec, "etag", info.etag),
+                    self.store.put_if,
+                    rec.job.manifest_key,
+                    data,
+                    **condition,
+                )
                 rec.persist_error = ""
                 return
             except errors.PreconditionFailed:
@@ -265,7 +270,7 @@ class JobRegistry:
         job without a ``current_stage`` is never sent (the runner sets one with the state; this
         guards any path that does not).
         """
-        rec = await self.lookup(job_id)
+        rec = await self.lookup(job_id, max_age=0)  # a watch starts from the store's state, never a stale end
 
         def moved_since(version: int) -> Callable[[], bool]:  # binds `version` now (a lambda in the loop would not)
             return lambda: rec.version != version or self.closing

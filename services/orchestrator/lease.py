@@ -20,14 +20,19 @@ clock, assumed to run at the same rate within a few percent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from audiomesh import errors
 from audiomesh.store import ObjectStore
 
-__all__ = ["Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key"]
+__all__ = ["Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key", "write_through"]
+
+T = TypeVar("T")
 
 # The holder stops acting after this fraction of the TTL without a successful renewal;
 # an observer waits a whole TTL. The gap (a third of the TTL) absorbs a slow PUT and clock rate skew.
@@ -36,6 +41,27 @@ _VALID_FRACTION = 2 / 3
 
 def lease_key(job_id: str) -> str:
     return f"jobs/{job_id}/lease.json"
+
+
+async def write_through(record: Callable[[T], object], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn`` (a blocking conditional write) in a thread, its answer passed to ``record`` even if
+    the caller is cancelled meanwhile. The write lands either way, and the caller must learn its
+    new ETag — else its next conditional write fails on its own change and it thinks it lost the
+    job. A cancelled caller waits for the answer (holding whatever lock it holds, so no write of
+    the same object overtakes this one), then the cancellation goes on."""
+
+    def done(f: asyncio.Future[T]) -> None:
+        if not f.cancelled() and f.exception() is None:
+            record(f.result())
+
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    future.add_done_callback(done)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if not future.done():
+            await asyncio.wait([future])
+        raise
 
 
 class LeaseLost(errors.AudiomeshError):

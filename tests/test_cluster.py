@@ -1,0 +1,169 @@
+"""Several equal orchestrators on one store (in this process, real gRPC servers on port 0, the shared
+mesh's real workers): any replica answers for any job, a watcher on a replica that does not run
+the job sees it through, a stopping replica hands its jobs over, and a cancel sent to any replica
+stops the job where it runs.
+
+The shared mesh's own orchestrator sees these jobs too (same store): a third replica, as in a
+cluster. Kill -9, SIGSTOP and churn with separate processes: tests/test_cluster_churn.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from audiomesh.config import Settings, load_settings
+from audiomesh.rpc.server import RunningServer, ServiceSpec, start_server
+from audiomesh.services.orchestrator.server import build
+from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from tests.helpers.mesh import SUCCEEDED, upload, wait_for, write_song
+
+RUNNING = common_pb2.JOB_STATE_RUNNING
+NODE_SUCCEEDED = common_pb2.NODE_STATE_SUCCEEDED
+TTL = 4.0
+
+
+@dataclass
+class Replica:
+    name: str
+    server: RunningServer
+    spec: ServiceSpec
+    settings: Settings
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    stopped: bool = False
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.spec.on_stop()
+            await self.server.stop(1)
+
+
+@contextlib.asynccontextmanager
+async def replicas(file_mesh, *names: str, **overrides) -> AsyncIterator[list[Replica]]:
+    """Orchestrators named ``names`` in this process, sharing the mesh's store and workers."""
+    env = {k.removeprefix("AUDIOMESH_").lower(): v for k, v in file_mesh.env.items() if k.startswith("AUDIOMESH_")}
+    env.update(lease_ttl_seconds=TTL, **overrides)
+    started: list[Replica] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for name in names:
+            settings = load_settings(**{**env, "replica_id": name})
+            spec = build(settings)
+            server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
+            await asyncio.wait_for(server.ready.wait(), 30)
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(server.address))
+            replica = Replica(name, server, spec, settings, orchestrator_pb2_grpc.OrchestratorServiceStub(channel))
+            stack.push_async_callback(replica.stop)
+            started.append(replica)
+        yield started
+
+
+async def until(predicate, wait: float, what: str, step: float = 0.1):
+    """Poll ``predicate`` (async) until truthy (bounded)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(step)
+    raise AssertionError(f"{what} within {wait} s")
+
+
+def events(job_id: str, file_mesh) -> list[str]:
+    import json
+
+    store = file_mesh.settings.open_store()
+    doc = json.loads(store.get_bytes(f"jobs/{job_id}/manifest.json"))
+    return doc.get("events", [])
+
+
+async def test_any_replica_answers_and_a_follower_sees_every_stage(file_mesh, tmp_path):
+    song = write_song(tmp_path / "song.wav", 8.0, seed=11).read_bytes()
+    async with replicas(file_mesh, "alpha", "beta") as (a, b):
+        created = await upload(a.stub, song, "song.wav")
+        job_id = created.job.job_id
+        got = await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))  # beta did not create it
+        assert got.job.job_id == job_id
+        # Both watch: alpha runs the job (in memory), beta follows its manifest.
+        (on_a, seen_a), (on_b, seen_b) = await asyncio.gather(
+            wait_for(a.stub, job_id, timeout=180), wait_for(b.stub, job_id, timeout=180)
+        )
+        assert on_a.state == on_b.state == SUCCEEDED
+        assert [t.sha256 for t in on_b.tracks] == [t.sha256 for t in on_a.tracks] and on_b.tracks
+        # The follower saw every node of the job running, not just the start and the end.
+        ran_b = {name for job in seen_b if job.state == RUNNING for name in job.current_stage.split(", ")}
+        assert {"separation", "normalize"} <= ran_b, ran_b
+        listed = await b.stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=50))
+        assert job_id in [j.job_id for j in listed.jobs]
+        log = events(job_id, file_mesh)
+        assert any("on alpha (lease epoch 1)" in e for e in log), log
+
+
+async def test_a_stopping_replica_hands_its_job_over(file_mesh, tmp_path):
+    song = write_song(tmp_path / "song.wav", 30.0, seed=12).read_bytes()
+    async with replicas(file_mesh, "gamma", "delta") as (a, b):
+        job_id = (await upload(a.stub, song, "song.wav")).job.job_id
+
+        async def decoded():
+            job = (await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+            return any(n.name == "decode" and n.state == NODE_SUCCEEDED for n in job.nodes)
+
+        await until(decoded, 60, "decode did not finish")
+        stopped = time.monotonic()
+        await a.stop()  # SIGTERM's path: write the state, release the lease
+        job, _ = await wait_for(b.stub, job_id, timeout=180)
+        assert job.state == SUCCEEDED, job.error
+        log = events(job_id, file_mesh)
+        handed = [e for e in log if "handed over" in e]
+        taken = [e for e in log if "taken over by" in e]
+        assert handed and taken, log
+        # A released lease is taken at the next scan, not after a TTL.
+        took = next(i for i, e in enumerate(log) if "taken over by" in e)
+        assert "reusing decode" in " ".join(log[took:]), log
+        assert time.monotonic() - stopped < 180
+
+
+async def test_cancel_through_a_replica_that_does_not_run_the_job(file_mesh, tmp_path):
+    song = write_song(tmp_path / "song.wav", 30.0, seed=13).read_bytes()
+    async with replicas(file_mesh, "epsilon", "zeta") as (a, b):
+        job_id = (await upload(a.stub, song, "song.wav")).job.job_id
+
+        async def running():
+            job = (await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+            return job.state == RUNNING
+
+        await until(running, 60, "the job did not start")
+        sent = time.monotonic()
+        reply = await b.stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id), timeout=60)
+        assert reply.job.state == common_pb2.JOB_STATE_CANCELLED, reply.job
+        assert time.monotonic() - sent < 10  # the holder looks for cancel requests every second
+        job = (await a.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+        assert job.state == common_pb2.JOB_STATE_CANCELLED
+        # Retry on the replica that did not run it: it takes the released lease and runs the job.
+        retried = await b.stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=job_id), timeout=60)
+        assert retried.job.state in (common_pb2.JOB_STATE_QUEUED, RUNNING)
+        final, _ = await wait_for(a.stub, job_id, timeout=240)
+        assert final.state == SUCCEEDED, final.error
+        assert any("retried on zeta" in e for e in events(job_id, file_mesh))
+
+
+@pytest.mark.parametrize("n", [3])
+async def test_racing_replicas_take_a_released_job_once(file_mesh, tmp_path, n):
+    """Three replicas scan the same released job: one takes it; the job runs once to the end."""
+    song = write_song(tmp_path / "song.wav", 8.0, seed=14).read_bytes()
+    async with replicas(file_mesh, "r0") as (first,):
+        job_id = (await upload(first.stub, song, "song.wav")).job.job_id
+        await first.stop()  # hands the job off at once (released lease), before it got far
+    async with replicas(file_mesh, *[f"s{i}" for i in range(n)]) as group:
+        job, _ = await wait_for(group[0].stub, job_id, timeout=240)
+        assert job.state == SUCCEEDED, job.error
+    log = events(job_id, file_mesh)
+    takers = [e for e in log if "taken over by" in e]
+    # Once per hand-off (the mesh's own orchestrator may be the one): epochs strictly increase.
+    epochs = [int(e.rsplit("lease epoch ", 1)[1].rstrip(")")) for e in takers]
+    assert epochs == sorted(set(epochs)) and epochs, log
