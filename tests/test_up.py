@@ -25,7 +25,10 @@ from audiomesh.errors import ConfigError
 from audiomesh.launcher import Mesh
 from audiomesh.rpc.client import CHANNEL_OPTIONS
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from tests.helpers import browser as browser_helpers
 from tests.helpers.mesh import BASE_ENV, SUCCEEDED, upload, wait_for, write_song
+
+browser = browser_helpers.browser  # the headless Chromium fixture (tests/helpers/browser.py)
 
 
 def free_ports(n: int) -> list[int]:
@@ -41,7 +44,8 @@ def free_ports(n: int) -> list[int]:
 
 def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
     """Ctrl-C while a WatchJob stream is open: no traceback in the output, no
-    ``audiomesh-mesh-*`` folder (nor scratch folder) left in the temp dir."""
+    ``audiomesh-mesh-*`` folder (nor scratch folder) left in the temp dir. Two separation
+    processes (``--replicas``): `up` lists both and the target listing them."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     names = ("orchestrator", "separation", "hpss", "composite", "normalize", "gateway")
@@ -56,7 +60,7 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
     }
     # Its own session, so a signal to the group is what a terminal's Ctrl-C sends.
     up = subprocess.Popen(
-        [sys.executable, "-m", "audiomesh.cli", "up"],
+        [sys.executable, "-m", "audiomesh.cli", "up", "--replicas", "separation=2"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -109,6 +113,9 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
     reader.join(timeout=10)
     text = b"".join(output).decode("utf-8", "replace")
     assert "Traceback" not in text and "CancelledError" not in text, text[-5000:]
+    # Every instance's address, and the one target the orchestrator uses for them.
+    assert f"separation    ipv4:127.0.0.1:{ports['separation']},127.0.0.1:" in text, text[-5000:]
+    assert f"separation-1    127.0.0.1:{ports['separation']}" in text and "separation-2    127.0.0.1:" in text
     assert list(tmp.glob("audiomesh-mesh-*")) == []
     assert list((tmp / "audiomesh-scratch").glob("*")) == []
 
@@ -259,7 +266,7 @@ async def _wait_running(target: str, name: str, *, timeout: float = 120.0) -> st
 async def test_cli_watch_survives_its_orchestrator_being_killed_and_restarted(cluster, tmp_path):
     """`audiomesh process` watching through orchestrator-1 alone: kill -9 it mid-job, start it
     again; the CLI reconnects (its bar says so) and prints the finished job."""
-    song = write_song(tmp_path / "resume.wav", 8.0)
+    song = write_song(tmp_path / "resume.wav", 4.0)
     env = {**{k: v for k, v in cluster.env.items() if k.startswith("AUDIOMESH_")}}
     env["AUDIOMESH_ORCHESTRATOR_ADDR"] = cluster.addresses["orchestrator-1"]
     cli = await asyncio.create_subprocess_exec(
@@ -287,7 +294,7 @@ def test_gateway_watch_streams_continue_across_orchestrator_restarts(cluster, tm
     """NDJSON and SSE watches through the gateway, with every orchestrator killed and restarted
     mid-job: both streams go on (the gateway reopens the watch upstream), each snapshot once,
     and end with the finished job; SSE also tells the page it is reconnecting."""
-    song = write_song(tmp_path / "relay.wav", 8.0).read_bytes()
+    song = write_song(tmp_path / "relay.wav", 4.0).read_bytes()
     with httpx.Client(base_url=cluster.url, timeout=60) as http:
         resp = http.post("/v1/jobs:upload", files={"file": ("relay.wav", song)})
         assert resp.status_code == 200, resp.text
@@ -325,3 +332,45 @@ def test_gateway_watch_streams_continue_across_orchestrator_restarts(cluster, tm
     assert "event: reconnecting" in lines["sse"], lines["sse"][:10]
     data = [json.loads(line.removeprefix("data: ")) for line in lines["sse"] if line.startswith("data: ")]
     assert data[-1]["result"]["job"]["state"] == "JOB_STATE_SUCCEEDED", data[-3:]
+
+
+@pytest.mark.timeout(300)
+def test_web_page_keeps_watching_through_orchestrator_and_gateway_restarts(cluster, browser, tmp_path):
+    """The page follows a job while every orchestrator is killed (the gateway reopens the watch
+    upstream and says so: "Reconnecting…") and then the gateway too (the page retries itself:
+    "Connection lost"); once they are back it shows the finished job, with no error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def until(seconds: float, condition, message: str) -> None:
+        WebDriverWait(browser, seconds, poll_frequency=0.2).until(lambda d: condition(d), message)
+
+    def text(selector: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, selector).get_attribute("textContent")
+
+    song = write_song(tmp_path / "page.wav", 4.0)
+    browser.get(cluster.url + "/")
+    until(30, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "page never got ready")
+    browser.execute_script(
+        """window.__notes = [];
+        const note = document.getElementById("job-connection");
+        new MutationObserver(() => window.__notes.push(note.textContent))
+          .observe(note, {childList: true, characterData: true, subtree: true});"""
+    )
+    browser.find_element(By.CSS_SELECTOR, "#file-input").send_keys(str(song))
+    asyncio.run(_wait_running(cluster.orchestrator, "page.wav"))
+    for name in cluster.instances("orchestrator"):
+        cluster.kill(name)
+    until(30, lambda d: "Reconnecting…" in d.execute_script("return window.__notes"), "no reconnecting note")
+    cluster.kill("gateway")
+    until(30, lambda d: text("#job-connection").startswith("Connection lost"), "no connection-lost note")
+    for name in cluster.instances("orchestrator"):
+        cluster.restart(name)
+    cluster.restart("gateway")
+    until(
+        180,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-state").get_attribute("data-state") == "JOB_STATE_SUCCEEDED",
+        f"the page did not show the job finished; notes {browser.execute_script('return window.__notes')}",
+    )
+    assert text("#job-connection") == ""
+    assert text("#alert") == ""
