@@ -24,6 +24,7 @@ from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
 from audiomesh.options import check_separation_options
 from audiomesh.rpc import ClientFactory, status_of
+from audiomesh.rpc.server import LEASE_HEADER, NODE_HEADER
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger, tracer
 from audiomesh.tracks import ENCODINGS, INTERMEDIATE, Outputs, extension
@@ -39,6 +40,7 @@ from audiomesh.v1 import (
 
 from .graph import LOCAL_STAGE, DecodeRequest, Plan, make_plan, overall_fraction
 from .jobs import JobRecord, JobRegistry, now_pb
+from .lease import Lease
 
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
 # RESOURCE_EXHAUSTED without a reason means "busy" and waits without using attempts).
@@ -308,7 +310,7 @@ class Runner:
                     node.attempts += 1
                     attempts_left -= 1
                     try:
-                        outputs = await self._dispatch(node, plan, info, rec.job, progress)
+                        outputs = await self._dispatch(node, plan, info, rec.job, progress, rec.lease)
                         break
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.CANCELLED and rec.task and rec.task.cancelling():
@@ -370,6 +372,7 @@ class Runner:
         info: separation_pb2.ModelInfo,
         job: orchestrator_pb2.Job,
         progress: Callable[[float], None],
+        lease: Lease | None = None,
     ) -> list[common_pb2.Track]:
         """One generic path for every node: its request → its stage's call → its outputs."""
         spec = plan.node(node.name)
@@ -380,7 +383,12 @@ class Runner:
         else:
             rpc = _RPCS[spec.stage]
             stub = self.clients.stub(rpc.stub, self.settings.address_of(spec.stage))
-            call = getattr(stub, rpc.method)(request, timeout=self.settings.stage_timeout_seconds)
+            metadata = [(NODE_HEADER, f"{job.job_id}/{spec.name}")]
+            if lease is not None:
+                metadata.append((LEASE_HEADER, f"{lease.owner}@{lease.epoch}"))
+            call = getattr(stub, rpc.method)(
+                request, timeout=self.settings.stage_timeout_seconds, metadata=tuple(metadata)
+            )
             response = await (_follow(call, progress, spec.stage) if rpc.streams else call)
         return spec.collect(response, node, job)
 

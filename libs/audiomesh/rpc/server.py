@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -118,6 +119,20 @@ async def _drain_requests(requests: Any, seconds: float = _DRAIN_SECONDS) -> Non
         pass
 
 
+#: Metadata the orchestrator sends with every node call: "<job id>/<node>" and "<replica>@<epoch>".
+NODE_HEADER, LEASE_HEADER = "x-audiomesh-node", "x-audiomesh-lease"
+
+
+def _caller(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    found = {}
+    for key, value in context.invocation_metadata() or ():
+        if key == NODE_HEADER and isinstance(value, str):
+            found["node"] = value[:200]
+        elif key == LEASE_HEADER and isinstance(value, str):
+            found["lease"] = value[:200]
+    return found
+
+
 class _ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Access log, authentication, error mapping and the concurrency bound, around every method."""
 
@@ -199,6 +214,11 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def __aenter__(self) -> _Scope:
                 self.start = time.perf_counter()
                 self.code = "OK"
+                # Which job node and which lease holder this call is for (the orchestrator says so):
+                # on every log line of the call, so a node run twice at once would show in the logs.
+                caller = _caller(context)
+                if caller:
+                    structlog.contextvars.bind_contextvars(**caller)
                 if limited and interceptor._limit is not None:
                     if interceptor._in_flight >= interceptor._limit:
                         self.code = "RESOURCE_EXHAUSTED"
