@@ -287,6 +287,8 @@ def test_orchestrators_are_several_rolled_with_a_surge_and_a_budget(charts):
             "minAvailable": 1,
             "selector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]},
         }
+        env = {e["name"]: e for e in container(dep)["env"]}  # each names itself in leases by its pod
+        assert env["AUDIOMESH_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     one = deployment(charts, "single-orchestrator", "orchestrator")
     assert one["spec"]["replicas"] == 1 and "orchestrator" not in _pdbs(charts, "single-orchestrator")
     assert "orchestrator.replicaCount=2" in _ok(charts, "single-orchestrator")["notes"]
@@ -428,7 +430,7 @@ def test_service_token_is_generated_and_reaches_every_service(charts):
         refs = {
             e["name"]: e["valueFrom"]["secretKeyRef"]
             for e in container(deployment(charts, "ingress", name))["env"]
-            if "valueFrom" in e
+            if "secretKeyRef" in e.get("valueFrom", {})
         }
         assert refs["AUDIOMESH_SERVICE_TOKEN"] == {
             "name": secret["metadata"]["name"],
