@@ -70,31 +70,49 @@ class Cluster:
         self.runner.start(rec)
 
     async def _keep(self, rec: JobRecord) -> None:
+        """Renew ``rec``'s lease every TTL/3 until it is released or lost; look for cancel requests
+        every second. The lease's own deadline (TTL × 2/3 after the last renewal was sent) is
+        enforced here even while a renewal hangs: the job stops then, whatever the store does."""
         tick = min(1.0, self.ttl / 3)
         job_id = rec.job.job_id
         while (lease := rec.lease) is not None:
             await asyncio.sleep(max(0.0, min(tick, lease.sent_at + self.ttl / 3 - time.monotonic())))
             if rec.lease is not lease:
                 continue
-            if time.monotonic() - lease.sent_at >= self.ttl / 3:
-
-                def renewed(new: Lease, old: Lease = lease) -> None:
-                    if rec.lease is old:  # not released or lost meanwhile
-                        rec.lease = new
-
-                try:
-                    await write_through(renewed, self.leases.renew, lease)
-                except LeaseLost as exc:
-                    self.registry.lose(rec, str(exc))
+            try:
+                if time.monotonic() - lease.sent_at >= self.ttl / 3 and not await self._renew(rec, lease):
                     return
-                except Exception as exc:  # noqa: BLE001 - the store is down: keep trying while the lease holds
-                    if not lease.valid():
-                        self.registry.lose(rec, f"the lease could not be renewed for {self.ttl * 2 / 3:.1f} s: {exc}")
-                        return
-                    self.log.warning("lease not renewed; retrying", job_id=job_id, reason=str(exc))
-                    await asyncio.sleep(min(0.5, max(0.05, lease.remaining() / 4)))
-                    continue
-            await self._check_cancel(rec)
+                await self._check_cancel(rec)
+            except Exception:  # noqa: BLE001 - a bug here must not leave a job running unrenewed
+                self.log.exception("lease keeper error; carrying on", job_id=job_id)
+                if not lease.valid():
+                    self.registry.lose(rec, "the lease could not be renewed in time")
+                    return
+
+    async def _renew(self, rec: JobRecord, lease: Lease) -> bool:
+        """One renewal, bounded by the lease's deadline; False when the lease is lost."""
+
+        def renewed(new: Lease) -> None:
+            if rec.lease is lease:  # not released or lost meanwhile
+                rec.lease = new
+
+        while True:
+            write = asyncio.ensure_future(write_through(renewed, self.leases.renew, lease))
+            done, _ = await asyncio.wait({write}, timeout=max(0.0, lease.remaining()))
+            if not done:  # the store hangs past the deadline: stop now; the write may land later, harmlessly
+                self.registry.lose(rec, f"the lease renewal did not answer within {self.ttl * 2 / 3:.1f} s")
+                return False
+            exc = write.exception()
+            if exc is None:
+                return True
+            if isinstance(exc, LeaseLost):
+                self.registry.lose(rec, str(exc))
+                return False
+            if not lease.valid():
+                self.registry.lose(rec, f"the lease could not be renewed for {self.ttl * 2 / 3:.1f} s: {exc}")
+                return False
+            self.log.warning("lease not renewed; retrying", job_id=rec.job.job_id, reason=str(exc))
+            await asyncio.sleep(min(0.5, max(0.05, lease.remaining() / 4)))
 
     async def _check_cancel(self, rec: JobRecord) -> None:
         key = cancel_key(rec.job.job_id)

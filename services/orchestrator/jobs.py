@@ -368,9 +368,14 @@ class JobRegistry:
         """Retention, one pass: delete finished jobs older than ``retention_hours`` (with the
         uploads only they used), then uploads no job uses that are older than that (an upload
         without a job that CreateJob never got). Returns (jobs, uploads) deleted; 0 hours keeps all."""
-        jobs = self.expired(retention_hours)
-        for job_id in jobs:
-            await self.delete(job_id)
+        jobs = []
+        for job_id in self.expired(retention_hours):
+            rec = self.records.get(job_id)
+            if rec is not None:
+                await self.refresh(rec)  # retried on another replica since this one last looked?
+            if job_id in self.records and self.records[job_id].terminal:
+                await self.delete(job_id)
+                jobs.append(job_id)
         if retention_hours <= 0:
             return len(jobs), 0
         cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)

@@ -63,7 +63,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return rec
 
     def _admit_job(self) -> None:
-        """Bounded queue and per-principal limit, checked before any byte is stored."""
+        """Bounded queue and per-principal limit, checked before any byte is stored; a stopping
+        replica takes no new job (UNAVAILABLE: the client's retry reaches another replica)."""
+        if self.cluster.stopping:
+            raise errors.Unavailable("this orchestrator is stopping; retry (another replica takes the job)")
         active = [r for r in self.registry.records.values() if not r.terminal]
         mine = sum(1 for r in active if r.job.owner == _principal())
         if mine >= self.settings.max_active_jobs_per_principal:
@@ -142,7 +145,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         size = pump.size
         response = orchestrator_pb2.UploadAudioResponse(input_key=key, size_bytes=size)
         if meta.create_job:
-            response.job.CopyFrom(await self._create(job_id, job_input, options))
+            try:
+                response.job.CopyFrom(await self._create(job_id, job_input, options))
+            except BaseException:  # e.g. this replica began stopping: the job was never created
+                await self._discard(key)
+                raise
         return response
 
     async def CreateJob(
@@ -239,6 +246,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             manifest_key=manifest_key(job_id),
             owner=_principal(),
         )
+        if self.cluster.stopping:  # the upload took a while: no new job on a replica that is stopping now
+            raise errors.Unavailable("this orchestrator is stopping; retry (another replica takes the job)")
         lease = await self.cluster.claim_new(job_id)
         rec = await self.registry.add(
             job, f"job created from {job_input.name} ({job_input.size_bytes} bytes) on {lease.label}", lease
@@ -291,6 +300,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.RetryJobResponse:
         rec = await self._own(request.job_id)
         _check_retryable(rec)
+        if self.cluster.stopping:
+            raise errors.Unavailable("this orchestrator is stopping; retry (another replica runs the job)")
         # Whoever retries runs the job: take its lease (released when it ended; a holder that
         # died before releasing it frees it after a TTL), then check again on the fresh manifest.
         if not rec.owned and not await self.cluster.take(rec, wait=self.cluster.ttl + 1):
@@ -353,6 +364,8 @@ def _check_retryable(rec: JobRecord) -> None:
 
 
 _UPLOAD_TYPE = "application/octet-stream"
+#: Bytes of upload messages handed to the storing thread at a time.
+_PUMP_BATCH = 1 << 20
 
 
 class _UploadPump:
@@ -374,25 +387,31 @@ class _UploadPump:
         self.size = 0
         self.sha256 = hashlib.sha256()
 
-    async def _next(self) -> bytes | None:
-        msg = await anext(self._requests, None)
-        if msg is None:
-            return None
-        if msg.HasField("metadata"):
-            raise errors.InvalidInput("metadata may only be sent in the first message")
-        return msg.chunk
+    async def _next(self) -> tuple[bytes, bool]:
+        """Up to about _PUMP_BATCH bytes of messages (one thread hop each, not one per message),
+        and whether the stream ended."""
+        parts: list[bytes] = []
+        size = 0
+        while size < _PUMP_BATCH:
+            msg = await anext(self._requests, None)
+            if msg is None:
+                return b"".join(parts), True
+            if msg.HasField("metadata"):
+                raise errors.InvalidInput("metadata may only be sent in the first message")
+            parts.append(msg.chunk)
+            size += len(msg.chunk)
+        return b"".join(parts), False
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
+        ended = False
+        while not ended:
             if self._aborted:
                 raise errors.Cancelled("the upload call ended before its last chunk")
             self._pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
             try:
-                chunk = self._pending.result()
+                chunk, ended = self._pending.result()
             except concurrent.futures.CancelledError:
                 raise errors.Cancelled("the upload call ended before its last chunk") from None
-            if chunk is None:
-                return
             self.size += len(chunk)
             if self.size > self._limit:
                 raise errors.TooLarge(f"upload exceeds the limit of {self._limit} bytes")
