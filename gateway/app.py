@@ -228,7 +228,8 @@ class Gateway:
     async def _upload(self, request: Request) -> Response:
         """multipart/form-data: optional ``options`` (JobOptions JSON) or ``model``, then ``file``.
 
-        The file streams straight into UploadAudio; the size limit is enforced as bytes arrive.
+        The file streams straight into UploadAudio, which streams it into the store (no disk on
+        the way, here or in the orchestrator); the size limit is enforced as bytes arrive.
         """
         limit = self.settings.max_upload_bytes
         ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -288,7 +289,7 @@ class Gateway:
             return error_response(grpc.StatusCode.CANCELLED, "the client closed the connection mid-upload")
         finally:
             # Every way out but a complete body ends the call: the orchestrator's UploadAudio
-            # then stops waiting for chunks and removes its spool file.
+            # then stops streaming into the store and removes what it wrote.
             if call_task is not None and not complete and not call_task.done():
                 while not chunks.empty():
                     chunks.get_nowait()
