@@ -35,7 +35,7 @@ from audiomesh.auth import RateLimiter
 from audiomesh.config import ENV_PREFIX, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError, Unavailable
 from audiomesh.parallel import usable_cores
-from audiomesh.rpc.server import AuthPolicy, start_server
+from audiomesh.rpc.server import USER_KEEPALIVE_MS, WORKER_KEEPALIVE_MS, AuthPolicy, start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
 
 WORKERS = ("separation", "hpss", "composite", "normalize")
@@ -74,6 +74,7 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         light_methods=spec.light_methods,
         tls=tls,
         auth=auth,
+        keepalive_ms=USER_KEEPALIVE_MS if name == "orchestrator" else WORKER_KEEPALIVE_MS,
     )
     if ready_file is not None:
 

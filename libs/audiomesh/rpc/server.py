@@ -39,10 +39,12 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Longest a failed client-streaming call keeps reading (and dropping) the caller's messages.
 _DRAIN_SECONDS = 10.0
-# Server keepalive: a caller that does not ack a ping is gone and its calls are cancelled
-# within KEEPALIVE_MS + KEEPALIVE_TIMEOUT_MS (~4 s), well inside an orchestrator lease's 2/3 TTL.
-KEEPALIVE_MS = 2_000
-KEEPALIVE_TIMEOUT_MS = 2_000
+# Server keepalive, (ping every, ack within) in ms. Workers: a caller (an orchestrator) that does
+# not ack a ping is gone and its calls are cancelled within ~4 s, well inside the 2/3 of a job
+# lease's TTL after which a new owner may run the same node. The orchestrator faces users, whose
+# acks may queue behind a large upload on a slow link: it waits longer (a gone watcher costs little).
+WORKER_KEEPALIVE_MS = (2_000, 2_000)
+USER_KEEPALIVE_MS = (10_000, 20_000)
 
 
 def status_details(exc: errors.AudiomeshError) -> tuple[tuple[str, bytes], ...]:
@@ -339,8 +341,12 @@ async def start_server(
     tls: tuple[bytes, bytes] | None = None,
     auth: AuthPolicy | None = None,
     extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    keepalive_ms: tuple[int, int] = WORKER_KEEPALIVE_MS,
 ) -> RunningServer:
-    """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns."""
+    """Start a server on ``bind`` (port 0 picks a free port); SERVING once ``warmup`` returns.
+
+    ``keepalive_ms``: ping each client every so often and close its connection (cancelling its
+    calls) when the ack does not come within the second value."""
     regs = list(registrations)
     server = grpc.aio.server(
         interceptors=[
@@ -356,13 +362,14 @@ async def start_server(
             ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            # Notice a caller that froze or was cut off: ping every 2 s, close the transport (which
-            # cancels its calls, so a separation stops) when a ping is not acked within 2 s. Without
-            # this a worker would run on for a job whose new owner already runs the same node.
+            # Notice a caller that froze or was cut off: ping it, close the transport (which cancels
+            # its calls, so a separation stops) when the ack is late. Without this a worker would
+            # run on for a job whose new owner already runs the same node. The ack deadline is
+            # ping_timeout_ms in grpc 1.85 (keepalive_timeout_ms alone left it at 60 s).
             # max_pings_without_data 0: keep pinging through a long call that sends nothing.
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_time_ms", keepalive_ms[0]),
+            ("grpc.keepalive_timeout_ms", keepalive_ms[1]),
+            ("grpc.http2.ping_timeout_ms", keepalive_ms[1]),
             ("grpc.http2.max_pings_without_data", 0),
         ],
     )
