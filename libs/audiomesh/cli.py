@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import json_format
 
-from audiomesh import bench
+from audiomesh import bench, churn
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", default=[], help="model to compile (repeatable; default AUDIOMESH_DEFAULT_MODEL)"
     )
     bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs and librosa (BENCHMARKS.md)"))
+    churn.add_arguments(
+        sub.add_parser("churn", help="a cluster under kill -9, rolling restarts and SIGSTOP: jobs lost, take-over times")
+    )
     p = sub.add_parser("hash-key", help="print an AUDIOMESH_API_KEYS entry for a key (a new key if none given)")
     p.add_argument("name", help="the principal this key stands for, e.g. alice")
     p.add_argument("--key", default=None, help="an existing key (default: generate one)")
@@ -382,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_process(args, settings)
         if args.command == "bench":
             return bench.cmd_bench(args)
+        if args.command == "churn":
+            return churn.cmd_churn(args)
         if args.command == "warm":
             return cmd_warm(args, settings)
         return asyncio.run(_simple(args, settings))
