@@ -129,6 +129,35 @@ async def test_sigterm_drains_the_running_separation_and_refuses_new_calls(tmp_p
         worker.close()
 
 
+async def test_the_drain_ends_after_drain_seconds_and_cancels_what_still_runs(tmp_path):
+    """AUDIOMESH_DRAIN_SECONDS bounds the drain: a separation still running when it ends is
+    cancelled (its caller retries the node on another worker) and the process exits 0 soon after."""
+    key = _song(tmp_path, 30.0)
+    worker = Service("separation", tmp_path, AUDIOMESH_DRAIN_SECONDS="1")
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = separation_pb2_grpc.SeparationServiceStub(channel)
+            request = separation_pb2.SeparateRequest(
+                input_key=key, output_prefix="out", options=common_pb2.SeparationOptions(shifts=20, segment_seconds=1.0)
+            )
+            signalled = 0.0
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for msg in stub.Separate(request, timeout=120):
+                    if msg.HasField("progress") and msg.progress.fraction > 0 and not signalled:
+                        worker.proc.send_signal(signal.SIGTERM)
+                        signalled = time.monotonic()
+            assert signalled, "the call ended before it could be interrupted"
+            cut = time.monotonic() - signalled
+        assert ended.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), ended.value
+        assert worker.proc.wait(timeout=30) == 0
+        exited = time.monotonic() - signalled
+        print(f"1 s drain: call cut {cut:.2f} s, process exited {exited:.2f} s after SIGTERM")
+        assert cut < 10, f"the call ran {cut:.1f} s past SIGTERM with a 1 s drain"
+        assert [r["code"] for _, r in worker.logged("rpc", method=SEPARATE)] == ["CANCELLED"]
+    finally:
+        worker.close()
+
+
 # A caller in its own process, so the test can freeze it: it prints "started" at the first progress
 # message of a long separation (20 passes; 1 s segments, so the worker checks for cancellation often),
 # then reads on.
