@@ -198,6 +198,8 @@ class Gateway:
         async def body() -> AsyncIterator[bytes]:
             if first is None:
                 return
+            while not events.empty():  # retries before the first message: over, the client saw none
+                events.get_nowait()
             yield frame("result", to_json(first))
             task = asyncio.ensure_future(pump())
             try:

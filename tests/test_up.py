@@ -358,7 +358,12 @@ def test_web_page_keeps_watching_through_orchestrator_and_gateway_restarts(clust
           .observe(note, {childList: true, characterData: true, subtree: true});"""
     )
     browser.find_element(By.CSS_SELECTOR, "#file-input").send_keys(str(song))
-    asyncio.run(_wait_running(cluster.orchestrator, "page.wav"))
+    # The page shows RUNNING: its watch stream is open (the kill must break it, not precede it).
+    until(
+        60,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-state").get_attribute("data-state") == "JOB_STATE_RUNNING",
+        "the page never showed the job running",
+    )
     for name in cluster.instances("orchestrator"):
         cluster.kill(name)
     until(30, lambda d: "Reconnecting…" in d.execute_script("return window.__notes"), "no reconnecting note")
