@@ -159,9 +159,18 @@ class Leases:
         self._seen.pop(job_id, None)
         return Lease(job_id, self.owner, doc.epoch, doc.ttl_seconds, info.etag, sent, doc.renewals)
 
+    def _verified(self, lease: Lease) -> Lease:
+        """Read a new holder's lease back: a store whose conditional PUT is check-then-write
+        (versitygw <= 1.7.0) can let two racing writers both "win"; the last write is the one that
+        stays, and only its writer goes on."""
+        _, info = self.store.read(lease_key(lease.job_id))
+        if info.etag != lease.etag:
+            raise LeaseLost(f"job {lease.job_id}: another replica's lease write landed after this one's")
+        return lease
+
     def claim_new(self, job_id: str) -> Lease:
         """The lease of a job this replica creates: LeaseLost if one exists already."""
-        return self._write(job_id, LeaseDoc(self.owner, 1, self.ttl), if_none_match=True)
+        return self._verified(self._write(job_id, LeaseDoc(self.owner, 1, self.ttl), if_none_match=True))
 
     def renew(self, lease: Lease) -> Lease:
         """Extend ``lease``; LeaseLost if it changed since this holder wrote it (someone took it)."""
@@ -200,8 +209,8 @@ class Leases:
         new = LeaseDoc(self.owner, epoch, self.ttl)
         try:
             if etag is None:
-                return self._write(job_id, new, if_none_match=True)
-            return self._write(job_id, new, if_match=etag)
+                return self._verified(self._write(job_id, new, if_none_match=True))
+            return self._verified(self._write(job_id, new, if_match=etag))
         except LeaseLost:
             self._seen.pop(job_id, None)
             return None
