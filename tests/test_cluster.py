@@ -74,6 +74,19 @@ async def until(predicate, wait: float, what: str, step: float = 0.1):
     raise AssertionError(f"{what} within {wait} s")
 
 
+async def timed_watch(stub, job_id: str, timeout: float = 180.0):
+    """WatchJob to the end: the final job, every snapshot, and when each (state, stage) was first seen."""
+    seen, first = [], {}
+
+    async def follow():
+        async for msg in stub.WatchJob(orchestrator_pb2.WatchJobRequest(job_id=job_id)):
+            seen.append(msg.job)
+            first.setdefault((msg.job.state, msg.job.current_stage), time.monotonic())
+        return seen[-1]
+
+    return await asyncio.wait_for(follow(), timeout), seen, first
+
+
 def events(job_id: str, file_mesh) -> list[str]:
     import json
 
@@ -90,10 +103,16 @@ async def test_any_replica_answers_and_a_follower_sees_every_stage(file_mesh, tm
         got = await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))  # beta did not create it
         assert got.job.job_id == job_id
         # Both watch: alpha runs the job (in memory), beta follows its manifest.
-        (on_a, seen_a), (on_b, seen_b) = await asyncio.gather(
-            wait_for(a.stub, job_id, timeout=180), wait_for(b.stub, job_id, timeout=180)
+        (on_a, seen_a, at_a), (on_b, seen_b, at_b) = await asyncio.gather(
+            timed_watch(a.stub, job_id), timed_watch(b.stub, job_id)
         )
         assert on_a.state == on_b.state == SUCCEEDED
+        # How long after the holder's watcher the follower's saw each stage (printed: a figure, not a
+        # target; BENCHMARKS.md has it). Every stage the holder showed reaches the follower.
+        lags = sorted(at_b[k] - at_a[k] for k in at_a if k in at_b)
+        print(f"follower lag over {len(lags)} of {len(at_a)} stage changes: median {lags[len(lags) // 2]:.2f} s, max {lags[-1]:.2f} s")
+        missed = [k for k in at_a if k not in at_b and k[0] != RUNNING]
+        assert not missed, missed
         assert [t.sha256 for t in on_b.tracks] == [t.sha256 for t in on_a.tracks] and on_b.tracks
         # The follower saw every node of the job running, not just the start and the end.
         ran_b = {name for job in seen_b if job.state == RUNNING for name in job.current_stage.split(", ")}
