@@ -281,3 +281,23 @@ async def test_retention_deletes_finished_jobs_older_than_the_period(tmp_path):
     finally:
         await spec.on_stop()
         await server.stop(1)
+
+
+async def test_retention_deletes_job_folders_a_crash_left_without_a_manifest(tmp_path):
+    """An orchestrator killed between storing an upload (and its lease) and writing the job's first
+    manifest leaves a folder nothing refers to: swept after the period; a fresh one stays (a job
+    being created right now looks the same)."""
+    settings = load_settings(store_url=f"file://{tmp_path / 'store'}", retention_hours=24)
+    store = settings.open_store()
+    old = datetime.now(UTC) - timedelta(hours=30)
+    stale, fresh = str(uuid.uuid4()), str(uuid.uuid4())
+    for job_id, when in ((stale, old), (fresh, datetime.now(UTC))):
+        for key in (f"jobs/{job_id}/input/song.wav", f"jobs/{job_id}/lease.json"):
+            store.put_bytes(key, b"x")
+            os.utime(tmp_path / "store" / key, (when.timestamp(), when.timestamp()))
+    kept = _write_job(store, age=timedelta(hours=1), state=common_pb2.JOB_STATE_SUCCEEDED)
+    registry = JobRegistry(store, {})
+    await registry.load_all()
+    assert await registry.sweep(settings.retention_hours) == (0, 2)
+    assert not list(store.list(f"jobs/{stale}/"))
+    assert len(list(store.list(f"jobs/{fresh}/"))) == 2 and store.exists(f"jobs/{kept}/manifest.json")

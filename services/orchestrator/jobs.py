@@ -384,9 +384,28 @@ class JobRegistry:
         orphans = [i.key for i in infos if i.key not in used and i.last_modified < cutoff]
         for key in orphans:
             await asyncio.to_thread(self.store.delete, key)
+        orphans += await self._sweep_unfinished_creations(cutoff)
         if jobs or orphans:
             self.log.info("retention sweep", jobs_deleted=len(jobs), orphaned_uploads_deleted=len(orphans))
         return len(jobs), len(orphans)
+
+    async def _sweep_unfinished_creations(self, cutoff: datetime) -> list[str]:
+        """Job folders without a manifest, untouched since ``cutoff``: an orchestrator died between
+        storing an upload (or a lease) and writing the job's first manifest. Nothing refers to them."""
+
+        def sweep() -> list[str]:
+            gone = []
+            for prefix in self.store.list_prefixes("jobs/"):
+                if prefix.removeprefix("jobs/").rstrip("/") in self.records:
+                    continue
+                infos = list(self.store.list(prefix))
+                if infos and not any(i.key.endswith("/manifest.json") for i in infos):
+                    if max(i.last_modified for i in infos) < cutoff:
+                        self.store.delete_prefix(prefix)
+                        gone.extend(i.key for i in infos)
+            return gone
+
+        return await asyncio.to_thread(sweep)
 
     def expired(self, retention_hours: float) -> list[str]:
         if retention_hours <= 0:
