@@ -186,3 +186,31 @@ async def test_racing_replicas_take_a_released_job_once(file_mesh, tmp_path, n):
     # Once per hand-off (the mesh's own orchestrator may be the one): epochs strictly increase.
     epochs = [int(e.rsplit("lease epoch ", 1)[1].rstrip(")")) for e in takers]
     assert epochs == sorted(set(epochs)) and epochs, log
+
+
+async def test_a_replica_that_loses_its_lease_stops_and_its_watchers_follow_the_new_holder(file_mesh, tmp_path):
+    """The lease changes hands under a running job (here: overwritten as released by an outside
+    writer, as a take-over would): the holder's next renewal fails, it stops writing, a peer takes
+    the job and finishes it, and a watch on the replica that lost it still ends with the real end."""
+    from audiomesh.services.orchestrator.lease import LeaseDoc, lease_key
+
+    song = write_song(tmp_path / "song.wav", 30.0, seed=15).read_bytes()
+    store = file_mesh.settings.open_store()
+    async with replicas(file_mesh, "eta", "theta") as (a, b):
+        job_id = (await upload(a.stub, song, "song.wav")).job.job_id
+        watch_a = asyncio.ensure_future(timed_watch(a.stub, job_id, timeout=240))
+
+        async def separating():
+            job = (await a.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+            return "separation" in job.current_stage
+
+        await until(separating, 60, "separation did not start")
+        store.put_bytes(lease_key(job_id), LeaseDoc("intruder", 99, TTL, released=True).dumps())
+        final_a, seen_a, _ = await watch_a
+        assert final_a.state == SUCCEEDED, final_a.error
+        log = events(job_id, file_mesh)
+        taken = [e for e in log if "taken over by" in e]
+        assert taken and "lease epoch 100" in taken[0], log
+        # Nothing from eta after the take-over: every later event is the new holder's work.
+        after = log[log.index(taken[0]) + 1 :]
+        assert not [e for e in after if "eta (lease" in e or "handed over" in e], after

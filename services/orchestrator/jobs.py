@@ -254,7 +254,9 @@ class JobRegistry:
             return
         self.log.warning("job lease lost; stopping without writing", job_id=rec.job.job_id, reason=reason)
         rec.lease = None
-        rec.refreshed = 0.0  # follow it from the store from now on
+        # Follow it from the store from now on; what this replica holds in memory may be a state
+        # it could not write (even a terminal one): the next read replaces it, whatever its ETag.
+        rec.refreshed, rec.etag = 0.0, None
         if self.on_lost is not None:
             self.on_lost(rec, reason)
 
@@ -285,9 +287,10 @@ class JobRegistry:
             with contextlib.suppress(TimeoutError):
                 async with rec.changed:
                     await asyncio.wait_for(rec.changed.wait_for(moved_since(seen)), FOLLOW_INTERVAL)
-            if not rec.owned and rec.version == seen and not self.closing:
-                if time.monotonic() - rec.refreshed >= FOLLOW_INTERVAL / 2:  # one read for all watchers
-                    await self.refresh(rec)
+            # Followed (or just lost): the store has the job, whatever changed here; one read for all watchers.
+            if not rec.owned and not self.closing and time.monotonic() - rec.refreshed >= FOLLOW_INTERVAL / 2:
+                await self.refresh(rec)
+            if rec.version == seen and not self.closing:
                 continue
             if self.closing:
                 raise errors.Unavailable(
@@ -394,7 +397,7 @@ class JobRegistry:
         storing an upload (or a lease) and writing the job's first manifest. Nothing refers to them."""
 
         def sweep() -> list[str]:
-            gone = []
+            gone: list[str] = []
             for prefix in self.store.list_prefixes("jobs/"):
                 if prefix.removeprefix("jobs/").rstrip("/") in self.records:
                     continue
