@@ -28,6 +28,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class _Faults:
     rolling: list[str] = field(default_factory=list)
     fencing: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    restart_errors: list[str] = field(default_factory=list)
 
 
 def _iso(text: str) -> float:
@@ -277,6 +279,8 @@ class _Cluster:
         self.mesh, self.store, self.rng, self.restart_delay, self.log = mesh, store, rng, restart_delay, log
         self.faults = _Faults()
         self.since: set[str] = set()  # the quiet run's job ids
+        self._restarting: set[str] = set()
+        self._threads: list[threading.Thread] = []
 
     def leases(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Each unfinished job's lease as stored now (job id -> the lease document)."""
@@ -296,54 +300,94 @@ class _Cluster:
         doc, _ = self.manifest(job_id)
         return str(doc.get("job", {}).get("state", "")).removeprefix("JOB_STATE_")
 
-    def owner_with_jobs(self, job_ids: list[str]) -> tuple[str, list[str]]:
-        """A random orchestrator among those holding an unfinished job (any one if none does)."""
+    def _up(self, service: str) -> list[str]:
+        """Instances of ``service`` running now and not waiting for a restart."""
+        return [
+            i for i in self.mesh.instances(service) if i not in self._restarting and self.mesh.procs[i].poll() is None
+        ]
+
+    def owner_with_jobs(self, job_ids: list[str]) -> tuple[str | None, list[str]]:
+        """A random running orchestrator among those holding an unfinished job (any running one
+        if none does); None when it would be the last one up."""
+        up = self._up("orchestrator")
+        if len(up) < 2:
+            return None, []
         held: dict[str, list[str]] = {}
         for job_id, doc in self.leases(job_ids).items():
             held.setdefault(doc["owner"], []).append(job_id)
-        live = [i for i in self.mesh.instances("orchestrator") if i in held]
-        name = self.rng.choice(live or self.mesh.instances("orchestrator"))
+        name = self.rng.choice([i for i in up if i in held] or up)
         return name, held.get(name, [])
 
-    def kill_orchestrator(self, job_ids: list[str]) -> None:
+    def _restart_later(self, name: str, delay: float) -> None:
+        """Start ``name`` again after ``delay`` in a thread, as Kubernetes restarts a container:
+        the next fault does not wait for it."""
+        self._restarting.add(name)
+
+        def run() -> None:
+            try:
+                time.sleep(delay)
+                self.mesh.restart(name)
+                self.faults.restarts += 1
+            except Exception as exc:  # noqa: BLE001 - reported, and the run goes on without it
+                self.faults.restart_errors.append(f"{name}: {exc}")
+            finally:
+                self._restarting.discard(name)
+
+        thread = threading.Thread(target=run, name=f"restart-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def join(self, timeout: float) -> None:
+        """Wait (bounded) for every pending restart."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+
+    def kill_orchestrator(self, job_ids: list[str]) -> bool:
         name, owned = self.owner_with_jobs(job_ids)
+        if name is None:
+            return False
         self.mesh.kill(name)
         self.faults.orchestrator_kills.append((name, time.time(), owned))
         self.log(f"churn: kill -9 {name} (holding {len(owned)} jobs)")
-        time.sleep(self.restart_delay)
-        self.mesh.restart(name)
-        self.faults.restarts += 1
+        self._restart_later(name, self.restart_delay)
+        return True
 
-    def kill_worker(self) -> None:
+    def kill_worker(self) -> bool:
         from audiomesh.launcher import WORKERS
 
-        name = self.rng.choice([i for w in WORKERS for i in self.mesh.instances(w)])
+        # Never the last instance of a service up: its nodes would only wait.
+        candidates = [i for w in WORKERS if len(up := self._up(w)) > 1 for i in up]
+        if not candidates:
+            return False
+        name = self.rng.choice(candidates)
         self.mesh.kill(name)
         self.faults.worker_kills.append((name, time.time()))
         self.log(f"churn: kill -9 {name}")
-        time.sleep(self.restart_delay)
-        self.mesh.restart(name)
-        self.faults.restarts += 1
+        self._restart_later(name, self.restart_delay)
+        return True
 
-    def roll(self, name: str) -> None:
-        """A rolling upgrade's step: SIGTERM (hand-off), then start again."""
+    def roll(self, name: str) -> bool:
+        """A rolling upgrade's step: SIGTERM (hand-off), wait for the exit, start again."""
+        if name not in self._up("orchestrator") or len(self._up("orchestrator")) < 2:
+            return False
         self.log(f"churn: SIGTERM-restart {name}")
         code = self.mesh.terminate(name, timeout=120)
         if code != 0:
-            raise RuntimeError(f"{name} exited with code {code} on SIGTERM; see {self.mesh.log_dir}/{name}.log")
-        self.mesh.restart(name)
+            self.faults.restart_errors.append(f"{name} exited with code {code} on SIGTERM")
         self.faults.rolling.append(name)
-        self.faults.restarts += 1
+        self._restart_later(name, 0.0)
+        return True
 
-    def fence(self, job_ids: list[str], ttl: float) -> None:
+    def fence(self, job_ids: list[str], ttl: float) -> bool:
         """Freeze a job owner past its lease; once another replica took the job, resume it and
         check that it wrote nothing more (the manifest only grows from the snapshot taken while
         it was frozen) and that it noticed it lost the lease."""
         check: dict[str, Any] = self.faults.fencing
-        running = [j for j, doc in self.leases(job_ids).items() if self._state(j) == "RUNNING"]
-        if not running:
-            check["skipped"] = "no job was running"
-            return
+        up = set(self._up("orchestrator"))
+        running = [j for j, doc in self.leases(job_ids).items() if doc["owner"] in up and self._state(j) == "RUNNING"]
+        if not running or len(up) < 2:
+            return False  # asked again in a moment
         job_id = self.rng.choice(running)
         owner = json.loads(self.store.get_bytes(f"jobs/{job_id}/lease.json"))["owner"]
         check.update(job_id=job_id, owner=owner)
@@ -396,6 +440,7 @@ class _Cluster:
             taken and check["manifest_extends_snapshot"] and check["owner_logged_lease_lost"] and not stale
         )
         self.log(f"churn: resumed {owner}; fencing {'held' if check['ok'] else 'FAILED'}: {json.dumps(check)}")
+        return True
 
 
 async def _churn_phase(
@@ -427,24 +472,44 @@ async def _churn_phase(
     # This phase's jobs, from the store: every manifest under jobs/ but the quiet run's.
     ids = await asyncio.to_thread(_job_ids_since, cluster.store, cluster.since)
     for step in plan:
-        if runner.done() or time.monotonic() > deadline:
+        done = False
+        while not done and not runner.done() and time.monotonic() < deadline:
+            if step == "kill-orchestrator":
+                done = await asyncio.to_thread(cluster.kill_orchestrator, ids)
+            elif step == "kill-worker":
+                done = await asyncio.to_thread(cluster.kill_worker)
+            elif step == "fence":
+                done = await asyncio.to_thread(cluster.fence, ids, ttl)
+            else:
+                done = await asyncio.to_thread(cluster.roll, step.partition(":")[2])
+            # Done: the next fault after a gap; not yet possible (a peer still restarting): soon.
+            await asyncio.sleep(gap_s * (0.5 + rng.random()) if done else 0.5)
+        if not done:
             cluster.faults.skipped.append(step)
-            continue
-        if step == "kill-orchestrator":
-            await asyncio.to_thread(cluster.kill_orchestrator, ids)
-        elif step == "kill-worker":
-            await asyncio.to_thread(cluster.kill_worker)
-        elif step == "fence":
-            await asyncio.to_thread(cluster.fence, ids, ttl)
-        else:
-            await asyncio.to_thread(cluster.roll, step.partition(":")[2])
-        await asyncio.sleep(gap_s * (0.5 + rng.random()))
-    return await runner
+    try:
+        return await runner
+    finally:
+        await asyncio.to_thread(cluster.join, 300.0)
 
 
 def _job_ids_since(store: Any, since: set[str]) -> list[str]:
     keys = [info.key for info in store.list("jobs/")]
     return sorted({k.split("/")[1] for k in keys if k.endswith("/manifest.json")} - since)
+
+
+def _tiny_model(folder: Path) -> tuple[Path, str]:
+    """A tiny HTDemucs with seeded weights in a local model repository: every separation
+    process loads the same weights (``demucs_unittest`` draws new random ones in each process,
+    so two replicas, or one restarted, would give different stems). 1 s segments keep it quick."""
+    from fractions import Fraction
+
+    from audiomesh.separation.repo import build_htdemucs, save_model_to_repo
+
+    name = "churn_tiny_htdemucs"
+    if not (folder / f"{name}.th").is_file():
+        model = build_htdemucs(seed=0, channels=8, bottom_channels=0, t_layers=1, segment=Fraction(1))
+        save_model_to_repo(model, name, folder)
+    return folder, name
 
 
 def run_churn(
@@ -482,9 +547,11 @@ def run_churn(
     work.mkdir(parents=True, exist_ok=True)
     counts = dict(replicas or DEFAULT_REPLICAS)
     songs = _songs(work / "songs", jobs, song_seconds, seed)
+    repo, model = _tiny_model(work / "models")
     mesh_env = {
         "AUDIOMESH_STORE_URL": store_url or (work / "store").resolve().as_uri(),
-        "AUDIOMESH_DEFAULT_MODEL": "demucs_unittest",
+        "AUDIOMESH_DEFAULT_MODEL": model,
+        "AUDIOMESH_MODEL_REPO": str(repo),
         "AUDIOMESH_LOG_FORMAT": "json",
         "AUDIOMESH_LOG_LEVEL": "info",
         "AUDIOMESH_TORCH_THREADS": "1",  # many processes on few cores
@@ -594,6 +661,7 @@ def _analyse(
         rolling_restarts=len(faults.rolling),
         restarts=faults.restarts,
         faults_skipped=faults.skipped,
+        restart_errors=faults.restart_errors,
         jobs_lost=len(lost),
         lost=lost,
         tracks_differ=len(differ),
@@ -675,6 +743,8 @@ def failures(report: Mapping[str, Any]) -> list[str]:
     fence = report.get("fencing") or {}
     if fence and not fence.get("ok"):
         out.append(f"fencing: {fence}")
+    if report.get("restart_errors"):
+        out.append(f"restarts that failed: {report['restart_errors']}")
     if report.get("quiet_failed"):
         out.append(f"quiet run failed: {report['quiet_failed']}")
     return out
