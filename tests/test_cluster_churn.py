@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from audiomesh.churn import duplicate_owners, epoch_regressions, failures, format_table, run_churn
+from audiomesh.churn import duplicate_owners, epoch_regressions, failures, format_table, lease_losses, run_churn
 
 TTL = 6.0
 
@@ -67,6 +67,18 @@ def test_overlapping_calls_under_two_epochs_count_as_duplicate_owners():
     ]
     assert epoch_regressions(events) == [events[2]]
     assert epoch_regressions(events[:2]) == []
+
+
+def test_lease_losses_are_counted_per_job_from_the_json_log(tmp_path):
+    log = tmp_path / "orchestrator-1.log"
+    lines = [
+        {"event": "job lease lost; stopping without writing", "job_id": "a", "reason": "renewal too slow"},
+        {"event": "job lease lost; stopping without writing", "job_id": "b"},
+        {"event": "job taken over", "job_id": "a"},
+    ]
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json: job lease lost\n")
+    assert lease_losses([log], {"a"}) == 1
+    assert lease_losses([log], {"a", "b"}) == 2
 
 
 @pytest.mark.parametrize("missing", ["jobs_lost", "duplicate_owners"])

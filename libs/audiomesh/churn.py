@@ -44,6 +44,7 @@ __all__ = [
     "epoch_regressions",
     "failures",
     "format_table",
+    "lease_losses",
     "run_churn",
     "worker_calls",
 ]
@@ -128,6 +129,19 @@ def worker_calls(log_files: list[Path], job_ids: set[str]) -> dict[tuple[str, st
                 start = end - duration
                 calls.setdefault((job_id, node), []).append((start, end, str(entry["lease"])))
     return calls
+
+
+def lease_losses(log_files: list[Path], job_ids: set[str]) -> int:
+    """How many times a live orchestrator gave up one of these jobs because it could not keep
+    its lease (renewal too slow, or the lease expired before a write): from their JSON logs."""
+    count = 0
+    for path in log_files:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if "job lease lost" in line:
+                    with contextlib.suppress(ValueError):
+                        count += json.loads(line).get("job_id") in job_ids
+    return count
 
 
 def duplicate_owners(calls: Mapping[tuple[str, str], list[tuple[float, float, str]]]) -> list[dict[str, Any]]:
@@ -636,6 +650,7 @@ def _analyse(
     quiet_bad = [j.job_id for j in quiet if j.state != "SUCCEEDED"]
     logs = [p for w in WORKERS for inst in mesh.instances(w) if (p := mesh.log_dir / f"{inst}.log").is_file()]
     calls = worker_calls(logs, {j.job_id for j in churned if j.job_id})
+    orchestrator_logs = [p for inst in mesh.instances("orchestrator") if (p := mesh.log_dir / f"{inst}.log").is_file()]
     dup_calls = duplicate_owners(calls)
     dup_epochs = {job_id: bad for job_id, ev in events.items() if (bad := epoch_regressions(ev))}
     takeovers: list[float] = []
@@ -671,6 +686,8 @@ def _analyse(
         duplicate_calls=dup_calls,
         epoch_regressions=dup_epochs,
         worker_calls_checked=sum(len(v) for v in calls.values()),
+        lease_losses_quiet=lease_losses(orchestrator_logs, {j.job_id for j in quiet}),
+        lease_losses_churn=lease_losses(orchestrator_logs, {j.job_id for j in churned}),
         watch_incomplete=[j.job_id for j in churned if not j.watch_complete],
         watch_reconnects=sum(j.reconnects for j in churned),
         latency_quiet_p50_s=_round(_percentile(q_lat, 0.5)),
@@ -709,6 +726,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("jobs lost (target 0)", v("jobs_lost")),
         ("jobs whose sha256s differ from quiet (target 0)", v("tracks_differ")),
         ("nodes re-run", v("nodes_rerun")),
+        ("leases a live owner let go (quiet / churn)", f"{v('lease_losses_quiet')} / {v('lease_losses_churn')}"),
         ("duplicate owners (target 0)", f"{v('duplicate_owners')} (worker calls checked: {v('worker_calls_checked')})"),
         ("watchers that missed the end (target 0)", str(len(report.get("watch_incomplete") or []))),
         ("job latency p50 quiet / churn", f"{v('latency_quiet_p50_s', ' s')} / {v('latency_churn_p50_s', ' s')}"),
