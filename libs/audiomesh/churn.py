@@ -793,10 +793,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def cmd_churn(args: argparse.Namespace) -> int:
+    from audiomesh.errors import ConfigError
+    from audiomesh.launcher import check_replicas
+
     replicas = dict(DEFAULT_REPLICAS)
     for item in args.replicas:
         service, _, count = item.partition("=")
+        if not count.isdigit():
+            raise ConfigError(f"--replicas {item!r}: give SERVICE=N, e.g. separation=3")
         replicas[service] = int(count)
+    check_replicas(replicas)  # a ConfigError naming the service or count
     report = run_churn(
         jobs=args.jobs,
         song_seconds=args.song_seconds,
