@@ -324,8 +324,8 @@ class _Cluster:
         """A random running orchestrator among those holding an unfinished job (any running one
         if none does); None when it would be the last one up."""
         up = self._up("orchestrator")
-        if len(up) < 2:
-            return None, []
+        if len(up) < len(self.mesh.instances("orchestrator")):
+            return None, []  # one orchestrator down at a time: the others take its jobs
         held: dict[str, list[str]] = {}
         for job_id, doc in self.leases(job_ids).items():
             held.setdefault(doc["owner"], []).append(job_id)
@@ -383,7 +383,7 @@ class _Cluster:
 
     def roll(self, name: str) -> bool:
         """A rolling upgrade's step: SIGTERM (hand-off), wait for the exit, start again."""
-        if name not in self._up("orchestrator") or len(self._up("orchestrator")) < 2:
+        if len(self._up("orchestrator")) < len(self.mesh.instances("orchestrator")):
             return False
         self.log(f"churn: SIGTERM-restart {name}")
         code = self.mesh.terminate(name, timeout=120)
@@ -400,7 +400,7 @@ class _Cluster:
         check: dict[str, Any] = self.faults.fencing
         up = set(self._up("orchestrator"))
         running = [j for j, doc in self.leases(job_ids).items() if doc["owner"] in up and self._state(j) == "RUNNING"]
-        if not running or len(up) < 2:
+        if not running or len(up) < len(self.mesh.instances("orchestrator")):
             return False  # asked again in a moment
         job_id = self.rng.choice(running)
         owner = json.loads(self.store.get_bytes(f"jobs/{job_id}/lease.json"))["owner"]
