@@ -124,7 +124,7 @@ async def test_any_replica_answers_and_a_follower_sees_every_stage(file_mesh, tm
 
 
 async def test_a_stopping_replica_hands_its_job_over(file_mesh, tmp_path):
-    song = write_song(tmp_path / "song.wav", 30.0, seed=12).read_bytes()
+    song = write_song(tmp_path / "song.wav", 12.0, seed=12).read_bytes()
     async with replicas(file_mesh, "gamma", "delta") as (a, b):
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id
 
@@ -148,7 +148,7 @@ async def test_a_stopping_replica_hands_its_job_over(file_mesh, tmp_path):
 
 
 async def test_cancel_through_a_replica_that_does_not_run_the_job(file_mesh, tmp_path):
-    song = write_song(tmp_path / "song.wav", 30.0, seed=13).read_bytes()
+    song = write_song(tmp_path / "song.wav", 12.0, seed=13).read_bytes()
     async with replicas(file_mesh, "epsilon", "zeta") as (a, b):
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id
 
@@ -194,7 +194,7 @@ async def test_a_replica_that_loses_its_lease_stops_and_its_watchers_follow_the_
     the job and finishes it, and a watch on the replica that lost it still ends with the real end."""
     from audiomesh.services.orchestrator.lease import LeaseDoc, lease_key
 
-    song = write_song(tmp_path / "song.wav", 30.0, seed=15).read_bytes()
+    song = write_song(tmp_path / "song.wav", 12.0, seed=15).read_bytes()
     store = file_mesh.settings.open_store()
     async with replicas(file_mesh, "eta", "theta") as (a, b):
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id

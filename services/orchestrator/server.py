@@ -64,7 +64,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def _admit_job(self) -> None:
         """Bounded queue and per-principal limit, checked before any byte is stored; a stopping
-        replica takes no new job (UNAVAILABLE: the client's retry reaches another replica)."""
+        replica takes no new job (UNAVAILABLE: the client's retry reaches another replica).
+        Counted over the jobs this replica has read so far (right after a start, not every
+        manifest may be: the limits are a guard against floods, not an exact quota)."""
         if self.cluster.stopping:
             raise errors.Unavailable("this orchestrator is stopping; retry (another replica takes the job)")
         active = [r for r in self.registry.records.values() if not r.terminal]
@@ -98,7 +100,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def UploadAudio(
         self, request_iterator: AsyncIterator[orchestrator_pb2.UploadAudioRequest], context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.UploadAudioResponse:
-        self.registry.require_loaded()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
             raise errors.InvalidInput("the first UploadAudio message must carry metadata (filename, options)")
@@ -155,7 +156,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CreateJob(
         self, request: orchestrator_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CreateJobResponse:
-        self.registry.require_loaded()
         if not request.input_key:
             raise errors.InvalidInput("input_key is required")
         validate_key(request.input_key)
