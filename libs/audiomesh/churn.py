@@ -399,11 +399,26 @@ class _Cluster:
         it was frozen) and that it noticed it lost the lease."""
         check: dict[str, Any] = self.faults.fencing
         up = set(self._up("orchestrator"))
-        running = [j for j, doc in self.leases(job_ids).items() if doc["owner"] in up and self._state(j) == "RUNNING"]
-        if not running or len(up) < len(self.mesh.instances("orchestrator")):
+        if len(up) < len(self.mesh.instances("orchestrator")):
             return False  # asked again in a moment
+        # A job its owner is renewing right now (its lease changed within TTL/2 under the same
+        # owner): one dropped already (a renewal that came too late) would test nothing.
+        before = self.leases(job_ids)
+        time.sleep(ttl / 2)
+        after = self.leases(job_ids)
+        running = [
+            j
+            for j, doc in after.items()
+            if doc["owner"] in up
+            and j in before
+            and before[j]["owner"] == doc["owner"]
+            and before[j].get("renewals") != doc.get("renewals")
+            and self._state(j) == "RUNNING"
+        ]
+        if not running:
+            return False
         job_id = self.rng.choice(running)
-        owner = json.loads(self.store.get_bytes(f"jobs/{job_id}/lease.json"))["owner"]
+        owner = after[job_id]["owner"]
         check.update(job_id=job_id, owner=owner)
         self.log(f"churn: SIGSTOP {owner} (holds {job_id}) for longer than its lease")
         log_path = self.mesh.log_dir / f"{owner}.log"
