@@ -652,6 +652,13 @@ def _analyse(
         with contextlib.suppress(Exception):
             manifests[job.job_id] = json.loads(store.get_bytes(f"jobs/{job.job_id}/manifest.json"))
     events = {job_id: list(doc.get("events", [])) for job_id, doc in manifests.items()}
+    # A job is lost when the store says so; a client that lost its watch is counted apart.
+    for job in churned:
+        doc = manifests.get(job.job_id, {}).get("job", {})
+        if job.state != "SUCCEEDED" and doc.get("state") == "JOB_STATE_SUCCEEDED":
+            job.state = "SUCCEEDED"
+            job.tracks = {t["name"]: t["sha256"] for t in doc.get("tracks", [])}
+            job.latency_s = 0.0  # unknown: the client stopped watching
     lost = [
         {"job_id": j.job_id, "state": j.state, "error": j.error}
         for j in churned
@@ -682,7 +689,7 @@ def _analyse(
             elif not ended_before:
                 not_taken.append({"job_id": job_id, "killed": name})
     q_lat = [j.latency_s for j in quiet if j.state == "SUCCEEDED"]
-    c_lat = [j.latency_s for j in churned if j.state == "SUCCEEDED"]
+    c_lat = [j.latency_s for j in churned if j.state == "SUCCEEDED" and j.latency_s]
     report.update(
         quiet_failed=quiet_bad,
         kills_orchestrator=len(faults.orchestrator_kills),
@@ -704,6 +711,7 @@ def _analyse(
         lease_losses_quiet=lease_losses(orchestrator_logs, {j.job_id for j in quiet}),
         lease_losses_churn=lease_losses(orchestrator_logs, {j.job_id for j in churned}),
         watch_incomplete=[j.job_id for j in churned if not j.watch_complete],
+        watch_errors=[j.error for j in churned if not j.watch_complete],
         watch_reconnects=sum(j.reconnects for j in churned),
         latency_quiet_p50_s=_round(_percentile(q_lat, 0.5)),
         latency_quiet_p95_s=_round(_percentile(q_lat, 0.95)),
