@@ -6,6 +6,7 @@ moto checks no request signatures, so this says nothing about S3 authentication.
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import grpc
 import jsonschema
@@ -19,6 +20,14 @@ from tests.helpers.mesh import SUCCEEDED, start_mesh, upload, wait_for, write_so
 from tests.helpers.s3 import ACCESS_KEY, REGION, SECRET_KEY, boto3_client
 
 BUCKET = "audiomesh-e2e"
+
+
+class WorkerCall(NamedTuple):
+    lease: str  # "<replica>@<epoch>"
+    node: str
+    start: float  # wall clock (the workers' log timestamps)
+    end: float
+    code: str
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +67,82 @@ async def test_job_on_s3(s3_mesh, s3_server, tmp_path):
     y, rate = sf.read(local, always_2d=True)
     assert rate == 44100 and y.shape[1] == 2 and np.isfinite(y).all()
     assert main.sha256 == __import__("hashlib").sha256(body).hexdigest()
+
+
+async def test_an_orchestrator_cut_off_from_the_store_stops_and_a_peer_finishes(s3_mesh, tmp_path):
+    """A real partition (a TCP proxy that goes silent) between one orchestrator and S3 while it runs
+    a job: its lease renewals hang, it stops at 2/3 of the TTL by its own clock (cancelling its node
+    calls), a peer that still reaches the store takes the job over after a TTL and finishes it, and
+    once the line is back the cut-off one writes nothing."""
+    import asyncio
+    import time
+    from datetime import datetime
+
+    from audiomesh.v1 import orchestrator_pb2
+    from tests.helpers.proxy import Proxy
+    from tests.test_cluster import TTL, events, replicas, timed_watch, until
+
+    proxy = Proxy(s3_mesh.env["AUDIOMESH_S3_ENDPOINT"])
+    song = write_song(tmp_path / "song.wav", 12.0, seed=21).read_bytes()
+    try:
+        async with (
+            replicas(s3_mesh, "kappa", s3_endpoint=proxy.address) as (cut,),
+            replicas(s3_mesh, "lambda") as (peer,),
+        ):
+            job_id = (await upload(cut.stub, song, "song.wav")).job.job_id
+            watch = asyncio.ensure_future(timed_watch(peer.stub, job_id, timeout=240))
+
+            async def separating():
+                job = (await peer.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+                return "separation" in job.current_stage
+
+            await until(separating, 60, "separation did not start")
+            proxy.partition()
+            cut_at = time.time()
+            final, _, _ = await watch
+            assert final.state == SUCCEEDED, final.error
+            log = events(job_id, s3_mesh)
+            taken = [e for e in log if "taken over by lambda" in e]
+            assert taken, log
+            # Events carry the writer's wall-clock time (this process: the same clock as cut_at).
+            took = datetime.fromisoformat(taken[0].split(" ", 1)[0]).timestamp() - cut_at
+            print(f"partition -> taken over by the peer after {took:.1f} s (TTL {TTL:g} s)")
+            assert took >= TTL * 2 / 3  # never before the cut-off holder's own deadline
+            assert proxy.dropped or proxy.held  # the cut-off one did try to reach the store
+            # The workers' logs: the cut-off holder's calls for this job were cancelled — a worker
+            # still finishes the chunk it is computing, then writes nothing — and none succeeded
+            # after the peer started the same node.
+            calls = worker_calls(s3_mesh, job_id)
+            mine = [c for c in calls if c.lease == "kappa@1"]
+            theirs = [c for c in calls if c.lease != "kappa@1"]
+            assert mine and theirs, calls
+            for node in {c.node for c in theirs}:
+                first_start = min(c.start for c in theirs if c.node == node)
+                late = [c for c in mine if c.node == node and c.end > first_start]
+                assert all(c.code == "CANCELLED" for c in late), late
+            proxy.heal()
+            await asyncio.sleep(2 * TTL)  # its hung calls answer or fail now; nothing may land
+            after = events(job_id, s3_mesh)
+            assert after == log, [e for e in after if e not in log]
+            assert not [e for e in after[after.index(taken[0]) :] if "kappa" in e]
+    finally:
+        proxy.close()
+
+
+def worker_calls(mesh, job_id: str) -> list[WorkerCall]:
+    """Every worker call for ``job_id``, from the workers' JSON logs (the rpc line at the end of
+    each call carries its duration, its code, the node and the lease holder that asked for it)."""
+    from datetime import datetime
+
+    calls = []
+    for path in mesh.log_dir.glob("*.log"):
+        for line in path.read_text().splitlines():
+            if '"event": "rpc"' not in line or job_id not in line:
+                continue
+            doc = json.loads(line)
+            if "lease" not in doc:
+                continue
+            end = datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp()
+            node = doc["node"].split("/", 1)[1]
+            calls.append(WorkerCall(doc["lease"], node, end - doc["duration_ms"] / 1000, end, doc["code"]))
+    return sorted(calls, key=lambda c: c.start)

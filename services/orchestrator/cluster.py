@@ -72,22 +72,30 @@ class Cluster:
     async def _keep(self, rec: JobRecord) -> None:
         """Renew ``rec``'s lease every TTL/3 until it is released or lost; look for cancel requests
         every second. The lease's own deadline (TTL × 2/3 after the last renewal was sent) is
-        enforced here even while a renewal hangs: the job stops then, whatever the store does."""
+        enforced here on a timer, whatever the store does: no store call is awaited past it (a
+        partitioned store does not answer, it hangs), so the job stops in time."""
         tick = min(1.0, self.ttl / 3)
         job_id = rec.job.job_id
-        while (lease := rec.lease) is not None:
-            await asyncio.sleep(max(0.0, min(tick, lease.sent_at + self.ttl / 3 - time.monotonic())))
-            if rec.lease is not lease:
-                continue
-            try:
-                if time.monotonic() - lease.sent_at >= self.ttl / 3 and not await self._renew(rec, lease):
-                    return
-                await self._check_cancel(rec)
-            except Exception:  # noqa: BLE001 - a bug here must not leave a job running unrenewed
-                self.log.exception("lease keeper error; carrying on", job_id=job_id)
+        cancel_check: asyncio.Task[None] | None = None
+        try:
+            while (lease := rec.lease) is not None:
+                due = lease.sent_at + self.ttl / 3
+                await asyncio.sleep(max(0.0, min(tick, due - time.monotonic(), lease.remaining())))
+                if rec.lease is not lease:
+                    continue
                 if not lease.valid():
-                    self.registry.lose(rec, "the lease could not be renewed in time")
+                    self.registry.lose(rec, f"the lease was not renewed within {self.ttl * 2 / 3:.1f} s")
                     return
+                try:
+                    if time.monotonic() >= due and not await self._renew(rec, lease):
+                        return
+                    if cancel_check is None or cancel_check.done():  # a hung check is not stacked
+                        cancel_check = asyncio.ensure_future(self._check_cancel(rec))
+                except Exception:  # noqa: BLE001 - a bug here must not leave a job running unrenewed
+                    self.log.exception("lease keeper error; carrying on", job_id=job_id)
+        finally:
+            if cancel_check is not None:
+                cancel_check.cancel()
 
     async def _renew(self, rec: JobRecord, lease: Lease) -> bool:
         """One renewal, bounded by the lease's deadline; False when the lease is lost."""
