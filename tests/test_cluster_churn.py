@@ -20,7 +20,7 @@ TTL = 6.0
 def test_jobs_survive_kills_rolling_restarts_and_a_frozen_owner(tmp_path):
     report = run_churn(
         jobs=8,
-        song_seconds=4.0,
+        song_seconds=8.0,  # long enough that every fault lands while jobs run
         ttl=TTL,
         orchestrator_kills=2,
         worker_kills=2,
@@ -28,7 +28,7 @@ def test_jobs_survive_kills_rolling_restarts_and_a_frozen_owner(tmp_path):
         fencing=True,
         seed=16,
         restart_delay=0.5,
-        gap_s=1.0,
+        gap_s=0.5,
         work=tmp_path,
         limit_s=400,
         log=print,

@@ -56,6 +56,7 @@ _EPOCH = re.compile(r"\(lease epoch (\d+)\)")
 _TAKEN = re.compile(r"taken over by (\S+) \(lease epoch (\d+)\)")
 _STARTED = re.compile(r"^(\S+) started$")
 _REFUSED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+_MAX_WAVES = 4  # the churn phase submits the songs at most this many times
 
 
 @dataclass
@@ -383,7 +384,8 @@ class _Cluster:
 
     def roll(self, name: str) -> bool:
         """A rolling upgrade's step: SIGTERM (hand-off), wait for the exit, start again."""
-        if len(self._up("orchestrator")) < len(self.mesh.instances("orchestrator")):
+        # A rolling upgrade may overlap a restart (Kubernetes' surge does), but keeps one serving.
+        if name not in self._up("orchestrator") or len(self._up("orchestrator")) < 2:
             return False
         self.log(f"churn: SIGTERM-restart {name}")
         code = self.mesh.terminate(name, timeout=120)
@@ -486,9 +488,14 @@ async def _churn_phase(
     limit_s: float,
     shifts: int,
 ) -> list[_Job]:
-    created = asyncio.Event()
-    runner = asyncio.ensure_future(_run_jobs(mesh.orchestrator, songs, limit_s, shifts, created))
-    await asyncio.wait_for(created.wait(), limit_s)
+    async def wave() -> asyncio.Future[list[_Job]]:
+        """The songs submitted once more; returns once every job exists."""
+        created = asyncio.Event()
+        runner = asyncio.ensure_future(_run_jobs(mesh.orchestrator, songs, limit_s, shifts, created))
+        await asyncio.wait_for(created.wait(), limit_s)
+        return runner
+
+    waves = [await wave()]
     rng = cluster.rng
     plan: list[str] = ["kill-orchestrator"] * orchestrator_kills + ["kill-worker"] * worker_kills
     rng.shuffle(plan)
@@ -502,7 +509,12 @@ async def _churn_phase(
     ids = await asyncio.to_thread(_job_ids_since, cluster.store, cluster.since)
     for step in plan:
         done = False
-        while not done and not runner.done() and time.monotonic() < deadline:
+        while not done and time.monotonic() < deadline:
+            if all(w.done() for w in waves) and len(waves) < _MAX_WAVES:
+                # Every job ended before the faults did: the same songs again, so that each
+                # fault still lands on running jobs (and each wave is compared with the quiet run).
+                waves.append(await wave())
+                ids = await asyncio.to_thread(_job_ids_since, cluster.store, cluster.since)
             if step == "kill-orchestrator":
                 done = await asyncio.to_thread(cluster.kill_orchestrator, ids)
             elif step == "kill-worker":
@@ -516,7 +528,7 @@ async def _churn_phase(
         if not done:
             cluster.faults.skipped.append(step)
     try:
-        return await runner
+        return [job for jobs in await asyncio.gather(*waves) for job in jobs]
     finally:
         await asyncio.to_thread(cluster.join, 300.0)
 
@@ -665,9 +677,9 @@ def _analyse(
         if j.state != "SUCCEEDED" or not j.job_id
     ]
     differ = [
-        {"song": q.index, "job_id": c.job_id}
-        for q, c in zip(quiet, churned, strict=True)
-        if c.state == "SUCCEEDED" and (c.tracks != q.tracks or not c.tracks)
+        {"song": c.index, "job_id": c.job_id}
+        for c in churned
+        if c.state == "SUCCEEDED" and (c.tracks != quiet[c.index].tracks or not c.tracks)
     ]
     quiet_bad = [j.job_id for j in quiet if j.state != "SUCCEEDED"]
     logs = [p for w in WORKERS for inst in mesh.instances(w) if (p := mesh.log_dir / f"{inst}.log").is_file()]
@@ -691,6 +703,7 @@ def _analyse(
     q_lat = [j.latency_s for j in quiet if j.state == "SUCCEEDED"]
     c_lat = [j.latency_s for j in churned if j.state == "SUCCEEDED" and j.latency_s]
     report.update(
+        churn_jobs=len(churned),
         quiet_failed=quiet_bad,
         kills_orchestrator=len(faults.orchestrator_kills),
         kills_worker=len(faults.worker_kills),
@@ -742,7 +755,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     if fence.get("taken_over_after_s") is not None:
         fence_text += f" (taken over {fence['taken_over_after_s']} s after SIGSTOP)"
     rows = [
-        ("jobs", f"{v('jobs')} × {v('song_s', ' s')} songs, lease TTL {v('lease_ttl_s', ' s')}"),
+        (
+            "jobs (quiet / under churn)",
+            f"{v('jobs')} / {v('churn_jobs')} × {v('song_s', ' s')} songs, lease TTL {v('lease_ttl_s', ' s')}",
+        ),
         ("replicas", ", ".join(f"{k} {n}" for k, n in (report.get("replicas") or {}).items())),
         ("kills -9 (orchestrator / worker)", f"{v('kills_orchestrator')} / {v('kills_worker')}"),
         ("restarts (of which rolling SIGTERM)", f"{v('restarts')} ({v('rolling_restarts')})"),
