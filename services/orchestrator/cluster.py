@@ -28,10 +28,12 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 
 from .jobs import FOLLOW_INTERVAL, JobRecord, JobRegistry
-from .lease import Lease, LeaseLost, Leases, write_through
+from .lease import Lease, LeaseLost, Leases, on_writer, write_through
 from .runner import Runner
 
 __all__ = ["Cluster", "cancel_key"]
+
+_TAKE_OVER_CONCURRENCY = 8  # jobs looked at (and taken over) at once per scan
 
 
 def cancel_key(job_id: str) -> str:
@@ -56,7 +58,7 @@ class Cluster:
 
     # --- jobs this replica runs ---------------------------------------------------------
     async def claim_new(self, job_id: str) -> Lease:
-        return await asyncio.to_thread(self.leases.claim_new, job_id)
+        return await on_writer(self.leases.claim_new, job_id)
 
     def run(self, rec: JobRecord) -> None:
         """Run a job whose lease this replica holds, keeping the lease renewed meanwhile."""
@@ -150,7 +152,7 @@ class Cluster:
         rec.refreshed = time.monotonic()
         if lease is not None:
             try:
-                released = await asyncio.to_thread(self.leases.release, lease)
+                released = await on_writer(self.leases.release, lease)
             except errors.AudiomeshError as exc:  # the store is down: the lease expires by itself
                 self.log.warning("lease not released; it expires after its TTL", job_id=rec.job.job_id, reason=str(exc))
                 return
@@ -163,16 +165,16 @@ class Cluster:
         deadline = time.monotonic() + wait
         job_id = rec.job.job_id
         while True:
-            lease = await asyncio.to_thread(self.leases.try_take, job_id)
+            lease = await on_writer(self.leases.try_take, job_id)
             if lease is not None:
                 break
             if time.monotonic() >= deadline or self.stopping:
                 return False
             await asyncio.sleep(FOLLOW_INTERVAL)
         try:
-            data, info = await asyncio.to_thread(self.store.read, rec.job.manifest_key)
+            data, info = await on_writer(self.store.read, rec.job.manifest_key)
         except errors.NotFound:  # deleted meanwhile
-            await asyncio.to_thread(self.leases.release, lease)
+            await on_writer(self.leases.release, lease)
             return False
         doc = manifest.loads(data)
         rec.job, rec.events, rec.etag = doc.job, list(doc.events), info.etag
@@ -194,22 +196,32 @@ class Cluster:
         return rec.owned
 
     async def scan_once(self) -> int:
-        """Discover new jobs, refresh unfinished ones, take over free ones; returns how many."""
+        """Discover new jobs, refresh unfinished ones, take over free ones (several at once: a
+        dead replica's jobs all come free together); returns how many were taken."""
         await self.registry.discover()
-        taken = 0
-        for rec in list(self.registry.records.values()):
-            if self.stopping:
-                break
-            if rec.terminal or rec.owned or (rec.task is not None and not rec.task.done()):
-                continue
-            await self.registry.refresh(rec)
-            if rec.terminal or rec.owned or rec.job.job_id not in self.registry.records:
-                continue
-            try:
-                taken += await self.adopt(rec)
-            except errors.Unavailable as exc:
-                self.log.warning("job not taken over: the store did not answer", job_id=rec.job.job_id, reason=str(exc))
-        return taken
+        slots = asyncio.Semaphore(_TAKE_OVER_CONCURRENCY)
+
+        async def look_at(rec: JobRecord) -> bool:
+            async with slots:
+                if self.stopping:
+                    return False
+                await self.registry.refresh(rec)
+                if rec.terminal or rec.owned or rec.job.job_id not in self.registry.records:
+                    return False
+                try:
+                    return await self.adopt(rec)
+                except errors.Unavailable as exc:
+                    self.log.warning(
+                        "job not taken over: the store did not answer", job_id=rec.job.job_id, reason=str(exc)
+                    )
+                    return False
+
+        candidates = [
+            rec
+            for rec in list(self.registry.records.values())
+            if not (rec.terminal or rec.owned or (rec.task is not None and not rec.task.done()))
+        ]
+        return sum(await asyncio.gather(*(look_at(rec) for rec in candidates)))
 
     def start_scanning(self) -> None:
         self._scanner = asyncio.ensure_future(self._scan_forever())

@@ -68,6 +68,13 @@ class JobRecord:
     lease: Lease | None = None  # held: this replica owns the job and writes its manifest
     lost: bool = False  # the lease was lost while running: the runner stops and writes nothing
     refreshed: float = 0.0  # monotonic time of the last read of a followed job's manifest
+    # The job as of the last notification: what clients are shown. The live ``job`` can be ahead
+    # of the manifest (a state change whose write is in flight); this never is.
+    published: orchestrator_pb2.Job | None = None
+
+    @property
+    def snapshot(self) -> orchestrator_pb2.Job:
+        return self.published if self.published is not None else self.job
 
     @property
     def terminal(self) -> bool:
@@ -134,7 +141,9 @@ class JobRegistry:
         except errors.NotFound:
             return None
         doc = manifest.loads(data)
-        return JobRecord(job=doc.job, events=list(doc.events), etag=info.etag, refreshed=time.monotonic())
+        return JobRecord(
+            job=doc.job, events=list(doc.events), etag=info.etag, refreshed=time.monotonic(), published=doc.job
+        )
 
     async def refresh(self, rec: JobRecord) -> None:
         """Re-read a followed job's manifest; wake its watchers if it changed (or was deleted)."""
@@ -156,6 +165,7 @@ class JobRegistry:
         await self._notify(rec)
 
     async def _notify(self, rec: JobRecord) -> None:
+        rec.published = _copy(rec.job)  # what watchers and GetJob see: persisted, or progress only
         rec.version += 1
         async with rec.changed:
             rec.changed.notify_all()
@@ -187,6 +197,8 @@ class JobRegistry:
         due = time.monotonic() - rec.last_persist >= _PROGRESS_PERSIST_INTERVAL
         if persist or due or rec.job.state != rec.persisted_state:
             await self.persist(rec)
+            while rec.owned and rec.job.state != rec.persisted_state:  # it changed during that write
+                await self.persist(rec)
         await self._notify(rec)
 
     async def persist(self, rec: JobRecord) -> None:
@@ -278,7 +290,7 @@ class JobRegistry:
             return lambda: rec.version != version or self.closing
 
         seen = rec.version
-        snapshot = _copy(rec.job)
+        snapshot = _copy(rec.snapshot)
         yield snapshot
         sent = _visible(snapshot)
         # Decide on the snapshot sent, not the live record: the last message is the final state.
@@ -297,7 +309,7 @@ class JobRegistry:
                     f"the orchestrator is stopping; job {job_id} resumes when it is back: watch it again then"
                 )
             seen = rec.version
-            current = _copy(rec.job)
+            current = _copy(rec.snapshot)
             visible = _visible(current)
             if visible == sent or (current.state == common_pb2.JOB_STATE_RUNNING and not current.current_stage):
                 continue

@@ -21,16 +21,18 @@ clock, assumed to run at the same rate within a few percent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from audiomesh import errors
 from audiomesh.store import ObjectStore
 
-__all__ = ["Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key", "write_through"]
+__all__ = ["WRITER", "Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key", "on_writer", "write_through"]
 
 T = TypeVar("T")
 
@@ -43,18 +45,24 @@ def lease_key(job_id: str) -> str:
     return f"jobs/{job_id}/lease.json"
 
 
+#: Lease and manifest writes run on their own threads: never queued behind uploads, decodes or
+#: listings on the default executor, which would delay a renewal past the lease's deadline.
+WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lease-writer")
+
+
 async def write_through(record: Callable[[T], object], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn`` (a blocking conditional write) in a thread, its answer passed to ``record`` even if
-    the caller is cancelled meanwhile. The write lands either way, and the caller must learn its
-    new ETag — else its next conditional write fails on its own change and it thinks it lost the
-    job. A cancelled caller waits for the answer (holding whatever lock it holds, so no write of
-    the same object overtakes this one), then the cancellation goes on."""
+    """``fn`` (a blocking conditional write) on the :data:`WRITER` threads, its answer passed to
+    ``record`` even if the caller is cancelled meanwhile. The write lands either way, and the
+    caller must learn its new ETag — else its next conditional write fails on its own change
+    and it thinks it lost the job. A cancelled caller waits for the answer (holding whatever
+    lock it holds, so no write of the same object overtakes this one), then the cancellation
+    goes on."""
 
     def done(f: asyncio.Future[T]) -> None:
         if not f.cancelled() and f.exception() is None:
             record(f.result())
 
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    future = asyncio.get_running_loop().run_in_executor(WRITER, functools.partial(fn, *args, **kwargs))
     future.add_done_callback(done)
     try:
         return await asyncio.shield(future)
@@ -62,6 +70,11 @@ async def write_through(record: Callable[[T], object], fn: Callable[..., T], *ar
         if not future.done():
             await asyncio.wait([future])
         raise
+
+
+async def on_writer(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn`` on the :data:`WRITER` threads (lease reads and writes that need no ``record``)."""
+    return await asyncio.get_running_loop().run_in_executor(WRITER, functools.partial(fn, *args, **kwargs))
 
 
 class LeaseLost(errors.AudiomeshError):

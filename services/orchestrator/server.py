@@ -32,11 +32,13 @@ from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, se
 
 from .cluster import Cluster, cancel_key
 from .jobs import JobRecord, JobRegistry, manifest_key, now_pb, upload_key, validate_job_id
+from .lease import lease_key
 from .runner import Runner
 
 # Recovery retries while the store does not answer: first delay, doubling up to the max.
 _RECOVERY_FIRST_DELAY = 0.5
 _RECOVERY_MAX_DELAY = 30.0
+_THREADS = 32  # the default executor's threads (asyncio's default is cores + 4)
 
 
 def _principal() -> str:
@@ -252,14 +254,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         rec = await self.registry.add(
             job, f"job created from {job_input.name} ({job_input.size_bytes} bytes) on {lease.label}", lease
         )
+        if not rec.owned:  # the lease expired before the first manifest write (a stalled replica)
+            self.registry.records.pop(job_id, None)
+            await asyncio.to_thread(self.store.delete, lease_key(job_id))
+            raise errors.Unavailable("this orchestrator is overloaded: the job was not created; retry")
         self.cluster.run(rec)
-        return rec.job
+        return rec.snapshot
 
     # --- reading jobs ------------------------------------------------------------------
     async def GetJob(
         self, request: orchestrator_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetJobResponse:
-        return orchestrator_pb2.GetJobResponse(job=(await self._own(request.job_id)).job)
+        return orchestrator_pb2.GetJobResponse(job=(await self._own(request.job_id)).snapshot)
 
     async def ListJobs(
         self, request: orchestrator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -278,7 +284,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         ]
         page = records[:size]
         token = _encode_token(_position(page[-1].job)) if len(records) > size else ""
-        return orchestrator_pb2.ListJobsResponse(jobs=[r.job for r in page], next_page_token=token)
+        return orchestrator_pb2.ListJobsResponse(jobs=[r.snapshot for r in page], next_page_token=token)
 
     async def WatchJob(
         self, request: orchestrator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -293,7 +299,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.CancelJobResponse:
         rec = await self._own(request.job_id)
         await self._cancel(rec)
-        return orchestrator_pb2.CancelJobResponse(job=rec.job)
+        return orchestrator_pb2.CancelJobResponse(job=rec.snapshot)
 
     async def RetryJob(
         self, request: orchestrator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
@@ -316,7 +322,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self.registry.changed(rec, f"job retried on {self.cluster.replica}; nodes that succeeded will be reused")
         if rec.owned:
             self.cluster.run(rec)
-        return orchestrator_pb2.RetryJobResponse(job=rec.job)
+        return orchestrator_pb2.RetryJobResponse(job=rec.snapshot)
 
     async def DeleteJob(
         self, request: orchestrator_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext
@@ -493,6 +499,10 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
         id is read on demand), start the cluster scan — which takes over unfinished jobs whose
         lease was released or went silent for a TTL, this replica's own from before a restart
         included — and the retention sweeper."""
+        # Uploads hold a thread each for as long as they stream: room for many at once.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="orchestrator")
+        )
         await retry_until_stopped(
             "the store did not answer; NOT_SERVING, retrying",
             lambda: asyncio.to_thread(lambda: settings.open_store().close()),

@@ -173,9 +173,11 @@ async def follow_job(
     or ends before a terminal state is opened again after ``backoff`` seconds, doubling to
     ``max_backoff``; a new watch starts with a snapshot of the job, which is how it continues
     from where it is, and a snapshot equal to the last one passed on is dropped (no repeated
-    line). ``on_retry(attempt, delay_s, why)`` is told before each wait. Other errors (NOT_FOUND,
-    PERMISSION_DENIED, …) are raised as they are; after ``give_up_after`` seconds without a
-    message :class:`WatchLost` is raised, naming the last failure.
+    line). CANCELLED from the server (a stopping one cuts its calls) is retried the same way.
+    ``on_retry(attempt, delay_s, why)`` is told before each wait. Other errors (NOT_FOUND,
+    PERMISSION_DENIED, …) are raised as they are; after ``give_up_after`` seconds of failed
+    reopenings (a quiet but healthy stream does not count) :class:`WatchLost` is raised,
+    naming the last failure.
     """
     from audiomesh.v1 import common_pb2
 
@@ -183,13 +185,13 @@ async def follow_job(
     last = b""
     attempt = 0
     delay = backoff
-    heard = time.monotonic()  # the last message, or the start
+    failing_since: float | None = None  # start of the current run of failed watches
     while True:
         why = "the stream ended before the job did"
         stream = open_watch()
         try:
             async for msg in stream:
-                heard, attempt, delay = time.monotonic(), 0, backoff
+                failing_since, attempt, delay = None, 0, backoff
                 raw = msg.SerializeToString(deterministic=True)
                 if raw != last:
                     last = raw
@@ -197,15 +199,18 @@ async def follow_job(
                 if msg.job.state in terminal:
                     return
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            # CANCELLED reaches a client whose call was cut by a stopping server (its drain ended),
+            # not only one that cancelled itself: that one never gets here (the task is cancelled).
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise
-            why = f"UNAVAILABLE: {exc.details()}"
+            why = f"{exc.code().name}: {exc.details()}"
         finally:  # a gRPC call is cancelled, a generator closed
             if isinstance(stream, grpc.aio.Call):
                 stream.cancel()
             elif (aclose := getattr(stream, "aclose", None)) is not None:
                 await aclose()
-        if time.monotonic() - heard + delay > give_up_after:
+        failing_since = failing_since or time.monotonic()  # a long quiet stream is not a failure
+        if time.monotonic() - failing_since + delay > give_up_after:
             raise WatchLost(f"lost the job's watch and could not reopen it within {give_up_after:.0f} s ({why})")
         attempt += 1
         if on_retry is not None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import os
 import stat as stat_mod
+import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -46,6 +48,9 @@ _MKSTEMP_ATTEMPTS = 5
 _FILE_MODE = 0o644
 #: The one lock file conditional writes hold; its name is a temp file's, so list() hides it.
 LOCK_NAME = f"{TMP_PREFIX}cond-lock{TMP_SUFFIX}"
+_LOCK_SLOTS = 1 << 16  # bytes of the lock file keys hash onto
+_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)  # Linux's value where Python does not name it
+_FLOCK = "hh4xqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
 
 
 def _is_tmp(name: str) -> bool:
@@ -209,7 +214,7 @@ class FileStore(ObjectStore):
     ) -> ObjectInfo:
         self._check_condition(key, if_match, if_none_match)
         data = bytes(data)
-        with self._cond_lock():
+        with self._cond_lock(key):
             try:
                 current: str | None = self.stat(key).etag
             except NotFound:
@@ -220,12 +225,17 @@ class FileStore(ObjectStore):
             return self.put_stream(key, io.BytesIO(data), length=len(data), content_type=content_type)
 
     @contextlib.contextmanager
-    def _cond_lock(self) -> Iterator[None]:
-        """Exclusive flock on the root's lock file. A new open per call: flock locks belong to
-        the open file description, so this excludes other threads of this process too."""
+    def _cond_lock(self, key: str) -> Iterator[None]:
+        """An exclusive lock for ``key``'s conditional writes: one byte of the root's lock file,
+        chosen by the key's hash, locked with an open-file-description lock (Linux
+        ``F_OFD_SETLKW``). Per key, so a process frozen inside a write (SIGSTOP) holds up only
+        that key, not every job in the store; per open file description (a new open per call),
+        so it excludes other threads of this process too. Two keys may share a byte (harmless:
+        they just take turns)."""
         fd = os.open(os.path.join(self._root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        slot = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big") % _LOCK_SLOTS
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.fcntl(fd, _OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0))
             yield
         finally:
             os.close(fd)  # releases the lock
