@@ -110,7 +110,9 @@ async def test_any_replica_answers_and_a_follower_sees_every_stage(file_mesh, tm
         # How long after the holder's watcher the follower's saw each stage (printed: a figure, not a
         # target; BENCHMARKS.md has it). Every stage the holder showed reaches the follower.
         lags = sorted(at_b[k] - at_a[k] for k in at_a if k in at_b)
-        print(f"follower lag over {len(lags)} of {len(at_a)} stage changes: median {lags[len(lags) // 2]:.2f} s, max {lags[-1]:.2f} s")
+        print(
+            f"follower lag over {len(lags)} of {len(at_a)} stage changes: median {lags[len(lags) // 2]:.2f} s, max {lags[-1]:.2f} s"
+        )
         missed = [k for k in at_a if k not in at_b and k[0] != RUNNING]
         assert not missed, missed
         assert [t.sha256 for t in on_b.tracks] == [t.sha256 for t in on_a.tracks] and on_b.tracks

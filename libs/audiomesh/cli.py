@@ -354,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs and librosa (BENCHMARKS.md)"))
     churn.add_arguments(
-        sub.add_parser("churn", help="a cluster under kill -9, rolling restarts and SIGSTOP: jobs lost, take-over times")
+        sub.add_parser(
+            "churn", help="a cluster under kill -9, rolling restarts and SIGSTOP: jobs lost, take-over times"
+        )
     )
     p = sub.add_parser("hash-key", help="print an AUDIOMESH_API_KEYS entry for a key (a new key if none given)")
     p.add_argument("name", help="the principal this key stands for, e.g. alice")
