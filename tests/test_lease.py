@@ -7,24 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from audiomesh.services.orchestrator.lease import Lease, LeaseDoc, LeaseLost, Leases, lease_key
-from audiomesh.store import FileStore, ObjectStore
+from audiomesh.store import ObjectStore
 
 JOB = "2b1e4c64-2d7f-4d3e-9a57-3f1d2a0b9c11"
 TTL = 15.0
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[ObjectStore]:
-    if request.param == "file":
-        with FileStore(tmp_path / "store") as s:
-            yield s
-    else:
-        yield request.getfixturevalue("s3_store")
 
 
 def doc(store: ObjectStore) -> LeaseDoc:

@@ -21,15 +21,6 @@ from tests.helpers.s3 import boto3_client, closed_port, incomplete_uploads, open
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[ObjectStore]:
-    if request.param == "file":
-        with FileStore(tmp_path / "store") as s:
-            yield s
-    else:
-        yield request.getfixturevalue("s3_store")
-
-
 def _chunks(total: int, chunk: int = MiB, seed: int = 0) -> Iterator[bytes]:
     """Deterministic pseudo-random bytes, generated on the fly."""
     rng = np.random.default_rng(seed)

@@ -10,23 +10,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from audiomesh.errors import InvalidInput, NotFound, PreconditionFailed
 from audiomesh.store import FileStore, ObjectStore, S3Store
 from audiomesh.store.file import LOCK_NAME
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[ObjectStore]:
-    if request.param == "file":
-        with FileStore(tmp_path / "store") as s:
-            yield s
-    else:
-        yield request.getfixturevalue("s3_store")
-
 
 KEY = "jobs/1/lease"
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from moto.server import ThreadedMotoServer
 
-from audiomesh.store import S3Store, open_store
+from audiomesh.store import FileStore, ObjectStore, S3Store, open_store
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -97,3 +97,14 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[ObjectStore]:
+    """The same test on both backends: a file store in ``tmp_path``, and S3 (the real minio client
+    against the session's moto server)."""
+    if request.param == "file":
+        with FileStore(tmp_path / "store") as s:
+            yield s
+    else:
+        yield request.getfixturevalue("s3_store")
