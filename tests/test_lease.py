@@ -24,6 +24,24 @@ def doc(store: ObjectStore) -> LeaseDoc:
     return parsed
 
 
+def race_to_take(store: ObjectStore, n: int = 6) -> list[Lease]:
+    """``n`` replicas try to take the job at the same moment (threads at a barrier); the winners."""
+    replicas = [Leases(store, f"r{i}", TTL) for i in range(n)]
+    results: list[Lease | None] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def take(i: int) -> None:
+        barrier.wait()
+        results[i] = replicas[i].try_take(JOB)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return [r for r in results if r is not None]
+
+
 def test_claim_is_exclusive_and_renewal_keeps_it(store: ObjectStore) -> None:
     a, b = Leases(store, "a", TTL), Leases(store, "b", TTL)
     lease = a.claim_new(JOB)
@@ -73,40 +91,14 @@ def test_released_lease_is_taken_at_once(store: ObjectStore) -> None:
 
 def test_a_job_without_a_lease_is_claimed_once(store: ObjectStore) -> None:
     """Manifests from before leases: the first replica to look claims them, exactly one wins."""
-    replicas = [Leases(store, f"r{i}", TTL) for i in range(6)]
-    results: list[Lease | None] = [None] * len(replicas)
-    barrier = threading.Barrier(len(replicas))
-
-    def take(i: int) -> None:
-        barrier.wait()
-        results[i] = replicas[i].try_take(JOB)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(replicas))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    winners = [r for r in results if r is not None]
+    winners = race_to_take(store)
     assert len(winners) == 1 and doc(store).owner == winners[0].owner
 
 
 def test_racing_take_overs_have_one_winner(store: ObjectStore) -> None:
     a = Leases(store, "a", TTL)
     a.release(a.claim_new(JOB))
-    replicas = [Leases(store, f"r{i}", TTL) for i in range(6)]
-    results: list[Lease | None] = [None] * len(replicas)
-    barrier = threading.Barrier(len(replicas))
-
-    def take(i: int) -> None:
-        barrier.wait()
-        results[i] = replicas[i].try_take(JOB)
-
-    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(replicas))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    winners = [r for r in results if r is not None]
+    winners = race_to_take(store)
     assert len(winners) == 1 and winners[0].epoch == 2 and doc(store).owner == winners[0].owner
 
 
