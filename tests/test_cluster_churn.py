@@ -11,7 +11,16 @@ import json
 
 import pytest
 
-from audiomesh.churn import duplicate_owners, epoch_regressions, failures, format_table, lease_losses, run_churn
+from audiomesh.churn import (
+    Call,
+    cancelled_tails,
+    duplicate_owners,
+    epoch_regressions,
+    failures,
+    format_table,
+    lease_losses,
+    run_churn,
+)
 
 TTL = 6.0
 
@@ -55,11 +64,18 @@ def test_jobs_survive_kills_rolling_restarts_and_a_frozen_owner(tmp_path):
 def test_overlapping_calls_under_two_epochs_count_as_duplicate_owners():
     """The checks themselves: they must be able to fail."""
     calls = {
-        ("j", "separation"): [(0.0, 5.0, "orchestrator-1@1"), (4.0, 9.0, "orchestrator-2@2")],
-        ("j", "hpss:mix"): [(0.0, 2.0, "orchestrator-1@1"), (2.5, 4.0, "orchestrator-2@2"), (3.0, 3.5, "o@2")],
+        ("j", "separation"): [Call(0.0, 5.0, "orchestrator-1@1", "OK"), Call(4.0, 9.0, "orchestrator-2@2", "OK")],
+        ("j", "hpss:mix"): [
+            Call(0.0, 2.0, "orchestrator-1@1", "OK"),
+            Call(2.5, 4.0, "orchestrator-2@2", "OK"),
+            Call(3.0, 3.5, "o@2", "OK"),
+        ],
+        # A cancelled call finishing its chunk after the take-over published nothing: not a duplicate.
+        ("j", "normalize"): [Call(0.0, 3.0, "o-1@1", "CANCELLED"), Call(2.0, 4.0, "o-2@2", "OK")],
     }
     found = duplicate_owners(calls)
     assert [(d["node"], d["overlap_s"]) for d in found] == [("separation", 1.0)]
+    assert [(d["node"], d["overlap_s"]) for d in cancelled_tails(calls)] == [("normalize", 1.0)]
     events = [
         "2026-01-01T00:00:00.000+00:00 job created from a.wav (1 bytes) on o-1 (lease epoch 1)",
         "2026-01-01T00:00:09.000+00:00 job taken over by o-2 (lease epoch 2)",

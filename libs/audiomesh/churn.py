@@ -34,12 +34,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_REPLICAS",
     "add_arguments",
     "cmd_churn",
+    "Call",
+    "cancelled_tails",
     "duplicate_owners",
     "epoch_regressions",
     "failures",
@@ -105,10 +107,19 @@ def _percentile(values: list[float], q: float) -> float | None:
 # --- the checks, on what the cluster left behind ------------------------------------------
 
 
-def worker_calls(log_files: list[Path], job_ids: set[str]) -> dict[tuple[str, str], list[tuple[float, float, str]]]:
-    """Every finished worker call of these jobs, from the workers' JSON logs:
-    ``(job id, node) -> [(start, end, lease holder "replica@epoch")]`` (start = end - duration)."""
-    calls: dict[tuple[str, str], list[tuple[float, float, str]]] = {}
+class Call(NamedTuple):
+    """One finished worker call, from the worker's log (wall clock: the log's timestamps)."""
+
+    start: float  # end - duration
+    end: float
+    lease: str  # the holder that asked for it, "replica@epoch"
+    code: str  # how it ended: OK, CANCELLED, ...
+
+
+def worker_calls(log_files: list[Path], job_ids: set[str]) -> dict[tuple[str, str], list[Call]]:
+    """Every finished worker call of these jobs, from the workers' JSON logs: ``(job id, node) ->
+    [Call]``. Calls refused at the door (worker full or draining) did not run and are left out."""
+    calls: dict[tuple[str, str], list[Call]] = {}
     for path in log_files:
         with path.open(encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -128,7 +139,9 @@ def worker_calls(log_files: list[Path], job_ids: set[str]) -> dict[tuple[str, st
                     continue  # refused at the door (worker full or draining): the node did not run there
                 end = _iso(entry["timestamp"])
                 start = end - duration
-                calls.setdefault((job_id, node), []).append((start, end, str(entry["lease"])))
+                calls.setdefault((job_id, node), []).append(
+                    Call(start, end, str(entry["lease"]), str(entry.get("code", "")))
+                )
     return calls
 
 
@@ -145,20 +158,33 @@ def lease_losses(log_files: list[Path], job_ids: set[str]) -> int:
     return count
 
 
-def duplicate_owners(calls: Mapping[tuple[str, str], list[tuple[float, float, str]]]) -> list[dict[str, Any]]:
-    """(job, node) pairs where calls under different lease epochs overlapped in time: a node
-    running on two owners at once."""
+def duplicate_owners(calls: Mapping[tuple[str, str], list[Call]]) -> list[dict[str, Any]]:
+    """(job, node) pairs run by two lease holders at once: calls under different epochs that
+    overlap in time, unless the older holder's call ended CANCELLED — a cancelled call stops at
+    the worker's next chunk and publishes nothing (see :func:`cancelled_tails`)."""
+    return [o for o in _overlaps(calls) if not o["cancelled"]]
+
+
+def cancelled_tails(calls: Mapping[tuple[str, str], list[Call]]) -> list[dict[str, Any]]:
+    """Overlaps where the older holder's call had been cancelled and was finishing its chunk."""
+    return [o for o in _overlaps(calls) if o["cancelled"]]
+
+
+def _overlaps(calls: Mapping[tuple[str, str], list[Call]]) -> list[dict[str, Any]]:
     found = []
     for (job_id, node), spans in calls.items():
-        for i, (s1, e1, l1) in enumerate(spans):
-            for s2, e2, l2 in spans[i + 1 :]:
-                if l1.rpartition("@")[2] != l2.rpartition("@")[2] and s1 < e2 and s2 < e1:
+        for i, a in enumerate(spans):
+            for b in spans[i + 1 :]:
+                ea, eb = int(a.lease.rpartition("@")[2] or 0), int(b.lease.rpartition("@")[2] or 0)
+                if ea != eb and a.start < b.end and b.start < a.end:
+                    older = a if ea < eb else b
                     found.append(
                         {
                             "job_id": job_id,
                             "node": node,
-                            "leases": [l1, l2],
-                            "overlap_s": round(min(e1, e2) - max(s1, s2), 3),
+                            "leases": [a.lease, b.lease],
+                            "overlap_s": round(min(a.end, b.end) - max(a.start, b.start), 3),
+                            "cancelled": older.code == "CANCELLED",
                         }
                     )
     return found
@@ -686,6 +712,7 @@ def _analyse(
     calls = worker_calls(logs, {j.job_id for j in churned if j.job_id})
     orchestrator_logs = [p for inst in mesh.instances("orchestrator") if (p := mesh.log_dir / f"{inst}.log").is_file()]
     dup_calls = duplicate_owners(calls)
+    tails = cancelled_tails(calls)
     dup_epochs = {job_id: bad for job_id, ev in events.items() if (bad := epoch_regressions(ev))}
     takeovers: list[float] = []
     not_taken: list[dict[str, Any]] = []
@@ -721,6 +748,8 @@ def _analyse(
         duplicate_calls=dup_calls,
         epoch_regressions=dup_epochs,
         worker_calls_checked=sum(len(v) for v in calls.values()),
+        cancelled_tails=len(tails),
+        cancelled_tail_max_s=max((t["overlap_s"] for t in tails), default=0.0),
         lease_losses_quiet=lease_losses(orchestrator_logs, {j.job_id for j in quiet}),
         lease_losses_churn=lease_losses(orchestrator_logs, {j.job_id for j in churned}),
         watch_incomplete=[j.job_id for j in churned if not j.watch_complete],
@@ -767,6 +796,10 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("nodes re-run", v("nodes_rerun")),
         ("leases a live owner let go (quiet / churn)", f"{v('lease_losses_quiet')} / {v('lease_losses_churn')}"),
         ("duplicate owners (target 0)", f"{v('duplicate_owners')} (worker calls checked: {v('worker_calls_checked')})"),
+        (
+            "cancelled calls finishing their chunk after a take-over",
+            f"{v('cancelled_tails')} (longest {v('cancelled_tail_max_s')} s; they publish nothing)",
+        ),
         ("watchers that missed the end (target 0)", str(len(report.get("watch_incomplete") or []))),
         ("job latency p50 quiet / churn", f"{v('latency_quiet_p50_s', ' s')} / {v('latency_churn_p50_s', ' s')}"),
         ("job latency p95 quiet / churn", f"{v('latency_quiet_p95_s', ' s')} / {v('latency_churn_p95_s', ' s')}"),
