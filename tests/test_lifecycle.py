@@ -208,7 +208,9 @@ async def test_a_frozen_callers_call_is_cancelled_within_seconds(tmp_path):
         seconds = ended[0][0] - frozen
         print(f"frozen caller's call cancelled {seconds:.2f} s after SIGSTOP")
         assert ended[0][1]["code"] == "CANCELLED", ended[0][1]
-        assert seconds < 6.0, f"cancelled {seconds:.2f} s after the caller froze (budget 6 s)"
+        # ~4.2 s on a quiet machine (2 s ping + 2 s to answer + the chunk being computed); 6.4 s seen
+        # with the suite's other worker busy. Without the keepalive it is never cancelled (above).
+        assert seconds < 10.0, f"cancelled {seconds:.2f} s after the caller froze (budget 10 s)"
         assert worker.proc.poll() is None  # the worker lives on, free for the next call
     finally:
         caller.kill()  # a stopped process dies on SIGKILL too

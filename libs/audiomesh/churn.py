@@ -707,7 +707,7 @@ def _analyse(
         for c in churned
         if c.state == "SUCCEEDED" and (c.tracks != quiet[c.index].tracks or not c.tracks)
     ]
-    quiet_bad = [j.job_id for j in quiet if j.state != "SUCCEEDED"]
+    quiet_bad = [f"{j.job_id} {j.state or '?'} {j.error}".strip() for j in quiet if j.state != "SUCCEEDED"]
     logs = [p for w in WORKERS for inst in mesh.instances(w) if (p := mesh.log_dir / f"{inst}.log").is_file()]
     calls = worker_calls(logs, {j.job_id for j in churned if j.job_id})
     orchestrator_logs = [p for inst in mesh.instances("orchestrator") if (p := mesh.log_dir / f"{inst}.log").is_file()]
@@ -817,8 +817,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(f"| {k.ljust(width)} | {val} |" for k, val in rows)
 
 
-def failures(report: Mapping[str, Any]) -> list[str]:
-    """What missed a target, one line each (empty: the cluster held)."""
+def failures(report: Mapping[str, Any], *, timing: bool = True) -> list[str]:
+    """What missed a target, one line each (empty: the cluster held). ``timing=False`` leaves out
+    the take-over time target (a benchmark figure: on a loaded CI machine it measures the load)."""
     out = []
     for key in ("jobs_lost", "tracks_differ", "duplicate_owners"):
         if report.get(key):
@@ -828,7 +829,7 @@ def failures(report: Mapping[str, Any]) -> list[str]:
     if report.get("not_taken_over"):
         out.append(f"jobs of a killed orchestrator never taken over: {report['not_taken_over']}")
     worst = report.get("takeover_worst_s")
-    if worst is not None and worst > report["takeover_target_s"]:
+    if timing and worst is not None and worst > report["takeover_target_s"]:
         out.append(f"take-over took {worst} s > {report['takeover_target_s']} s")
     fence = report.get("fencing") or {}
     if fence and not fence.get("ok"):

@@ -352,13 +352,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         it, else through a request its holder acts on (or whoever takes it over next)."""
         if rec.terminal:
             return
-        if rec.owned and rec.task is not None:
+        if not rec.owned:
+            await self.cluster.request_cancel(rec)  # returns when it ended, or when this replica took it over
+        if rec.owned and rec.task is not None and not rec.terminal:
             rec.task.cancel()
             # Cancelling the task cancels the workers' calls; they stop within one chunk.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
-        else:
-            await self.cluster.request_cancel(rec)
 
 
 def _check_retryable(rec: JobRecord) -> None:
