@@ -22,12 +22,12 @@ import os
 import socket
 import time
 
-from audiomesh import errors, manifest
+from audiomesh import errors
 from audiomesh.config import Settings
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 
-from .jobs import FOLLOW_INTERVAL, JobRecord, JobRegistry
+from .jobs import FOLLOW_INTERVAL, TERMINAL, JobRecord, JobRegistry
 from .lease import Lease, LeaseLost, Leases, on_writer, write_through
 from .runner import Runner
 
@@ -176,9 +176,8 @@ class Cluster:
         except errors.NotFound:  # deleted meanwhile
             await on_writer(self.leases.release, lease)
             return False
-        doc = manifest.loads(data)
-        rec.job, rec.events, rec.etag = doc.job, list(doc.events), info.etag
-        rec.lease = lease
+        rec.lease = lease  # first: a concurrent refresh must not overwrite what is read here
+        await self.registry.load_into(rec, data, info.etag)
         return True
 
     async def adopt(self, rec: JobRecord) -> bool:
@@ -205,10 +204,10 @@ class Cluster:
             async with slots:
                 if self.stopping:
                     return False
-                await self.registry.refresh(rec)
-                if rec.terminal or rec.owned or rec.job.job_id not in self.registry.records:
-                    return False
                 try:
+                    await self.registry.refresh(rec)
+                    if rec.terminal or rec.owned or rec.job.job_id not in self.registry.records:
+                        return False
                     return await self.adopt(rec)
                 except errors.Unavailable as exc:
                     self.log.warning(
@@ -219,7 +218,8 @@ class Cluster:
         candidates = [
             rec
             for rec in list(self.registry.records.values())
-            if not (rec.terminal or rec.owned or (rec.task is not None and not rec.task.done()))
+            # By what was published (written): a lost holder's memory may hold an end it never wrote.
+            if not (rec.snapshot.state in TERMINAL or rec.owned or (rec.task is not None and not rec.task.done()))
         ]
         return sum(await asyncio.gather(*(look_at(rec) for rec in candidates)))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from audiomesh import errors, manifest
-from audiomesh.store import ObjectStore
+from audiomesh.store import ObjectInfo, ObjectStore
 from audiomesh.telemetry import logger
 from audiomesh.v1 import common_pb2, orchestrator_pb2
 
@@ -97,6 +98,7 @@ class JobRegistry:
         self.outage_budget = outage_budget
         self.records: dict[str, JobRecord] = {}
         self.loaded = False  # every manifest in the store read once (ListJobs waits for it)
+        self._loaded = asyncio.Event()
         self.closing = False  # the orchestrator is stopping: watchers end (close_watchers)
         # Called when a write finds the lease gone or the manifest changed by another replica.
         self.on_lost: Callable[[JobRecord, str], None] | None = None
@@ -105,9 +107,12 @@ class JobRegistry:
         self.log = logger(component="jobs")
 
     # --- lookup -----------------------------------------------------------------------
-    def require_loaded(self) -> None:
-        """ListJobs answers UNAVAILABLE (which clients retry) until every manifest has been read
-        once: a half-loaded list would miss jobs. (A job asked for by id is read on demand.)"""
+    async def require_loaded(self, wait: float = 2.0) -> None:
+        """ListJobs waits up to ``wait`` seconds for every manifest to have been read once, then
+        answers UNAVAILABLE (which clients retry): a half-loaded list would miss jobs. (A job
+        asked for by id is read on demand.)"""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._loaded.wait(), wait)
         if not self.loaded:
             raise errors.Unavailable("orchestrator is loading jobs from the store; retry")
 
@@ -160,12 +165,17 @@ class JobRegistry:
         rec.refreshed = time.monotonic()
         if info.etag == rec.etag or rec.owned:  # unchanged, or adopted by this replica meanwhile
             return
+        await self.load_into(rec, data, info.etag)
+
+    async def load_into(self, rec: JobRecord, data: bytes, etag: str | None) -> None:
+        """``rec`` becomes the manifest ``data`` read with ``etag``; its watchers are told."""
         doc = manifest.loads(data)
-        rec.job, rec.events, rec.etag = doc.job, list(doc.events), info.etag
+        rec.job, rec.events, rec.etag = doc.job, list(doc.events), etag
         await self._notify(rec)
 
-    async def _notify(self, rec: JobRecord) -> None:
-        rec.published = _copy(rec.job)  # what watchers and GetJob see: persisted, or progress only
+    async def _notify(self, rec: JobRecord, *, publish: bool = True) -> None:
+        if publish:
+            rec.published = _copy(rec.job)  # what watchers and GetJob see: persisted, or progress only
         rec.version += 1
         async with rec.changed:
             rec.changed.notify_all()
@@ -199,7 +209,8 @@ class JobRegistry:
             await self.persist(rec)
             while rec.owned and rec.job.state != rec.persisted_state:  # it changed during that write
                 await self.persist(rec)
-        await self._notify(rec)
+        # A replica that lost the job (nothing was written) does not show what it could not write.
+        await self._notify(rec, publish=rec.owned)
 
     async def persist(self, rec: JobRecord) -> None:
         """One atomic, fenced write (file: temp + rename under a lock; S3: one conditional PUT).
@@ -239,7 +250,7 @@ class JobRegistry:
             condition: dict[str, Any] = {"if_match": rec.etag} if rec.etag else {"if_none_match": True}
             try:
                 await write_through(
-                    lambda info: setattr(rec, "etag", info.etag),
+                    functools.partial(_record_etag, rec),
                     self.store.put_if,
                     rec.job.manifest_key,
                     data,
@@ -377,6 +388,7 @@ class JobRegistry:
         """Every job in the store (see :meth:`discover`); the unfinished ones."""
         await self.discover()
         self.loaded = True
+        self._loaded.set()
         return [rec for rec in self.records.values() if not rec.terminal]
 
     async def sweep(self, retention_hours: float) -> tuple[int, int]:
@@ -444,6 +456,13 @@ def validate_job_id(job_id: str) -> None:
     """Job ids are UUID4 strings; anything else never touches a key."""
     if not is_job_id(job_id):
         raise errors.InvalidInput(f"job_id {job_id!r} is not a job id (a lowercase UUID)")
+
+
+def _record_etag(rec: JobRecord, info: ObjectInfo) -> None:
+    """The ETag of a manifest write that landed — not after a loss meanwhile: the record must
+    then re-read the store, whatever this write put there."""
+    if rec.owned:
+        rec.etag = info.etag
 
 
 def _copy(job: orchestrator_pb2.Job) -> orchestrator_pb2.Job:

@@ -204,11 +204,13 @@ class Leases:
         this replica's clock (``force``: the job has ended, so its holder has nothing left to do).
         None when it is held (this call starts or continues watching its ETag) or another replica
         won the race. Unavailable passes through."""
-        now = time.monotonic() if now is None else now
         try:
             data, info = self.store.read(lease_key(job_id))
         except errors.NotFound:
             data, info = None, None
+        # After the read: a sighting must not predate the write it sees (a slow GET would start
+        # the TTL before the holder even sent its renewal).
+        now = time.monotonic() if now is None else now
         etag = info.etag if info else None
         doc = LeaseDoc.loads(data) if data is not None else None
         seen = self._seen.get(job_id)

@@ -164,6 +164,8 @@ class Runner:
                 if self.shutting_down:
                     await self.registry.changed(rec, "orchestrator stopping; job handed over to another orchestrator")
                     return
+                if rec.terminal and rec.persisted_state == rec.job.state:
+                    return  # it ended (and that is written) before the cancel arrived
                 await self._finish(rec, common_pb2.JOB_STATE_CANCELLED, "job cancelled")
             except NodeFailed as exc:
                 job.error.CopyFrom(common_pb2.ErrorDetail(code=exc.code, message=exc.message, node=exc.node))

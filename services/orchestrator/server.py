@@ -270,8 +270,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def ListJobs(
         self, request: orchestrator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListJobsResponse:
-        self.registry.require_loaded()
         ranges.check("page_size", request.page_size, ranges.PAGE_SIZE)
+        await self.registry.require_loaded()
         size = request.page_size or ranges.DEFAULT_PAGE_SIZE
         after = _decode_token(request.page_token)
         # A cursor, not an offset (AIP-158): the page starts strictly after the last job of the
@@ -514,8 +514,12 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
         unfinished = await retry_until_stopped("jobs not loaded: the store did not answer; retrying", registry.load_all)
         # Every job is queryable after a restart; unfinished ones run again from their manifest,
         # here or on a peer: whichever takes the lease first (the first scan runs at once).
-        taken = await cluster.scan_once()
-        cluster.start_scanning()
+        cluster.start_scanning()  # first: a failed first scan below must not leave it off
+        try:
+            taken = await cluster.scan_once()
+        except Exception as exc:  # noqa: BLE001 - the scanner tries again in a second or two
+            registry.log.warning("first cluster scan failed; the scanner goes on", reason=str(exc))
+            taken = 0
         registry.log.info(
             "jobs loaded from the store",
             jobs=len(registry.records),
