@@ -18,7 +18,7 @@ from audiomesh.config import load_settings
 from audiomesh.rpc.server import start_server
 from audiomesh.services.orchestrator.server import build
 from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from tests.helpers.mesh import upload, write_song
+from tests.helpers.mesh import new_stored_files, stored_files, upload, write_song
 
 
 def wav_bytes(y: np.ndarray, rate: int = 44100) -> bytes:
@@ -69,11 +69,6 @@ CASES = {
 }
 
 
-def job_objects(mesh) -> set[Path]:
-    root = Path(mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://"))
-    return {p for p in root.rglob("*") if p.is_file()}
-
-
 async def assert_healthy(channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     resp = await stub.Check(health_pb2.HealthCheckRequest(service="audiomesh.v1.OrchestratorService"))
@@ -83,7 +78,7 @@ async def assert_healthy(channel) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 async def test_bad_upload_is_refused_and_leaves_nothing(case, file_mesh, tmp_path):
     make, words = CASES[case]
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
     async with grpc.aio.insecure_channel(file_mesh.orchestrator) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -94,17 +89,17 @@ async def test_bad_upload_is_refused_and_leaves_nothing(case, file_mesh, tmp_pat
         # The user's name, never the server's spool path (#14.15).
         assert "bad.wav" in details and "upload-" not in details and "scratch" not in details, details
         await assert_healthy(channel)
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)
 
 
 async def test_unknown_model_is_not_found(orchestrator, file_mesh, tmp_path):
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
     song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await upload(orchestrator, song, "s.wav", orchestrator_pb2.JobOptions(model="no_such_model"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no_such_model" in err.value.details()
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)
 
 
 async def test_bad_recipe_is_invalid(orchestrator, tmp_path):
@@ -134,13 +129,13 @@ def _options(**fields) -> orchestrator_pb2.JobOptions:
     ],
 )
 async def test_bad_options_are_refused_before_anything_is_stored(orchestrator, file_mesh, tmp_path, options, words):
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
     song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await upload(orchestrator, song, "s.wav", options)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in err.value.details().lower()
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)
 
 
 # Values with no upper bound before #14.4 (each made a worker try a giant allocation, answer
@@ -167,18 +162,18 @@ OUT_OF_RANGE = {
 @pytest.mark.parametrize("case", list(OUT_OF_RANGE))
 async def test_out_of_range_options_are_refused(orchestrator, file_mesh, tmp_path, case):
     fields, field, words = OUT_OF_RANGE[case]
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
     song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await upload(orchestrator, song, "s.wav", _options(**fields))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = err.value.details()
     assert details.startswith(field + " must be") and words in details.lower(), details
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)
 
 
 async def test_negative_size_bytes_is_invalid(orchestrator, file_mesh):
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
 
     async def messages():
         meta = orchestrator_pb2.UploadMetadata(filename="s.wav", size_bytes=-5, create_job=True)
@@ -189,7 +184,7 @@ async def test_negative_size_bytes_is_invalid(orchestrator, file_mesh):
         await orchestrator.UploadAudio(messages())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "size_bytes must be >= 0" in err.value.details() and "-5" in err.value.details()
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)
 
 
 async def test_missing_key_is_not_found(orchestrator):
@@ -240,7 +235,7 @@ async def test_upload_over_the_limit_is_refused_as_bytes_arrive(file_mesh, tmp_p
     spec = build(settings)
     server = await start_server(spec.registrations, service="orchestrator", warmup=spec.warmup)
     await asyncio.wait_for(server.ready.wait(), 60)  # its warm-up reads every manifest in the shared store
-    before = job_objects(file_mesh)
+    before = stored_files(file_mesh)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
@@ -253,4 +248,4 @@ async def test_upload_over_the_limit_is_refused_as_bytes_arrive(file_mesh, tmp_p
     finally:
         await spec.on_stop()
         await server.stop(1)
-    assert job_objects(file_mesh) == before
+    assert not new_stored_files(file_mesh, before)

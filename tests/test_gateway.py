@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from audiomesh.v1 import orchestrator_pb2
-from tests.helpers.mesh import write_song
+from tests.helpers.mesh import new_stored_files, stored_files, write_song
 
 TRACKS = {"vocals", "drums", "bass", "other", "harmonic", "percussive", "main", "main_harmonic", "main_percussive"}
 MISSING = "5b1c1d3e-0000-4000-8000-000000000000"
@@ -188,10 +188,7 @@ def test_errors(http, tmp_path, done_job):
 
 def test_upload_over_the_limit_is_413_and_leaves_nothing(http, file_mesh):
     """The mesh runs with an 8 MiB limit; 9 MiB is refused as the bytes arrive."""
-    from pathlib import Path
-
-    root = Path(file_mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://"))
-    before = {p for p in root.rglob("*") if p.is_file()}
+    before = stored_files(file_mesh)
 
     def body():
         yield b"RIFF" + b"\0" * (1 << 20)
@@ -210,5 +207,5 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(http, file_mesh):
         "/v1/jobs:upload", content=multipart(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
     )
     assert_status(resp, 413, 8, "limit")
-    assert {p for p in root.rglob("*") if p.is_file()} == before
+    assert not new_stored_files(file_mesh, before)
     assert http.get("/health").status_code == 200

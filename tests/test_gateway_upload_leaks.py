@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from audiomesh import scratch
-from tests.helpers.mesh import write_song
+from tests.helpers.mesh import new_stored_files, stored_files, write_song
 
 UPLOAD = "/audiomesh.v1.OrchestratorService/UploadAudio"
 BOUNDARY = "leakboundary"
@@ -45,11 +45,6 @@ def upload_calls_ended(mesh) -> list[dict]:
     lines = (mesh.log_dir / "orchestrator.log").read_text().splitlines()
     events = [json.loads(x) for x in lines if UPLOAD in x and x.startswith("{")]
     return [e for e in events if e.get("event") == "rpc"]
-
-
-def stored(mesh) -> set[Path]:
-    root = Path(mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://"))
-    return {p for p in root.rglob("*") if p.is_file()}
 
 
 def wait_until(predicate, timeout: float = 15.0) -> bool:
@@ -83,7 +78,7 @@ HEADERS = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 def test_field_after_the_file_is_400_and_creates_nothing(http, file_mesh, tmp_path):
     before = upload_calls_ended(file_mesh)
-    stored_before = stored(file_mesh)
+    stored_before = stored_files(file_mesh)
     song = write_song(tmp_path / "s.wav", 3.0).read_bytes()
     body = file_part() + song + field_part("model", "demucs_unittest") + f"\r\n--{BOUNDARY}--\r\n".encode()
     resp = http.post("/v1/jobs:upload", content=body, headers=HEADERS)
@@ -91,12 +86,12 @@ def test_field_after_the_file_is_400_and_creates_nothing(http, file_mesh, tmp_pa
     assert "must come before the file" in resp.json()["message"]
     assert_call_ended_and_nothing_spooled(file_mesh, len(before))
     # The call was cancelled, not completed: no job was made from a refused request.
-    assert stored(file_mesh) == stored_before
+    assert not new_stored_files(file_mesh, stored_before)
 
 
 def test_client_disconnect_mid_upload_ends_the_call(file_mesh):
     before = upload_calls_ended(file_mesh)
-    stored_before = stored(file_mesh)
+    stored_before = stored_files(file_mesh)
     host, port = file_mesh.addresses["gateway"].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         head = (
@@ -108,7 +103,7 @@ def test_client_disconnect_mid_upload_ends_the_call(file_mesh):
         assert wait_until(lambda: bool(store_temp_files(file_mesh)), 10), "the upload never reached the store"
         assert not spool_files(file_mesh), "the upload was spooled to the orchestrator's disk"
     assert_call_ended_and_nothing_spooled(file_mesh, len(before))
-    assert stored(file_mesh) == stored_before
+    assert not new_stored_files(file_mesh, stored_before)
 
 
 def test_chunked_upload_over_the_limit_is_413_and_ends_the_call(http, file_mesh):

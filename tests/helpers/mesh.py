@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def file_mesh(tmp_path_factory, otlp_collector) -> Iterator[Mesh]:
         yield mesh
     finally:
         mesh.stop()
+
+
+def stored_files(mesh: Mesh) -> set[Path]:
+    """Every file in a file-backed mesh's store. os.walk, not rglob: other tests' job folders
+    may vanish mid-walk (DeleteJob, retention), and a vanished folder is simply not listed."""
+    root = mesh.env["AUDIOMESH_STORE_URL"].removeprefix("file://")
+    return {Path(folder, name) for folder, _, names in os.walk(root) for name in names}
+
+
+def new_stored_files(mesh: Mesh, before: set[Path]) -> set[Path]:
+    """Files written since `before` was listed: a refused request must leave none. Files that
+    went away meanwhile are other tests' jobs being deleted, not this request's doing."""
+    return stored_files(mesh) - before
 
 
 @pytest.fixture(scope="session")
