@@ -1,0 +1,234 @@
+"""Prometheus metrics, defined in one place for every service.
+
+Every service serves the Prometheus text format at ``/metrics`` on its own port
+(``AUDIOMESH_METRICS_PORT``; :func:`start_metrics_server`), apart from its gRPC or HTTP port
+so that a NetworkPolicy can open it to the monitoring namespace alone.
+
+Why ``prometheus_client`` and not OpenTelemetry's metrics SDK with its Prometheus exporter:
+the exporter (``opentelemetry-exporter-prometheus``) is still a pre-release that itself wraps
+``prometheus_client``; scraping is the only way these metrics leave a process; and
+``prometheus_client`` gives exact control of names, buckets and scrape-time collectors (the
+gauges below are computed from the job records when scraped, so they cannot drift).
+Traces stay on OpenTelemetry (:mod:`audiomesh.telemetry`).
+
+Names follow Prometheus' conventions (base units, ``_total`` counters, ``_seconds`` and
+``_bytes``). The RPC and HTTP latency histograms follow OpenTelemetry's semantic conventions
+(``rpc.server.duration``, ``rpc.client.duration``, ``http.server.request.duration``, as their
+Prometheus translations name them). Labels stay low-cardinality: a stage, a service, an RPC
+method, an outcome, a status code, a model name — never a job id, key or user.
+
+Every metric any service exports is defined here (the chart's dashboard and KEDA queries
+are checked against :data:`NAMES`); a process exports the ones its code touches, plus the
+process and Python collectors of ``prometheus_client``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+#: Default /metrics ports when AUDIOMESH_METRICS_PORT is -1 (one machine, every service).
+DEFAULT_METRICS_PORTS = {
+    "gateway": 9450,
+    "orchestrator": 9451,
+    "separation": 9452,
+    "hpss": 9453,
+    "composite": 9454,
+    "normalize": 9455,
+}
+
+# Seconds: from a quick RPC to an hour-long separation.
+_RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_WORK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+# --- every gRPC service (rpc/server.py, rpc/client.py) ---------------------------------------
+RPC_SERVER_DURATION = Histogram(
+    "rpc_server_duration_seconds",
+    "Duration of gRPC calls this service served (OpenTelemetry rpc.server.duration)",
+    ["rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code"],
+    buckets=_RPC_BUCKETS,
+)
+RPC_CLIENT_DURATION = Histogram(
+    "rpc_client_duration_seconds",
+    "Duration of gRPC calls this service made to others (OpenTelemetry rpc.client.duration)",
+    ["rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code"],
+    buckets=_RPC_BUCKETS,
+)
+WORKER_SLOTS = Gauge("audiomesh_worker_slots", "Requests this service runs at once (its concurrency bound)", ["service"])
+WORKER_SLOTS_BUSY = Gauge("audiomesh_worker_slots_busy", "Requests this service is running now", ["service"])
+WORKER_REFUSALS = Counter(
+    "audiomesh_worker_refusals_total",
+    "Requests refused with RESOURCE_EXHAUSTED because every slot was busy",
+    ["service"],
+)
+
+# --- the object store (store/*.py), in every process that uses it -----------------------------
+STORE_READ_BYTES = Counter("audiomesh_store_read_bytes_total", "Bytes read from the object store", ["backend"])
+STORE_WRITTEN_BYTES = Counter("audiomesh_store_written_bytes_total", "Bytes written to the object store", ["backend"])
+
+# --- the orchestrator ---------------------------------------------------------------------------
+JOBS_CREATED = Counter("audiomesh_jobs_created_total", "Jobs accepted by this orchestrator")
+JOBS_FINISHED = Counter(
+    "audiomesh_jobs_finished_total",
+    "Jobs that ended while this orchestrator held them, by outcome (succeeded, failed, cancelled)",
+    ["outcome"],
+)
+JOB_DURATION = Histogram(
+    "audiomesh_job_duration_seconds",
+    "Job time from creation to its end, by outcome",
+    ["outcome"],
+    buckets=_WORK_BUCKETS,
+)
+JOB_QUEUE_WAIT = Histogram(
+    "audiomesh_job_queue_wait_seconds",
+    "Time a job waited QUEUED before it started running (creation or retry to RUNNING)",
+    buckets=_WORK_BUCKETS,
+)
+NODE_DURATION = Histogram(
+    "audiomesh_node_duration_seconds",
+    "Duration of one stage-graph node, from its start to its end, by stage and outcome",
+    ["stage", "outcome"],
+    buckets=_WORK_BUCKETS,
+)
+NODE_RETRIES = Counter(
+    "audiomesh_node_retries_total",
+    "Node attempts that failed and were retried, by stage and status code",
+    ["stage", "code"],
+)
+NODE_BUSY_WAITS = Counter(
+    "audiomesh_node_busy_waits_total",
+    "Worker answers of RESOURCE_EXHAUSTED (every slot busy) that made a node wait, by stage",
+    ["stage"],
+)
+JOB_TAKEOVERS = Counter(
+    "audiomesh_job_takeovers_total",
+    "Jobs this orchestrator took over from another, by why (expired lease, released lease)",
+    ["reason"],
+)
+LEASES_LOST = Counter("audiomesh_leases_lost_total", "Job leases this orchestrator lost (fenced off, or expired)")
+#: Scrape-time gauges of the orchestrator (see :class:`JobsCollector`).
+JOBS_GAUGE = "audiomesh_jobs"
+NODES_GAUGE = "audiomesh_nodes"
+LEASES_GAUGE = "audiomesh_leases_held"
+
+# --- separation ---------------------------------------------------------------------------------
+MODEL_LOAD = Histogram(
+    "audiomesh_model_load_seconds", "Time to load a separation model's weights", ["model"], buckets=_WORK_BUCKETS
+)
+MODEL_COMPILE = Histogram(
+    "audiomesh_model_compile_seconds",
+    "Time to compile a separation model with torch.compile, by outcome (compiled, failed)",
+    ["model", "outcome"],
+    buckets=_WORK_BUCKETS,
+)
+SEPARATED_AUDIO = Counter(
+    "audiomesh_separated_audio_seconds_total", "Seconds of audio separated, by model", ["model"]
+)
+
+# --- the HTTP gateway ---------------------------------------------------------------------------
+HTTP_SERVER_DURATION = Histogram(
+    "http_server_request_duration_seconds",
+    "Duration of HTTP requests (OpenTelemetry http.server.request.duration); the route is the template",
+    ["http_request_method", "http_route", "http_response_status_code"],
+    buckets=_RPC_BUCKETS,
+)
+
+
+class JobsCollector(Collector):
+    """The orchestrator's gauges, computed from its job records at each scrape (no drift):
+
+    - ``audiomesh_jobs{state}``: jobs this replica holds, QUEUED or RUNNING;
+    - ``audiomesh_nodes{stage,state}``: nodes of those jobs by stage: ``waiting`` (ready to
+      run, held back by capacity: the backlog an autoscaler reads) or ``running``;
+    - ``audiomesh_leases_held``: job leases this replica holds.
+
+    ``read`` returns (jobs by state, nodes by (stage, state), leases held).
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int], int]],
+    ) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []  # collected lazily: registering must not call read()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs, nodes, leases = self._read()
+        family = GaugeMetricFamily(JOBS_GAUGE, "Jobs this orchestrator holds, by state (queued, running)", labels=["state"])
+        for state in ("queued", "running"):
+            family.add_metric([state], jobs.get(state, 0))
+        yield family
+        family = GaugeMetricFamily(
+            NODES_GAUGE,
+            "Nodes of held jobs by stage and state: waiting (ready, held back by capacity) or running",
+            labels=["stage", "state"],
+        )
+        for (stage, state), count in sorted(nodes.items()):
+            family.add_metric([stage, state], count)
+        yield family
+        yield GaugeMetricFamily(LEASES_GAUGE, "Job leases this orchestrator holds", value=leases)
+
+
+_collectors: list[Collector] = []
+
+
+def register_collector(collector: Collector) -> None:
+    """Register a scrape-time collector once per process (in-process test replicas register
+    theirs too: the process then reports their sum, as Prometheus would across pods)."""
+    REGISTRY.register(collector)
+    _collectors.append(collector)
+
+
+def unregister_collector(collector: Collector) -> None:
+    if collector in _collectors:
+        _collectors.remove(collector)
+        REGISTRY.unregister(collector)
+
+
+def metrics_port(service: str, configured: int) -> int:
+    """AUDIOMESH_METRICS_PORT: -1 = the service's default port, 0 = any free port, N = N."""
+    return DEFAULT_METRICS_PORTS.get(service, 9450) if configured < 0 else configured
+
+
+def start_metrics_server(host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve /metrics on ``host:port`` (port 0 picks one) in a daemon thread; (server, port)."""
+    server, _ = start_http_server(port, addr=host)
+    return server, int(server.server_port)
+
+
+def stop_metrics_server(server: WSGIServer) -> None:
+    threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() blocks until serve_forever ends
+    server.server_close()
+
+
+@contextmanager
+def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
+    """Observe the block's wall time in seconds (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        target = histogram.labels(**labels) if labels else histogram
+        target.observe(time.perf_counter() - start)
+
+
+#: Every metric name a service may export, as Prometheus' metadata names it (counters without
+#: ``_total``; samples add ``_total``, ``_bucket``, ``_sum``, ``_count``).
+NAMES = frozenset(
+    {
+        family.name
+        for metric in globals().copy().values()
+        if isinstance(metric, (Counter, Gauge, Histogram))
+        for family in metric.describe()
+    }
+    | {JOBS_GAUGE, NODES_GAUGE, LEASES_GAUGE}
+)
