@@ -48,6 +48,7 @@ from audiomesh.telemetry import logger, tracer
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 from .errors import HTTP_STATUS, error_response, rpc_error_json, rpc_error_response
+from .metrics import RequestMetrics
 from .openapi import openapi_document
 from .routes import HttpRoute, http_routes
 
@@ -591,7 +592,7 @@ def create_app(
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    middleware = [Middleware(AccessLog)]
+    middleware = [Middleware(RequestMetrics), Middleware(AccessLog)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

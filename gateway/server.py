@@ -16,7 +16,14 @@ from audiomesh.telemetry import logger
 from .app import create_app
 
 
-async def serve_gateway(settings: Settings, *, port: int | None = None, ready_file: Path | None = None) -> None:
+async def serve_gateway(
+    settings: Settings,
+    *,
+    port: int | None = None,
+    ready_file: Path | None = None,
+    announce: dict[str, int] | None = None,
+) -> None:
+    """``announce``: more to write in the ready file (the metrics port)."""
     if port is None:
         port = int(settings.gateway_addr.rpartition(":")[2])
     clients = settings.client_factory()
@@ -36,17 +43,17 @@ async def serve_gateway(settings: Settings, *, port: int | None = None, ready_fi
     )
     server = uvicorn.Server(config)
 
-    async def announce() -> None:
+    async def announce_ready() -> None:
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
             await asyncio.sleep(0.05)
         scheme = "https" if settings.tls_cert_file else "http"
         logger().info("listening", url=f"{scheme}://{settings.host}:{port}")
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"service": "gateway", "port": port, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"service": "gateway", "port": port, "pid": os.getpid(), **(announce or {})}))
             tmp.replace(ready_file)
 
-    announcer = asyncio.ensure_future(announce())
+    announcer = asyncio.ensure_future(announce_ready())
     try:
         await server.serve(sockets=[sock])
     finally:

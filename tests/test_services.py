@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from audiomesh.demo import synth_song
 from audiomesh.dsp.loudness import measure
@@ -152,11 +153,17 @@ async def test_separate_busy_worker_says_resource_exhausted(separation):
     key = separation.put("in/long.wav", synth_song(20.0))
     stub = separation_pb2_grpc.SeparationServiceStub(separation.channel)
     request = separation_pb2.SeparateRequest(input_key=key, output_prefix="busy", model="tiny_ht")
+    labels = {"service": "separation"}
+    refused_before = REGISTRY.get_sample_value("audiomesh_worker_refusals_total", labels) or 0.0
     first = asyncio.ensure_future(_separate(stub, request))
     await asyncio.sleep(0.5)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _separate(stub, request)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The metrics an autoscaler and the dashboard read: every slot busy, one refusal more.
+    slots = REGISTRY.get_sample_value("audiomesh_worker_slots", labels)
+    assert slots is not None and REGISTRY.get_sample_value("audiomesh_worker_slots_busy", labels) == slots
+    assert REGISTRY.get_sample_value("audiomesh_worker_refusals_total", labels) == refused_before + 1
     # Cheap calls still answer while the heavy slot is taken.
     assert (await stub.ListModels(separation_pb2.ListModelsRequest())).models
     first.cancel()  # the client going away cancels the work

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,6 +58,7 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
         "AUDIOMESH_STORE_URL": f"file://{tmp_path / 'data'}",
         "TMPDIR": str(tmp),
         **{f"AUDIOMESH_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
+        "AUDIOMESH_METRICS_PORT": "0",  # free ports: the defaults (9450…) may be taken on a test machine
     }
     # Its own session, so a signal to the group is what a terminal's Ctrl-C sends.
     up = subprocess.Popen(
@@ -82,6 +84,16 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
                     pass
                 time.sleep(0.5)
             assert http.get("/health").status_code == 200, b"".join(output).decode()[-3000:]
+            # `up` says where every process's metrics are, and they answer there.
+            want = {*names, "separation-1", "separation-2"} - {"separation"}
+            printed: dict[str, str] = {}
+            deadline = time.monotonic() + 30  # `up` prints once every process is up, the gateway last
+            while set(printed) != want and time.monotonic() < deadline:
+                time.sleep(0.2)
+                printed = dict(re.findall(r"^ {4}(\S+) +http://(\S+)/metrics$", b"".join(output).decode(), re.M))
+            assert set(printed) == want, printed
+            scraped = http.get(f"http://{printed['separation-2']}/metrics").text
+            assert 'audiomesh_worker_slots{service="separation"}' in scraped, scraped[:2000]
             song = write_song(tmp_path / "long.wav", 30.0).read_bytes()
             resp = http.post("/v1/jobs:upload", files={"file": ("long.wav", song)})
             assert resp.status_code == 200, resp.text

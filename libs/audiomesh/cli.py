@@ -201,6 +201,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import threading
 
     from audiomesh.launcher import Mesh, default_ports
+    from audiomesh.metrics import DEFAULT_METRICS_PORTS
     from audiomesh.telemetry import configure_logging
 
     configure_logging("up", level=settings.log_level, fmt=settings.log_format)
@@ -211,6 +212,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         inherit_output=True,
         gateway=True,
         replicas=dict(args.replicas),
+        # The services' default /metrics ports, unless AUDIOMESH_METRICS_PORT names one (then any free
+        # ones: several processes cannot share a port).
+        metrics_ports=DEFAULT_METRICS_PORTS if settings.metrics_port < 0 else None,
     )
     try:
         mesh.start()
@@ -230,6 +234,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     if settings.api_keys and not settings.service_token.get_secret_value():
         print("  service token generated for this run: the workers answer only this orchestrator")
     print(f"  web page      {mesh.url}/   (API: {mesh.url}/openapi.json)")
+    if mesh.metrics:
+        print("  metrics       Prometheus text format at /metrics:")
+        for name in (*SERVICES, "gateway"):
+            for instance in mesh.instances(name):
+                if instance in mesh.metrics:
+                    print(f"    {instance:<15} http://{mesh.metrics[instance]}/metrics")
+    sys.stdout.flush()  # a pipe (a supervisor, a test) sees the addresses now, not at exit
     # Ctrl-C (the children get it too and drain) or SIGTERM stops the mesh; a child that dies
     # otherwise is restarted, and a crash loop ends `up` with an error naming it (CrashLoop).
     for sig in (signal.SIGINT, signal.SIGTERM):

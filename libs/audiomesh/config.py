@@ -156,6 +156,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     otlp_endpoint: str = Field("", description="OTLP/gRPC collector, e.g. http://otel:4317; empty = no export")
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics on AUDIOMESH_METRICS_PORT")
+    metrics_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="port of this service's /metrics (on AUDIOMESH_HOST); -1 = the service's default (gateway 9450, "
+        "orchestrator 9451, separation 9452, hpss 9453, composite 9454, normalize 9455), 0 = any free port",
+    )
     cors_origins: CommaList = Field(default_factory=list)
     api_keys: CommaList = Field(
         default_factory=list, description="NAME=sha256:<hex>,… (hashes of keys: audiomesh hash-key); empty = open mode"

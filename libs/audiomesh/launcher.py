@@ -29,11 +29,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from audiomesh import scratch
 from audiomesh.auth import RateLimiter
 from audiomesh.config import ENV_PREFIX, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError, Unavailable
+from audiomesh.metrics import metrics_port, start_metrics_server, stop_metrics_server
 from audiomesh.parallel import usable_cores
 from audiomesh.rpc.server import USER_KEEPALIVE_MS, WORKER_KEEPALIVE_MS, AuthPolicy, start_server
 from audiomesh.telemetry import configure_logging, configure_tracing, logger, shutdown_tracing
@@ -52,11 +54,38 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
     swept = scratch.sweep()
     if swept:
         logger().info("removed scratch folders of stopped processes", folders=len(swept))
+    metrics_server, announced = start_metrics(name, settings)
+    try:
+        await _serve(name, settings, port=port, ready_file=ready_file, announced=announced)
+    finally:
+        if metrics_server is not None:
+            stop_metrics_server(metrics_server)
+        shutdown_tracing()
+
+
+def start_metrics(name: str, settings: Settings) -> tuple[WSGIServer | None, dict[str, int]]:
+    """Serve /metrics for this process (AUDIOMESH_METRICS_*); what the ready file announces."""
+    if not settings.metrics_enabled:
+        return None, {}
+    wanted = metrics_port(name, settings.metrics_port)
+    try:
+        server, port = start_metrics_server(name, settings.host, wanted)
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}: cannot serve metrics on {settings.host}:{wanted} ({exc.strerror or exc}); set "
+            "AUDIOMESH_METRICS_PORT to a free port (0 = any) or AUDIOMESH_METRICS_ENABLED=false"
+        ) from None
+    logger().info("metrics", url=f"http://{settings.host}:{port}/metrics")
+    return server, {"metrics_port": port}
+
+
+async def _serve(
+    name: str, settings: Settings, *, port: int | None, ready_file: Path | None, announced: dict[str, int]
+) -> None:
     if name == "gateway":
         from audiomesh.gateway.server import serve_gateway
 
-        await serve_gateway(settings, port=port, ready_file=ready_file)
-        shutdown_tracing()
+        await serve_gateway(settings, port=port, ready_file=ready_file, announce=announced)
         return
     auth = auth_policy(settings, name)  # before building: a refused configuration loads nothing
     if port is None:
@@ -81,13 +110,12 @@ async def serve(name: str, settings: Settings, *, port: int | None = None, ready
         async def announce() -> None:
             await running.ready.wait()
             tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"service": name, "port": running.port, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"service": name, "port": running.port, "pid": os.getpid(), **announced}))
             tmp.replace(ready_file)
 
         asyncio.ensure_future(announce())
     await running.serve_until_signal(grace=settings.drain_seconds_of(name), before_stop=spec.on_stop)
     scratch.remove_own()
-    shutdown_tracing()
     logger().info("stopped")
 
 
@@ -191,7 +219,10 @@ class Mesh:
         inherit_output: bool = False,
         gateway: bool = False,
         replicas: Mapping[str, int] | None = None,
+        metrics_ports: Mapping[str, int] | None = None,
     ) -> None:
+        """``ports`` / ``metrics_ports``: the gRPC (HTTP) and /metrics port of each service's
+        first instance; 0 or missing = any free port."""
         self.env = {**os.environ, **(env or {})}
         self.settings = settings if settings is not None else load_settings(environ=self.env)
         counts = check_replicas(replicas or {})
@@ -210,6 +241,12 @@ class Mesh:
             for service, insts in self._instances.items()
             for i, inst in enumerate(insts)
         }
+        # /metrics ports likewise; the launcher always sets each child's (they cannot share one).
+        self.metrics_ports = {
+            inst: (metrics_ports or {}).get(service, 0) if i == 0 else 0
+            for service, insts in self._instances.items()
+            for i, inst in enumerate(insts)
+        }
         self._paused: set[str] = set()
         self._run_dir = Path(tempfile.mkdtemp(prefix="audiomesh-mesh-"))
         self.log_dir = Path(log_dir) if log_dir else self._run_dir
@@ -217,6 +254,8 @@ class Mesh:
         self.inherit_output = inherit_output
         self.procs: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
+        #: Each instance's /metrics as host:port (when metrics are enabled).
+        self.metrics: dict[str, str] = {}
         # Each child's environment as it was started, so a restart gets the same one.
         self.envs: dict[str, dict[str, str]] = {}
         self.restarts: list[dict] = []  # one entry per child that supervise() started again
@@ -268,6 +307,7 @@ class Mesh:
         ]
         self._paused.discard(name)
         self.envs[name] = env
+        env = {**env, f"{ENV_PREFIX}METRICS_PORT": str(self.metrics_ports[name])}
         out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         try:
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -281,8 +321,7 @@ class Mesh:
         while ready and time.monotonic() < deadline:
             for name, path in list(ready.items()):
                 if path.exists():
-                    port = json.loads(path.read_text())["port"]
-                    self.addresses[name] = f"{self.client_host}:{port}"
+                    self._read_ready(name, path)
                     del ready[name]
                 elif self.procs[name].poll() is not None:
                     self.stop()
@@ -293,6 +332,17 @@ class Mesh:
         if ready:
             self.stop()
             raise Unavailable(f"{', '.join(ready)} did not become healthy within {timeout:.0f} s; see {self.log_dir}")
+
+    def _read_ready(self, name: str, path: Path) -> None:
+        """A child is up: its address, and its /metrics (kept for a restart on the same ports)."""
+        ready = json.loads(path.read_text())
+        self.addresses[name] = f"{self.client_host}:{ready['port']}"
+        if "metrics_port" in ready:
+            self.metrics[name] = f"{self.client_host}:{ready['metrics_port']}"
+            self.metrics_ports[name] = int(ready["metrics_port"])
+            service = self._service_of[name]
+            if name == self._instances[service][0]:  # the service's name finds its (first) instance
+                self.metrics[service] = self.metrics[name]
 
     def start(self, timeout: float = 300.0) -> Mesh:
         env = dict(self.env)
@@ -396,8 +446,7 @@ class Mesh:
             for name, (ready, deadline) in list(starting.items()):
                 if ready.exists():
                     del starting[name]
-                    port = json.loads(ready.read_text())["port"]
-                    self.addresses[name] = f"{self.client_host}:{port}"
+                    self._read_ready(name, ready)
                     self._log.info("service restarted", service=name, address=self.addresses[name])
                 elif now > deadline:  # hung at start: end it; the next pass counts the exit
                     del starting[name]

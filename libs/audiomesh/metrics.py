@@ -28,9 +28,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -61,7 +70,9 @@ RPC_CLIENT_DURATION = Histogram(
     ["rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code"],
     buckets=_RPC_BUCKETS,
 )
-WORKER_SLOTS = Gauge("audiomesh_worker_slots", "Requests this service runs at once (its concurrency bound)", ["service"])
+WORKER_SLOTS = Gauge(
+    "audiomesh_worker_slots", "Requests this service runs at once (its concurrency bound)", ["service"]
+)
 WORKER_SLOTS_BUSY = Gauge("audiomesh_worker_slots_busy", "Requests this service is running now", ["service"])
 WORKER_REFUSALS = Counter(
     "audiomesh_worker_refusals_total",
@@ -128,9 +139,7 @@ MODEL_COMPILE = Histogram(
     ["model", "outcome"],
     buckets=_WORK_BUCKETS,
 )
-SEPARATED_AUDIO = Counter(
-    "audiomesh_separated_audio_seconds_total", "Seconds of audio separated, by model", ["model"]
-)
+SEPARATED_AUDIO = Counter("audiomesh_separated_audio_seconds_total", "Seconds of audio separated, by model", ["model"])
 
 # --- the HTTP gateway ---------------------------------------------------------------------------
 HTTP_SERVER_DURATION = Histogram(
@@ -141,6 +150,10 @@ HTTP_SERVER_DURATION = Histogram(
 )
 
 
+#: What :class:`JobsCollector` reads: jobs by state, nodes by (stage, state), leases held.
+JobsReading = tuple[dict[str, int], dict[tuple[str, str], int], int]
+
+
 class JobsCollector(Collector):
     """The orchestrator's gauges, computed from its job records at each scrape (no drift):
 
@@ -149,49 +162,98 @@ class JobsCollector(Collector):
       run, held back by capacity: the backlog an autoscaler reads) or ``running``;
     - ``audiomesh_leases_held``: job leases this replica holds.
 
-    ``read`` returns (jobs by state, nodes by (stage, state), leases held).
+    ``read`` returns (jobs by state, nodes by (stage, state), leases held). It runs on the
+    metrics server's thread at each scrape: it must be cheap and must not block on the event
+    loop. If it raises, the last values read are reported (a scrape never fails on it).
     """
 
-    def __init__(
-        self,
-        read: Callable[[], tuple[dict[str, int], dict[tuple[str, str], int], int]],
-    ) -> None:
+    def __init__(self, read: Callable[[], JobsReading]) -> None:
         self._read = read
+        self._last: JobsReading = ({}, {}, 0)
+
+    def read(self) -> JobsReading:
+        try:
+            self._last = self._read()
+        except Exception:  # noqa: BLE001 - a scrape must not fail (nor a job) over a gauge
+            from audiomesh.telemetry import logger  # here: telemetry is not needed to define metrics
+
+            logger().exception("jobs gauges not read; reporting the last values")
+        return self._last
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return []  # collected lazily: registering must not call read()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        jobs, nodes, leases = self._read()
-        family = GaugeMetricFamily(JOBS_GAUGE, "Jobs this orchestrator holds, by state (queued, running)", labels=["state"])
-        for state in ("queued", "running"):
-            family.add_metric([state], jobs.get(state, 0))
-        yield family
-        family = GaugeMetricFamily(
-            NODES_GAUGE,
-            "Nodes of held jobs by stage and state: waiting (ready, held back by capacity) or running",
-            labels=["stage", "state"],
-        )
-        for (stage, state), count in sorted(nodes.items()):
-            family.add_metric([stage, state], count)
-        yield family
-        yield GaugeMetricFamily(LEASES_GAUGE, "Job leases this orchestrator holds", value=leases)
+        return _jobs_families(*self.read())
+
+
+class _JobsTotal(Collector):
+    """The one collector in the registry for every registered :class:`JobsCollector`: their
+    sum (one family per name: several in-process replicas, as Prometheus sums pods)."""
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs: dict[str, int] = {}
+        nodes: dict[tuple[str, str], int] = {}
+        leases = 0
+        for collector in list(_jobs_collectors):
+            one_jobs, one_nodes, one_leases = collector.read()
+            for state, count in one_jobs.items():
+                jobs[state] = jobs.get(state, 0) + count
+            for key, count in one_nodes.items():
+                nodes[key] = nodes.get(key, 0) + count
+            leases += one_leases
+        return _jobs_families(jobs, nodes, leases)
+
+
+def _jobs_families(jobs: dict[str, int], nodes: dict[tuple[str, str], int], leases: int) -> Iterator[GaugeMetricFamily]:
+    family = GaugeMetricFamily(JOBS_GAUGE, "Jobs this orchestrator holds, by state (queued, running)", labels=["state"])
+    for state in ("queued", "running"):
+        family.add_metric([state], jobs.get(state, 0))
+    yield family
+    family = GaugeMetricFamily(
+        NODES_GAUGE,
+        "Nodes of held jobs by stage and state: waiting (ready, held back by capacity) or running",
+        labels=["stage", "state"],
+    )
+    for (stage, state), count in sorted(nodes.items()):
+        family.add_metric([stage, state], count)
+    yield family
+    yield GaugeMetricFamily(LEASES_GAUGE, "Job leases this orchestrator holds", value=leases)
 
 
 _collectors: list[Collector] = []
+_jobs_collectors: list[JobsCollector] = []
+_jobs_total = _JobsTotal()
+_registering = threading.Lock()
 
 
 def register_collector(collector: Collector) -> None:
     """Register a scrape-time collector once per process (in-process test replicas register
     theirs too: the process then reports their sum, as Prometheus would across pods)."""
-    REGISTRY.register(collector)
-    _collectors.append(collector)
+    with _registering:
+        if collector in _collectors or collector in _jobs_collectors:
+            return
+        if isinstance(collector, JobsCollector):
+            if not _jobs_collectors:
+                REGISTRY.register(_jobs_total)
+            _jobs_collectors.append(collector)
+        else:
+            REGISTRY.register(collector)
+            _collectors.append(collector)
 
 
 def unregister_collector(collector: Collector) -> None:
-    if collector in _collectors:
-        _collectors.remove(collector)
-        REGISTRY.unregister(collector)
+    with _registering:
+        if collector in _jobs_collectors:
+            _jobs_collectors.remove(collector)
+            if not _jobs_collectors:
+                REGISTRY.unregister(_jobs_total)
+        elif collector in _collectors:
+            _collectors.remove(collector)
+            REGISTRY.unregister(collector)
 
 
 def metrics_port(service: str, configured: int) -> int:
@@ -199,9 +261,13 @@ def metrics_port(service: str, configured: int) -> int:
     return DEFAULT_METRICS_PORTS.get(service, 9450) if configured < 0 else configured
 
 
-def start_metrics_server(host: str, port: int) -> tuple[WSGIServer, int]:
-    """Serve /metrics on ``host:port`` (port 0 picks one) in a daemon thread; (server, port)."""
-    server, _ = start_http_server(port, addr=host)
+def start_metrics_server(service: str, host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve ``service``'s /metrics (:class:`ServiceView`) on ``host:port`` (port 0 picks one)
+    in a daemon thread; (server, port)."""
+    disable_created_metrics()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceView(service))
+    server, _ = start_http_server(port, addr=host, registry=registry)
     return server, int(server.server_port)
 
 
@@ -232,3 +298,35 @@ NAMES = frozenset(
     }
     | {JOBS_GAUGE, NODES_GAUGE, LEASES_GAUGE}
 )
+
+
+#: Families only the orchestrator produces; other services leave them out of /metrics (their
+#: unlabelled ones would otherwise read 0 on every worker and gateway).
+ORCHESTRATOR_ONLY = frozenset(
+    family.name
+    for metric in (
+        JOBS_CREATED,
+        JOBS_FINISHED,
+        JOB_DURATION,
+        JOB_QUEUE_WAIT,
+        NODE_DURATION,
+        NODE_RETRIES,
+        NODE_BUSY_WAITS,
+        JOB_TAKEOVERS,
+        LEASES_LOST,
+    )
+    for family in metric.describe()
+)
+
+
+class ServiceView(Collector):
+    """What one service's /metrics shows: the process registry without the families of other
+    services, and without prometheus_client's ``_created`` series (Prometheus ignores them)."""
+
+    def __init__(self, service: str) -> None:
+        self._skip = frozenset() if service == "orchestrator" else ORCHESTRATOR_ONLY
+
+    def collect(self) -> Iterator[Any]:
+        for family in REGISTRY.collect():
+            if family.name not in self._skip:
+                yield family

@@ -54,7 +54,7 @@ async def running_worker(build: Callable[..., ServiceSpec], tmp_path: Path, **ov
     spec = build(settings)
     server = await start_server(
         spec.registrations,
-        service="test",
+        service=build.__module__.split(".")[-2],  # audiomesh.services.<name>.server: labels its metrics
         warmup=spec.warmup,
         concurrency=spec.concurrency,
         light_methods=spec.light_methods,

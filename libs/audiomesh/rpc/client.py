@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from audiomesh import errors
 from audiomesh.auth import SERVICE_TOKEN_HEADER
+from audiomesh.metrics import RPC_CLIENT_DURATION
 
 if TYPE_CHECKING:
     from audiomesh.v1 import orchestrator_pb2
@@ -102,6 +103,64 @@ def metadata_interceptors(pairs: tuple[tuple[str, str], ...]) -> list:
     return [cls(pairs) for cls in (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata)]
 
 
+def rpc_labels(method: str, code: str) -> dict[str, str]:
+    """The OpenTelemetry RPC attributes of ``/package.Service/Method`` as metric labels."""
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc_system": "grpc", "rpc_service": service, "rpc_method": name, "rpc_grpc_status_code": code}
+
+
+class _TimeCalls:
+    """rpc_client_duration_seconds for each call to an audiomesh service, observed when the
+    call ends (its status known), however it ends. Health checks are left out."""
+
+    def _timed(self, details: grpc.aio.ClientCallDetails, call: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if method.startswith("/grpc."):
+            return call
+        start = time.perf_counter()
+
+        def done(finished: Any) -> None:
+            elapsed = time.perf_counter() - start
+            code = "CANCELLED" if finished.cancelled() else None
+
+            async def observe() -> None:
+                try:
+                    name = code or (await finished.code()).name
+                except Exception:  # noqa: BLE001 - a metric must never fail a call
+                    name = "UNKNOWN"
+                RPC_CLIENT_DURATION.labels(**rpc_labels(method, name)).observe(elapsed)
+
+            asyncio.ensure_future(observe())
+
+        call.add_done_callback(done)
+        return call
+
+
+class _UnaryUnaryTimer(_TimeCalls, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return self._timed(details, await continuation(details, request))
+
+
+class _UnaryStreamTimer(_TimeCalls, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return self._timed(details, await continuation(details, request))
+
+
+class _StreamUnaryTimer(_TimeCalls, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return self._timed(details, await continuation(details, request_iterator))
+
+
+def metrics_interceptors() -> list:
+    return [cls() for cls in (_UnaryUnaryTimer, _UnaryStreamTimer, _StreamUnaryTimer)]
+
+
 class ClientFactory:
     """Channels cached per target; stubs made from them.
 
@@ -120,7 +179,7 @@ class ClientFactory:
 
     def channel(self, target: str) -> grpc.aio.Channel:
         if target not in self._channels:
-            interceptors = list(aio_client_interceptors())
+            interceptors = [*metrics_interceptors(), *aio_client_interceptors()]
             if self._metadata:
                 interceptors += metadata_interceptors(self._metadata)
             if self._root_certificates is not None:

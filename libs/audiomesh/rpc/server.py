@@ -30,7 +30,9 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from audiomesh import errors
 from audiomesh.auth import ANONYMOUS, SERVICE_TOKEN_HEADER, KeyRing, RateLimiter, current_principal
+from audiomesh.metrics import RPC_SERVER_DURATION, WORKER_REFUSALS, WORKER_SLOTS, WORKER_SLOTS_BUSY
 from audiomesh.rpc import reflection
+from audiomesh.rpc.client import rpc_labels
 from audiomesh.telemetry import logger
 
 T = TypeVar("T")
@@ -147,6 +149,10 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = 0
         self._service = service
         self._auth = auth
+        if concurrency is not None:  # a bounded service: its slots, busy and total, are metrics
+            WORKER_SLOTS.labels(service=service).set(concurrency)
+            self._busy = WORKER_SLOTS_BUSY.labels(service=service)
+            self._busy.set(0)
 
     async def intercept_service(
         self,
@@ -224,6 +230,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if limited and interceptor._limit is not None:
                     if interceptor._in_flight >= interceptor._limit:
                         self.code = "RESOURCE_EXHAUSTED"
+                        WORKER_REFUSALS.labels(service=interceptor._service).inc()
                         interceptor._log_call(method, self.code, self.start)
                         await _drain_requests(requests)
                         await context.abort(
@@ -232,6 +239,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
                             f"(limit {interceptor._limit}); retry later",
                         )
                     interceptor._in_flight += 1
+                    interceptor._busy.set(interceptor._in_flight)
                 self.counted = limited
                 return self
 
@@ -240,6 +248,7 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
             ) -> bool:
                 if self.counted:
                     interceptor._in_flight -= 1
+                    interceptor._busy.set(interceptor._in_flight)
                 if exc is None:
                     interceptor._log_call(method, self.code, self.start)
                     return False
@@ -265,9 +274,12 @@ class _ServiceInterceptor(grpc.aio.ServerInterceptor):
         return _Scope()
 
     def _log_call(self, method: str, code: str, start: float, **extra: Any) -> None:
+        """The call's access-log line and its rpc_server_duration_seconds (health and reflection: neither)."""
         if method.startswith(_EXEMPT_PREFIXES):
             return
-        ms = round((time.perf_counter() - start) * 1000, 1)
+        seconds = time.perf_counter() - start
+        RPC_SERVER_DURATION.labels(**rpc_labels(method, code)).observe(seconds)
+        ms = round(seconds * 1000, 1)
         level = self._log.info if code in ("OK", "CANCELLED") else self._log.warning
         level("rpc", method=method, code=code, duration_ms=ms, **extra)
 

@@ -25,10 +25,11 @@ import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from audiomesh.errors import FailedPrecondition, InvalidInput, NotFound, StoreFull
 from audiomesh.fsutil import fsync_dir
+from audiomesh.metrics import STORE_READ_BYTES, STORE_WRITTEN_BYTES
 
 from .base import (
     DEFAULT_CHUNK_SIZE,
@@ -51,6 +52,29 @@ LOCK_NAME = f"{TMP_PREFIX}cond-lock{TMP_SUFFIX}"
 _LOCK_SLOTS = 1 << 16  # bytes of the lock file keys hash onto
 _OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)  # Linux's value where Python does not name it
 _FLOCK = "hh4xqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+
+
+_READ = STORE_READ_BYTES.labels(backend="file")
+_WRITTEN = STORE_WRITTEN_BYTES.labels(backend="file")
+
+
+class _CountingFile(io.FileIO):
+    """A file opened for reading whose bytes read count in audiomesh_store_read_bytes_total
+    (under a BufferedReader, as ``open(path, "rb")`` would be)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "r")
+
+    def readinto(self, buffer: Any) -> int | None:
+        n = super().readinto(buffer)
+        if n:
+            _READ.inc(n)
+        return n
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        _READ.inc(len(data))
+        return data
 
 
 def _is_tmp(name: str) -> bool:
@@ -188,6 +212,7 @@ class FileStore(ObjectStore):
                 ) from None
             tmp = ""
             fsync_dir(directory)
+            _WRITTEN.inc(reader.count)
             return self._info(key, os.stat(path))
         except BaseException as exc:
             if fd >= 0:
@@ -255,7 +280,7 @@ class FileStore(ObjectStore):
     def open(self, key: str, *, offset: int = 0) -> Iterator[BinaryIO]:
         path = self._path(key)
         try:
-            f = open(path, "rb")  # closed by the with below
+            f = io.BufferedReader(_CountingFile(path))  # closed by the with below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"no object with key {key!r} in the store") from None
         with f:

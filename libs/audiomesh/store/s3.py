@@ -34,6 +34,7 @@ from audiomesh.errors import (
     TooLarge,
     Unavailable,
 )
+from audiomesh.metrics import STORE_READ_BYTES, STORE_WRITTEN_BYTES
 
 from .base import LimitedReader, ObjectInfo, ObjectStore, validate_key, validate_prefix
 
@@ -79,6 +80,10 @@ def _header_time(headers: object) -> datetime:
     return datetime.now(UTC)
 
 
+_READ = STORE_READ_BYTES.labels(backend="s3")
+_WRITTEN = STORE_WRITTEN_BYTES.labels(backend="s3")
+
+
 class _S3Reader(io.RawIOBase):
     """A streamed object body; transport errors surface as Unavailable."""
 
@@ -93,7 +98,9 @@ class _S3Reader(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         with self._store._translate(f"read {self._key!r}", self._key):
-            return self._response.read(None if size is None or size < 0 else size)
+            data = self._response.read(None if size is None or size < 0 else size)
+        _READ.inc(len(data))
+        return data
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -303,6 +310,7 @@ class S3Store(ObjectStore):
                 part_size=self._part_size,
                 num_parallel_uploads=1,
             )
+        _WRITTEN.inc(reader.count)
         return ObjectInfo(
             key=key,
             size=reader.count,
@@ -336,6 +344,7 @@ class S3Store(ObjectStore):
                 if if_match is not None and exc.code in _NOT_FOUND_CODES:
                     raise self._precondition_failed(key, if_match, None) from exc  # If-Match on a missing key
                 raise
+        _WRITTEN.inc(len(data))
         return ObjectInfo(
             key=key, size=len(data), etag=_strip_etag(result.etag), last_modified=_header_time(result.http_headers)
         )
@@ -361,6 +370,7 @@ class S3Store(ObjectStore):
             finally:
                 response.close()
                 response.release_conn()
+        _READ.inc(len(data))
         # The GET's own headers: the ETag of exactly these bytes, whatever was written since.
         return data, ObjectInfo(
             key=key, size=len(data), etag=_strip_etag(headers.get("ETag")), last_modified=_header_time(headers)
