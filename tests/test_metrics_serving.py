@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,3 +115,11 @@ async def test_http_metrics_label_the_route_template_never_the_path():
     assert (count("/v1/jobs/{job_id}", "200"), count("unmatched", "404")) == (before[0] + 1, before[1] + 1)
     exposed = metrics.REGISTRY.collect()
     assert not [s for f in exposed for s in f.samples if job_id in "".join(s.labels.values())]
+
+
+def test_readme_lists_every_metric_and_only_real_ones():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = {re.sub(r"_total$", "", name) for cell in first_cells for name in re.findall(r"`([a-z_]+)", cell)}
+    assert named == set(metrics.NAMES), (named ^ set(metrics.NAMES))
