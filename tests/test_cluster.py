@@ -21,7 +21,7 @@ from audiomesh.config import Settings, load_settings
 from audiomesh.rpc.server import RunningServer, ServiceSpec, start_server
 from audiomesh.services.orchestrator.server import build
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from tests.helpers.mesh import SUCCEEDED, upload, wait_for, write_song
+from tests.helpers.mesh import SUCCEEDED, until_job, upload, wait_for, write_song
 
 RUNNING = common_pb2.JOB_STATE_RUNNING
 NODE_SUCCEEDED = common_pb2.NODE_STATE_SUCCEEDED
@@ -63,15 +63,12 @@ async def replicas(file_mesh, *names: str, **overrides) -> AsyncIterator[list[Re
         yield started
 
 
-async def until(predicate, wait: float, what: str, step: float = 0.1):
-    """Poll ``predicate`` (async) until truthy (bounded)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(step)
-    raise AssertionError(f"{what} within {wait} s")
+def separating(job: orchestrator_pb2.Job) -> bool:
+    return "separation" in job.current_stage
+
+
+def decoded(job: orchestrator_pb2.Job) -> bool:
+    return any(n.name == "decode" and n.state == NODE_SUCCEEDED for n in job.nodes)
 
 
 async def timed_watch(stub, job_id: str, timeout: float = 180.0):
@@ -130,11 +127,7 @@ async def test_a_stopping_replica_hands_its_job_over(file_mesh, tmp_path):
     async with replicas(file_mesh, "gamma", "delta") as (a, b):
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id
 
-        async def decoded():
-            job = (await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
-            return any(n.name == "decode" and n.state == NODE_SUCCEEDED for n in job.nodes)
-
-        await until(decoded, 60, "decode did not finish")
+        await until_job(b.stub, job_id, decoded, 60, "decode did not finish")
         stopped = time.monotonic()
         await a.stop()  # SIGTERM's path: write the state, release the lease
         job, _ = await wait_for(b.stub, job_id, timeout=180)
@@ -154,11 +147,7 @@ async def test_cancel_through_a_replica_that_does_not_run_the_job(file_mesh, tmp
     async with replicas(file_mesh, "epsilon", "zeta") as (a, b):
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id
 
-        async def running():
-            job = (await b.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
-            return job.state == RUNNING
-
-        await until(running, 60, "the job did not start")
+        await until_job(b.stub, job_id, lambda job: job.state == RUNNING, 60, "the job did not start")
         sent = time.monotonic()
         reply = await b.stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id), timeout=60)
         assert reply.job.state == common_pb2.JOB_STATE_CANCELLED, reply.job
@@ -202,11 +191,7 @@ async def test_a_replica_that_loses_its_lease_stops_and_its_watchers_follow_the_
         job_id = (await upload(a.stub, song, "song.wav")).job.job_id
         watch_a = asyncio.ensure_future(timed_watch(a.stub, job_id, timeout=240))
 
-        async def separating():
-            job = (await a.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
-            return "separation" in job.current_stage
-
-        await until(separating, 60, "separation did not start")
+        await until_job(a.stub, job_id, separating, 60, "separation did not start")
         store.put_bytes(lease_key(job_id), LeaseDoc("intruder", 99, TTL, released=True).dumps())
         final_a, seen_a, _ = await watch_a
         assert final_a.state == SUCCEEDED, final_a.error

@@ -70,9 +70,9 @@ async def test_an_orchestrator_cut_off_from_the_store_stops_and_a_peer_finishes(
     import time
     from datetime import datetime
 
-    from audiomesh.v1 import orchestrator_pb2
+    from tests.helpers.mesh import until_job
     from tests.helpers.proxy import Proxy
-    from tests.test_cluster import TTL, events, replicas, timed_watch, until
+    from tests.test_cluster import TTL, events, replicas, separating, timed_watch
 
     proxy = Proxy(s3_mesh.env["AUDIOMESH_S3_ENDPOINT"])
     song = write_song(tmp_path / "song.wav", 12.0, seed=21).read_bytes()
@@ -84,11 +84,7 @@ async def test_an_orchestrator_cut_off_from_the_store_stops_and_a_peer_finishes(
             job_id = (await upload(cut.stub, song, "song.wav")).job.job_id
             watch = asyncio.ensure_future(timed_watch(peer.stub, job_id, timeout=240))
 
-            async def separating():
-                job = (await peer.stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
-                return "separation" in job.current_stage
-
-            await until(separating, 60, "separation did not start")
+            await until_job(peer.stub, job_id, separating, 60, "separation did not start")
             proxy.partition()
             cut_at = time.time()
             final, _, _ = await watch

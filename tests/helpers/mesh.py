@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -108,6 +109,19 @@ async def wait_for(stub, job_id: str, *, timeout: float = 240.0) -> tuple[orches
 
     job = await asyncio.wait_for(follow(), timeout)
     return job, seen
+
+
+async def until_job(
+    stub, job_id: str, test: Callable[[orchestrator_pb2.Job], bool], wait: float, what: str
+) -> orchestrator_pb2.Job:
+    """Poll GetJob every 0.1 s until ``test(job)`` holds; AssertionError "``what`` within ``wait`` s"."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+        if test(job):
+            return job
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} within {wait} s")
 
 
 def read(path: Path) -> np.ndarray:
