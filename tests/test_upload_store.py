@@ -27,7 +27,7 @@ from audiomesh.config import load_settings
 from audiomesh.launcher import auth_policy
 from audiomesh.rpc.server import start_server
 from audiomesh.services.orchestrator.server import build
-from audiomesh.store import FileStore, ObjectStore, S3Store, open_store
+from audiomesh.store import FileStore, ObjectStore, S3Store
 from audiomesh.store.file import LOCK_NAME
 from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from tests.helpers.mesh import write_song
@@ -225,13 +225,7 @@ async def test_upload_cancelled_mid_stream_leaves_nothing(file_mesh, store_env, 
 
 def test_open_seekable_reads_like_a_file(tmp_path, store_env) -> None:
     """The seekable reader over a stored object: random seeks and reads equal the bytes."""
-    store = open_store(
-        store_env["store_url"],
-        s3_endpoint=store_env.get("s3_endpoint"),
-        s3_access_key=store_env.get("s3_access_key"),
-        s3_secret_key=store_env.get("s3_secret_key"),
-        s3_region=store_env.get("s3_region"),
-    )
+    store = load_settings(**store_env).open_store()
     with store:
         data = np.random.default_rng(1).bytes(3 << 20)
         store.put_bytes("obj", data)
@@ -284,13 +278,7 @@ def test_probe_and_scan_on_a_stored_object_equal_the_local_file(tmp_path, store_
     """Same AudioInfo, frame count and refusal messages from the object read in place as from a file."""
     from audiomesh.audio.io import probe, scan_samples
 
-    store = open_store(
-        store_env["store_url"],
-        s3_endpoint=store_env.get("s3_endpoint"),
-        s3_access_key=store_env.get("s3_access_key"),
-        s3_secret_key=store_env.get("s3_secret_key"),
-        s3_region=store_env.get("s3_region"),
-    )
+    store = load_settings(**store_env).open_store()
     with store:
         for label, data in _formats(tmp_path).items():
             local = tmp_path / f"local-{label}"
@@ -318,13 +306,7 @@ def test_ffmpeg_only_format_is_copied_to_scratch_for_ffmpeg(tmp_path, store_env,
     (bin_dir / "ffmpeg").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     data = b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00M4A isommp42" + bytes(range(256)) * 40
-    store = open_store(
-        store_env["store_url"],
-        s3_endpoint=store_env.get("s3_endpoint"),
-        s3_access_key=store_env.get("s3_access_key"),
-        s3_secret_key=store_env.get("s3_secret_key"),
-        s3_region=store_env.get("s3_region"),
-    )
+    store = load_settings(**store_env).open_store()
     scratch_before = _scratch_files()
     with store:
         store.put_bytes("in/song.m4a", data)
