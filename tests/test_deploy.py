@@ -562,7 +562,12 @@ def test_dockerfile_builds_the_documented_image():
     text = _dockerfile()
     ins = _instructions(text)
     froms = [rest for word, rest in ins if word == "FROM"]
-    assert len(froms) >= 2 and all(f.startswith("python:${PYTHON_VERSION}-slim") for f in froms)
+    names = [f.split()[-1] for f in froms]  # every stage is named (FROM ... AS name)
+    # Each stage starts from the python image or from an earlier stage (runtime-base, build-base).
+    assert len(froms) >= 2 and all(
+        f.startswith("python:${PYTHON_VERSION}-slim") or f.split()[0] in names[:i] for i, f in enumerate(froms)
+    )
+    assert names[-1] == "runtime", "the full image stays the default (last) target"
     assert "ARG PYTHON_VERSION=3.11" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
     torch_pin = re.search(r'"torch==([^"]+)"', pyproject).group(1)
@@ -727,6 +732,8 @@ COMPOSE_FROM_ENV_FILE = {
     "AUDIOMESH_DEVICE": "auto finds a GPU when the container has one",
     "AUDIOMESH_DEFAULT_MODEL": "htdemucs, downloaded once into the models volume",
     "AUDIOMESH_TORCH_THREADS": "torch's default: the container's CPUs",
+    "AUDIOMESH_METRICS_ENABLED": "on: /metrics in every container",
+    "AUDIOMESH_METRICS_PORT": "-1: each service's own port (9450-9455) inside its container",
     "AUDIOMESH_COMPILE": "auto: compiled where the models volume's cache has the model (audiomesh warm); true in .env",
     "AUDIOMESH_COMPILE_BACKEND": "inductor",
     "AUDIOMESH_TLS_CERT_FILE": "plain gRPC on the compose network; set with mounted files to serve TLS",

@@ -90,7 +90,16 @@ async def _serve(
     auth = auth_policy(settings, name)  # before building: a refused configuration loads nothing
     if port is None:
         port = int(settings.address_of(name).rpartition(":")[2])
-    spec = importlib.import_module(f"audiomesh.services.{name}.server").build(settings)
+    try:
+        module = importlib.import_module(f"audiomesh.services.{name}.server")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("torch", "demucs"):
+            raise ConfigError(
+                f"{name} needs {exc.name}, which this installation lacks (the worker-dsp image runs hpss, "
+                "composite and normalize only): run it from the full audiomesh image"
+            ) from None
+        raise
+    spec = module.build(settings)
     tls = None
     if settings.tls_cert_file and settings.tls_key_file:
         tls = (settings.tls_cert_file.read_bytes(), settings.tls_key_file.read_bytes())
