@@ -353,3 +353,18 @@ def test_requirements_script_refuses_a_name_that_is_no_dependency(tmp_path):
         timeout=60,
     )
     assert proc.returncode != 0 and "pytorch" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_separation_in_a_slim_install_says_it_needs_the_full_image(tmp_path):
+    """Where torch is missing, `serve separation` ends with one line naming the image to use."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE, "serve", "separation", "--port", "0"],
+        env=_env(tmp_path / "store", bin_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "full audiomesh image" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
