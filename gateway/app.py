@@ -23,7 +23,6 @@ from typing import cast
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
-from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -48,7 +47,7 @@ from audiomesh.telemetry import logger, tracer
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 from .errors import HTTP_STATUS, error_response, rpc_error_json, rpc_error_response
-from .metrics import RequestMetrics
+from .metrics import RequestMetrics, route_template
 from .openapi import openapi_document
 from .routes import HttpRoute, http_routes
 
@@ -111,18 +110,18 @@ class Gateway:
                 message = await self._request_message(route, request)
             except (json_format.ParseError, UnicodeDecodeError) as exc:
                 return error_response(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}")
-            with tracer().start_as_current_span(f"HTTP {route.verb} {route.template}", kind=SpanKind.SERVER):
-                if route.server_streaming:
-                    return await self._stream(route, message, request)
-                call = self.channel.unary_unary(
-                    route.grpc_path,
-                    request_serializer=route.request_class.SerializeToString,
-                    response_deserializer=route.response_class.FromString,
-                )
-                try:
-                    response = await call(message, metadata=self.metadata(request))
-                except grpc.aio.AioRpcError as exc:
-                    return rpc_error_response(exc)
+            # The request's span (AccessLog's) is current: the gRPC call below is its child.
+            if route.server_streaming:
+                return await self._stream(route, message, request)
+            call = self.channel.unary_unary(
+                route.grpc_path,
+                request_serializer=route.request_class.SerializeToString,
+                response_deserializer=route.response_class.FromString,
+            )
+            try:
+                response = await call(message, metadata=self.metadata(request))
+            except grpc.aio.AioRpcError as exc:
+                return rpc_error_response(exc)
             return JSONResponse(to_json(response))
 
         handle.__name__ = route.method.name
@@ -225,10 +224,6 @@ class Gateway:
 
     # --- uploads ----------------------------------------------------------------------
     async def upload(self, request: Request) -> Response:
-        with tracer().start_as_current_span(f"HTTP POST {request.url.path}", kind=SpanKind.SERVER):
-            return await self._upload(request)
-
-    async def _upload(self, request: Request) -> Response:
         """multipart/form-data: optional ``options`` (JobOptions JSON) or ``model``, then ``file``.
 
         The file streams straight into UploadAudio, which streams it into the store (no disk on
@@ -304,6 +299,10 @@ class Gateway:
             response = await call_task
         except grpc.aio.AioRpcError as exc:
             return rpc_error_response(exc)
+        if response.HasField("job"):
+            # The access log line names the path only: this one ties the request to its job, in
+            # the job's trace (the orchestrator made the job this span's child).
+            self.log.info("job created", job_id=response.job.job_id, request_id=request.state.request_id)
         return JSONResponse(to_json(response))
 
     # --- downloads --------------------------------------------------------------------
@@ -640,7 +639,9 @@ def create_app(
 
 
 class AccessLog:
-    """Request id (from X-Request-ID or new), echoed in the response; one log line per request."""
+    """Request id (from X-Request-ID or new), echoed in the response; the request's SERVER span
+    (a child of the caller's W3C traceparent when it sends one), named by its route template;
+    one log line per request, in that span, so the line carries the trace id."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -657,7 +658,6 @@ class AccessLog:
         # Continue the caller's trace (W3C traceparent/tracestate): the spans made for this
         # request, and the gRPC calls they make, join it instead of starting a new one.
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
-        trace_token = otel_context.attach(propagate.extract(carrier))
         started = time.perf_counter()
         status = [500]
 
@@ -668,15 +668,24 @@ class AccessLog:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self.log.info(
-                "http",
-                method=scope["method"],
-                path=scope["path"],
-                status=status[0],
-                duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                request_id=request_id,
-            )
-            otel_context.detach(trace_token)
+        method = scope["method"]
+        with tracer().start_as_current_span(
+            f"HTTP {method}", context=propagate.extract(carrier), kind=SpanKind.SERVER
+        ) as span:
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                route = route_template(scope)  # known once routed; the span's name says it
+                if route != "unmatched":
+                    span.update_name(f"HTTP {method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.request.method", method)
+                span.set_attribute("http.response.status_code", status[0])
+                self.log.info(
+                    "http",
+                    method=method,
+                    path=scope["path"],
+                    status=status[0],
+                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                    request_id=request_id,
+                )

@@ -194,7 +194,8 @@ def test_every_service_is_a_hardened_deployment_with_probes_and_resources(charts
         pod = dep["spec"]["template"]["spec"]
         c = container(dep)
         assert c["args"] == ["serve", component]
-        (port,) = c["ports"]
+        port = c["ports"][0]  # the served port; the second, `metrics`, is /metrics
+        assert [p["name"] for p in c["ports"][1:]] == ["metrics"]
         assert port["containerPort"] == values[component]["port"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             check = c[probe]
@@ -419,7 +420,7 @@ def test_store_bundled_or_external_and_secrets(charts):
     refs = [
         e["valueFrom"]["secretKeyRef"]
         for e in container(deployment(charts, "s3-external", "separation"))["env"]
-        if "valueFrom" in e
+        if "secretKeyRef" in e.get("valueFrom", {})
     ]
     assert refs and all(r["name"] == "audiomesh-credentials" and r["optional"] for r in refs)
 

@@ -122,4 +122,4 @@ def test_readme_lists_every_metric_and_only_real_ones():
     section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
     first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
     named = {re.sub(r"_total$", "", name) for cell in first_cells for name in re.findall(r"`([a-z_]+)", cell)}
-    assert named == set(metrics.NAMES), (named ^ set(metrics.NAMES))
+    assert named == set(metrics.NAMES), named ^ set(metrics.NAMES)

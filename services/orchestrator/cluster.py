@@ -22,7 +22,7 @@ import os
 import socket
 import time
 
-from audiomesh import errors
+from audiomesh import errors, metrics
 from audiomesh.config import Settings
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
@@ -187,10 +187,12 @@ class Cluster:
                 await self.release(rec)
             return False
         assert rec.lease is not None
-        self.log.info("job taken over", job_id=rec.job.job_id, epoch=rec.lease.epoch)
+        reason = rec.lease.taken or "expired"
+        self.log.info("job taken over", job_id=rec.job.job_id, epoch=rec.lease.epoch, reason=reason)
         # The first write, fenced on the ETag just read: if a stale holder slipped a write in, this fails.
         await self.registry.changed(rec, f"job taken over by {rec.lease.label}")
         if rec.owned:
+            metrics.JOB_TAKEOVERS.labels(reason=reason).inc()
             self.run(rec)
         return rec.owned
 

@@ -22,13 +22,16 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from audiomesh import errors, manifest
+from audiomesh import errors, manifest, metrics
 from audiomesh.store import ObjectInfo, ObjectStore
-from audiomesh.telemetry import logger
+from audiomesh.telemetry import logger, remember_job_trace
 from audiomesh.v1 import common_pb2, orchestrator_pb2
 
+from .graph import STAGE_WEIGHTS
 from .lease import Lease, write_through
 
+#: Every stage a node can have (the gauges report each, 0 included: an autoscaler reads 0, not "no data").
+STAGES = tuple(STAGE_WEIGHTS)
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 _PROGRESS_PERSIST_INTERVAL = 2.0  # seconds between manifest writes caused by progress alone
 FOLLOW_INTERVAL = 0.5  # seconds between reads of a followed job's manifest while someone watches it
@@ -72,6 +75,11 @@ class JobRecord:
     # The job as of the last notification: what clients are shown. The live ``job`` can be ahead
     # of the manifest (a state change whose write is in flight); this never is.
     published: orchestrator_pb2.Job | None = None
+    # Monotonic time this replica queued the job (created or retried it): JOB_QUEUE_WAIT starts there.
+    queued_at: float | None = None
+    # Nodes of the running job by name → (stage, "waiting" | "running"), kept by the runner for
+    # the scrape-time gauges (read from the metrics thread: plain dict, copied atomically).
+    node_activity: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def snapshot(self) -> orchestrator_pb2.Job:
@@ -170,6 +178,7 @@ class JobRegistry:
     async def load_into(self, rec: JobRecord, data: bytes, etag: str | None) -> None:
         """``rec`` becomes the manifest ``data`` read with ``etag``; its watchers are told."""
         doc = manifest.loads(data)
+        remember_job_trace(doc.job.job_id, doc.job.trace_parent)  # a take-over logs in the job's trace
         rec.job, rec.events, rec.etag = doc.job, list(doc.events), etag
         await self._notify(rec)
 
@@ -179,6 +188,29 @@ class JobRegistry:
         rec.version += 1
         async with rec.changed:
             rec.changed.notify_all()
+
+    def gauges(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
+        """What :class:`audiomesh.metrics.JobsCollector` reports: held jobs by state (queued,
+        running), their nodes by (stage, waiting|running), and leases held. Called from the
+        metrics server's thread: it only copies builtin containers (atomic under the GIL) and
+        reads plain attributes, so it neither blocks the event loop nor sees a torn dict."""
+        jobs = {"queued": 0, "running": 0}
+        nodes = {(stage, state): 0 for stage in STAGES for state in ("waiting", "running")}
+        leases = 0
+        for rec in list(self.records.values()):
+            if rec.lease is None:
+                continue
+            leases += 1
+            state = rec.job.state
+            if state == common_pb2.JOB_STATE_QUEUED:
+                jobs["queued"] += 1
+            elif state == common_pb2.JOB_STATE_RUNNING:
+                jobs["running"] += 1
+            else:
+                continue  # ended, lease not released yet: no backlog
+            for stage, activity in list(rec.node_activity.values()):
+                nodes[(stage, activity)] = nodes.get((stage, activity), 0) + 1
+        return jobs, nodes, leases
 
     def newest_first(self) -> list[JobRecord]:
         # job_id breaks ties so the order is total (ListJobs' cursor relies on it).
@@ -190,7 +222,7 @@ class JobRegistry:
     async def add(self, job: orchestrator_pb2.Job, event: str, lease: Lease) -> JobRecord:
         """A new job this replica created (and holds ``lease`` of): its first manifest is written
         only if none exists."""
-        rec = JobRecord(job=job, lease=lease)
+        rec = JobRecord(job=job, lease=lease, queued_at=time.monotonic())
         self.records[job.job_id] = rec
         await self.changed(rec, event)
         return rec
@@ -277,6 +309,7 @@ class JobRegistry:
             return
         self.log.warning("job lease lost; stopping without writing", job_id=rec.job.job_id, reason=reason)
         rec.lease = None
+        metrics.LEASES_LOST.inc()
         # Follow it from the store from now on; what this replica holds in memory may be a state
         # it could not write (even a terminal one): the next read replaces it, whatever its ETag.
         rec.refreshed, rec.etag = 0.0, None

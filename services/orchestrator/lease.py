@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from audiomesh import errors
@@ -132,6 +132,7 @@ class Lease:
     etag: str
     sent_at: float  # monotonic time the last successful write was *sent* (not answered)
     renewals: int = 0
+    taken: str = ""  # how try_take found it free: "released" by its holder, or "expired" (or missing)
 
     def valid(self, now: float | None = None) -> bool:
         """Whether the holder may still act: less than TTL × 2/3 since its last successful write was sent."""
@@ -222,10 +223,11 @@ class Leases:
             return None
         epoch = (doc.epoch if doc else 0) + 1
         new = LeaseDoc(self.owner, epoch, self.ttl)
+        taken = "released" if doc is not None and doc.released else "expired"
         try:
             if etag is None:
-                return self._verified(self._write(job_id, new, if_none_match=True))
-            return self._verified(self._write(job_id, new, if_match=etag))
+                return replace(self._verified(self._write(job_id, new, if_none_match=True)), taken=taken)
+            return replace(self._verified(self._write(job_id, new, if_match=etag)), taken=taken)
         except LeaseLost:
             self._seen.pop(job_id, None)
             return None

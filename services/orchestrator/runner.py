@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from audiomesh import errors, scratch
+from audiomesh import errors, metrics, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
@@ -26,7 +26,7 @@ from audiomesh.options import check_separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.rpc.server import LEASE_HEADER, NODE_HEADER
 from audiomesh.store import ObjectStore
-from audiomesh.telemetry import bind_job, logger, tracer
+from audiomesh.telemetry import job_span, logger, tracer
 from audiomesh.tracks import ENCODINGS, INTERMEDIATE, Outputs, extension
 from audiomesh.v1 import (
     common_pb2,
@@ -45,6 +45,11 @@ from .lease import Lease
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
 # RESOURCE_EXHAUSTED without a reason means "busy" and waits without using attempts).
 _RETRYABLE_CODES = {"RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED", "DEADLINE_EXCEEDED"}
+_OUTCOMES = {
+    common_pb2.JOB_STATE_SUCCEEDED: "succeeded",
+    common_pb2.JOB_STATE_FAILED: "failed",
+    common_pb2.JOB_STATE_CANCELLED: "cancelled",
+}
 # Failures that repeat on every attempt: the same request needs the same memory / bytes.
 _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
 
@@ -134,6 +139,7 @@ class Runner:
     def reset_for_retry(rec: JobRecord) -> None:
         """Queue a FAILED/CANCELLED job again; resume reuses the nodes whose outputs exist."""
         rec.job.state = common_pb2.JOB_STATE_QUEUED
+        rec.queued_at = time.monotonic()  # the queue wait of a retry starts at its request
         rec.job.ClearField("error")
         for node in rec.job.nodes:
             if node.state != common_pb2.NODE_STATE_SUCCEEDED:
@@ -144,13 +150,20 @@ class Runner:
         try:
             await self._run_owned(rec)
         finally:
+            # Counted once per end, by the replica that holds the job when it ends (written);
+            # a job lost meanwhile (lease None) or handed off (not terminal) is not finished here.
+            if rec.lease is not None and rec.terminal:
+                try:
+                    _count_end(rec)
+                except Exception:  # noqa: BLE001 - metrics never keep a lease from being released
+                    logger().exception("job end not counted in the metrics")
             # Ended here, or handed off: a peer may take the lease at once. (Lost: nothing to give.)
             if self.release is not None and rec.lease is not None and (rec.terminal or self.shutting_down):
                 await self.release(rec)
 
     async def _run_owned(self, rec: JobRecord) -> None:
         job = rec.job
-        with bind_job(job.job_id), tracer().start_as_current_span("job", attributes={"job.id": job.job_id}):
+        with job_span(job.job_id, job.trace_parent):  # in the job's one trace, whoever runs it
             try:
                 if self.job_slots is None:
                     await self._execute(rec)
@@ -222,6 +235,8 @@ class Runner:
         else:
             _match_nodes(job, plan)
             await self._prepare_resume(rec)
+        if job.state == common_pb2.JOB_STATE_QUEUED:
+            _observe_queue_wait(rec)
         job.state = common_pb2.JOB_STATE_RUNNING
         _set_current_stage(job)  # with the state: never RUNNING without a stage
         started = time.monotonic()
@@ -249,6 +264,7 @@ class Runner:
                 task.cancel()
             if running:
                 await asyncio.gather(*running.values(), return_exceptions=True)
+            rec.node_activity.clear()  # a node task cancelled before it started never cleared its mark
         normalize = rec.node("normalize")
         job.ClearField("tracks")
         job.tracks.extend(normalize.outputs)
@@ -284,88 +300,122 @@ class Runner:
         slots: asyncio.Semaphore,
         started: float,
     ) -> None:
-        async with slots:
-            node.state = common_pb2.NODE_STATE_RUNNING
-            node.start_time.CopyFrom(now_pb())
-            node.ClearField("end_time")
-            node.ClearField("error")
-            _set_current_stage(rec.job)
-            await self.registry.changed(rec, f"{node.name} started")
+        """One node whose inputs exist: waits for a node slot, then runs (:meth:`_attempt_node`).
+        Marked in ``rec.node_activity`` meanwhile (the gauges' backlog), and observed in
+        NODE_DURATION once it started, with how it ended (succeeded, failed or cancelled)."""
+        # Ready but held back by capacity until it has a slot: the backlog an autoscaler reads.
+        rec.node_activity[node.name] = (node.stage, "waiting")
+        try:
+            async with slots:
+                rec.node_activity[node.name] = (node.stage, "running")
+                cancelled = False
+                try:
+                    await self._attempt_node(rec, node, plan, info, started)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
+                finally:
+                    # By its state: a node cancelled while its success is being written did succeed.
+                    succeeded = node.state == common_pb2.NODE_STATE_SUCCEEDED
+                    _observe_node(node, "succeeded" if succeeded else "cancelled" if cancelled else "failed")
+        finally:
+            rec.node_activity.pop(node.name, None)
 
-            def progress(fraction: float) -> None:
-                node.fraction = max(node.fraction, min(fraction, 1.0))
-                job = rec.job
-                job.fraction = overall_fraction(job.nodes)
-                elapsed = time.monotonic() - started
-                if job.fraction > 0.02:
-                    job.eta_seconds = elapsed * (1 - job.fraction) / job.fraction
-                asyncio.ensure_future(self.registry.changed(rec, persist=False))
+    async def _attempt_node(
+        self,
+        rec: JobRecord,
+        node: orchestrator_pb2.Node,
+        plan: Plan,
+        info: separation_pb2.ModelInfo,
+        started: float,
+    ) -> None:
+        node.state = common_pb2.NODE_STATE_RUNNING
+        node.start_time.CopyFrom(now_pb())
+        node.ClearField("end_time")
+        node.ClearField("error")
+        _set_current_stage(rec.job)
+        await self.registry.changed(rec, f"{node.name} started")
 
-            attempts_left = self.settings.node_attempts
-            busy_deadline = time.monotonic() + self.settings.stage_timeout_seconds
-            unavailable_deadline = time.monotonic() + self.settings.unavailable_budget_seconds
-            busy_waits = 0
-            unreachable_since: float | None = None  # start of the current run of failed connections
-            with tracer().start_as_current_span(f"node {node.name}"):
-                while True:
-                    first_try = time.monotonic()
-                    node.attempts += 1
-                    attempts_left -= 1
-                    try:
-                        outputs = await self._dispatch(node, plan, info, rec.job, progress, rec.lease)
-                        break
-                    except grpc.aio.AioRpcError as exc:
-                        if exc.code() == grpc.StatusCode.CANCELLED and rec.task and rec.task.cancelling():
-                            raise asyncio.CancelledError from None
-                        err = status_of(exc)
-                    except errors.AudiomeshError as exc:
-                        err = exc
-                    if isinstance(err, errors.ResourceExhausted) and err.reason is None:
-                        if time.monotonic() < busy_deadline:
-                            # A busy worker is not a failed attempt: wait for a free slot.
-                            node.attempts -= 1
-                            attempts_left += 1
-                            busy_waits += 1
+        def progress(fraction: float) -> None:
+            node.fraction = max(node.fraction, min(fraction, 1.0))
+            job = rec.job
+            job.fraction = overall_fraction(job.nodes)
+            elapsed = time.monotonic() - started
+            if job.fraction > 0.02:
+                job.eta_seconds = elapsed * (1 - job.fraction) / job.fraction
+            asyncio.ensure_future(self.registry.changed(rec, persist=False))
+
+        attempts_left = self.settings.node_attempts
+        busy_deadline = time.monotonic() + self.settings.stage_timeout_seconds
+        unavailable_deadline = time.monotonic() + self.settings.unavailable_budget_seconds
+        busy_waits = 0
+        unreachable_since: float | None = None  # start of the current run of failed connections
+        with tracer().start_as_current_span(f"node {node.name}"):
+            while True:
+                first_try = time.monotonic()
+                node.attempts += 1
+                attempts_left -= 1
+                try:
+                    outputs = await self._dispatch(node, plan, info, rec.job, progress, rec.lease)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.CANCELLED and rec.task and rec.task.cancelling():
+                        raise asyncio.CancelledError from None
+                    err = status_of(exc)
+                except errors.AudiomeshError as exc:
+                    err = exc
+                if isinstance(err, errors.ResourceExhausted) and err.reason is None:
+                    if time.monotonic() < busy_deadline:
+                        # A busy worker is not a failed attempt: wait for a free slot.
+                        node.attempts -= 1
+                        attempts_left += 1
+                        busy_waits += 1
+                        metrics.NODE_BUSY_WAITS.labels(stage=node.stage).inc()
+                        rec.node_activity[node.name] = (node.stage, "waiting")  # backlog until it retries
+                        try:
                             await asyncio.sleep(min(0.2 * busy_waits, 2.0))
-                            continue
-                    if isinstance(err, errors.Unavailable):
-                        # Gone workers or store: keep trying for the budget, not a fixed count.
-                        retry = time.monotonic() < unavailable_deadline
-                    else:
-                        retry = retryable(err) and attempts_left > 0
-                    code, message = err.code, str(err)
-                    if isinstance(err, errors.Unavailable) and node.stage in _RPCS and _transport_failure(message):
-                        unreachable_since = unreachable_since or first_try
-                        message = _unreachable_message(
-                            node.stage,
-                            self.settings.address_of(node.stage),
-                            time.monotonic() - unreachable_since,
-                            self.settings.unavailable_budget_seconds,
-                            retry,
-                            message,
-                        )
-                    else:
-                        unreachable_since = None
-                    if not retry:
-                        node.state = common_pb2.NODE_STATE_FAILED
-                        node.end_time.CopyFrom(now_pb())
-                        node.error.CopyFrom(common_pb2.ErrorDetail(code=code, message=message, node=node.name))
-                        await self.registry.changed(rec, f"{node.name} failed: {code}: {message}")
-                        raise NodeFailed(node.name, code, message)
-                    delay = min(0.5 * 2 ** (node.attempts - 1), 5.0)
-                    await self.registry.changed(
-                        rec, f"{node.name} attempt {node.attempts} failed ({code}: {message}); retrying in {delay:.1f}s"
+                        finally:
+                            rec.node_activity[node.name] = (node.stage, "running")
+                        continue
+                if isinstance(err, errors.Unavailable):
+                    # Gone workers or store: keep trying for the budget, not a fixed count.
+                    retry = time.monotonic() < unavailable_deadline
+                else:
+                    retry = retryable(err) and attempts_left > 0
+                code, message = err.code, str(err)
+                if isinstance(err, errors.Unavailable) and node.stage in _RPCS and _transport_failure(message):
+                    unreachable_since = unreachable_since or first_try
+                    message = _unreachable_message(
+                        node.stage,
+                        self.settings.address_of(node.stage),
+                        time.monotonic() - unreachable_since,
+                        self.settings.unavailable_budget_seconds,
+                        retry,
+                        message,
                     )
-                    await asyncio.sleep(delay)
-            node.ClearField("outputs")
-            node.outputs.extend(outputs)
-            node.state = common_pb2.NODE_STATE_SUCCEEDED
-            _set_current_stage(rec.job)
-            node.fraction = 1.0
-            node.end_time.CopyFrom(now_pb())
-            node.duration_seconds = (node.end_time.ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
-            rec.job.fraction = overall_fraction(rec.job.nodes)
-            await self.registry.changed(rec, f"{node.name} succeeded in {node.duration_seconds:.2f}s")
+                else:
+                    unreachable_since = None
+                if not retry:
+                    node.state = common_pb2.NODE_STATE_FAILED
+                    node.end_time.CopyFrom(now_pb())
+                    node.error.CopyFrom(common_pb2.ErrorDetail(code=code, message=message, node=node.name))
+                    await self.registry.changed(rec, f"{node.name} failed: {code}: {message}")
+                    raise NodeFailed(node.name, code, message)
+                metrics.NODE_RETRIES.labels(stage=node.stage, code=code).inc()
+                delay = min(0.5 * 2 ** (node.attempts - 1), 5.0)
+                await self.registry.changed(
+                    rec, f"{node.name} attempt {node.attempts} failed ({code}: {message}); retrying in {delay:.1f}s"
+                )
+                await asyncio.sleep(delay)
+        node.ClearField("outputs")
+        node.outputs.extend(outputs)
+        node.state = common_pb2.NODE_STATE_SUCCEEDED
+        _set_current_stage(rec.job)
+        node.fraction = 1.0
+        node.end_time.CopyFrom(now_pb())
+        node.duration_seconds = (node.end_time.ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
+        rec.job.fraction = overall_fraction(rec.job.nodes)
+        await self.registry.changed(rec, f"{node.name} succeeded in {node.duration_seconds:.2f}s")
 
     async def _dispatch(
         self,
@@ -414,6 +464,38 @@ class Runner:
                 return Outputs(self.store, tmp).publish_file("mix", request.output_key, mix, writer.measurement)
 
         return await asyncio.to_thread(work)
+
+
+def _count_end(rec: JobRecord) -> None:
+    """JOBS_FINISHED and JOB_DURATION (creation → the end's write, from the job's timestamps)."""
+    outcome = _OUTCOMES.get(rec.job.state)
+    if outcome is None:
+        return
+    job = rec.job
+    seconds = (job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9
+    metrics.JOBS_FINISHED.labels(outcome=outcome).inc()
+    metrics.JOB_DURATION.labels(outcome=outcome).observe(max(0.0, seconds))
+
+
+def _observe_queue_wait(rec: JobRecord) -> None:
+    """QUEUED → RUNNING: from the creation or retry on this replica (monotonic), else (a queued
+    job taken over from another replica) from the job's creation time."""
+    if rec.queued_at is not None:
+        seconds = time.monotonic() - rec.queued_at
+    else:
+        seconds = (now_pb().ToNanoseconds() - rec.job.create_time.ToNanoseconds()) / 1e9
+    rec.queued_at = None
+    metrics.JOB_QUEUE_WAIT.observe(max(0.0, seconds))
+
+
+def _observe_node(node: orchestrator_pb2.Node, outcome: str) -> None:
+    """NODE_DURATION of a node run that ended: the manifest's duration when it succeeded, else
+    from its start to now."""
+    if outcome == "succeeded":
+        seconds = node.duration_seconds
+    else:
+        seconds = (now_pb().ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
+    metrics.NODE_DURATION.labels(stage=node.stage, outcome=outcome).observe(max(0.0, seconds))
 
 
 def _match_nodes(job: orchestrator_pb2.Job, plan: Plan) -> None:

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 import audiomesh
-from audiomesh import errors, ranges
+from audiomesh import errors, metrics, ranges
 from audiomesh.audio.io import AudioInfo, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
@@ -26,7 +26,7 @@ from audiomesh.hashing import sha256_chunks
 from audiomesh.options import check_job_options, normalization
 from audiomesh.rpc import Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename, validate_key
-from audiomesh.telemetry import logger
+from audiomesh.telemetry import current_traceparent, logger
 from audiomesh.tracks import audio_info_pb
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 
@@ -247,6 +247,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             options=options,
             manifest_key=manifest_key(job_id),
             owner=_principal(),
+            trace_parent=current_traceparent(),  # every run of the job joins this call's trace
         )
         if self.cluster.stopping:  # the upload took a while: no new job on a replica that is stopping now
             raise errors.Unavailable("this orchestrator is stopping; retry (another replica takes the job)")
@@ -258,6 +259,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             self.registry.records.pop(job_id, None)
             await asyncio.to_thread(self.store.delete, lease_key(job_id))
             raise errors.Unavailable("this orchestrator is overloaded: the job was not created; retry")
+        metrics.JOBS_CREATED.inc()
         self.cluster.run(rec)
         return rec.snapshot
 
@@ -465,6 +467,8 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
     cluster = Cluster(settings, store, registry, runner)
     servicer = OrchestratorServicer(settings, store, registry, runner, cluster)
     background: list[asyncio.Task] = []
+    # Scrape-time gauges (jobs, nodes backlog per stage, leases); registered while serving.
+    gauges = metrics.JobsCollector(registry.gauges)
 
     async def sweep_forever() -> None:
         interval = max(60.0, min(3600.0, settings.retention_hours * 360))
@@ -503,6 +507,7 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="orchestrator")
         )
+        metrics.register_collector(gauges)
         await retry_until_stopped(
             "the store did not answer; NOT_SERVING, retrying",
             lambda: asyncio.to_thread(lambda: settings.open_store().close()),
@@ -532,6 +537,7 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
 
     async def stop() -> None:
         stopping.set()
+        metrics.unregister_collector(gauges)  # in-process replicas (tests) come and go
         await registry.close_watchers()
         for task in background:
             task.cancel()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from audiomesh import errors, scratch
+from audiomesh import errors, metrics, scratch
 from audiomesh.config import Settings
 from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import separation_options
@@ -98,6 +98,9 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
         def result(done: tuple[list[common_pb2.Track], int]) -> separation_pb2.SeparateResponse:
             stems, compiled_calls = done
             elapsed = time.perf_counter() - started
+            # The audio separated: every stem is as long as the mix (at the model's rate).
+            separated = max((t.audio.duration_seconds for t in stems), default=0.0)
+            metrics.SEPARATED_AUDIO.labels(model=name).inc(max(0.0, separated))
             warnings = self.compiler.warnings(model) if self.compiler is not None else []
             execution = "compile_failed" if warnings else "compiled" if compiled_calls else "eager"
             log = logger(model=name)

@@ -265,5 +265,193 @@ def main() -> int:
     return 0
 
 
+# ---- CRDs the chart may render: ServiceMonitor, PodMonitor (Prometheus Operator), ScaledObject (KEDA)
+#
+# The fake API serves their groups too, like a cluster with both operators installed (Helm refuses
+# kinds the API does not know), and since kubernetes-validate knows only Kubernetes' own kinds, their
+# objects are checked strictly against these schemas instead: the part of each upstream CRD's
+# openAPIV3Schema the chart renders, copied with additionalProperties: false (from prometheus-operator
+# example/prometheus-operator-crd at 6adcebc, v0.93+; KEDA config/crd/bases at 8b4f083, v2.20+).
+
+_STRING = {"type": "string"}
+_STRINGS = {"type": "array", "items": _STRING}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+_INT32 = {"type": "integer", "format": "int32"}
+
+
+def _strict(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    return {**schema, "required": list(required)} if required else schema
+
+
+_RELABELINGS = {
+    "type": "array",
+    "items": _strict(
+        {
+            "action": {"type": "string", "enum": [
+                "replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod", "labelmap", "LabelMap",
+                "labeldrop", "LabelDrop", "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase", "Uppercase",
+                "keepequal", "KeepEqual", "dropequal", "DropEqual",
+            ]},
+            "modulus": {"type": "integer", "format": "int64", "minimum": 0},
+            "regex": _STRING, "replacement": _STRING, "separator": _STRING,
+            "sourceLabels": _STRINGS, "targetLabel": _STRING,
+        }
+    ),
+}  # fmt: skip
+_LABEL_SELECTOR = _strict(
+    {
+        "matchExpressions": {
+            "type": "array",
+            "items": _strict({"key": _STRING, "operator": _STRING, "values": _STRINGS}, ("key", "operator")),
+        },
+        "matchLabels": {"type": "object", "additionalProperties": _STRING},
+    }
+)
+
+
+def _monitor_spec(endpoints: str) -> dict:
+    endpoint = _strict(
+        {
+            "port": _STRING,
+            "path": _STRING,
+            "interval": _DURATION,
+            "scrapeTimeout": _DURATION,
+            "honorLabels": {"type": "boolean"},
+            "relabelings": _RELABELINGS,
+            "metricRelabelings": _RELABELINGS,
+        }
+    )
+    return _strict(
+        {
+            "namespaceSelector": _strict({"any": {"type": "boolean"}, "matchNames": _STRINGS}),
+            "selector": _LABEL_SELECTOR,
+            "podTargetLabels": _STRINGS,
+            endpoints: {"type": "array", "items": endpoint},
+        },
+        ("selector", endpoints) if endpoints == "endpoints" else ("selector",),
+    )
+
+
+_SCALING_RULES = _strict(
+    {
+        "policies": {
+            "type": "array",
+            "items": _strict(
+                {"periodSeconds": _INT32, "type": _STRING, "value": _INT32}, ("periodSeconds", "type", "value")
+            ),
+        },
+        "selectPolicy": _STRING,
+        "stabilizationWindowSeconds": _INT32,
+    }
+)
+_SCALED_OBJECT_SPEC = _strict(
+    {
+        "scaleTargetRef": _strict(
+            {"apiVersion": _STRING, "envSourceContainerName": _STRING, "kind": _STRING, "name": {**_STRING, "minLength": 1}},
+            ("name",),
+        ),
+        "minReplicaCount": {**_INT32, "minimum": 0},
+        "maxReplicaCount": {**_INT32, "minimum": 1},
+        "pollingInterval": {**_INT32, "minimum": 1},
+        "cooldownPeriod": {**_INT32, "minimum": 0},
+        "fallback": _strict(
+            {
+                "behavior": {"type": "string", "enum": ["static", "currentReplicas", "currentReplicasIfHigher",
+                                                        "currentReplicasIfLower", "scalingModifiers"]},
+                "failureThreshold": {**_INT32, "minimum": 0},
+                "replicas": {**_INT32, "minimum": 0},
+            },
+            ("failureThreshold", "replicas"),
+        ),
+        "advanced": _strict(
+            {
+                "horizontalPodAutoscalerConfig": _strict(
+                    {"behavior": _strict({"scaleDown": _SCALING_RULES, "scaleUp": _SCALING_RULES}), "name": _STRING}
+                ),
+                "restoreToOriginalReplicaCount": {"type": "boolean"},
+            }
+        ),
+        "triggers": {
+            "type": "array",
+            "minItems": 1,
+            "items": _strict(
+                {
+                    "authenticationRef": _strict(
+                        {"kind": {"type": "string", "enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+                         "name": _STRING},
+                        ("name",),
+                    ),
+                    "metadata": {"type": "object", "additionalProperties": _STRING},
+                    "metricType": _STRING,
+                    "name": _STRING,
+                    "type": {**_STRING, "minLength": 1},
+                    "useCachedMetrics": {"type": "boolean"},
+                },
+                ("metadata", "type"),
+            ),
+        },
+    },
+    ("scaleTargetRef", "triggers"),
+)  # fmt: skip
+
+#: (apiVersion, kind) -> JSON schema of the object's spec.
+CRD_SPECS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _monitor_spec("endpoints"),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _monitor_spec("podMetricsEndpoints"),
+    ("keda.sh/v1alpha1", "ScaledObject"): _SCALED_OBJECT_SPEC,
+}
+_GROUPS.update(
+    {
+        "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor"), ("podmonitors", "PodMonitor")],
+        "keda.sh/v1alpha1": [("scaledobjects", "ScaledObject")],
+    }
+)
+
+
+def crd_errors(docs: list[dict]) -> list[str]:
+    """Errors of the CRD objects among ``docs`` against :data:`CRD_SPECS` (others are ignored)."""
+    import jsonschema
+
+    errors = []
+    for doc in docs:
+        spec_schema = CRD_SPECS.get((doc.get("apiVersion"), doc.get("kind")))
+        if spec_schema is None:
+            continue
+        schema = _strict(
+            {
+                "apiVersion": _STRING,
+                "kind": _STRING,
+                "metadata": _strict(
+                    {
+                        "name": {**_STRING, "minLength": 1},
+                        "namespace": _STRING,
+                        "labels": {"type": "object", "additionalProperties": _STRING},
+                        "annotations": {"type": "object", "additionalProperties": _STRING},
+                    },
+                    ("name",),
+                ),
+                "spec": spec_schema,
+            },
+            ("apiVersion", "kind", "metadata", "spec"),
+        )
+        for error in jsonschema.Draft7Validator(schema).iter_errors(doc):
+            where = ".".join(str(p) for p in error.absolute_path)
+            errors.append(f"{doc['kind']}/{doc['metadata'].get('name')} (CRD schema) {where}: {error.message}")
+    return errors
+
+
+_kubernetes_errors = _k8s_errors
+
+
+def _k8s_errors(docs: list[dict], versions: list[str]) -> list[str]:  # noqa: F811 - CRDs join the check
+    """kubernetes-validate for Kubernetes' kinds, :func:`crd_errors` for the CRDs above."""
+    core = [d for d in docs if (d.get("apiVersion"), d.get("kind")) not in CRD_SPECS]
+    return _kubernetes_errors(core, versions) + crd_errors(docs)
+
+
 if __name__ == "__main__":
     sys.exit(main())

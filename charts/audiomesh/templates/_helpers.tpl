@@ -135,3 +135,60 @@ hold a subset). The services get the server side; the client key (api-key) goes 
       optional: true
 {{- end }}
 {{- end }}
+
+{{/* Scaled by an HPA (CPU) or a KEDA ScaledObject (backlog): the Deployment leaves replicas to it. */}}
+{{- define "audiomesh.autoscaled" -}}
+{{- $values := index .ctx.Values .component }}
+{{- if hasKey $values "autoscaling" }}
+{{- if or $values.autoscaling.enabled $values.autoscaling.keda.enabled }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* The label on every pod that serves /metrics: the metrics Service, PodMonitor and NetworkPolicy select by it. */}}
+{{- define "audiomesh.metricsLabel" -}}
+audiomesh.io/metrics: "true"
+{{- end }}
+
+{{/* KEDA's PromQL for a stage's backlog: its nodes waiting or running in this release's orchestrators
+(audiomesh_nodes, audiomesh.metrics.JobsCollector: every stage always has a series, so no result at
+all means no orchestrator is scraped, which KEDA reports as an error rather than a backlog of 0),
+summed over the replicas. Separation adds queued jobs: each becomes a separation node once planned,
+and planning asks a separation pod, so from zero pods they are the only sign of work. */}}
+{{- define "audiomesh.kedaQuery" -}}
+{{- $keda := (index .ctx.Values .component).autoscaling.keda }}
+{{- if $keda.query }}
+{{- $keda.query }}
+{{- else }}
+{{- $orchestrator := include "audiomesh.componentName" (dict "ctx" .ctx "component" "orchestrator") }}
+{{- $series := printf "namespace=%q,pod=~%q" .ctx.Release.Namespace (printf "%s-.+" $orchestrator) }}
+{{- $nodes := printf "sum(audiomesh_nodes{stage=%q,%s})" .component $series }}
+{{- if eq .component "separation" }}
+{{- printf "sum(audiomesh_jobs{state=\"queued\",%s}) + %s" $series $nodes }}
+{{- else }}
+{{- $nodes }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* priorityClassName and topologySpreadConstraints of a service's pod spec (nindent 6), the
+service's own or the top-level defaults; a constraint without a labelSelector selects this service's pods. */}}
+{{- define "audiomesh.scheduling" -}}
+{{- $values := index .ctx.Values .component }}
+{{- with default .ctx.Values.priorityClassName $values.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with default .ctx.Values.topologySpreadConstraints $values.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range . }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "audiomesh.componentSelectorLabels" $ | fromYaml)) }}
+{{- end }}
+  - {{- toYaml $constraint | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "audiomesh.compileCacheClaim" -}}
+{{- default (printf "%s-compile-cache" (include "audiomesh.fullname" .) | trunc 63 | trimSuffix "-") .Values.separation.compileCache.existingClaim }}
+{{- end }}

@@ -19,7 +19,8 @@ Each message says what to set. values.schema.json checks each value on its own.
 {{- end }}
 {{- $sep := .Values.separation }}
 {{- $cache := .Values.modelCache.persistence }}
-{{- if and $cache.enabled (not $cache.existingClaim) (eq (len $cache.accessModes) 1) (has "ReadWriteOnce" $cache.accessModes) (or $sep.autoscaling.enabled (gt (int $sep.replicaCount) 1)) }}
+{{- $sepPods := or (include "audiomesh.autoscaled" (dict "ctx" . "component" "separation")) (gt (int $sep.replicaCount) 1) }}
+{{- if and $cache.enabled (not $cache.existingClaim) (eq (len $cache.accessModes) 1) (has "ReadWriteOnce" $cache.accessModes) $sepPods }}
 {{- fail "modelCache: separation runs several pods, but its new model-cache volume is ReadWriteOnce (one node). Set modelCache.persistence.accessModes=[ReadWriteMany], or an existingClaim that several nodes can mount." }}
 {{- end }}
 {{- if and $sep.gpu.enabled (eq $sep.device "cpu") }}
@@ -49,5 +50,50 @@ Each message says what to set. values.schema.json checks each value on its own.
 {{- end }}
 {{- if and .Values.modelCache.readOnly (not .Values.modelCache.offline) }}
 {{- fail "modelCache: readOnly=true leaves nowhere to download weights. Set modelCache.offline=true (the weights are on the volume already) or readOnly=false." }}
+{{- end }}
+{{- $compile := $sep.compileCache }}
+{{- if and $compile.enabled (not $compile.existingClaim) (eq (len $compile.accessModes) 1) (has "ReadWriteOnce" $compile.accessModes) $sepPods }}
+{{- fail "separation.compileCache: separation runs several pods, but its new compile-cache volume is ReadWriteOnce (one node). Set separation.compileCache.accessModes=[ReadWriteMany], or an existingClaim that several nodes can mount." }}
+{{- end }}
+{{- /* Monitoring and autoscaling */}}
+{{- $metrics := .Values.metrics }}
+{{- range $component := list "orchestrator" "separation" "hpss" "composite" "normalize" "gateway" }}
+{{- if and $metrics.enabled (eq (int $metrics.port) (int (index $.Values $component).port)) }}
+{{- fail (printf "metrics: metrics.port=%v is also %s.port. Set metrics.port to a free port (9090 by default)." $metrics.port $component) }}
+{{- end }}
+{{- end }}
+{{- range $what := list "serviceMonitor" "podMonitor" "dashboard" }}
+{{- if and (index $metrics $what).enabled (not $metrics.enabled) }}
+{{- fail (printf "metrics: metrics.%s.enabled=true needs the services' metrics. Set metrics.enabled=true." $what) }}
+{{- end }}
+{{- end }}
+{{- if and $metrics.serviceMonitor.enabled $metrics.podMonitor.enabled }}
+{{- fail "metrics: serviceMonitor and podMonitor both scrape every pod, so every series would be counted twice. Set metrics.serviceMonitor.enabled=false or metrics.podMonitor.enabled=false." }}
+{{- end }}
+{{- range $component := list "separation" "hpss" }}
+{{- $v := index $.Values $component }}
+{{- $keda := $v.autoscaling.keda }}
+{{- if and $keda.enabled $v.autoscaling.enabled }}
+{{- fail (printf "%s.autoscaling: the CPU HPA (enabled=true) and KEDA (keda.enabled=true) would both scale one Deployment and fight. Set %s.autoscaling.enabled=false to scale on backlog with KEDA, or %s.autoscaling.keda.enabled=false." $component $component $component) }}
+{{- end }}
+{{- if $keda.enabled }}
+{{- if not $metrics.enabled }}
+{{- fail (printf "%s.autoscaling.keda: KEDA reads the backlog from the services' metrics. Set metrics.enabled=true." $component) }}
+{{- end }}
+{{- if not $.Values.keda.serverAddress }}
+{{- fail (printf "%s.autoscaling.keda: no Prometheus to query. Set keda.serverAddress (e.g. http://prometheus-operated.monitoring.svc:9090) to the Prometheus that scrapes this release." $component) }}
+{{- end }}
+{{- if gt (int $keda.minReplicas) (int $keda.maxReplicas) }}
+{{- fail (printf "%s.autoscaling.keda: minReplicas (%v) is above maxReplicas (%v)." $component $keda.minReplicas $keda.maxReplicas) }}
+{{- end }}
+{{- /* From zero pods, a job's node calls an absent worker and fails after unavailableBudgetSeconds. */}}
+{{- $startup := add (mul $v.startupProbe.periodSeconds $v.startupProbe.failureThreshold) $keda.pollingInterval }}
+{{- if and (eq (int $keda.minReplicas) 0) (lt (int $.Values.config.unavailableBudgetSeconds) (int $startup)) }}
+{{- fail (printf "%s.autoscaling.keda: minReplicas=0 scales to zero, but a job's first call then waits for a pod to start: up to pollingInterval (%v s) + its startup probe (%v s), while config.unavailableBudgetSeconds=%v fails the call sooner. Set config.unavailableBudgetSeconds=%v or more (add your node autoscaler's time), or minReplicas=1." $component $keda.pollingInterval (mul $v.startupProbe.periodSeconds $v.startupProbe.failureThreshold) $.Values.config.unavailableBudgetSeconds $startup) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled .Values.ingress.enabled (not .Values.networkPolicy.gateway.from) }}
+{{- fail "networkPolicy: with ingress.enabled the gateway should take calls from the ingress controller only. Set networkPolicy.gateway.from to its pods, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ingress-nginx}}}] (or [{namespaceSelector: {}}] for any pod in the cluster)." }}
 {{- end }}
 {{- end }}

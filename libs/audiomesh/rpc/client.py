@@ -113,11 +113,11 @@ class _TimeCalls:
     """rpc_client_duration_seconds for each call to an audiomesh service, observed when the
     call ends (its status known), however it ends. Health checks are left out."""
 
-    def _timed(self, details: grpc.aio.ClientCallDetails, call: Any) -> Any:
+    def _timed(self, details: grpc.aio.ClientCallDetails, call: Any, start: float) -> Any:
+        """``start``: taken before the call began (a unary call has ended when its call object comes)."""
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         if method.startswith("/grpc."):
             return call
-        start = time.perf_counter()
 
         def done(finished: Any) -> None:
             elapsed = time.perf_counter() - start
@@ -140,21 +140,24 @@ class _UnaryUnaryTimer(_TimeCalls, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return self._timed(details, await continuation(details, request))
+        start = time.perf_counter()
+        return self._timed(details, await continuation(details, request), start)
 
 
 class _UnaryStreamTimer(_TimeCalls, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return self._timed(details, await continuation(details, request))
+        start = time.perf_counter()
+        return self._timed(details, await continuation(details, request), start)
 
 
 class _StreamUnaryTimer(_TimeCalls, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request_iterator: Any
     ) -> Any:
-        return self._timed(details, await continuation(details, request_iterator))
+        start = time.perf_counter()
+        return self._timed(details, await continuation(details, request_iterator), start)
 
 
 def metrics_interceptors() -> list:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from audiomesh import metrics
 from audiomesh.fsutil import atomic_path
 from audiomesh.separation.demucs_model import DemucsModel, _submodels
 from audiomesh.telemetry import logger
@@ -605,15 +606,24 @@ class BackgroundCompiler:
         shapes = chunk_shapes(eager.model)
         log.info("compile started (serving eager meanwhile)", chunk_shapes=[list(s) for s in shapes])
         started = time.perf_counter()
+        # MODEL_COMPILE: the cold compile in a child (if any) and the compile here, not the wait
+        # for a quiet moment between them.
+        outcome, filled = "failed", 0.0
+        step = started
         try:
             self._fill_cache(name, device, eager)
+            filled = time.perf_counter() - step
             self.activity.wait_idle()
+            step = time.perf_counter()
             compiled = compile_model(eager, backend=self.backend, on_failure=self._failed_later)
+            outcome = "compiled"
         except Exception as exc:  # noqa: BLE001 - any failure to compile means eager, never a failed job
             reason = f"{type(exc).__name__}: {exc}".strip()[:2000]
             log.warning("compile failed; serving eager", reason=reason)
             self.factory.set_execution(name, device, "compile_failed", f"compiling failed: {reason}")
             return
+        finally:
+            metrics.MODEL_COMPILE.labels(model=name, outcome=outcome).observe(filled + time.perf_counter() - step)
         seconds = time.perf_counter() - started
         if self.compare_speed and not self._faster(compiled, log):
             return
@@ -732,12 +742,15 @@ def warm_cache(
             compiled = compile_model(eager, backend=backend)
         except Exception as exc:  # noqa: BLE001 - reported, the next model still runs
             results[name] = exc
-            log(f"{name}: compile failed after {time.perf_counter() - started:.1f} s: {type(exc).__name__}: {exc}")
+            seconds = time.perf_counter() - started
+            metrics.MODEL_COMPILE.labels(model=name, outcome="failed").observe(seconds)
+            log(f"{name}: compile failed after {seconds:.1f} s: {type(exc).__name__}: {exc}")
             continue
         finally:
             done.set()
             thread.join()
         seconds = time.perf_counter() - started
+        metrics.MODEL_COMPILE.labels(model=name, outcome="compiled").observe(seconds)
         _record(cache_dir, compile_key(eager, backend), eager, backend, seconds)
         results[name] = compiled
         log(

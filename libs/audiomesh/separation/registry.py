@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from audiomesh import metrics
 from audiomesh.errors import AudiomeshError, ConfigError, InvalidInput, ModelUnavailable, NotFound
 from audiomesh.memory import allocator
 from audiomesh.separation.base import ModelInfo, Origin, SeparatorModel, resolve_device
@@ -312,7 +313,9 @@ class SeparatorFactory:
                 builder = self._builders.get(spec.kind)
             if builder is None:
                 raise ModelUnavailable(f"model '{name}' needs separator kind '{spec.kind}', which is not registered")
+            started = time.perf_counter()
             model = builder(spec, resolved)
+            metrics.MODEL_LOAD.labels(model=name).observe(time.perf_counter() - started)  # loads that worked
             with self._guard:
                 self._cache[key] = model
                 listeners = list(self._load_listeners)

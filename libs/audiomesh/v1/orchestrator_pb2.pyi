@@ -178,6 +178,7 @@ class Job(_message.Message):
     CURRENT_STAGE_FIELD_NUMBER: _builtins.int
     NORMALIZATION_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     fraction: _builtins.float
@@ -190,6 +191,11 @@ class Job(_message.Message):
     """
     owner: _builtins.str
     """principal of the API key that created it; empty in open mode"""
+    trace_parent: _builtins.str
+    """W3C traceparent of the call that created the job (UploadAudio / CreateJob). Every run of
+    the job, on whichever replica (take-over, hand-off, restart, RetryJob), is its child: one
+    job, one trace. Empty when the creating call was not traced.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -226,10 +232,11 @@ class Job(_message.Message):
         current_stage: _builtins.str = ...,
         normalization: Global___NormalizationSummary | None = ...,
         owner: _builtins.str = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "state", b"state", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
