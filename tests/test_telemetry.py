@@ -229,3 +229,28 @@ def test_gateway_continues_the_callers_trace(gateway_url, file_mesh, otlp_collec
         assert servers, names
         assert {s["parent_span_id"] for s in servers} == {parent}  # the caller's child, not a new root
         assert any(s["service"] == "audiomesh-orchestrator" and rpc in s["name"] for s in spans), names
+
+
+async def test_every_request_has_a_gateway_span_and_its_access_line_carries_it(gateway_url, file_mesh, otlp_collector):
+    """No traceparent from the caller: the gateway starts the trace itself, names the span by the
+    route template (never the path), and its access log line carries that trace id."""
+    collector, _ = otlp_collector
+    request_id = secrets.token_hex(8)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as http:
+        missing = "5b1c1d3e-0000-4000-8000-00000000abcd"
+        resp = await http.get(f"/v1/jobs/{missing}", headers={"x-request-id": request_id})
+    assert resp.status_code == 404
+    deadline = time.monotonic() + 10
+    access: list[dict] = []
+    while not access and time.monotonic() < deadline:
+        log = (file_mesh.log_dir / "gateway.log").read_text().splitlines()
+        access = [json.loads(x) for x in log if request_id in x and '"event": "http"' in x]
+        await asyncio.sleep(0.1)
+    assert len(access) == 1, access
+    trace_id = access[0].get("trace_id")
+    assert trace_id, access[0]
+    spans = await _spans_when(
+        collector, trace_id, lambda s: _named(s, "gateway", "HTTP GET /v1/jobs/{job_id}") and len(s) >= 2
+    )
+    assert _named(spans, "gateway", "HTTP GET /v1/jobs/{job_id}"), spans
+    assert any(s["service"] == "audiomesh-orchestrator" and "GetJob" in s["name"] for s in spans), spans
