@@ -46,6 +46,7 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger, tracer
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
+from .docs import docs_endpoint
 from .errors import HTTP_STATUS, error_response, rpc_error_json, rpc_error_response
 from .metrics import RequestMetrics, route_template
 from .openapi import openapi_document
@@ -581,6 +582,7 @@ def create_app(
         Route("/v1/jobs:upload", gateway.upload, methods=["POST"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs_endpoint(document), methods=["GET"]),  # the same document, as a page
         # The seed's paths, kept working.
         Route("/config", by_name["GetConfig"], methods=["GET"]),
         Route("/process", gateway.upload, methods=["POST"]),

@@ -363,7 +363,9 @@ def test_keda_scales_separation_and_hpss_on_their_backlog(charts):
     assert set(objs) == {f"{RELEASE}-audiomesh-separation", f"{RELEASE}-audiomesh-hpss"}
     assert not objects(charts, "monitoring", "HorizontalPodAutoscaler"), "KEDA makes its own HPA"
     series = _orchestrator_series()
-    nodes = {stage: f'sum(audiomesh_nodes{{stage="{stage}",{series}}})' for stage in ("separation", "hpss")}
+    nodes = {
+        stage: f'sum(audiomesh_nodes{{stage="{stage}",state!="held",{series}}})' for stage in ("separation", "hpss")
+    }
     expected_query = {
         # queued jobs: each becomes a separation node once planned (which needs a separation pod)
         "separation": f'sum(audiomesh_jobs{{state="queued",{series}}}) + {nodes["separation"]}',
@@ -608,3 +610,18 @@ def test_dashboard_reads_only_metrics_the_services_export():
         assert grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] != "row":
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+
+
+def test_helm_test_lets_a_service_scaled_to_zero_be_woken_by_its_job(charts):
+    """hpss may be at zero pods (KEDA minReplicas 0 in ci/monitoring-values.yaml): the mesh check
+    does not require it SERVING, and its job must bring a pod up; separation stays required."""
+
+    def command(scenario: str) -> list[str]:
+        (hook,) = [h for h in _ok(charts, scenario)["hooks"] if "test" in h["events"]]
+        return hook["manifest"][0]["spec"]["containers"][0]["command"]
+
+    assert MONITORING["hpss"]["autoscaling"]["keda"]["minReplicas"] == 0
+    args = command("monitoring")
+    zero = [args[i + 1] for i, a in enumerate(args) if a == "--may-be-at-zero"]
+    assert zero == ["hpss"], args
+    assert "--may-be-at-zero" not in command("defaults")

@@ -60,3 +60,13 @@ def test_every_all_name_resolves(module):
 
 def test_modules_with_all_are_found():
     assert {"audiomesh.rpc", "audiomesh.store", "audiomesh.separation"} <= set(_modules_with_all())
+
+
+def test_readme_track_table_names_every_delivered_track():
+    from audiomesh.services.orchestrator.graph import make_plan
+
+    section = (ROOT / "README.md").read_text().split("### What each track is", 1)[1].split("\n### ", 1)[0]
+    sources = ["drums", "bass", "other", "vocals", "guitar", "piano"]
+    plan = make_plan("j", sources=sources, two_stems="", main_stems=[], ext=".wav")
+    tracks = plan.intermediate_tracks()
+    assert tracks and not [t for t in tracks if f"`{t}`" not in section]

@@ -160,7 +160,7 @@ def metrics_mesh(tmp_path_factory) -> Iterator[Mesh]:
         mesh.stop()
 
 
-async def test_nodes_held_back_by_the_node_slot_are_the_waiting_backlog(metrics_mesh, tmp_path):
+async def test_nodes_held_back_by_the_node_slot_are_held_not_backlog(metrics_mesh, tmp_path):
     """An orchestrator in this process with one node slot per job, on the mesh's workers and
     store: after decode, separation and hpss:mix are both ready and one waits for the slot; the
     gauges show it while it waits, and everything is back at 0 once the job ended."""
@@ -177,16 +177,16 @@ async def test_nodes_held_back_by_the_node_slot_are_the_waiting_backlog(metrics_
             song = write_song(tmp_path / "song.wav", 4.0).read_bytes()
             created = await upload(stub, song, "song.wav")
             watch = asyncio.ensure_future(wait_for(stub, created.job.job_id, timeout=240))
-            most_waiting, most_running, running_jobs = 0.0, 0.0, 0.0
+            most_held, most_running, running_jobs = 0.0, 0.0, 0.0
             while not watch.done():  # bounded by the watch's own timeout
                 now = local()
-                most_waiting = max(most_waiting, total(now, "audiomesh_nodes", state="waiting"))
+                most_held = max(most_held, total(now, "audiomesh_nodes", state="held"))
                 most_running = max(most_running, total(now, "audiomesh_nodes", state="running"))
                 running_jobs = max(running_jobs, total(now, "audiomesh_jobs", state="running"))
                 await asyncio.sleep(0.02)
             job, _ = await watch
             assert job.state == SUCCEEDED, job.error
-            assert most_waiting >= 1  # separation or hpss:mix, held back by the one slot
+            assert most_held >= 1  # separation or hpss:mix, held back by the one slot
             assert most_running == 1  # never more than the one slot
             assert running_jobs == 1
             after = await _when_released(before)

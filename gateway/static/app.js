@@ -3,6 +3,8 @@
 // Fields with default values (0, "", false, []) may be absent from any response: every
 // read below has a fallback.
 
+import { Mixer, computePeaks, decodeAll, drawWaveform } from "./mixer.js";
+
 // app.js is served at <root>/static/app.js; the API lives at <root>/v1/..., so the page also
 // works when the gateway is mounted under a path prefix.
 const ROOT = new URL("../", import.meta.url);
@@ -67,13 +69,32 @@ const TRACK_LABELS = {
   main_harmonic: "Instrumental, harmonic",
   main_percussive: "Instrumental, percussive",
 };
+// What each track is, in one line (keep in step with the README's list of output tracks).
+const TRACK_MEANINGS = {
+  vocals: "the singing voice, lead and backing (a Demucs stem)",
+  drums: "drums and percussion (a Demucs stem)",
+  bass: "bass guitar and synth bass (a Demucs stem)",
+  other: "everything the other stems don't take: guitars, keys, strings, synths (a Demucs stem)",
+  guitar: "guitars (a Demucs stem)",
+  piano: "piano and keys (a Demucs stem)",
+  harmonic: "the whole song's sustained, pitched sound: chords, notes, voice (HPSS of the mix)",
+  percussive: "the whole song's short, hit sounds: drum hits, plucks, consonants (HPSS of the mix)",
+  main: "everything except vocals (the instrumental): the other stems summed",
+  main_harmonic: "the harmonic (pitched) part of main's stems, summed; with main_percussive it adds up to main",
+  main_percussive: "the percussive (hit) part of main's stems, summed; with main_harmonic it adds up to main",
+};
+// Tracks made from the stems or the mix, as opposed to the stems themselves: they don't go in
+// the mixer (they would play the same sound twice).
+const DERIVED_TRACKS = new Set(["harmonic", "percussive", "main", "main_harmonic", "main_percussive"]);
 const ENCODINGS = {
   wav_pcm16: "AUDIO_ENCODING_WAV_PCM16",
   wav_pcm24: "AUDIO_ENCODING_WAV_PCM24",
   wav_float32: "AUDIO_ENCODING_WAV_FLOAT32",
   flac_pcm16: "AUDIO_ENCODING_FLAC_PCM16",
   flac_pcm24: "AUDIO_ENCODING_FLAC_PCM24",
+  mp3: "AUDIO_ENCODING_MP3",
 };
+const MP3 = "AUDIO_ENCODING_MP3";
 // gRPC code numbers, as they appear in google.rpc.Status bodies.
 const GRPC = { CANCELLED: 1, INVALID_ARGUMENT: 3, NOT_FOUND: 5, PERMISSION_DENIED: 7, RESOURCE_EXHAUSTED: 8,
   FAILED_PRECONDITION: 9, UNIMPLEMENTED: 12, UNAVAILABLE: 14, UNAUTHENTICATED: 16 };
@@ -116,6 +137,11 @@ const state = {
   lostSince: 0, // when the watch was lost (0: it is not); retries stop RETRY_GIVE_UP_MS after
   tracksSignature: "",
   historyToken: "",
+  mixer: null, // the open job's Mixer (stems)
+  loading: null, // AbortController of its track downloads
+  peaks: new Map(), // track name -> peaks, redrawn when the canvases change size
+  jobNotice: "", // the job a notice ("Cancelling…") is about: cleared when that job ends
+  frame: 0, // the mixer's pending animation frame
 };
 
 // ---------------------------------------------------------------- formatting
@@ -272,6 +298,7 @@ function showMessage(region, text) {
 }
 
 function clearMessage(region) {
+  if (region.id === "notice") state.jobNotice = "";
   region.replaceChildren();
   region.classList.remove("is-visible");
 }
@@ -281,10 +308,11 @@ const showError = (text) => {
   showMessage($("alert"), text);
 };
 let noticeTimer = 0;
-const showNotice = (text) => {
+const showNotice = (text, { sticky = false } = {}) => {
   showMessage($("notice"), text);
+  state.jobNotice = "";
   clearTimeout(noticeTimer);
-  noticeTimer = setTimeout(() => clearMessage($("notice")), 8000);
+  if (!sticky) noticeTimer = setTimeout(() => clearMessage($("notice")), 8000);
 };
 const clearAlert = () => clearMessage($("alert"));
 
@@ -366,6 +394,7 @@ function jobOptions() {
   if (twoStems) options.separation = { twoStems };
   const encoding = $("encoding-select").value;
   if (encoding) options.encoding = encoding;
+  if (encoding === MP3 && $("mp3-bitrate-select").value) options.mp3BitrateKbps = Number($("mp3-bitrate-select").value);
   return options;
 }
 
@@ -378,6 +407,8 @@ function startUpload(file) {
   }
   clearAlert();
   clearMessage($("notice"));
+  // The last upload's line ("Upload failed.") goes: a refusal below is about this file.
+  $("upload-status").hidden = true;
   const limit = Number(state.config.max_upload_bytes) || 0;
   if (limit && file.size > limit) {
     showError(`The file is too large (limit ${fmtBytes(limit)}): “${file.name}” is ${fmtBytes(file.size)}.`);
@@ -437,15 +468,14 @@ function startUpload(file) {
         upsertHistory(data.job, { prepend: true });
       }
     } else {
-      bar.value = 0;
-      label.textContent = "Upload failed.";
+      // The alert says what went wrong; a second "Upload failed." line would outlive it.
+      $("upload-status").hidden = true;
       showError(describe(errorFromResponse(xhr.status, xhr.statusText, xhr.responseText), "upload"));
     }
   };
   xhr.onerror = () => {
     finish();
-    bar.value = 0;
-    label.textContent = "Upload failed.";
+    $("upload-status").hidden = true;
     showError(describe(new NetworkError("upload failed"), "upload"));
   };
   xhr.onabort = () => {
@@ -514,8 +544,52 @@ function setupUpload() {
 
 // ---------------------------------------------------------------- the job panel
 
-function openJob(job) {
+// ---------------------------------------------------------------- per-job URLs
+
+// The open job is in the address (#/jobs/<id>): a reload reopens it, back and forward move
+// between the jobs opened. A fragment, so it works behind any path prefix.
+const ROUTE = /^#\/jobs\/([^/?#]+)$/;
+
+function routeJobId() {
+  const match = location.hash.match(ROUTE);
+  if (!match) return "";
+  try {
+    return decodeURIComponent(match[1]);
+  } catch {
+    return "";
+  }
+}
+
+function setRoute(id, { replace = false } = {}) {
+  if (routeJobId() === id && (id || !location.hash)) return;
+  const target = id ? `#/jobs/${encodeURIComponent(id)}` : location.pathname + location.search;
+  history[replace ? "replaceState" : "pushState"](null, "", target);
+}
+
+function followRoute() {
+  const id = routeJobId();
+  if (id && id !== state.jobId) openJobById(id, { fromRoute: true });
+  else if (!id && state.jobId) closeJob();
+}
+
+function closeJob() {
+  stopWatching();
+  closeMixer();
+  state.jobId = "";
+  state.job = null;
+  state.tracksSignature = "";
+  $("job").hidden = true;
+  document.title = BASE_TITLE;
+  markCurrentInHistory();
+}
+
+const BASE_TITLE = document.title;
+
+// ---------------------------------------------------------------- the job panel
+
+function openJob(job, { fromRoute = false } = {}) {
   const id = job.jobId;
+  if (!fromRoute) setRoute(id);
   if (id !== state.jobId) {
     stopWatching();
     state.jobId = id;
@@ -529,18 +603,23 @@ function openJob(job) {
   if (!TERMINAL.has(job.state)) watch(id);
 }
 
-async function openJobById(id) {
+async function openJobById(id, { fromRoute = false } = {}) {
   clearAlert();
   try {
     const data = await api("GET", jobPath(id));
+    // Another job may have been opened while this one was asked for.
+    if (fromRoute && routeJobId() !== id) return;
     if (data.job) {
-      openJob(data.job);
+      openJob(data.job, { fromRoute });
       $("job").scrollIntoView({ behavior: "smooth", block: "start" });
       $("job-heading").focus({ preventScroll: true });
     }
   } catch (err) {
     showError(describe(err, "job"));
-    if (err instanceof ApiError && err.status === 404) removeFromHistory(id);
+    if (err instanceof ApiError && err.status === 404) {
+      removeFromHistory(id);
+      if (fromRoute && routeJobId() === id) setRoute("", { replace: true });
+    }
   }
 }
 
@@ -641,6 +720,7 @@ function renderJob(job) {
   const succeeded = jobState === "JOB_STATE_SUCCEEDED";
   $("job").hidden = false;
   $("job-name").textContent = (job.input && job.input.name) || "Untitled";
+  document.title = `${(job.input && job.input.name) || "Job"} — audiomesh`;
   $("job-id").textContent = `Job ${id}`;
 
   const badge = $("job-state");
@@ -672,7 +752,9 @@ function renderJob(job) {
   stage.dataset.stage = job.currentStage || "";
 
   renderJobError(job);
+  jobUpdated(job);
   $("job-cancel").hidden = terminal;
+  $("job-retry").hidden = !(jobState === "JOB_STATE_FAILED" || jobState === "JOB_STATE_CANCELLED");
   const del = $("job-delete");
   del.hidden = !terminal;
   if (del.hidden) resetConfirm(del);
@@ -762,61 +844,390 @@ function renderTracks(job) {
   const signature = `${job.jobId}|${tracks.map((t) => `${t.name}:${t.sha256 || ""}`).join(",")}`;
   if (signature === state.tracksSignature) return; // keep players as they are (a song may be playing)
   state.tracksSignature = signature;
+  closeMixer();
   const list = $("tracks");
   if (!tracks.length) {
     results.hidden = true;
     list.replaceChildren();
+    $("loudness-note").textContent = "";
     return;
   }
   const base = ((job.input && job.input.name) || "song").replace(/\.[^.]+$/, "");
-  list.replaceChildren(
-    ...tracks.map((track) => {
-      const href = downloadUrl(job.jobId, track.name);
-      const ext = ((track.key || "").match(/\.([a-z0-9]+)$/i) || [null, "wav"])[1];
-      const audio = track.audio || {};
-      const meta = [
-        audio.durationSeconds ? fmtDuration(audio.durationSeconds) : "",
-        track.loudness ? fmtLufs(track.loudness.integratedLufs ?? -200) : "",
-        track.sizeBytes ? fmtBytes(track.sizeBytes) : "",
-      ].filter(Boolean);
-      return el(
-        "li",
-        { class: "track", dataset: { track: track.name } },
-        el(
-          "div",
-          { class: "track-info" },
-          el("span", { class: "track-name", text: trackLabel(track.name) }),
-          el("span", { class: "track-meta" }, [`${track.name}.${ext}`, ...meta].map((text, i) => el("span", { class: i ? "" : "mono", text }))),
-        ),
-        el("audio", { controls: true, preload: "none", src: href, "aria-label": `Play ${trackLabel(track.name)}` }),
-        el("a", {
-          class: "download button small",
-          href,
-          download: `${base}_${track.name}.${ext}`, // as the server names it
-          "aria-label": `Download ${trackLabel(track.name)}`,
-          text: "Download",
-        }),
-      );
-    }),
+  const stems = tracks.filter((t) => !DERIVED_TRACKS.has(t.name));
+  const derived = tracks.filter((t) => DERIVED_TRACKS.has(t.name));
+  const sampleRate = Number((tracks[0].audio || {}).sampleRate) || 44100;
+  const mixer = stems.length ? new Mixer({ sampleRate, onChange: () => renderMixer() }) : null;
+  for (const track of stems) mixer.addChannel(track.name);
+  state.mixer = mixer;
+
+  const row = (track) => trackRow(job, track, base, mixer);
+  setChildren(
+    list,
+    stems.length
+      ? el(
+          "section",
+          { class: "mixer", id: "mixer", dataset: { testid: "mixer" }, "aria-labelledby": "mixer-heading" },
+          el("h4", { id: "mixer-heading", text: "Stems — played together" }),
+          transport(mixer),
+          el("ul", { class: "track-list" }, stems.map(row)),
+        )
+      : null,
+    derived.length
+      ? el(
+          "section",
+          { class: "derived", "aria-labelledby": "derived-heading" },
+          el("h4", { id: "derived-heading", text: "Made from the stems and the mix" }),
+          el("ul", { class: "track-list" }, derived.map(row)),
+        )
+      : null,
   );
+  $("loudness-note").textContent = loudnessNote(job);
   const all = $("download-all");
   all.href = downloadUrl(job.jobId, "all");
   all.setAttribute("download", `${base}_${job.jobId.slice(0, 8)}.zip`);
   $("manifest-link").href = downloadUrl(job.jobId, "manifest");
   results.hidden = false;
+  renderMixer();
+  loadTracks(job, [...stems, ...derived]);
+}
+
+function trackRow(job, track, base, mixer) {
+  const href = downloadUrl(job.jobId, track.name);
+  const ext = ((track.key || "").match(/\.([a-z0-9]+)$/i) || [null, "wav"])[1];
+  const audio = track.audio || {};
+  const label = trackLabel(track.name);
+  const meta = [
+    audio.durationSeconds ? fmtDuration(audio.durationSeconds) : "",
+    track.loudness ? fmtLufs(track.loudness.integratedLufs ?? -200) : "",
+    track.sizeBytes ? fmtBytes(track.sizeBytes) : "",
+  ].filter(Boolean);
+  const inMixer = mixer && mixer.channels.has(track.name);
+  const player = inMixer ? null : el("audio", { controls: true, preload: "none", src: href, "aria-label": `Play ${label}` });
+  const wave = el(
+    "div",
+    { class: "wave", dataset: { wave: track.name }, title: "Click to play from here" },
+    el("canvas", { class: "waveform", "aria-hidden": "true" }),
+    el("div", { class: "wave-progress", "aria-hidden": "true" }),
+    el("span", { class: "wave-note help", text: "Loading the waveform…" }),
+  );
+  wave.addEventListener("click", (ev) => {
+    const rect = wave.getBoundingClientRect();
+    const fraction = Math.min(1, Math.max(0, (ev.clientX - rect.left) / rect.width));
+    if (inMixer) {
+      mixer.seek(fraction * mixer.duration);
+      return;
+    }
+    const seek = () => {
+      player.currentTime = fraction * player.duration;
+    };
+    if (Number.isFinite(player.duration)) seek();
+    else {
+      player.addEventListener("loadedmetadata", seek, { once: true });
+      player.preload = "metadata";
+      player.load();
+    }
+  });
+  if (player) {
+    const progress = () => {
+      const d = player.duration;
+      setProgress(wave, Number.isFinite(d) && d > 0 ? player.currentTime / d : 0);
+    };
+    for (const type of ["timeupdate", "seeked", "emptied"]) player.addEventListener(type, progress);
+    // One thing plays at a time: a single track stops the stems and the other tracks.
+    player.addEventListener("play", () => {
+      if (state.mixer) state.mixer.pause();
+      for (const other of $("tracks").querySelectorAll("audio")) if (other !== player) other.pause();
+    });
+  }
+  return el(
+    "li",
+    { class: `track ${inMixer ? "is-stem" : "is-derived"}`, dataset: { track: track.name } },
+    el(
+      "div",
+      { class: "track-info" },
+      el("span", { class: "track-name", text: label }),
+      el("span", { class: "track-about", text: `${track.name}: ${trackMeaning(job, track.name)}` }),
+      el("span", { class: "track-meta" }, [`${track.name}.${ext}`, ...meta].map((text, i) => el("span", { class: i ? "" : "mono", text }))),
+    ),
+    wave,
+    inMixer ? channelControls(mixer, track.name, label) : player,
+    el("a", {
+      class: "download button small",
+      href,
+      download: `${base}_${track.name}.${ext}`, // as the server names it
+      "aria-label": `Download ${label}`,
+      text: "Download",
+    }),
+  );
+}
+
+function trackMeaning(job, name) {
+  const mainStems = (job.options && job.options.mainStems) || [];
+  if (name === "main" && mainStems.length) return `${mainStems.join(" + ")} summed (this job's recipe)`;
+  if (TRACK_MEANINGS[name]) return TRACK_MEANINGS[name];
+  const without = name.match(/^no_(.+)$/);
+  if (without) return `everything except ${without[1].replace(/_/g, " ")} (two-stem mode)`;
+  return "a stem of the model";
+}
+
+function channelControls(mixer, name, label) {
+  const toggle = (kind, text, title) =>
+    el("button", {
+      type: "button",
+      class: `button small channel-${kind}`,
+      "aria-pressed": "false",
+      "aria-label": `${title} ${label}`,
+      title: `${title} ${label}`,
+      text,
+      onclick: (ev) => {
+        const on = ev.currentTarget.getAttribute("aria-pressed") !== "true";
+        if (kind === "mute") mixer.setMuted(name, on);
+        else mixer.setSolo(name, on);
+      },
+    });
+  return el(
+    "div",
+    { class: "channel", dataset: { channel: name } },
+    toggle("mute", "M", "Mute"),
+    toggle("solo", "S", "Solo"),
+    el("input", {
+      type: "range",
+      class: "channel-volume",
+      min: "0",
+      max: "100",
+      value: "100",
+      "aria-label": `Volume of ${label}`,
+      oninput: (ev) => mixer.setVolume(name, Number(ev.currentTarget.value) / 100),
+    }),
+  );
+}
+
+function transport(mixer) {
+  const play = el("button", {
+    type: "button",
+    id: "mixer-play",
+    class: "button primary mixer-play",
+    disabled: true,
+    "aria-label": "Play the stems",
+    text: "Play",
+    onclick: () => {
+      if (mixer.playing) mixer.pause();
+      else {
+        for (const audio of $("tracks").querySelectorAll("audio")) audio.pause();
+        mixer.play().catch((err) => showError(`The stems can't be played in this browser: ${err.message}`));
+      }
+    },
+  });
+  const seek = el("input", {
+    type: "range",
+    id: "mixer-seek",
+    class: "mixer-seek",
+    min: "0",
+    max: "1000",
+    value: "0",
+    disabled: true,
+    "aria-label": "Position in the song",
+    oninput: (ev) => mixer.seek((Number(ev.currentTarget.value) / 1000) * mixer.duration),
+  });
+  return el(
+    "div",
+    { class: "transport" },
+    play,
+    el("span", { id: "mixer-time", class: "mixer-time mono", text: "0:00 / 0:00" }),
+    seek,
+    el("p", { id: "mixer-status", class: "help mixer-status", "aria-live": "polite", text: "Loading the stems…" }),
+  );
+}
+
+const fmtClock = (seconds) => {
+  const s = Math.max(0, Math.floor(Number(seconds) || 0));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+};
+
+function setProgress(wave, fraction) {
+  wave.querySelector(".wave-progress").style.width = `${(Math.min(1, Math.max(0, fraction)) * 100).toFixed(2)}%`;
+}
+
+// The transport and the channel buttons from the mixer's state; runs every frame while playing.
+function renderMixer() {
+  const mixer = state.mixer;
+  if (!mixer || !$("mixer-play")) return;
+  const duration = mixer.duration;
+  const position = mixer.position();
+  const play = $("mixer-play");
+  play.disabled = !mixer.ready;
+  play.textContent = mixer.playing ? "Pause" : "Play";
+  play.setAttribute("aria-label", mixer.playing ? "Pause the stems" : "Play the stems");
+  play.dataset.playing = String(mixer.playing);
+  $("mixer-time").textContent = `${fmtClock(position)} / ${fmtClock(duration)}`;
+  const seek = $("mixer-seek");
+  seek.disabled = !mixer.ready;
+  if (document.activeElement !== seek) seek.value = String(duration ? Math.round((position / duration) * 1000) : 0);
+  for (const [name, ch] of mixer.channels) {
+    const row = $("tracks").querySelector(`.is-stem[data-track="${CSS.escape(name)}"]`);
+    if (!row) continue;
+    row.querySelector(".channel-mute").setAttribute("aria-pressed", String(ch.muted));
+    row.querySelector(".channel-solo").setAttribute("aria-pressed", String(ch.solo));
+    row.classList.toggle("is-silent", mixer.targetGain(ch) === 0);
+    setProgress(row.querySelector(".wave"), duration ? position / duration : 0);
+  }
+  if (mixer.playing && !state.frame) {
+    state.frame = requestAnimationFrame(() => {
+      state.frame = 0;
+      if (state.mixer !== mixer) return;
+      mixer.tick();
+      renderMixer();
+    });
+  }
+}
+
+function closeMixer() {
+  if (state.loading) state.loading.abort();
+  state.loading = null;
+  if (state.mixer) state.mixer.close();
+  state.mixer = null;
+  state.peaks.clear();
+  waveResize.disconnect(); // the rows go; the new ones are observed as they come
+}
+
+// Every track is downloaded once and decoded here: its peaks draw its waveform; a stem's
+// decoded audio stays for the mixer, the others' is let go.
+function loadTracks(job, tracks) {
+  const controller = new AbortController();
+  state.loading = controller;
+  const mixer = state.mixer;
+  const stemCount = mixer ? mixer.channels.size : 0;
+  let stemsDone = 0;
+  const status = (text) => {
+    if ($("mixer-status")) $("mixer-status").textContent = text;
+  };
+  const failures = [];
+  const waveOf = (name) => $("tracks").querySelector(`.wave[data-wave="${CSS.escape(name)}"]`);
+  decodeAll(
+    tracks.map((t) => ({ name: t.name, url: downloadUrl(job.jobId, t.name), sampleRate: Number((t.audio || {}).sampleRate) || 0 })),
+    {
+      sampleRate: mixer ? mixer.sampleRate : 44100,
+      headers: authHeaders(),
+      signal: controller.signal,
+      onDecoded: (track, buffer) => {
+        const peaks = computePeaks(buffer);
+        state.peaks.set(track.name, peaks);
+        const wave = waveOf(track.name);
+        if (wave) {
+          wave.querySelector(".wave-note").remove();
+          drawWaveform(wave.querySelector("canvas"), peaks);
+        }
+        if (mixer && mixer.channels.has(track.name)) {
+          mixer.setBuffer(track.name, buffer);
+          stemsDone += 1;
+          status(stemsDone < stemCount ? `Loading the stems (${stemsDone} of ${stemCount})…` : "");
+        }
+      },
+      onFailed: (track, err) => {
+        const wave = waveOf(track.name);
+        if (wave) wave.querySelector(".wave-note").textContent = "No waveform: this browser couldn't read the file.";
+        failures.push(track.name);
+        if (mixer && mixer.channels.has(track.name)) {
+          // The mixer plays the stems it has; the failed one is still downloadable.
+          mixer.channels.delete(track.name);
+          const row = $("tracks").querySelector(`.is-stem[data-track="${CSS.escape(track.name)}"] .channel`);
+          if (row) row.replaceChildren(el("span", { class: "help", text: "Not in the mixer" }));
+          status(`${failures.join(", ")} couldn't be decoded in this browser (${err.message}); download ${failures.length > 1 ? "them" : "it"} instead.`);
+          renderMixer();
+        }
+      },
+    },
+  );
+}
+
+// Canvases follow their width (window resized, phone turned).
+const waveResize = new ResizeObserver((entries) => {
+  for (const entry of entries) {
+    const wave = entry.target.closest(".wave");
+    const peaks = wave && state.peaks.get(wave.dataset.wave);
+    if (peaks) drawWaveform(entry.target, peaks);
+  }
+});
+new MutationObserver(() => {
+  for (const canvas of $("tracks").querySelectorAll("canvas")) waveResize.observe(canvas);
+}).observe($("tracks"), { childList: true, subtree: true });
+
+// The normalization outcome in words, from the job's summary, its options and the server's
+// defaults (as `audiomesh show` words it).
+function loudnessNote(job) {
+  const options = (job.options && job.options.normalize) || {};
+  const config = state.config;
+  const mode =
+    { NORMALIZE_MODE_LOUDNESS: "loudness", NORMALIZE_MODE_PEAK: "peak", NORMALIZE_MODE_OFF: "off" }[options.mode] ||
+    config.normalize_mode ||
+    "loudness";
+  if (mode === "off") return "Loudness: measured only (normalization was off for this job).";
+  const peak = mode === "peak";
+  const unit = peak ? "dBFS" : "LUFS";
+  const num = (v) => `${Number(v).toFixed(1).replace("-", "−")}`;
+  const defaultTarget = config.target_db !== undefined && (config.normalize_mode || "loudness") === mode ? config.target_db : peak ? -1 : -14;
+  const target = options.target ?? defaultTarget;
+  const ceiling = options.truePeakCeilingDbtp ?? config.true_peak_ceiling_db ?? -1;
+  const linking = { GAIN_LINKING_LINKED: "linked", GAIN_LINKING_PER_TRACK: "per_track" }[options.linking] || config.gain_linking || "linked";
+  const summary = job.normalization || {};
+  const reference = summary.reference || {};
+  const gain = Number(summary.linkedGainDb) || 0;
+  const measured = peak ? reference.samplePeakDbfs : reference.integratedLufs;
+  const reached = measured === undefined ? null : Number(measured) + gain;
+  const fmtTarget = `${num(target)} ${unit}`;
+  if (summary.limitedByCeiling) {
+    const at = reached === null ? "" : `: ${num(reached)} ${unit}`;
+    return `Loudness limited by the ${num(ceiling)} dBTP ceiling${at} (target ${fmtTarget}) — louder would clip. One gain for every track, so the stems still add up to the song.`;
+  }
+  if (linking === "per_track") return `Loudness: each track on its own to ${fmtTarget}, peaks under ${num(ceiling)} dBTP.`;
+  const onTarget = reached === null || Math.abs(reached - target) < 0.05;
+  const at = onTarget ? `${fmtTarget}, the target` : `${num(reached)} ${unit} (target ${fmtTarget})`;
+  return `Loudness: ${at}, one gain for every track (${gain >= 0 ? "+" : "−"}${Math.abs(gain).toFixed(1)} dB), so the stems still add up to the song.`;
 }
 
 // ---------------------------------------------------------------- cancel / delete
+
+// A notice about a job that is still going ("Cancelling…") lasts until that job ends.
+function showJobNotice(job, text) {
+  if (TERMINAL.has(job.state)) return; // the job's own panel and badge already say it
+  showNotice(text, { sticky: true });
+  state.jobNotice = job.jobId;
+}
+
+function jobUpdated(job) {
+  if (state.jobNotice && job.jobId === state.jobNotice && TERMINAL.has(job.state)) {
+    state.jobNotice = "";
+    clearMessage($("notice"));
+  }
+}
 
 async function cancelJob(id, button) {
   button.disabled = true;
   try {
     const data = await api("POST", `${jobPath(id)}:cancel`, {});
     if (data.job) {
+      showJobNotice(data.job, "Cancelling the job…");
       if (id === state.jobId) renderJob(data.job);
       upsertHistory(data.job);
     }
-    showNotice("Cancelling the job…");
+  } catch (err) {
+    showError(describe(err, "job"));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// FAILED or CANCELLED: the same job runs again; finished steps are reused.
+async function retryJob(id, button) {
+  button.disabled = true;
+  clearAlert();
+  try {
+    const data = await api("POST", `${jobPath(id)}:retry`, {});
+    if (data.job) {
+      showJobNotice(data.job, "Running the job again — finished steps are reused.");
+      if (id === state.jobId) openJob(data.job, { fromRoute: true });
+      upsertHistory(data.job);
+    }
   } catch (err) {
     showError(describe(err, "job"));
   } finally {
@@ -851,11 +1262,8 @@ async function deleteJob(id, name) {
     await api("DELETE", jobPath(id));
     removeFromHistory(id);
     if (id === state.jobId) {
-      stopWatching();
-      state.jobId = "";
-      state.job = null;
-      state.tracksSignature = "";
-      $("job").hidden = true;
+      closeJob();
+      setRoute("", { replace: true });
     }
     showNotice(`Deleted “${name}” and its files.`);
   } catch (err) {
@@ -898,6 +1306,7 @@ function historyItem(job) {
 
 function upsertHistory(job, { prepend = false } = {}) {
   if (!job || !job.jobId) return;
+  jobUpdated(job);
   const list = $("history");
   const old = list.querySelector(`[data-job-id="${CSS.escape(job.jobId)}"]`);
   if (old && old.dataset.state === job.state && job.state !== "JOB_STATE_RUNNING") return;
@@ -975,8 +1384,10 @@ async function loadConfig() {
     if (data.version) $("version").textContent = `v${data.version}`;
     const limit = Number(state.config.max_upload_bytes) || 0;
     if (limit) $("size-limit").textContent = `, up to ${fmtBytes(limit)}`;
+    await offerMp3();
     const encoding = ENCODINGS[state.config.output_encoding];
-    if (encoding) $("encoding-select").value = encoding;
+    if (encoding && $("encoding-select").querySelector(`option[value="${encoding}"]`)) $("encoding-select").value = encoding;
+    showMp3Bitrate();
     const hours = Number(state.config.retention_hours) || 0;
     if (hours > 0) {
       const span = hours % 24 === 0 ? `${hours / 24} day${hours === 24 ? "" : "s"}` : `${hours} hours`;
@@ -986,6 +1397,29 @@ async function loadConfig() {
   } catch (err) {
     showError(`The server's settings couldn't be loaded. ${describe(err)}`);
   }
+}
+
+// MP3 is offered only where this server's API knows it (its OpenAPI document lists the
+// encoding), so the page also works with a gateway from before MP3 output.
+async function offerMp3() {
+  const select = $("encoding-select");
+  if (select.querySelector(`option[value="${MP3}"]`)) return;
+  let text = "";
+  try {
+    const resp = await fetch(url("openapi.json"), { headers: authHeaders() });
+    if (resp.ok) text = await resp.text();
+  } catch {
+    return; // no MP3 then; the other formats work
+  }
+  if (!text.includes(`"${MP3}"`)) return;
+  select.append(el("option", { value: MP3, text: "MP3" }));
+  // The bitrate rides along only where the API has the field.
+  $("mp3-bitrate-field").dataset.supported = String(text.includes('"mp3BitrateKbps"'));
+}
+
+function showMp3Bitrate() {
+  const field = $("mp3-bitrate-field");
+  field.hidden = !($("encoding-select").value === MP3 && field.dataset.supported === "true");
 }
 
 async function loadModels() {
@@ -1003,6 +1437,18 @@ async function loadModels() {
 function main() {
   setupUpload();
   $("model-select").addEventListener("change", updateModelHelp);
+  $("encoding-select").addEventListener("change", showMp3Bitrate);
+  $("job-retry").addEventListener("click", (ev) => state.jobId && retryJob(state.jobId, ev.currentTarget));
+  // On narrow screens History sits below everything else: this jumps there.
+  $("jump-history").addEventListener("click", () => {
+    $("history-card").scrollIntoView({ behavior: "smooth", block: "start" });
+    $("history-heading").focus({ preventScroll: true });
+  });
+  window.addEventListener("popstate", followRoute);
+  window.audiomeshMixer = {
+    // The audio graph as data: which sources run, their gains and positions (tests use it).
+    state: () => (state.mixer ? { jobId: state.jobId, ...state.mixer.state() } : null),
+  };
   $("history-refresh").addEventListener("click", () => loadHistory());
   $("history-more").addEventListener("click", () => loadHistory({ more: true }));
   $("job-cancel").addEventListener("click", (ev) => state.jobId && cancelJob(state.jobId, ev.currentTarget));
@@ -1011,16 +1457,23 @@ function main() {
     if (jobId) confirmThen(ev.currentTarget, () => deleteJob(jobId, (job && job.input && job.input.name) || "the job"));
   });
   $("job-heading").setAttribute("tabindex", "-1");
-  window.addEventListener("pagehide", stopWatching);
+  window.addEventListener("pagehide", () => {
+    stopWatching();
+    closeMixer();
+  });
   setInterval(pollHistory, 5000);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) loadHistory();
   });
   setupApiKey();
   document.body.dataset.ready = "loading";
-  Promise.all([loadConfig().then(loadModels), loadHistory()]).finally(() => {
-    document.body.dataset.ready = "true";
-  });
+  // The job in the address opens once the settings are in (its loudness line needs them).
+  const routed = routeJobId();
+  Promise.all([loadConfig().then(loadModels), loadHistory()])
+    .then(() => routed && routeJobId() === routed && !state.jobId && openJobById(routed, { fromRoute: true }))
+    .finally(() => {
+      document.body.dataset.ready = "true";
+    });
 }
 
 function setupApiKey() {

@@ -215,7 +215,8 @@ def _jobs_families(jobs: dict[str, int], nodes: dict[tuple[str, str], int], leas
     yield family
     family = GaugeMetricFamily(
         NODES_GAUGE,
-        "Nodes of held jobs by stage and state: waiting (ready, held back by capacity) or running",
+        "Nodes of held jobs by stage and state: running, waiting (every worker slot busy: the backlog), "
+            "held (ready, held back by the job's own node limit)",
         labels=["stage", "state"],
     )
     for (stage, state), count in sorted(nodes.items()):

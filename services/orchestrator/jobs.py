@@ -191,11 +191,11 @@ class JobRegistry:
 
     def gauges(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
         """What :class:`audiomesh.metrics.JobsCollector` reports: held jobs by state (queued,
-        running), their nodes by (stage, waiting|running), and leases held. Called from the
+        running), their nodes by (stage, held|waiting|running), and leases held. Called from the
         metrics server's thread: it only copies builtin containers (atomic under the GIL) and
         reads plain attributes, so it neither blocks the event loop nor sees a torn dict."""
         jobs = {"queued": 0, "running": 0}
-        nodes = {(stage, state): 0 for stage in STAGES for state in ("waiting", "running")}
+        nodes = {(stage, state): 0 for stage in STAGES for state in ("held", "waiting", "running")}
         leases = 0
         for rec in list(self.records.values()):
             if rec.lease is None:

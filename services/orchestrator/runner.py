@@ -91,6 +91,7 @@ class Runner:
         # 0: no cap here; the workers' capacity bounds the work (busy ones answer RESOURCE_EXHAUSTED).
         self.job_slots = asyncio.Semaphore(settings.max_running_jobs) if settings.max_running_jobs else None
         self.shutting_down = False
+        self._models: separation_pb2.ListModelsResponse | None = None  # the last ListModels answer
         # Gives up a job's lease when it ended or was handed off (cluster.Cluster.release).
         self.release: Callable[[JobRecord], Awaitable[None]] | None = None
 
@@ -104,23 +105,32 @@ class Runner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- model facts -------------------------------------------------------------------
-    async def list_models(self) -> separation_pb2.ListModelsResponse:
+    async def list_models(self, *, or_last_known: bool = False) -> separation_pb2.ListModelsResponse:
+        """The separation workers' models. ``or_last_known``: when none answers (scaled to zero,
+        restarting), the last answer this orchestrator had, if any (Unavailable otherwise)."""
         stub = self.clients.stub(separation_pb2_grpc.SeparationServiceStub, self.settings.separation_addr)
         try:
-            return await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)
+            models = await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)
         except grpc.aio.AioRpcError as exc:
-            raise status_of(exc) from None
+            err = status_of(exc)
+            if or_last_known and isinstance(err, errors.Unavailable) and self._models is not None:
+                return self._models
+            raise err from None
+        self._models = models
+        return models
 
-    async def model_info(self, name: str) -> separation_pb2.ModelInfo:
-        models = await self.list_models()
+    async def model_info(self, name: str, *, or_last_known: bool = False) -> separation_pb2.ModelInfo:
+        models = await self.list_models(or_last_known=or_last_known)
         for info in models.models:
             if info.name == name:
                 return info
         names = ", ".join(m.name for m in models.models)
         raise errors.NotFound(f"unknown model {name!r}; available: {names}")
 
-    async def plan(self, job: orchestrator_pb2.Job) -> tuple[Plan, separation_pb2.ModelInfo]:
-        info = await self.model_info(job.options.model)
+    async def plan(
+        self, job: orchestrator_pb2.Job, *, or_last_known: bool = False
+    ) -> tuple[Plan, separation_pb2.ModelInfo]:
+        info = await self.model_info(job.options.model, or_last_known=or_last_known)
         check_separation_options(job.options.separation, info)
         plan = make_plan(
             job.job_id,
@@ -301,10 +311,12 @@ class Runner:
         started: float,
     ) -> None:
         """One node whose inputs exist: waits for a node slot, then runs (:meth:`_attempt_node`).
-        Marked in ``rec.node_activity`` meanwhile (the gauges' backlog), and observed in
+        Marked in ``rec.node_activity`` meanwhile (held, running, or waiting while every worker
+        slot is busy: the gauges' backlog), and observed in
         NODE_DURATION once it started, with how it ended (succeeded, failed or cancelled)."""
-        # Ready but held back by capacity until it has a slot: the backlog an autoscaler reads.
-        rec.node_activity[node.name] = (node.stage, "waiting")
+        # Ready, held back by this job's own node slots (max_parallel_nodes): more workers would
+        # not run it sooner, so it is "held", not the "waiting" backlog an autoscaler reads.
+        rec.node_activity[node.name] = (node.stage, "held")
         try:
             async with slots:
                 rec.node_activity[node.name] = (node.stage, "running")

@@ -149,7 +149,8 @@ hold a subset). The services get the server side; the client key (api-key) goes 
 audiomesh.io/metrics: "true"
 {{- end }}
 
-{{/* KEDA's PromQL for a stage's backlog: its nodes waiting or running in this release's orchestrators
+{{/* KEDA's PromQL for a stage's backlog: its nodes waiting (every worker slot busy) or running in this
+release's orchestrators (not "held": those wait for their job's own node limit, which more pods do not lift)
 (audiomesh_nodes, audiomesh.metrics.JobsCollector: every stage always has a series, so no result at
 all means no orchestrator is scraped, which KEDA reports as an error rather than a backlog of 0),
 summed over the replicas. Separation adds queued jobs: each becomes a separation node once planned,
@@ -161,7 +162,7 @@ and planning asks a separation pod, so from zero pods they are the only sign of 
 {{- else }}
 {{- $orchestrator := include "audiomesh.componentName" (dict "ctx" .ctx "component" "orchestrator") }}
 {{- $series := printf "namespace=%q,pod=~%q" .ctx.Release.Namespace (printf "%s-.+" $orchestrator) }}
-{{- $nodes := printf "sum(audiomesh_nodes{stage=%q,%s})" .component $series }}
+{{- $nodes := printf "sum(audiomesh_nodes{stage=%q,state!=\"held\",%s})" .component $series }}
 {{- if eq .component "separation" }}
 {{- printf "sum(audiomesh_jobs{state=\"queued\",%s}) + %s" $series $nodes }}
 {{- else }}

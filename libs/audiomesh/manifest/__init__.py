@@ -47,18 +47,28 @@ def dumps(manifest: orchestrator_pb2.Manifest) -> bytes:
 
 
 def loads(data: bytes) -> orchestrator_pb2.Manifest:
-    """Parse and validate a manifest; InvalidInput names what is wrong."""
+    """Parse and validate a manifest; InvalidInput names what is wrong.
+
+    Fields this version does not know are skipped, not refused: during a rolling upgrade (or
+    after a rollback) an older orchestrator reads manifests a newer one wrote, which may carry
+    fields added since (protobuf's own rule for unknown fields). Everything else is checked."""
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"manifest is not JSON: {exc}") from None
-    validate(obj)
-    return json_format.ParseDict(obj, orchestrator_pb2.Manifest(), ignore_unknown_fields=False)
+    validate(obj, allow_unknown_fields=True)
+    return json_format.ParseDict(obj, orchestrator_pb2.Manifest(), ignore_unknown_fields=True)
 
 
-def validate(obj: Any) -> None:
-    try:
-        jsonschema.validate(obj, schema())
-    except jsonschema.ValidationError as exc:
+def validate(obj: Any, *, allow_unknown_fields: bool = False) -> None:
+    """Check ``obj`` against the schema (which lists every field: a document this version
+    writes has no other); ``allow_unknown_fields`` lets fields of a newer version pass."""
+    found = [
+        e
+        for e in jsonschema.Draft202012Validator(schema()).iter_errors(obj)
+        if not (allow_unknown_fields and e.validator == "additionalProperties")
+    ]
+    exc = jsonschema.exceptions.best_match(found)
+    if exc is not None:
         where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise InvalidInput(f"manifest does not match schema v{SCHEMA_VERSION} at {where}: {exc.message}") from None
+        raise InvalidInput(f"manifest does not match schema v{SCHEMA_VERSION} at {where}: {exc.message}")
