@@ -23,8 +23,9 @@ from typing import cast
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
@@ -671,11 +672,27 @@ class AccessLog:
             await send(message)
 
         method = scope["method"]
-        with tracer().start_as_current_span(
-            f"HTTP {method}", context=propagate.extract(carrier), kind=SpanKind.SERVER
-        ) as span:
+        # Attached (not only the parent): the caller's baggage stays in the context too.
+        token = otel_context.attach(propagate.extract(carrier))
+        try:
+            await self._traced(scope, receive, send_with_id, method, status, started, request_id)
+        finally:
+            otel_context.detach(token)
+
+    async def _traced(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        method: str,
+        status: list[int],
+        started: float,
+        request_id: str,
+    ) -> None:
+        """The request in its SERVER span, and its access line written inside it."""
+        with tracer().start_as_current_span(f"HTTP {method}", kind=SpanKind.SERVER) as span:
             try:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive, send)
             finally:
                 route = route_template(scope)  # known once routed; the span's name says it
                 if route != "unmatched":
@@ -683,6 +700,8 @@ class AccessLog:
                     span.set_attribute("http.route", route)
                 span.set_attribute("http.request.method", method)
                 span.set_attribute("http.response.status_code", status[0])
+                if status[0] >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
                 self.log.info(
                     "http",
                     method=method,

@@ -216,7 +216,7 @@ def _jobs_families(jobs: dict[str, int], nodes: dict[tuple[str, str], int], leas
     family = GaugeMetricFamily(
         NODES_GAUGE,
         "Nodes of held jobs by stage and state: running, waiting (every worker slot busy: the backlog), "
-            "held (ready, held back by the job's own node limit)",
+        "held (ready, held back by the job's own node limit)",
         labels=["stage", "state"],
     )
     for (stage, state), count in sorted(nodes.items()):
@@ -273,8 +273,14 @@ def start_metrics_server(service: str, host: str, port: int) -> tuple[WSGIServer
 
 
 def stop_metrics_server(server: WSGIServer) -> None:
-    threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() blocks until serve_forever ends
-    server.server_close()
+    """Stop serving, then close the socket, in that order (closing first would leave
+    serve_forever polling a closed descriptor); shutdown() blocks until serve_forever ends."""
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    threading.Thread(target=stop, daemon=True).start()
 
 
 @contextmanager

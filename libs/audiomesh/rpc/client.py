@@ -109,6 +109,9 @@ def rpc_labels(method: str, code: str) -> dict[str, str]:
     return {"rpc_system": "grpc", "rpc_service": service, "rpc_method": name, "rpc_grpc_status_code": code}
 
 
+_OBSERVING: set[asyncio.Future[None]] = set()
+
+
 class _TimeCalls:
     """rpc_client_duration_seconds for each call to an audiomesh service, observed when the
     call ends (its status known), however it ends. Health checks are left out."""
@@ -130,7 +133,9 @@ class _TimeCalls:
                     name = "UNKNOWN"
                 RPC_CLIENT_DURATION.labels(**rpc_labels(method, name)).observe(elapsed)
 
-            asyncio.ensure_future(observe())
+            task = asyncio.ensure_future(observe())
+            _OBSERVING.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(_OBSERVING.discard)
 
         call.add_done_callback(done)
         return call
