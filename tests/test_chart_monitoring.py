@@ -21,10 +21,20 @@ import yaml
 from prometheus_client import Counter, Histogram
 
 from audiomesh import metrics
-from tests.helpers.deploy import CHART, crd_errors, helm
+from tests.helpers.deploy import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    configmap,
+    container,
+    crd_errors,
+    deployment,
+    helm,
+    objects,
+    one,
+    rendered,
+)
 
-NAMESPACE = "audiomesh"
-RELEASE = "am"
 KUBERNETES_VERSIONS = ["1.27.0", "1.33.0"]
 SERVICES = ("orchestrator", "separation", "hpss", "composite", "normalize", "gateway")
 WORKERS = ("separation", "hpss", "composite", "normalize")
@@ -124,42 +134,13 @@ def charts() -> dict:
     return helm({"chart": str(CHART), "namespace": NAMESPACE, "scenarios": scenarios, "kubernetes_versions": KUBERNETES_VERSIONS})  # fmt: skip
 
 
-def _ok(charts: dict, scenario: str) -> dict:
-    result = charts[scenario]
-    assert result["error"] is None, f"{scenario}: {result['error']}"
-    return result
-
-
-def objects(charts: dict, scenario: str, kind: str) -> list[dict]:
-    return [d for d in _ok(charts, scenario)["manifest"] if d["kind"] == kind]
-
-
-def one(charts: dict, scenario: str, kind: str, name: str) -> dict:
-    found = [d for d in objects(charts, scenario, kind) if d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{scenario}: {kind}/{name} rendered {len(found)} times"
-    return found[0]
-
-
-def deployment(charts: dict, scenario: str, component: str) -> dict:
-    return one(charts, scenario, "Deployment", f"{RELEASE}-audiomesh-{component}")
-
-
-def container(dep: dict) -> dict:
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
-    return c
-
-
-def configmap(charts: dict, scenario: str) -> dict[str, str]:
-    return one(charts, scenario, "ConfigMap", f"{RELEASE}-audiomesh")["data"]
-
-
 def pod_labels(charts: dict, scenario: str) -> dict[str, dict[str, str]]:
     """Labels of every pod the release runs, by component: the Deployments' and the `helm test` pod's."""
     pods = {
         d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["metadata"]["labels"]
         for d in objects(charts, scenario, "Deployment")
     }  # fmt: skip
-    for hook in _ok(charts, scenario)["hooks"]:
+    for hook in rendered(charts, scenario)["hooks"]:
         for doc in hook["manifest"]:
             if doc["kind"] == "Pod":
                 pods[doc["metadata"]["labels"]["app.kubernetes.io/component"]] = doc["metadata"]["labels"]
@@ -242,7 +223,7 @@ def test_promql_name_check_catches_names_the_services_do_not_export():
 
 @pytest.mark.parametrize("scenario", VALID)
 def test_scenario_renders_valid_objects(charts, scenario):
-    result = _ok(charts, scenario)
+    result = rendered(charts, scenario)
     assert not result["k8s_errors"], "\n".join(result["k8s_errors"])
     docs = result["manifest"] + [d for h in result["hooks"] for d in h["manifest"]]
     keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
@@ -617,7 +598,7 @@ def test_helm_test_lets_a_service_scaled_to_zero_be_woken_by_its_job(charts):
     does not require it SERVING, and its job must bring a pod up; separation stays required."""
 
     def command(scenario: str) -> list[str]:
-        (hook,) = [h for h in _ok(charts, scenario)["hooks"] if "test" in h["events"]]
+        (hook,) = [h for h in rendered(charts, scenario)["hooks"] if "test" in h["events"]]
         return hook["manifest"][0]["spec"]["containers"][0]["command"]
 
     assert MONITORING["hpss"]["autoscaling"]["keda"]["minReplicas"] == 0

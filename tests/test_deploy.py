@@ -30,13 +30,25 @@ import yaml
 
 from audiomesh.config import DEFAULT_PORTS, DRAIN_DEFAULTS, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError
-from tests.helpers.deploy import CHART, HELM_VENV, ROOT, helm, require_helm_venv
+from tests.helpers.deploy import (
+    CHART,
+    HELM_VENV,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    configmap,
+    container,
+    deployment,
+    helm,
+    objects,
+    one,
+    rendered,
+    require_helm_venv,
+)
 
 SCENARIOS = {p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))}
 COMPONENTS = (*SERVICES, "gateway")
 WORKERS = tuple(s for s in SERVICES if s != "orchestrator")
-NAMESPACE = "audiomesh"
-RELEASE = "am"
 KUBERNETES_VERSIONS = ["1.27.0", "1.33.0"]  # the chart's kubeVersion floor, and a recent one
 # How long each service drains on SIGTERM by default (the gateway: uvicorn's graceful shutdown);
 # pods and containers must be given longer.
@@ -109,38 +121,8 @@ def charts() -> dict:
     )
 
 
-def _ok(charts: dict, scenario: str) -> dict:
-    result = charts[scenario]
-    assert result["error"] is None, f"{scenario}: {result['error']}"
-    return result
-
-
-def objects(charts: dict, scenario: str, kind: str | None = None) -> list[dict]:
-    docs = _ok(charts, scenario)["manifest"]
-    return [d for d in docs if kind is None or d["kind"] == kind]
-
-
-def one(charts: dict, scenario: str, kind: str, name: str) -> dict:
-    found = [d for d in objects(charts, scenario, kind) if d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{scenario}: {kind}/{name} rendered {len(found)} times"
-    return found[0]
-
-
-def deployment(charts: dict, scenario: str, component: str) -> dict:
-    return one(charts, scenario, "Deployment", f"{RELEASE}-audiomesh-{component}")
-
-
-def container(dep: dict) -> dict:
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
-    return c
-
-
 def plain_env(c: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
-
-
-def configmap(charts: dict, scenario: str) -> dict[str, str]:
-    return one(charts, scenario, "ConfigMap", f"{RELEASE}-audiomesh")["data"]
 
 
 # ---- Helm: lint, render, Kubernetes schemas ---------------------------------------------------
@@ -161,7 +143,7 @@ def test_chart_lint_and_install_reject_an_unknown_value(charts):
 
 @pytest.mark.parametrize("scenario", [*SCENARIOS, "long-release-name"])
 def test_chart_renders_valid_kubernetes_objects(charts, scenario):
-    result = _ok(charts, scenario)
+    result = rendered(charts, scenario)
     assert not result["k8s_errors"], "\n".join(result["k8s_errors"])
     docs = result["manifest"] + [d for h in result["hooks"] for d in h["manifest"]]
     keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
@@ -292,11 +274,11 @@ def test_orchestrators_are_several_rolled_with_a_surge_and_a_budget(charts):
         assert env["AUDIOMESH_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     one = deployment(charts, "single-orchestrator", "orchestrator")
     assert one["spec"]["replicas"] == 1 and "orchestrator" not in _pdbs(charts, "single-orchestrator")
-    assert "orchestrator.replicaCount=2" in _ok(charts, "single-orchestrator")["notes"]
+    assert "orchestrator.replicaCount=2" in rendered(charts, "single-orchestrator")["notes"]
     # The bundled versitygw's conditional writes race (fixed upstream after v1.7.0): said where it matters.
-    assert "non-atomically" in _ok(charts, "default")["notes"]
-    assert "non-atomically" not in _ok(charts, "s3-external")["notes"]
-    assert "non-atomically" not in _ok(charts, "single-orchestrator")["notes"]
+    assert "non-atomically" in rendered(charts, "default")["notes"]
+    assert "non-atomically" not in rendered(charts, "s3-external")["notes"]
+    assert "non-atomically" not in rendered(charts, "single-orchestrator")["notes"]
 
 
 def test_drain_settings_reach_each_service(charts):
@@ -456,7 +438,7 @@ def test_ingress_routes_to_the_gateway(charts):
 
 
 def test_helm_test_hook_runs_the_mesh_check(charts):
-    (hook,) = [h for h in _ok(charts, "default")["hooks"] if "test" in h["events"]]
+    (hook,) = [h for h in rendered(charts, "default")["hooks"] if "test" in h["events"]]
     (pod,) = hook["manifest"]
     c = pod["spec"]["containers"][0]
     assert c["command"][:2] == ["python", "-c"]

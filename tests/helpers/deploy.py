@@ -455,3 +455,41 @@ def _k8s_errors(docs: list[dict], versions: list[str]) -> list[str]:  # noqa: F8
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- reading rendered scenarios (test_deploy, test_chart_monitoring) ---------------------------
+
+#: The namespace and release every scenario renders into.
+NAMESPACE = "audiomesh"
+RELEASE = "am"
+
+
+def rendered(charts: dict, scenario: str) -> dict:
+    """A scenario's render result; it must have rendered without an error."""
+    result = charts[scenario]
+    assert result["error"] is None, f"{scenario}: {result['error']}"
+    return result
+
+
+def objects(charts: dict, scenario: str, kind: str | None = None) -> list[dict]:
+    docs = rendered(charts, scenario)["manifest"]
+    return [d for d in docs if kind is None or d["kind"] == kind]
+
+
+def one(charts: dict, scenario: str, kind: str, name: str) -> dict:
+    found = [d for d in objects(charts, scenario, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{scenario}: {kind}/{name} rendered {len(found)} times"
+    return found[0]
+
+
+def deployment(charts: dict, scenario: str, component: str) -> dict:
+    return one(charts, scenario, "Deployment", f"{RELEASE}-audiomesh-{component}")
+
+
+def container(dep: dict) -> dict:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def configmap(charts: dict, scenario: str) -> dict[str, str]:
+    return one(charts, scenario, "ConfigMap", f"{RELEASE}-audiomesh")["data"]
