@@ -16,12 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
-from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from audiomesh.demo import synth_song
 from tests.helpers import browser as browser_helpers
+from tests.helpers.browser import css, wait
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 STEMS = ["vocals", "drums", "bass", "other"]
@@ -55,18 +54,6 @@ const highlighted = zone.classList.contains("is-dragover");
 fire("drop");
 return highlighted && !zone.classList.contains("is-dragover");
 """
-
-
-def css(driver, selector: str):
-    return driver.find_element(By.CSS_SELECTOR, selector)
-
-
-def wait(driver, seconds: float, condition, message: str):
-    try:
-        return WebDriverWait(driver, seconds, poll_frequency=0.2).until(lambda d: condition(d), message)
-    except TimeoutException:
-        alert = driver.execute_script("return document.getElementById('alert').textContent")
-        raise AssertionError(f"{message} (after {seconds} s; #alert says: {alert!r})") from None
 
 
 def severe_logs(driver, *, expected: tuple[str, ...] = ()) -> list[str]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
-from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 
 from audiomesh.demo import synth_song
 from tests.helpers import browser as browser_helpers
+from tests.helpers.browser import css, wait
 
 browser = browser_helpers.browser
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
@@ -48,18 +48,6 @@ def artifacts(tmp_path: Path) -> Path:
     folder = Path(root) / "web-mixer" if root else tmp_path / "web-mixer-artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def css(driver, selector: str):
-    return driver.find_element(By.CSS_SELECTOR, selector)
-
-
-def wait(driver, seconds: float, condition, message: str):
-    try:
-        return WebDriverWait(driver, seconds, poll_frequency=0.1).until(lambda d: condition(d), message)
-    except TimeoutException:
-        alert = driver.execute_script("return document.getElementById('alert').textContent")
-        raise AssertionError(f"{message} (after {seconds} s; #alert says: {alert!r})") from None
 
 
 def screenshot(driver, path: Path) -> Path:

@@ -77,3 +77,22 @@ def browser(tmp_path: Path) -> Iterator:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def css(driver, selector: str):
+    """The one element ``selector`` finds (NoSuchElementException when none)."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def wait(driver, seconds: float, condition, message: str):
+    """Poll ``condition(driver)`` until truthy; AssertionError with the page's #alert text otherwise."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.1).until(lambda d: condition(d), message)
+    except TimeoutException:
+        alert = driver.execute_script("return document.getElementById('alert').textContent")
+        raise AssertionError(f"{message} (after {seconds} s; #alert says: {alert!r})") from None
