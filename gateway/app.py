@@ -57,7 +57,7 @@ STATIC = Path(__file__).with_name("static")
 ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 _CHUNK = 256 * 1024
 _ABORT = object()  # queued to end an upload call whose HTTP request failed
-_MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".json": "application/json"}
+_MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".json": "application/json"}
 
 
 class SegmentConvertor(Convertor):

@@ -225,8 +225,8 @@ def test_write_audio_errors_and_atomicity(tmp_path) -> None:
     before = target.read_bytes()
     with pytest.raises(InvalidInput, match="FLAC stores integer PCM only"):
         write_audio(target, y, SR, fmt="flac", subtype="FLOAT")
-    with pytest.raises(InvalidInput, match=r"output format must be one of \('wav', 'flac'\), got 'mp3'"):
-        write_audio(target, y, SR, fmt="mp3")
+    with pytest.raises(InvalidInput, match=r"output format must be one of \('wav', 'flac', 'mp3'\), got 'ogg'"):
+        write_audio(target, y, SR, fmt="ogg")
     with pytest.raises(InvalidInput, match="output subtype must be one of"):
         write_audio(target, y, SR, subtype="PCM_8")
     with pytest.raises(InvalidInput, match="NaN or infinite"):

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     target_db: float = Field(-14.0, ge=-70.0, le=0.0, description="LUFS (loudness) or dBFS (peak)")
     true_peak_ceiling_db: float = Field(-1.0, ge=-20.0, le=0.0)
     gain_linking: Literal["linked", "per_track"] = "linked"
-    output_encoding: Literal["wav_pcm16", "wav_pcm24", "wav_float32", "flac_pcm16", "flac_pcm24"] = "wav_pcm16"
+    output_encoding: Literal["wav_pcm16", "wav_pcm24", "wav_float32", "flac_pcm16", "flac_pcm24", "mp3"] = "wav_pcm16"
 
     # Limits
     max_upload_bytes: int = Field(500 * 1024 * 1024, gt=0)

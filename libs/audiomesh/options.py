@@ -29,8 +29,22 @@ def check_job_options(pb: orchestrator_pb2.JobOptions) -> None:
     or settings (the rest: :func:`check_separation_options`, :func:`normalization`)."""
     ranges.check("model", pb.model)
     ranges.check("main_stems", pb.main_stems)
+    ranges.check("mp3_bitrate_kbps", pb.mp3_bitrate_kbps)
     separation_options(pb.separation)
     hpss_kwargs(pb.hpss)
+
+
+def resolve_encoding(pb: orchestrator_pb2.JobOptions, settings: Settings) -> None:
+    """Fill ``pb.encoding`` with the configured one when unset and, for MP3, the default bitrate
+    (so a job's manifest records what its tracks were written with); checked."""
+    if not pb.encoding:
+        pb.encoding = common_pb2.AudioEncoding.Value("AUDIO_ENCODING_" + settings.output_encoding.upper())
+    if pb.encoding not in common_pb2.AudioEncoding.values():
+        names = ", ".join(common_pb2.AudioEncoding.keys()[1:])
+        raise errors.InvalidInput(f"unknown encoding {pb.encoding}; use one of {names}")
+    ranges.check("mp3_bitrate_kbps", pb.mp3_bitrate_kbps)
+    if pb.encoding == common_pb2.AUDIO_ENCODING_MP3 and not pb.mp3_bitrate_kbps:
+        pb.mp3_bitrate_kbps = ranges.DEFAULT_MP3_BITRATE_KBPS
 
 
 def separation_options(pb: common_pb2.SeparationOptions) -> SeparationOptions:

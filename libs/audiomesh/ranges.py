@@ -24,7 +24,16 @@ from dataclasses import dataclass
 
 from audiomesh.errors import InvalidInput
 
-__all__ = ["DEFAULT_PAGE_SIZE", "PAGE_SIZE", "RANGES", "Range", "check", "field_schemas", "target_range"]
+__all__ = [
+    "DEFAULT_MP3_BITRATE_KBPS",
+    "DEFAULT_PAGE_SIZE",
+    "PAGE_SIZE",
+    "RANGES",
+    "Range",
+    "check",
+    "field_schemas",
+    "target_range",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,9 @@ class Range:
         return keywords
 
 
+# JobOptions.mp3_bitrate_kbps = 0: the highest MPEG-1 bitrate, as demucs --mp3 defaults to.
+DEFAULT_MP3_BITRATE_KBPS = 320
+
 RANGES: dict[str, Range] = {
     "model": Range(0, 128, "length"),
     "main_stems": Range(0, 16, "items"),
@@ -110,6 +122,8 @@ RANGES: dict[str, Range] = {
     "normalize.target.loudness": Range(-70, 0, unit="LUFS"),
     "normalize.target.peak": Range(-60, 0, unit="dBFS"),
     "normalize.true_peak_ceiling_dbtp": Range(-20, 0, unit="dBTP"),
+    # MPEG-1 Layer III's bitrates span 32..320 kbit/s (at 32, 44.1 and 48 kHz).
+    "mp3_bitrate_kbps": Range(32, 320, "integer", "kbps", zero_is_default=True, default=str(DEFAULT_MP3_BITRATE_KBPS)),
 }
 
 # ListJobs: jobs per page (0 = this default); the orchestrator lists at most a page at once.

@@ -9,6 +9,7 @@ no half-written results are left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -19,9 +20,10 @@ from types import TracebackType
 import numpy as np
 import soundfile as sf
 
-from audiomesh.audio.io import AudioInfo, file_sha256, probe, read_audio, write_audio
-from audiomesh.audio.stream import ArraySource, ClosableSource, SoundFileSource
+from audiomesh.audio.io import LOSSY_FORMATS, AudioInfo, file_sha256, probe, read_audio, write_audio
+from audiomesh.audio.stream import ArraySource, ClosableSource, SoundFileSource, measure_file
 from audiomesh.dsp.loudness import Measurement, measure
+from audiomesh.errors import InvalidInput
 from audiomesh.store import ObjectStore
 from audiomesh.v1 import common_pb2
 
@@ -33,10 +35,20 @@ ENCODINGS: dict[int, tuple[str, str, str]] = {
     common_pb2.AUDIO_ENCODING_WAV_FLOAT32: ("wav", "FLOAT", ".wav"),
     common_pb2.AUDIO_ENCODING_FLAC_PCM16: ("flac", "PCM_16", ".flac"),
     common_pb2.AUDIO_ENCODING_FLAC_PCM24: ("flac", "PCM_24", ".flac"),
+    common_pb2.AUDIO_ENCODING_MP3: ("mp3", "MPEG_LAYER_III", ".mp3"),
 }
-# Intermediate tracks keep full precision so sums and gains downstream are exact.
+# Intermediate tracks keep full precision so sums and gains downstream are exact. Only the
+# normalize stage writes the job's encoding (MP3 included): what users download.
 INTERMEDIATE = common_pb2.AUDIO_ENCODING_WAV_FLOAT32
 SILENCE_LUFS = -200.0  # how -inf loudness is stored in messages and manifests
+
+
+def encoding_spec(encoding: int) -> tuple[str, str, str]:
+    """``(container, soundfile subtype, extension)`` of an encoding; InvalidInput for an unknown one."""
+    if encoding not in ENCODINGS:
+        names = ", ".join(common_pb2.AudioEncoding.keys()[1:])
+        raise InvalidInput(f"unknown encoding {encoding}; use one of {names}")
+    return ENCODINGS[encoding]
 
 
 def encoding_by_name(name: str) -> common_pb2.AudioEncoding.ValueType:
@@ -123,6 +135,11 @@ def open_local(path: Path, *, sample_rate: int | None = None, channels: int | No
     return ArraySource(y, rate)
 
 
+def _decoded_frames(path: Path) -> int:
+    with sf.SoundFile(str(path)) as f:
+        return sum(len(block) for block in f.blocks(1 << 17, dtype="float32"))
+
+
 class Outputs:
     """Publishes tracks and remembers their keys; ``discard()`` deletes them all."""
 
@@ -132,12 +149,15 @@ class Outputs:
         self.keys: list[str] = []
         self._names = itertools.count()
 
-    def publish(self, name: str, key: str, y: np.ndarray, sample_rate: int, encoding: int) -> common_pb2.Track:
-        """Encode ``y`` (measured as float samples) and publish it as ``key``."""
+    def publish(
+        self, name: str, key: str, y: np.ndarray, sample_rate: int, encoding: int, *, bitrate_kbps: int | None = None
+    ) -> common_pb2.Track:
+        """Encode ``y`` and publish it as ``key``, measured as float samples (a lossy encoding: decoded)."""
         fmt, subtype, ext = ENCODINGS[encoding]
         local = self.scratch_path(ext)
-        write_audio(local, y, sample_rate, fmt=fmt, subtype=subtype)
-        return self.publish_file(name, key, local, measure(y, sample_rate))
+        write_audio(local, y, sample_rate, fmt=fmt, subtype=subtype, bitrate_kbps=bitrate_kbps)
+        levels = measure_file(local)[0] if fmt in LOSSY_FORMATS else measure(y, sample_rate)
+        return self.publish_file(name, key, local, levels)
 
     def scratch_path(self, ext: str) -> Path:
         """A new file name in the scratch folder (safe from several threads)."""
@@ -146,14 +166,21 @@ class Outputs:
     def publish_file(self, name: str, key: str, local: Path, loudness: Measurement | None) -> common_pb2.Track:
         """Publish an encoded file as ``key`` (then delete it) → its :class:`Track`.
 
-        ``loudness`` is the measurement of what was written (its float samples); None: not measured.
+        ``loudness`` is the measurement of what was written (its float samples; a lossy file's
+        as it decodes, see :class:`~audiomesh.audio.stream.TrackWriter`); None: not measured.
         """
+        info = probe(local)
+        if info.format.lower() in LOSSY_FORMATS:
+            # The header's frame count can be an estimate (an MP3 without LAME's gapless header):
+            # the duration recorded is the one a decoder gets.
+            frames = _decoded_frames(local)
+            info = dataclasses.replace(info, frames=frames, duration_s=frames / info.sample_rate)
         track = common_pb2.Track(
             name=name,
             key=key,
             sha256=file_sha256(local),
             size_bytes=local.stat().st_size,
-            audio=audio_info_pb(probe(local)),
+            audio=audio_info_pb(info),
             loudness=None if loudness is None else loudness_pb(loudness),
         )
         self.keys.append(key)  # before the upload: discard() removes a partial one too

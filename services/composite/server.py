@@ -20,7 +20,7 @@ from audiomesh.parallel import map_threads
 from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job
-from audiomesh.tracks import ENCODINGS, Outputs, open_source
+from audiomesh.tracks import Outputs, encoding_spec, open_source
 from audiomesh.v1 import common_pb2, composite_pb2, composite_pb2_grpc
 
 
@@ -36,7 +36,7 @@ class CompositeServicer(composite_pb2_grpc.CompositeServiceServicer):
         for spec in request.composites:
             if not spec.name or not spec.output_key or not spec.input_keys:
                 raise errors.InvalidInput(f"composite {spec.name!r} needs a name, an output_key and input_keys")
-        fmt, subtype, ext = ENCODINGS[request.encoding]
+        fmt, subtype, ext = encoding_spec(request.encoding)
 
         def work(cancel: threading.Event) -> list[common_pb2.Track]:
             with scratch.workdir("comp-") as tmp, Outputs(self.store, tmp) as outputs:

@@ -26,7 +26,7 @@ from audiomesh.options import hpss_kwargs
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job, logger
-from audiomesh.tracks import ENCODINGS, Outputs, open_source
+from audiomesh.tracks import Outputs, encoding_spec, open_source
 from audiomesh.v1 import common_pb2, hpss_pb2, hpss_pb2_grpc
 
 Report = Callable[[float, str], None]
@@ -43,7 +43,7 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         if not (request.input_key and request.harmonic_key and request.percussive_key):
             raise errors.InvalidInput("input_key, harmonic_key and percussive_key are required")
         kwargs = hpss_kwargs(request.options)
-        fmt, subtype, ext = ENCODINGS[request.encoding]
+        fmt, subtype, ext = encoding_spec(request.encoding)
         started = time.perf_counter()
 
         def work(report: Report, cancel: threading.Event) -> list[common_pb2.Track]:

@@ -8,7 +8,8 @@ Each input is measured once, by the worker that wrote it (the orchestrator passe
 ``Track.loudness``; an input without one is measured here). The tracks are then written on
 parallel threads, block by block from their files (bounded memory), with the gain applied; only
 their loudness is measured again on the way (the true peak after a gain is the one before plus
-the gain, up to float rounding).
+the gain, up to float rounding). MP3 (the one lossy encoding, delivered tracks only) is measured
+in full as it decodes: the levels reported are those of the file a user plays.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from audiomesh import errors, scratch
-from audiomesh.audio.io import probe
+from audiomesh import errors, ranges, scratch
+from audiomesh.audio.io import LOSSY_FORMATS, probe
 from audiomesh.audio.stream import iter_blocks, measure_source, write_track
 from audiomesh.config import Settings
 from audiomesh.dsp.loudness import Measurement
@@ -30,9 +31,9 @@ from audiomesh.rpc import Registration, ServiceSpec, run_in_thread
 from audiomesh.store import ObjectStore
 from audiomesh.telemetry import bind_job
 from audiomesh.tracks import (
-    ENCODINGS,
     Outputs,
     audio_info_pb,
+    encoding_spec,
     loudness_pb,
     measurement_from_pb,
     open_local,
@@ -55,7 +56,10 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
             if not (item.name and item.input_key and item.output_key):
                 raise errors.InvalidInput(f"item {item.name!r} needs a name, an input_key and an output_key")
         norm = normalization(request.options, self.settings)
-        fmt, subtype, ext = ENCODINGS[request.encoding]
+        fmt, subtype, ext = encoding_spec(request.encoding)
+        ranges.check("mp3_bitrate_kbps", request.mp3_bitrate_kbps)
+        bitrate_kbps = request.mp3_bitrate_kbps or ranges.DEFAULT_MP3_BITRATE_KBPS
+        lossy = fmt in LOSSY_FORMATS
         items = list(request.items)
 
         def work(cancel: threading.Event) -> normalize_pb2.NormalizeResponse:
@@ -92,7 +96,8 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
                     item, gain, path = items[i], gains.gains_db[i], outputs.scratch_path(ext)
                     with open_source(self.store, item.input_key, tmp) as source:
                         blocks = (apply_gain_db(block, gain) for _start, block in iter_blocks(source))
-                        # Only loudness and sample peak are measured again (see after_gain).
+                        # Only loudness and sample peak are measured again (see after_gain); an MP3 is
+                        # measured in full as it decodes (the encoder moves its peaks).
                         after = write_track(
                             path,
                             blocks,
@@ -101,11 +106,13 @@ class NormalizeServicer(normalize_pb2_grpc.NormalizeServiceServicer):
                             fmt=fmt,
                             subtype=subtype,
                             true_peak=False,
+                            bitrate_kbps=bitrate_kbps,
                             cancelled=cancel.is_set,
                             what="normalize",
                         )
                     assert after is not None  # measured: write_track measures unless told not to
-                    track = outputs.publish_file(item.name, item.output_key, path, after_gain(before[i], gain, after))
+                    levels = after if lossy else after_gain(before[i], gain, after)
+                    track = outputs.publish_file(item.name, item.output_key, path, levels)
                     return normalize_pb2.NormalizedTrack(track=track, before=loudness_pb(before[i]), gain_db=gain)
 
                 return normalize_pb2.NormalizeResponse(

@@ -74,7 +74,7 @@ class Plan:
     job_id: str
     stems: tuple[str, ...]  # sources the separation writes
     main_stems: tuple[str, ...]  # summed into "main"
-    ext: str  # extension of delivered tracks, ".wav" or ".flac"
+    ext: str  # extension of delivered tracks, ".wav", ".flac" or ".mp3"
     nodes: tuple[Node, ...] = ()  # in a valid execution order; filled by make_plan
 
     @property
@@ -200,6 +200,7 @@ def _normalize_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> nor
         reference_key=plan.mix_key,
         options=job.options.normalize,
         encoding=job.options.encoding,
+        mp3_bitrate_kbps=job.options.mp3_bitrate_kbps,
         job_id=plan.job_id,
     )
     # Every input was measured by the worker that wrote it: normalize need not measure again.

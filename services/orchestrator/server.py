@@ -23,7 +23,7 @@ from audiomesh.audio.io import AudioInfo, probe, scan_samples
 from audiomesh.auth import ANONYMOUS, current_principal
 from audiomesh.config import Settings
 from audiomesh.hashing import sha256_chunks
-from audiomesh.options import check_job_options, normalization
+from audiomesh.options import check_job_options, normalization, resolve_encoding
 from audiomesh.rpc import Registration, ServiceSpec
 from audiomesh.store import ObjectStore, sanitize_filename, validate_key
 from audiomesh.telemetry import current_traceparent, logger
@@ -222,18 +222,19 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         resolved.CopyFrom(options)
         if not resolved.model:
             resolved.model = self.settings.default_model
-        if not resolved.encoding:
-            from audiomesh.tracks import encoding_by_name
-
-            resolved.encoding = encoding_by_name(self.settings.output_encoding)
-        if resolved.encoding not in common_pb2.AudioEncoding.values():
-            raise errors.InvalidInput(f"unknown encoding {resolved.encoding}")
+        resolve_encoding(resolved, self.settings)  # the configured encoding; MP3's default bitrate
         # Check everything now so bad options, unknown models, stems and recipes fail the
         # request, not the job minutes later.
         check_job_options(resolved)  # every range in audiomesh.ranges, then the model's own rules
         normalization(resolved.normalize, self.settings)
         probe_job = orchestrator_pb2.Job(job_id="00000000-0000-4000-8000-000000000000", options=resolved)
-        await self.runner.plan(probe_job)
+        try:
+            # Checked against the models the separation workers last listed when none answers now.
+            await self.runner.plan(probe_job, or_last_known=True)
+        except errors.Unavailable as exc:
+            # No separation worker yet (scaled to zero: KEDA starts one when jobs queue; or still
+            # starting): queue the job; the model is checked when it starts (_plan_when_reachable).
+            logger().warning("separation unreachable: the job's model is checked when it starts", error=str(exc))
         return resolved
 
     async def _create(

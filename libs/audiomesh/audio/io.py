@@ -34,6 +34,8 @@ from audiomesh.hashing import file_sha256
 __all__ = [
     "scan_samples",
     "AudioInfo",
+    "LOSSY_FORMATS",
+    "MP3_SAMPLE_RATES",
     "OUTPUT_FORMATS",
     "OUTPUT_SUBTYPES",
     "NOT_AUDIO",
@@ -41,6 +43,7 @@ __all__ = [
     "file_sha256",
     "probe",
     "decode_blocks",
+    "encoder_options",
     "read_audio",
     "resample",
     "write_audio",
@@ -52,9 +55,13 @@ SUPPORTED_INPUTS = "WAV, FLAC, OGG, MP3"
 #: clients (and tests) can rely on them whichever decoder was tried.
 NOT_AUDIO = "is not a supported audio file"
 _LIBSNDFILE_FORMATS = ("WAV", "FLAC", "OGG", "MP3")  # sniffed names of SUPPORTED_INPUTS
-OUTPUT_FORMATS = ("wav", "flac")
-OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+OUTPUT_FORMATS = ("wav", "flac", "mp3")
+OUTPUT_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT", "MPEG_LAYER_III")
 _FLAC_SUBTYPES = ("PCM_16", "PCM_24")
+#: Formats whose decoded samples differ from those written: their levels are measured decoded.
+LOSSY_FORMATS = ("mp3",)
+#: What MPEG-1, 2 and 2.5 Layer III store (libsndfile refuses any other rate).
+MP3_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 _RESAMPLE_QUALITIES = ("HQ", "VHQ")
 _FFMPEG_TIMEOUT_S = 600
 _SNIFF_BYTES = 64
@@ -593,6 +600,70 @@ def resample(y: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "VHQ") ->
     return np.ascontiguousarray(out.T)
 
 
+def encoder_options(
+    fmt: str, subtype: str, sample_rate: int, channels: int, *, bitrate_kbps: int | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of ``soundfile.SoundFile`` for writing ``fmt``/``subtype``; checked.
+
+    Parameters
+    ----------
+    fmt : {"wav", "flac", "mp3"}
+    subtype : {"PCM_16", "PCM_24", "FLOAT", "MPEG_LAYER_III"}
+        FLAC stores PCM_16 and PCM_24; MP3 only MPEG_LAYER_III.
+    sample_rate, channels : int
+        Of the signal. MP3 stores 1 or 2 channels at the rates of :data:`MP3_SAMPLE_RATES`.
+    bitrate_kbps : int, optional
+        MP3 only: constant bitrate, default 320.
+
+    Returns
+    -------
+    options : dict
+        ``format``, ``subtype``, ``samplerate``, ``channels`` and, for MP3,
+        ``compression_level`` and ``bitrate_mode``.
+
+    Notes
+    -----
+    libsndfile has no bitrate setting: in constant-bitrate mode it maps a compression level
+    ``c`` in [0, 1] linearly onto LAME's bitrate, ``320 - c * 288`` kbit/s at 32 kHz and above
+    (MPEG-1), ``160 - c * 152`` at 16 to 24 kHz (MPEG-2), ``64 - c * 56`` below, truncated to an
+    integer; LAME then uses the nearest standard bitrate (e.g. 200 → 192). The level is
+    chosen so the truncation lands on ``bitrate_kbps``, clipped to the MPEG version's range.
+    """
+    fmt_l = str(fmt).lower()
+    if fmt_l not in OUTPUT_FORMATS:
+        raise InvalidInput(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    subtype = str(subtype).upper()
+    if subtype not in OUTPUT_SUBTYPES:
+        raise InvalidInput(f"output subtype must be one of {OUTPUT_SUBTYPES}, got {subtype!r}")
+    if fmt_l == "flac" and subtype not in _FLAC_SUBTYPES:
+        raise InvalidInput(f"FLAC stores integer PCM only: use subtype {_FLAC_SUBTYPES}, or fmt='wav' for {subtype}")
+    if (fmt_l == "mp3") != (subtype == "MPEG_LAYER_III"):
+        raise InvalidInput(f"subtype MPEG_LAYER_III goes with fmt='mp3' and only with it; got {fmt!r}/{subtype!r}")
+    if int(sample_rate) <= 0:
+        raise InvalidInput(f"sample_rate must be > 0 Hz, got {sample_rate}")
+    options: dict[str, Any] = {
+        "format": fmt_l.upper(),
+        "subtype": subtype,
+        "samplerate": int(sample_rate),
+        "channels": int(channels),
+    }
+    if fmt_l != "mp3":
+        return options
+    if int(sample_rate) not in MP3_SAMPLE_RATES:
+        rates = ", ".join(str(r) for r in MP3_SAMPLE_RATES)
+        raise InvalidInput(f"MP3 stores sample rates of {rates} Hz, not {sample_rate} Hz: choose WAV or FLAC")
+    if int(channels) not in (1, 2):
+        raise InvalidInput(f"MP3 stores 1 or 2 channels, not {channels}: choose WAV or FLAC")
+    kbps = 320 if bitrate_kbps is None else int(bitrate_kbps)
+    top, low = (320, 32) if sample_rate >= 32000 else (160, 8) if sample_rate >= 16000 else (64, 8)
+    level = (top - min(max(kbps, low), top)) / (top - low) - 1e-6  # truncation lands on kbps, not below
+    # soundfile sets the level before the mode: libsndfile applies it first as LAME's VBR quality
+    # (level * 10), which LAME refuses above 9.999; 0.9999 still truncates to the lowest bitrate.
+    options["compression_level"] = min(max(level, 0.0), 0.9999)
+    options["bitrate_mode"] = "CONSTANT"
+    return options
+
+
 def write_audio(
     path: str | os.PathLike[str],
     y: np.ndarray,
@@ -600,30 +671,25 @@ def write_audio(
     *,
     fmt: str = "wav",
     subtype: str | None = None,
+    bitrate_kbps: int | None = None,
 ) -> None:
-    """Encode ``y`` to a WAV or FLAC file atomically (temp file in the same directory + rename).
+    """Encode ``y`` to a WAV, FLAC or MP3 file atomically (temp file in the same directory + rename).
 
     Parameters
     ----------
     path : path-like
         Destination; its directory must exist.
     y : np.ndarray [shape=(channels, frames) or (frames,)]
-        Samples, nominally in [-1, 1]. PCM subtypes clip to that range (never wrap).
+        Samples, nominally in [-1, 1]. PCM and MP3 clip to that range (never wrap).
     sample_rate : int
-    fmt : {"wav", "flac"}
-    subtype : {"PCM_16", "PCM_24", "FLOAT"}, optional
-        Default "PCM_16". FLAC supports PCM_16 and PCM_24.
+    fmt : {"wav", "flac", "mp3"}
+    subtype : {"PCM_16", "PCM_24", "FLOAT", "MPEG_LAYER_III"}, optional
+        Default "PCM_16" ("MPEG_LAYER_III" for MP3). FLAC supports PCM_16 and PCM_24.
+    bitrate_kbps : int, optional
+        MP3's constant bitrate (see :func:`encoder_options`), default 320.
     """
     fmt_l = str(fmt).lower()
-    if fmt_l not in OUTPUT_FORMATS:
-        raise InvalidInput(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
-    subtype = (subtype or "PCM_16").upper()
-    if subtype not in OUTPUT_SUBTYPES:
-        raise InvalidInput(f"output subtype must be one of {OUTPUT_SUBTYPES}, got {subtype!r}")
-    if fmt_l == "flac" and subtype not in _FLAC_SUBTYPES:
-        raise InvalidInput(f"FLAC stores integer PCM only: use subtype {_FLAC_SUBTYPES}, or fmt='wav' for {subtype}")
-    if int(sample_rate) <= 0:
-        raise InvalidInput(f"sample_rate must be > 0 Hz, got {sample_rate}")
+    subtype = (subtype or ("MPEG_LAYER_III" if fmt_l == "mp3" else "PCM_16")).upper()
     y = np.asarray(y)
     if y.ndim == 1:
         y = y[np.newaxis, :]
@@ -633,13 +699,15 @@ def write_audio(
         raise InvalidInput(
             f"y has shape {y.shape}: more than 64 channels; pass (channels, frames), not (frames, channels)"
         )
+    options = encoder_options(fmt_l, subtype, sample_rate, y.shape[0], bitrate_kbps=bitrate_kbps)
     y = y.astype(np.float32, copy=False)
     _check_finite(y, "the audio to write")
     if subtype != "FLOAT":
         y = np.clip(y, -1.0, 1.0)
     with atomic_path(path) as tmp:
         try:
-            sf.write(tmp, y.T, int(sample_rate), format=fmt_l.upper(), subtype=subtype)
+            with sf.SoundFile(tmp, "w", **options) as out:
+                out.write(y.T)
         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
             raise InvalidInput(
                 f"cannot write {fmt_l.upper()} {subtype} at {sample_rate} Hz: {_libsndfile_reason(exc)}"

@@ -8,8 +8,9 @@ For work on songs of any length in bounded memory (see :mod:`audiomesh.separatio
 - :class:`StreamingMeasure` — :func:`audiomesh.dsp.loudness.measure` (BS.1770 integrated
   loudness, sample peak, 4x true peak) fed block by block, with the same result, from a few
   seconds of state; about twice as fast as measuring the whole array.
-- :class:`TrackWriter` — encodes a WAV/FLAC file block by block as
-  :func:`audiomesh.audio.io.write_audio` would, measuring on the way.
+- :class:`TrackWriter` — encodes a WAV/FLAC/MP3 file block by block as
+  :func:`audiomesh.audio.io.write_audio` would, measuring on the way (MP3: measured decoded,
+  :func:`measure_file`).
 - :func:`write_tracks` / :func:`write_track` — a stream of blocks (a kernel's output) into
   files, cancellable, all or nothing: what the workers do with what their kernels yield.
 """
@@ -27,6 +28,7 @@ import numpy as np
 import scipy.signal
 import soundfile as sf
 
+from audiomesh.audio.io import LOSSY_FORMATS, encoder_options
 from audiomesh.dsp.loudness import MAX_LOUDNESS_CHANNELS, Measurement, _db, _meter, upsampled_peak
 from audiomesh.errors import Cancelled, InvalidInput
 
@@ -38,6 +40,7 @@ __all__ = [
     "StreamingMeasure",
     "TrackWriter",
     "iter_blocks",
+    "measure_file",
     "measure_source",
     "write_track",
     "write_tracks",
@@ -139,6 +142,22 @@ def measure_source(source: MixSource, cancelled: Callable[[], bool] = lambda: Fa
             raise InvalidInput("the audio to measure must be finite (no NaN or infinity)")
         meter.update(block)
     return meter.result()
+
+
+def measure_file(path: Path | str, cancelled: Callable[[], bool] = lambda: False) -> tuple[Measurement, int]:
+    """:func:`audiomesh.dsp.loudness.measure` of a file as it decodes, read in blocks to its end.
+
+    Returns the measurement and the frames decoded: for an MP3 without LAME's gapless header
+    (constant bitrates below 64 kbit/s at 44.1 kHz stereo: the header does not fit in a frame)
+    the header's frame count is only an estimate; this is what a player gets.
+    """
+    with sf.SoundFile(str(path)) as f:
+        meter = StreamingMeasure(int(f.samplerate), int(f.channels))
+        for block in f.blocks(BLOCK_FRAMES, dtype="float32", always_2d=True):
+            if cancelled():
+                raise Cancelled("measuring cancelled")
+            meter.update(np.ascontiguousarray(block.T))
+    return meter.result(), meter.frames
 
 
 # --------------------------------------------------------------------------- measuring and writing
@@ -276,8 +295,8 @@ class StreamingMeasure:
 
 
 class TrackWriter:
-    """Encode a track to ``path`` block by block (WAV/FLAC as :func:`~audiomesh.audio.io.write_audio`
-    does: PCM clipped to [-1, 1]) and measure it on the way.
+    """Encode a track to ``path`` block by block (WAV/FLAC/MP3 as :func:`~audiomesh.audio.io.write_audio`
+    does: PCM and MP3 clipped to [-1, 1]) and measure it on the way.
 
     Use it as a context manager: the block closes the file when it ends normally and aborts
     (deletes the partial file) on any exception, ``KeyboardInterrupt`` and cancellation
@@ -292,6 +311,10 @@ class TrackWriter:
     calls) → the :class:`~audiomesh.dsp.loudness.Measurement` of the float samples written
     (with ``true_peak=False`` its true peak is the sample peak: for callers that know it
     otherwise; with ``measure=False``, None); ``abort()`` closes and deletes the file.
+
+    A lossy format (MP3, ``bitrate_kbps`` as for :func:`~audiomesh.audio.io.encoder_options`)
+    is measured as it decodes, after closing (:func:`measure_file`), true peak included whatever
+    ``true_peak`` says: the encoder moves peaks, so no level of the samples given describes it.
     """
 
     def __init__(
@@ -304,22 +327,23 @@ class TrackWriter:
         subtype: str = "FLOAT",
         true_peak: bool = True,
         measure: bool = True,
+        bitrate_kbps: int | None = None,
     ):
+        options = encoder_options(fmt, subtype, sample_rate, channels, bitrate_kbps=bitrate_kbps)
         self.path = Path(path)
         self.subtype = subtype.upper()
         self.channels = channels
-        self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak) if measure else None
+        self.lossy = fmt.lower() in LOSSY_FORMATS
+        self.measure_decoded = measure and self.lossy
+        live = measure and not self.lossy
+        self.measure = StreamingMeasure(sample_rate, channels, true_peak=true_peak) if live else None
         self.frames = 0
         self.measurement: Measurement | None = None  # set by close()
         self._closed = False
-        self._file = sf.SoundFile(
-            str(self.path),
-            "w",
-            samplerate=int(sample_rate),
-            channels=channels,
-            format=fmt.upper(),
-            subtype=self.subtype,
-        )
+        try:
+            self._file = sf.SoundFile(str(self.path), "w", **options)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+            raise InvalidInput(f"cannot write {fmt.upper()} {self.subtype} at {sample_rate} Hz: {exc}") from None
 
     def write(self, block: np.ndarray) -> None:
         block = np.asarray(block, dtype=np.float32)
@@ -336,7 +360,10 @@ class TrackWriter:
         """Finish the file → :attr:`measurement` (None with ``measure=False``); again: the same."""
         if not self._closed:
             self._file.close()
-            self.measurement = None if self.measure is None else self.measure.result()
+            if self.measure_decoded:
+                self.measurement = measure_file(self.path)[0]
+            else:
+                self.measurement = None if self.measure is None else self.measure.result()
             self._closed = True
         return self.measurement
 
@@ -372,6 +399,7 @@ def write_tracks(
     subtype: str = "FLOAT",
     true_peak: bool = True,
     measure: bool = True,
+    bitrate_kbps: int | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     progress: Callable[[int], None] | None = None,
     what: str = "writing",
@@ -381,13 +409,15 @@ def write_tracks(
     Parameters
     ----------
     paths : sequence of Path
-        One file per track (WAV/FLAC, ``fmt`` and ``subtype`` as for :class:`TrackWriter`).
+        One file per track (WAV/FLAC/MP3, ``fmt`` and ``subtype`` as for :class:`TrackWriter`).
     blocks : iterable of sequence of np.ndarray [shape=(channels, n)]
         Consecutive blocks, one per path in each item (e.g. ``(harmonic, percussive)``).
     sample_rate, channels : int
         Of every track.
     true_peak, measure : bool
         As for :class:`TrackWriter`.
+    bitrate_kbps : int or None
+        MP3's constant bitrate, as for :class:`TrackWriter` (None: 320).
     cancelled : callable
         Asked before each block; True stops with :class:`~audiomesh.errors.Cancelled`
         (``"<what> cancelled"``).
@@ -406,7 +436,14 @@ def write_tracks(
         with contextlib.ExitStack() as stack:
             for path in paths:
                 writer = TrackWriter(
-                    path, sample_rate, channels, fmt=fmt, subtype=subtype, true_peak=true_peak, measure=measure
+                    path,
+                    sample_rate,
+                    channels,
+                    fmt=fmt,
+                    subtype=subtype,
+                    true_peak=true_peak,
+                    measure=measure,
+                    bitrate_kbps=bitrate_kbps,
                 )
                 writers.append(stack.enter_context(writer))
             for parts in blocks:

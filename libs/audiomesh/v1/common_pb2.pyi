@@ -83,6 +83,10 @@ class _AudioEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioEn
     AUDIO_ENCODING_WAV_FLOAT32: _AudioEncoding.ValueType  # 3
     AUDIO_ENCODING_FLAC_PCM16: _AudioEncoding.ValueType  # 4
     AUDIO_ENCODING_FLAC_PCM24: _AudioEncoding.ValueType  # 5
+    AUDIO_ENCODING_MP3: _AudioEncoding.ValueType  # 6
+    """MPEG-1 Layer III, constant bitrate (JobOptions.mp3_bitrate_kbps). Delivered tracks only: what
+    stages pass each other stays lossless, so every sum and gain is computed exactly.
+    """
 
 class AudioEncoding(_AudioEncoding, metaclass=_AudioEncodingEnumTypeWrapper):
     """Encoding of written tracks."""
@@ -94,6 +98,10 @@ AUDIO_ENCODING_WAV_PCM24: AudioEncoding.ValueType  # 2
 AUDIO_ENCODING_WAV_FLOAT32: AudioEncoding.ValueType  # 3
 AUDIO_ENCODING_FLAC_PCM16: AudioEncoding.ValueType  # 4
 AUDIO_ENCODING_FLAC_PCM24: AudioEncoding.ValueType  # 5
+AUDIO_ENCODING_MP3: AudioEncoding.ValueType  # 6
+"""MPEG-1 Layer III, constant bitrate (JobOptions.mp3_bitrate_kbps). Delivered tracks only: what
+stages pass each other stays lossless, so every sum and gain is computed exactly.
+"""
 Global___AudioEncoding: _TypeAlias = AudioEncoding  # noqa: Y015
 
 class _NormalizeMode:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from audiomesh.v1 import common_pb2 as audiomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61udiomesh/v1/normalize.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"n\n\rNormalizeItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinput_key\x18\x02 \x01(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\x12(\n\x08loudness\x18\x04 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\"\xf9\x01\n\x10NormalizeRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.audiomesh.v1.NormalizeItem\x12\x15\n\rreference_key\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.audiomesh.v1.NormalizeOptions\x12-\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x32\n\x12reference_loudness\x18\x06 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\"n\n\x0fNormalizedTrack\x12\"\n\x05track\x18\x01 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12&\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x0f\n\x07gain_db\x18\x03 \x01(\x01\"\xa1\x01\n\x11NormalizeResponse\x12-\n\x06tracks\x18\x01 \x03(\x0b\x32\x1d.audiomesh.v1.NormalizedTrack\x12)\n\treference\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x16\n\x0elinked_gain_db\x18\x03 \x01(\x01\x12\x1a\n\x12limited_by_ceiling\x18\x04 \x01(\x08\"\x1e\n\x0eMeasureRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"l\n\x0bMeasurement\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x08loudness\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12&\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\"B\n\x0fMeasureResponse\x12/\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x19.audiomesh.v1.Measurement2\xa8\x01\n\x10NormalizeService\x12L\n\tNormalize\x12\x1e.audiomesh.v1.NormalizeRequest\x1a\x1f.audiomesh.v1.NormalizeResponse\x12\x46\n\x07Measure\x12\x1c.audiomesh.v1.MeasureRequest\x1a\x1d.audiomesh.v1.MeasureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61udiomesh/v1/normalize.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"n\n\rNormalizeItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tinput_key\x18\x02 \x01(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\x12(\n\x08loudness\x18\x04 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\"\x93\x02\n\x10NormalizeRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.audiomesh.v1.NormalizeItem\x12\x15\n\rreference_key\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.audiomesh.v1.NormalizeOptions\x12-\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x32\n\x12reference_loudness\x18\x06 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x18\n\x10mp3_bitrate_kbps\x18\x07 \x01(\r\"n\n\x0fNormalizedTrack\x12\"\n\x05track\x18\x01 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12&\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x0f\n\x07gain_db\x18\x03 \x01(\x01\"\xa1\x01\n\x11NormalizeResponse\x12-\n\x06tracks\x18\x01 \x03(\x0b\x32\x1d.audiomesh.v1.NormalizedTrack\x12)\n\treference\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12\x16\n\x0elinked_gain_db\x18\x03 \x01(\x01\x12\x1a\n\x12limited_by_ceiling\x18\x04 \x01(\x08\"\x1e\n\x0eMeasureRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"l\n\x0bMeasurement\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x08loudness\x18\x02 \x01(\x0b\x32\x16.audiomesh.v1.Loudness\x12&\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x17.audiomesh.v1.AudioInfo\"B\n\x0fMeasureResponse\x12/\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x19.audiomesh.v1.Measurement2\xa8\x01\n\x10NormalizeService\x12L\n\tNormalize\x12\x1e.audiomesh.v1.NormalizeRequest\x1a\x1f.audiomesh.v1.NormalizeResponse\x12\x46\n\x07Measure\x12\x1c.audiomesh.v1.MeasureRequest\x1a\x1d.audiomesh.v1.MeasureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NORMALIZEITEM']._serialized_start=73
   _globals['_NORMALIZEITEM']._serialized_end=183
   _globals['_NORMALIZEREQUEST']._serialized_start=186
-  _globals['_NORMALIZEREQUEST']._serialized_end=435
-  _globals['_NORMALIZEDTRACK']._serialized_start=437
-  _globals['_NORMALIZEDTRACK']._serialized_end=547
-  _globals['_NORMALIZERESPONSE']._serialized_start=550
-  _globals['_NORMALIZERESPONSE']._serialized_end=711
-  _globals['_MEASUREREQUEST']._serialized_start=713
-  _globals['_MEASUREREQUEST']._serialized_end=743
-  _globals['_MEASUREMENT']._serialized_start=745
-  _globals['_MEASUREMENT']._serialized_end=853
-  _globals['_MEASURERESPONSE']._serialized_start=855
-  _globals['_MEASURERESPONSE']._serialized_end=921
-  _globals['_NORMALIZESERVICE']._serialized_start=924
-  _globals['_NORMALIZESERVICE']._serialized_end=1092
+  _globals['_NORMALIZEREQUEST']._serialized_end=461
+  _globals['_NORMALIZEDTRACK']._serialized_start=463
+  _globals['_NORMALIZEDTRACK']._serialized_end=573
+  _globals['_NORMALIZERESPONSE']._serialized_start=576
+  _globals['_NORMALIZERESPONSE']._serialized_end=737
+  _globals['_MEASUREREQUEST']._serialized_start=739
+  _globals['_MEASUREREQUEST']._serialized_end=769
+  _globals['_MEASUREMENT']._serialized_start=771
+  _globals['_MEASUREMENT']._serialized_end=879
+  _globals['_MEASURERESPONSE']._serialized_start=881
+  _globals['_MEASURERESPONSE']._serialized_end=947
+  _globals['_NORMALIZESERVICE']._serialized_start=950
+  _globals['_NORMALIZESERVICE']._serialized_end=1118
 # @@protoc_insertion_point(module_scope)

@@ -62,10 +62,13 @@ class NormalizeRequest(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     REFERENCE_LOUDNESS_FIELD_NUMBER: _builtins.int
+    MP3_BITRATE_KBPS_FIELD_NUMBER: _builtins.int
     reference_key: _builtins.str
     """Linked mode: the gain comes from this object (the mix); empty = the first item."""
     encoding: _common_pb2.AudioEncoding.ValueType
     job_id: _builtins.str
+    mp3_bitrate_kbps: _builtins.int
+    """encoding AUDIO_ENCODING_MP3: its bitrate (JobOptions.mp3_bitrate_kbps), 0 = 320."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___NormalizeItem]: ...
     @_builtins.property
@@ -85,10 +88,11 @@ class NormalizeRequest(_message.Message):
         encoding: _common_pb2.AudioEncoding.ValueType = ...,
         job_id: _builtins.str = ...,
         reference_loudness: _common_pb2.Loudness | None = ...,
+        mp3_bitrate_kbps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "reference_loudness", b"reference_loudness"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "items", b"items", "job_id", b"job_id", "options", b"options", "reference_key", b"reference_key", "reference_loudness", b"reference_loudness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "items", b"items", "job_id", b"job_id", "mp3_bitrate_kbps", b"mp3_bitrate_kbps", "options", b"options", "reference_key", b"reference_key", "reference_loudness", b"reference_loudness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,9 +33,14 @@ class JobOptions(_message.Message):
     NORMALIZE_FIELD_NUMBER: _builtins.int
     MAIN_STEMS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    MP3_BITRATE_KBPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty = the configured default model"""
     encoding: _common_pb2.AudioEncoding.ValueType
+    mp3_bitrate_kbps: _builtins.int
+    """AUDIO_ENCODING_MP3: constant bitrate in kbit/s, 32..320 (0 = 320); the encoder uses the
+    nearest MPEG bitrate (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320).
+    """
     @_builtins.property
     def separation(self) -> _common_pb2.SeparationOptions: ...
     @_builtins.property
@@ -55,10 +60,11 @@ class JobOptions(_message.Message):
         normalize: _common_pb2.NormalizeOptions | None = ...,
         main_stems: _abc.Iterable[_builtins.str] | None = ...,
         encoding: _common_pb2.AudioEncoding.ValueType = ...,
+        mp3_bitrate_kbps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hpss", b"hpss", "normalize", b"normalize", "separation", b"separation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "hpss", b"hpss", "main_stems", b"main_stems", "model", b"model", "normalize", b"normalize", "separation", b"separation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "hpss", b"hpss", "main_stems", b"main_stems", "model", b"model", "mp3_bitrate_kbps", b"mp3_bitrate_kbps", "normalize", b"normalize", "separation", b"separation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
