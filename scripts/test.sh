@@ -9,4 +9,4 @@ bash scripts/setup_helm.sh
 .venv/bin/ruff check .
 .venv/bin/python scripts/typecheck.py
 # Both cores (most tests wait on subprocess meshes); a test file per worker (tests/conftest.py).
-.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile --durations=30 "$@"
