@@ -134,3 +134,285 @@ async def test_a_lost_watch_is_retried_with_backoff_then_given_up():
     assert all(delay <= 0.8 for _, delay, _ in retries)
     assert [attempt for attempt, _, _ in retries] == list(range(1, len(retries) + 1))
     assert 1.0 < time.monotonic() - started < 10
+
+
+# ------------------------------------------------------------------ issue 18: Demucs habits, messages
+
+CLOSED = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": "127.0.0.1:1"}  # nothing listens there
+
+
+def write_clicks(path: Path, seconds: float = 2.0, rate: int = 44100) -> Path:
+    """Sparse full-scale clicks: quiet in LUFS, loud in true peak, so normalizing to -14 LUFS
+    is held back by the -1 dBTP ceiling."""
+    import numpy as np
+    import soundfile as sf
+
+    y = np.zeros((int(seconds * rate), 2), dtype="float32")
+    y[:: rate // 4][:, :] = 0.9
+    y[1 :: rate // 4][:, :] = -0.9
+    sf.write(path, y, rate, subtype="PCM_16")
+    return path
+
+
+def test_a_demucs_command_line_runs_unchanged(file_mesh, tmp_path):
+    """`demucs -n M --two-stems vocals --mp3 --mp3-bitrate 192 -o out -j 2 -d cpu a.wav b.mp3`
+    with `audiomesh process` in its place, in a 60-column terminal: MP3 tracks of the right
+    length and bitrate, a batch that goes past a file that is not audio and one that is
+    missing, the device named as the mesh's, the page's stage words, the loudness outcome."""
+    import soundfile as sf
+
+    env = {**mesh_env(file_mesh), "COLUMNS": "60"}
+    song = write_song(tmp_path / "a.wav", 2.0)
+    y, rate = sf.read(song)
+    sf.write(tmp_path / "b.mp3", y, rate)
+    write_clicks(tmp_path / "clicks.wav")
+    (tmp_path / "notes.txt").write_text("not audio")
+    argv = ["-n", "demucs_unittest", "--two-stems", "vocals", "--mp3", "--mp3-bitrate", "192", "-o", "out"]
+    files = ["a.wav", "b.mp3", "clicks.wav", "notes.txt", "missing.wav"]
+    done = run_cli("process", *argv, "-j", "2", "-d", "cpu", *files, env=env, cwd=tmp_path)
+
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "note: -d cpu not applied" in done.stderr and "cannot be chosen per job" in done.stderr
+    summary = done.stderr[done.stderr.index("3 of 5 files done; failed:") :]
+    assert "missing.wav: no such file" in summary and "notes.txt: INVALID_ARGUMENT" in summary
+    for name in ("a", "b", "clicks"):
+        out = tmp_path / "out" / name
+        assert {"vocals.mp3", "no_vocals.mp3", "manifest.json"} <= {p.name for p in out.iterdir()}
+        assert not list(out.glob("*.wav"))
+        info = sf.info(out / "vocals.mp3")
+        assert abs(info.frames / info.samplerate - 2.0) < 0.1
+        kbps = (out / "vocals.mp3").stat().st_size * 8 / 2.0 / 1000
+        assert 192 * 0.7 < kbps < 192 * 1.3, kbps
+    doc = json.loads((tmp_path / "out" / "clicks" / "manifest.json").read_text())
+    norm = doc["job"]["normalization"]
+    assert norm["limitedByCeiling"]
+    reached = norm["reference"]["integratedLufs"] + norm["linkedGainDb"]
+    assert f"clicks.wav: loudness limited by the -1 dBTP ceiling: {reached:.1f} LUFS (target -14 LUFS)" in done.stdout
+    assert "a.wav: loudness" not in done.stdout  # a job the ceiling did not hold says nothing
+
+    bars = [line for line in done.stderr.splitlines() if "% |" in line]
+    assert bars and all(len(line) <= 59 for line in bars), [line for line in bars if len(line) > 59]
+    assert len({(line.index("|"), line.rindex("|")) for line in bars}) == 1  # one shape throughout
+    words = " ".join(bars)
+    assert "Separating stems" in words and "Done in" in words
+    assert "hpss:" not in words and ", running" not in words and "|  ," not in words
+
+
+def test_messages_without_a_mesh(tmp_path):
+    """Every command that needs a mesh says where it looked and what to do; a missing file is
+    reported before any mesh is started."""
+    commands = [
+        ["jobs"],
+        ["show", "cc26e1bc"],
+        ["cancel", "cc26e1bc"],
+        ["retry", "cc26e1bc"],
+        ["download", "cc26e1bc"],
+        ["models"],
+        ["process", "--detach", str(write_song(tmp_path / "a.wav", 0.5))],
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "audiomesh.cli", *argv],
+            env={**os.environ, **CLOSED},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in commands
+    ]
+    for argv, proc in zip(commands, procs, strict=True):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (argv, err)
+        assert err.strip() == "error: no mesh at 127.0.0.1:1: start one with `audiomesh up`", (argv, err)
+
+    missing = run_cli("process", "gone.wav", "also-gone.flac", env=CLOSED, cwd=tmp_path, timeout=60)
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == ["error: gone.wav: no such file", "error: also-gone.flac: no such file"]
+    assert not (tmp_path / "data").exists()  # no mesh was started
+    version = run_cli("--version", env=CLOSED, cwd=tmp_path, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("audiomesh ")
+
+
+def _stderr_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """Read ``proc``'s stderr lines until one matches ``pattern`` (bounded); the match."""
+    import re
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=0.5):
+            continue
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if match := re.search(pattern, line):
+            return match.group(1)
+    raise AssertionError(f"no {pattern!r} within {timeout} s in: {''.join(seen)[-2000:]}")
+
+
+def test_detach_download_ctrl_c_cancel_and_retry_by_short_ids(file_mesh, tmp_path):
+    """--detach prints how to fetch; `download PREFIX` waits and fetches; Ctrl-C during
+    `process` cancels its job on the server; a job cancelled elsewhere ends `process` with a
+    plain line; `retry PREFIX` follows the job to its end and fetches its tracks."""
+    import signal
+
+    env = mesh_env(file_mesh)
+    write_song(tmp_path / "quick.wav", 1.0)
+    detached = run_cli("process", "--detach", "-o", "dl", "quick.wav", env=env, cwd=tmp_path, timeout=60)
+    assert detached.returncode == 0, detached.stderr[-2000:]
+    hint = detached.stdout.split("`audiomesh ", 1)[1].split("`", 1)[0].split()
+    assert hint[0] == "download" and len(hint[1]) == 8 and hint[2:] == ["-o", "dl"]
+    fetched = run_cli(*hint, env=env, cwd=tmp_path, timeout=120)
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert {"vocals.wav", "main.wav", "manifest.json"} <= {p.name for p in (tmp_path / "dl" / "quick").iterdir()}
+
+    write_song(tmp_path / "long.wav", 6.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audiomesh.cli", "process", "long.wav", "-o", "out"],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = _stderr_until(proc, r"long\.wav: job ([0-9a-f-]{36})", 60)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest
+    assert "interrupted: cancelling 1 job (--detach leaves jobs running)" in rest
+    assert f"long.wav: job {job_id} cancelled" in rest and "Traceback" not in rest
+    shown = run_cli("show", job_id[:8], env=env, cwd=tmp_path, timeout=60)
+    assert json.loads(shown.stdout)["state"] == "JOB_STATE_CANCELLED"
+
+    write_song(tmp_path / "other.wav", 6.0, seed=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audiomesh.cli", "process", "other.wav", "-o", "out"],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        other_id = _stderr_until(proc, r"other\.wav: job ([0-9a-f-]{36})", 60)
+        cancelled = run_cli("cancel", other_id[:8], env=env, cwd=tmp_path, timeout=60)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert cancelled.stdout.strip() == f"{other_id} CANCELLED"
+    assert proc.returncode == 1
+    assert f"error: other.wav: job {other_id} cancelled" in rest and "CANCELLED: :" not in rest
+
+    retried = run_cli("retry", job_id[:8], "-o", "again", env=env, cwd=tmp_path, timeout=120)
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert f"long.wav: job {job_id} " in retried.stderr and " again" in retried.stderr
+    assert "Done in" in retried.stderr
+    assert {"vocals.wav", "manifest.json"} <= {p.name for p in (tmp_path / "again" / "long").iterdir()}
+    listed = run_cli("jobs", env=env, cwd=tmp_path, timeout=60)
+    assert listed.stdout.splitlines()[0].split() == ["JOB", "ID", "STATE", "CREATED", "(UTC)", "DONE", "INPUT"]
+    models = run_cli("models", env=env, cwd=tmp_path, timeout=60)
+    assert models.stdout.splitlines()[0].split() == ["MODEL", "ORIGIN", "WEIGHTS", "RUNS", "STEMS"]
+
+
+def listing_orchestrator(ids: list[str]):
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    class Listing(ListingOrchestrator, orchestrator_pb2_grpc.OrchestratorServiceServicer):
+        pass
+
+    return Listing(ids)
+
+
+class ListingOrchestrator:
+    """An orchestrator that lists a fixed set of jobs newest first, ``per_page`` at a time,
+    and never runs out when ``endless`` (to check the CLI's bound on paging)."""
+
+    def __init__(self, ids: list[str], *, endless: bool = False) -> None:
+        self.ids = ids
+        self.endless = endless
+        self.pages = 0
+
+    async def ListJobs(self, request, context):
+        from audiomesh.v1 import common_pb2, orchestrator_pb2
+
+        self.pages += 1
+        start = int(request.page_token or 0)
+        ids = self.ids[start : start + request.page_size]
+        if self.endless:  # other jobs than these, page after page
+            ids = ["0" * 8 + i[8:] for i in self.ids[: request.page_size]]
+        jobs = [
+            orchestrator_pb2.Job(job_id=i, state=common_pb2.JOB_STATE_SUCCEEDED, input={"name": f"{i[:4]}.wav"})
+            for i in ids
+        ]
+        more = self.endless or start + request.page_size < len(self.ids)
+        return orchestrator_pb2.ListJobsResponse(jobs=jobs, next_page_token=str(start + len(ids)) if more else "")
+
+    async def GetJob(self, request, context):
+        import grpc
+
+        from audiomesh.v1 import common_pb2, orchestrator_pb2
+
+        if request.job_id not in self.ids:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id} not found")
+        job = orchestrator_pb2.Job(job_id=request.job_id, state=common_pb2.JOB_STATE_SUCCEEDED)
+        return orchestrator_pb2.GetJobResponse(job=job)
+
+
+async def run_cli_async(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "audiomesh.cli", *args,
+        env={**os.environ, **env}, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_short_ids_resolve_uniquely_or_say_why(tmp_path):
+    """A unique start of an id stands for it; one that starts several names them; none is
+    NOT_FOUND; the newest jobs are searched a bounded number of pages."""
+    import grpc
+
+    from audiomesh.cli_jobs import PREFIX_PAGE, PREFIX_PAGES
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    ids = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(450)]
+    ids += ["cc26e1bc-1111-4000-8000-000000000000", "cc26e1bd-2222-4000-8000-000000000000"]
+    listing = listing_orchestrator(ids)
+    server = grpc.aio.server()
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(listing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
+    try:
+        code, out, err = await run_cli_async("show", "CC26E1BD", env=env, cwd=tmp_path)
+        assert code == 0, err
+        assert json.loads(out)["jobId"] == "cc26e1bd-2222-4000-8000-000000000000"
+        assert listing.pages == 3  # 452 jobs, 200 a page: the prefix was found on the last page
+
+        code, out, err = await run_cli_async("show", "cc26e1b", env=env, cwd=tmp_path)
+        assert code == 2
+        assert "'cc26e1b' starts more than one job id; give more of it" in err
+        assert "cc26e1bc-1111-4000-8000-000000000000" in err and "cc26e1bd-2222-4000-8000-000000000000" in err
+
+        code, out, err = await run_cli_async("cancel", "ffff", env=env, cwd=tmp_path)
+        assert (code, err.strip()) == (2, "error: no job whose id starts with 'ffff': `audiomesh jobs` lists them")
+        code, out, err = await run_cli_async("download", "cc26e1bc-z", env=env, cwd=tmp_path)
+        assert code == 2 and "is not a job id or the start of one" in err
+
+        listing.endless, listing.pages = True, 0
+        code, out, err = await run_cli_async("show", "ffff", env=env, cwd=tmp_path)
+        assert code == 2 and f"among the newest {PREFIX_PAGE * PREFIX_PAGES} jobs" in err
+        assert listing.pages == PREFIX_PAGES
+    finally:
+        await server.stop(None)

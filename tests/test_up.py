@@ -298,7 +298,7 @@ async def test_cli_watch_survives_its_orchestrator_being_killed_and_restarted(cl
     text = err.decode("utf-8", "replace")
     assert cli.returncode == 0, text[-3000:]
     assert f"job {job_id} done" in out.decode(), out
-    assert "reconnecting" in text and "Traceback" not in text, text[-3000:]
+    assert "Reconnecting" in text and "Traceback" not in text, text[-3000:]
     assert len(list((tmp_path / "out" / "resume").glob("*.wav"))) == 9
 
 

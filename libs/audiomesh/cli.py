@@ -2,11 +2,16 @@
 
 audiomesh up                         every service on localhost, file store in ./data
 audiomesh up --replicas orchestrator=3 --replicas separation=2   several processes of a service
-audiomesh process song.mp3 --out out one job per file, progress bar, tracks in out/
+audiomesh process a.wav b.mp3 -o out one job per file, progress lines, tracks in out/<name>/
+                                     (Demucs' flags: -n MODEL, --two-stems, --mp3, --flac, -j ...)
 audiomesh process --demo --out out   the same on a synthesized clip
-audiomesh jobs | show ID | cancel ID | models
+audiomesh download JOB [-o DIR]      a job's tracks and manifest.json (waits for a running job)
+audiomesh jobs | show JOB | cancel JOB | retry JOB | models   (JOB: an id or a unique start of one)
 audiomesh warm [--model M]           compile separation models into the compile cache ahead of time
 audiomesh serve NAME [--port N]      one service in this process (containers)
+
+The commands that take a job live in ``cli_process`` (process, retry, download), the progress
+lines in ``cli_progress``, what they share about jobs in ``cli_jobs``.
 """
 
 from __future__ import annotations
@@ -14,186 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
 
-from audiomesh import bench, churn
+from audiomesh import __version__, bench, churn, cli_process
+from audiomesh.cli_jobs import resolve_job_id
+from audiomesh.cli_progress import job_state
 from audiomesh.config import SERVICES, Settings, load_settings
 from audiomesh.errors import AudiomeshError
 
 if TYPE_CHECKING:
-    from audiomesh.v1 import orchestrator_pb2
+    from audiomesh.rpc.client import ClientFactory
     from audiomesh.v1.orchestrator_pb2_grpc import OrchestratorServiceAsyncStub
-
-CHUNK = 1 << 20
-
-
-def _state(job: orchestrator_pb2.Job) -> str:
-    from audiomesh.v1 import common_pb2
-
-    return common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-
-
-def _fmt_eta(job: orchestrator_pb2.Job) -> str:
-    if not job.HasField("eta_seconds"):
-        return "--:--"
-    s = int(job.eta_seconds)
-    return f"{s // 60:02d}:{s % 60:02d}"
-
-
-async def _upload(
-    stub: OrchestratorServiceAsyncStub,
-    path: Path,
-    options: orchestrator_pb2.JobOptions,
-    *,
-    filename: str | None = None,
-) -> orchestrator_pb2.UploadAudioResponse:
-    from audiomesh.v1 import orchestrator_pb2
-
-    size = await asyncio.to_thread(lambda: path.stat().st_size)
-
-    async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
-        yield orchestrator_pb2.UploadAudioRequest(
-            metadata=orchestrator_pb2.UploadMetadata(
-                filename=filename or path.name, options=options, create_job=True, size_bytes=size
-            )
-        )
-        with path.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                yield orchestrator_pb2.UploadAudioRequest(chunk=chunk)
-
-    return await stub.UploadAudio(messages())
-
-
-async def _watch(
-    stub: OrchestratorServiceAsyncStub, job_id: str, *, label: str, quiet: bool = False
-) -> orchestrator_pb2.Job:
-    """Follow a job with a progress bar (stage, %, ETA); return its final state.
-
-    The watch is resumed when its orchestrator goes away (restart, kill, another replica
-    answering): the bar says "reconnecting" meanwhile and goes on from the job's state then.
-    """
-    from tqdm import tqdm
-
-    from audiomesh.rpc.client import follow_job
-    from audiomesh.v1 import orchestrator_pb2
-
-    bar = tqdm(total=100, desc=label, unit="%", bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}", disable=quiet)
-    job = None
-
-    def reconnecting(attempt: int, delay: float, why: str) -> None:
-        bar.set_postfix_str(f"reconnecting (try {attempt})…", refresh=True)
-
-    request = orchestrator_pb2.WatchJobRequest(job_id=job_id)
-    try:
-        async for msg in follow_job(lambda: stub.WatchJob(request), on_retry=reconnecting):
-            job = msg.job
-            bar.n = round(job.fraction * 100, 1)
-            bar.set_postfix_str(f"{_state(job).lower()} {job.current_stage} ETA {_fmt_eta(job)}", refresh=False)
-            bar.refresh()
-    finally:
-        bar.close()
-    if job is None:  # WatchJob always sends a snapshot first; say so rather than fail on None later
-        raise AudiomeshError(f"WatchJob for {job_id} ended without sending the job")
-    return job
-
-
-def _download(settings: Settings, job: orchestrator_pb2.Job, out_dir: Path) -> list[Path]:
-    store = settings.open_store()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for track in job.tracks:
-        dest = out_dir / Path(track.key).name
-        store.get_to_file(track.key, dest)
-        written.append(dest)
-    dest = out_dir / "manifest.json"
-    store.get_to_file(job.manifest_key, dest)
-    written.append(dest)
-    return written
-
-
-def _job_options(args: argparse.Namespace) -> orchestrator_pb2.JobOptions:
-    from audiomesh.v1 import orchestrator_pb2
-
-    options = orchestrator_pb2.JobOptions(model=args.model or "")
-    if getattr(args, "two_stems", None):
-        options.separation.two_stems = args.two_stems
-    if getattr(args, "shifts", None) is not None:
-        options.separation.shifts = args.shifts
-    return options
-
-
-async def _process(args: argparse.Namespace, settings: Settings, target: str) -> int:
-    from audiomesh.v1 import orchestrator_pb2_grpc
-
-    clients = settings.client_factory(as_user=True)
-    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
-    files = [Path(f) for f in args.files]
-    tmp = None
-    if args.demo:
-        import soundfile as sf
-
-        from audiomesh.demo import synth_song
-
-        tmp = tempfile.TemporaryDirectory(prefix="audiomesh-demo-")
-        demo = Path(tmp.name) / "demo.wav"
-        sf.write(demo, synth_song(args.demo_seconds).T, 44100, subtype="PCM_16")
-        files.append(demo)
-    if not files:
-        print("error: give one or more audio files, or --demo", file=sys.stderr)
-        return 2
-    failures = 0
-    try:
-        for path in files:
-            if not path.is_file():
-                print(f"error: {path}: no such file", file=sys.stderr)
-                failures += 1
-                continue
-            response = await _upload(stub, path, _job_options(args))
-            job = await _watch(stub, response.job.job_id, label=path.name, quiet=args.quiet)
-            if _state(job) != "SUCCEEDED":
-                print(
-                    f"{path.name}: job {job.job_id} {_state(job)}: {job.error.code}: {job.error.message}",
-                    file=sys.stderr,
-                )
-                failures += 1
-                continue
-            dest = Path(args.out) / path.stem
-            written = await asyncio.to_thread(_download, settings, job, dest)
-            print(f"{path.name}: job {job.job_id} done; {len(written)} files in {dest}/")
-            for file in written:
-                print(f"  {file.name}")
-    finally:
-        await clients.close()
-        if tmp:
-            tmp.cleanup()
-    return 1 if failures else 0
-
-
-async def _mesh_running(settings: Settings, target: str) -> bool:
-    clients = settings.client_factory()
-    try:
-        return await clients.health(target, timeout=1.0) == "SERVING"
-    finally:
-        await clients.close()
-
-
-def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
-    target = settings.orchestrator_addr
-    if asyncio.run(_mesh_running(settings, target)):
-        return asyncio.run(_process(args, settings, target))
-    from audiomesh.launcher import Mesh
-
-    default_store = Path("data").resolve().as_uri()
-    log_dir = Path("data/logs") if settings.store_url == default_store else None
-    print("no mesh running: starting one for this command (logs in %s)" % (log_dir or "a temp folder"), file=sys.stderr)
-    with Mesh(settings=settings, log_dir=log_dir) as mesh:
-        return asyncio.run(_process(args, settings, mesh.orchestrator))
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -253,32 +93,38 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _simple(args: argparse.Namespace, settings: Settings) -> int:
+    """jobs, show, cancel, models: one call each, printed."""
     from audiomesh.separation.execution import execution_label
-    from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
+    from audiomesh.v1 import orchestrator_pb2, separation_pb2
 
-    clients = settings.client_factory(as_user=True)
-    stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, settings.orchestrator_addr)
-    try:
+    async def work(stub: OrchestratorServiceAsyncStub, clients: ClientFactory) -> int:
         if args.command == "jobs":
             resp = await stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=args.limit))
+            if not resp.jobs:
+                print("no jobs yet: `audiomesh process FILE` starts one")
+                return 0
+            print(f"{'JOB ID':<36}  {'STATE':<9}  {'CREATED (UTC)':<19}  {'DONE':>6}  INPUT")
             for job in resp.jobs:
                 created = job.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-                print(f"{job.job_id}  {_state(job):<9}  {created}  {job.fraction * 100:5.1f}%  {job.input.name}")
+                print(f"{job.job_id:<36}  {job_state(job):<9}  {created}  {job.fraction * 100:5.1f}%  {job.input.name}")
         elif args.command == "show":
-            job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=args.job_id))).job
+            job_id = await resolve_job_id(stub, args.job_id)
+            job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
             print(json_format.MessageToJson(job, indent=2))
         elif args.command == "cancel":
-            job = (await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=args.job_id))).job
-            print(f"{job.job_id} {_state(job)}")
-        elif args.command == "retry":
-            job = (await stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=args.job_id))).job
-            print(f"{job.job_id} {_state(job)}")
+            job_id = await resolve_job_id(stub, args.job_id)
+            job = (await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id))).job
+            print(f"{job.job_id} {job_state(job)}")
         elif args.command == "models":
             listed = await stub.ListModels(separation_pb2.ListModelsRequest())
+            if not listed.models:
+                print("no separation models: the separation service lists none (see its log)")
+                return 0
+            print(f"  {'MODEL':<18} {'ORIGIN':<11} {'WEIGHTS':<16} {'RUNS':<14} STEMS")
             for m in listed.models:
                 mark = "*" if m.name == listed.default_model else " "
                 avail = "available" if m.available else "no weights here"
-                runs = execution_label(m.execution)
+                runs = execution_label(m.execution) or "-"
                 print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
                 if m.compile_error:
                     print(f"    {m.compile_error}")
@@ -287,9 +133,10 @@ async def _simple(args: argparse.Namespace, settings: Settings) -> int:
                         f"    one chunk: {m.eager_chunk_seconds:.2f} s eager, {m.compiled_chunk_seconds:.2f} s compiled"
                         f" ({m.eager_chunk_seconds / max(m.compiled_chunk_seconds, 1e-9):.2f}x)"
                     )
-    finally:
-        await clients.close()
-    return 0
+            print("* = the default model (AUDIOMESH_DEFAULT_MODEL)")
+        return 0
+
+    return await cli_process.with_orchestrator(settings, work)
 
 
 def cmd_warm(args: argparse.Namespace, settings: Settings) -> int:
@@ -312,6 +159,14 @@ def cmd_warm(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if any(isinstance(r, Exception) for r in results.values()) else 0
 
 
+def _page_size(text: str) -> int:
+    from audiomesh.ranges import PAGE_SIZE
+
+    if not text.isdigit() or not PAGE_SIZE.minimum <= int(text) <= PAGE_SIZE.maximum:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {PAGE_SIZE.minimum:g} to {PAGE_SIZE.maximum:g}")
+    return int(text)
+
+
 def _replica_count(text: str) -> tuple[str, int]:
     """``SERVICE=N`` of ``up --replicas``."""
     service, sep, count = text.partition("=")
@@ -324,6 +179,7 @@ def _replica_count(text: str) -> tuple[str, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiomesh", description="Music separation as a mesh of gRPC services.")
+    parser.add_argument("--version", action="version", version=f"audiomesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run one service in this process")
     p.add_argument("service", choices=[*SERVICES, "gateway"])
@@ -338,23 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SERVICE=N",
         help="run N processes of SERVICE (repeatable; default 1 each), e.g. orchestrator=3",
     )
-    p = sub.add_parser("process", help="separate files (starts a mesh when none is running)")
-    p.add_argument("files", nargs="*")
-    p.add_argument("--demo", action="store_true", help="also process a synthesized demo clip")
-    p.add_argument("--demo-seconds", type=float, default=10.0)
-    p.add_argument("--model", default="", help="separation model (default: AUDIOMESH_DEFAULT_MODEL)")
-    p.add_argument("--two-stems", default="", help="e.g. vocals: vocals + no_vocals only")
-    p.add_argument("--shifts", type=int, default=None, help="random shifts averaged (default 1; 0 = none)")
-    p.add_argument("--out", default="out", help="folder for the tracks and manifest.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser(
+        "process",
+        help="separate files (Demucs' flags; starts a mesh when none is running)",
+        description="One job per file; tracks and manifest.json in DIR/<file name>/. Demucs' flags mean"
+        " what they mean there. Ctrl-C cancels the jobs being followed (--detach: submit and return).",
+    )
+    cli_process.add_process_arguments(p)
+    p.set_defaults(usage_error=p.error)
+    p = sub.add_parser("download", help="fetch a job's tracks and manifest.json (waits for a running job)")
+    p.add_argument("job_id", metavar="JOB", help="a job id or a unique start of one")
+    p.add_argument("-o", "--out", default="out", metavar="DIR", help="files go to DIR/<input name>/ (default out)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     p = sub.add_parser("jobs", help="list jobs, newest first")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_page_size, default=20, help="how many (1..200, default 20)")
     p = sub.add_parser("show", help="print a job as JSON")
-    p.add_argument("job_id")
+    p.add_argument("job_id", metavar="JOB", help="a job id or a unique start of one")
     p = sub.add_parser("cancel", help="cancel a job")
-    p.add_argument("job_id")
-    p = sub.add_parser("retry", help="run a FAILED or CANCELLED job again from what it wrote")
-    p.add_argument("job_id")
+    p.add_argument("job_id", metavar="JOB", help="a job id or a unique start of one")
+    p = sub.add_parser(
+        "retry", help="run a FAILED or CANCELLED job again from what it wrote, follow it, fetch its tracks"
+    )
+    p.add_argument("job_id", metavar="JOB", help="a job id or a unique start of one")
+    p.add_argument("-o", "--out", default="out", metavar="DIR", help="files go to DIR/<input name>/ (default out)")
+    p.add_argument("--detach", action="store_true", help="start it again and return")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     sub.add_parser("models", help="list separation models")
     p = sub.add_parser(
         "warm",
@@ -395,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"AUDIOMESH_API_KEYS entry: {args.name}=sha256:{hash_key(key)}")
             return 0
         if args.command == "process":
-            return cmd_process(args, settings)
+            try:  # flags that cannot go together: a usage error before any file or mesh is touched
+                cli_process.job_options(args)
+            except ValueError as exc:
+                args.usage_error(str(exc))
+            return cli_process.cmd_process(args, settings)
+        if args.command == "retry":
+            return asyncio.run(cli_process.retry(args, settings))
+        if args.command == "download":
+            return asyncio.run(cli_process.download(args, settings))
         if args.command == "bench":
             return bench.cmd_bench(args)
         if args.command == "churn":

@@ -122,18 +122,28 @@ class _TimeCalls:
         if method.startswith("/grpc."):
             return call
 
+        def observe(elapsed: float, code: str) -> None:
+            RPC_CLIENT_DURATION.labels(**rpc_labels(method, code)).observe(elapsed)
+
         def done(finished: Any) -> None:
             elapsed = time.perf_counter() - start
-            code = "CANCELLED" if finished.cancelled() else None
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # a call collected after its loop closed (grpc cancels it in __del__)
+                observe(elapsed, "CANCELLED")
+                return
+            if finished.cancelled():
+                observe(elapsed, "CANCELLED")
+                return
 
-            async def observe() -> None:
+            async def observe_status() -> None:
                 try:
-                    name = code or (await finished.code()).name
+                    code = (await finished.code()).name
                 except Exception:  # noqa: BLE001 - a metric must never fail a call
-                    name = "UNKNOWN"
-                RPC_CLIENT_DURATION.labels(**rpc_labels(method, name)).observe(elapsed)
+                    code = "UNKNOWN"
+                observe(elapsed, code)
 
-            task = asyncio.ensure_future(observe())
+            task = loop.create_task(observe_status())
             _OBSERVING.add(task)  # held until done: the loop keeps only weak references to tasks
             task.add_done_callback(_OBSERVING.discard)
 
