@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from audiomesh.config import load_settings
+from audiomesh.rpc.client import ClientFactory
 from audiomesh.rpc.server import RunningServer, start_server
 from audiomesh.services.normalize.server import build as build_normalize
 from audiomesh.v1 import orchestrator_pb2
@@ -27,10 +28,10 @@ NORMALIZE = "audiomesh.v1.NormalizeService"
 
 
 @contextlib.asynccontextmanager
-async def normalize_server(tmp_path) -> AsyncIterator[RunningServer]:
+async def normalize_server(tmp_path, bind: str = "127.0.0.1:0") -> AsyncIterator[RunningServer]:
     """A real service (normalize: no warm-up cost) through the shared bootstrap."""
     spec = build_normalize(load_settings(store_url=f"file://{tmp_path / 'store'}"))
-    server = await start_server(spec.registrations, service="normalize", warmup=spec.warmup)
+    server = await start_server(spec.registrations, service="normalize", warmup=spec.warmup, bind=bind)
     try:
         await asyncio.wait_for(server.ready.wait(), 30)
         yield server
@@ -148,3 +149,47 @@ async def test_client_streaming_error_is_not_internal(orchestrator):
         seen[(err.value.code().name, err.value.details())] += 1
     assert set(code for code, _ in seen) == {"NOT_FOUND"}, seen
     assert all("nosuchmodel" in details for _, details in seen), seen
+
+
+async def test_a_peer_back_after_an_outage_is_reached_within_about_a_second(tmp_path):
+    """The client factory caps gRPC's reconnect backoff (1 s; gRPC's own grows 1, 1.6, 2.6,
+    4.1 s... ±20 % to 120 s). A worker restarted after a long outage stayed unreachable past
+    the orchestrator's UNAVAILABLE budget (CI saw a retried job fail so). During the outage a
+    socket that accepts and drops every connection counts the channel's attempts: gRPC's
+    default makes at most 4 in 6.5 s, the capped backoff at least 6."""
+    async with normalize_server(tmp_path) as gone:
+        port = gone.port
+    attempts = 0
+
+    def drop(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    factory = ClientFactory()
+    try:
+        stub = health_pb2_grpc.HealthStub(factory.channel(f"127.0.0.1:{port}"))
+        loop = asyncio.get_running_loop()
+        dropper = await asyncio.start_server(drop, "127.0.0.1", port)
+        async with dropper:
+            outage_end = loop.time() + 6.5
+            while loop.time() < outage_end:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    pytest.fail("no gRPC server listens on the port yet")
+                await asyncio.sleep(0.1)
+        await dropper.wait_closed()
+        assert attempts >= 6, f"{attempts} connection attempts in 6.5 s"
+        async with normalize_server(tmp_path, bind=f"127.0.0.1:{port}"):
+            back = loop.time()
+            reached = None
+            for _ in range(100):  # 10 s at most
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    reached = loop.time() - back
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+        assert reached is not None and reached < 2.0, f"reached after {reached} s"
+    finally:
+        await factory.close()

@@ -52,6 +52,11 @@ _SERVICE_CONFIG = {
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
     ("grpc.enable_retries", 1),
+    # gRPC's reconnect backoff grows to 120 s by default: a worker back after a two-minute
+    # outage would stay unreachable for up to two more, past any UNAVAILABLE budget. Peers
+    # here are a few services on a cluster network: retry a lost connection every second.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
