@@ -1,7 +1,16 @@
 """Shared fixtures live in tests/helpers/*; register them here. Also how the suite is split
 across pytest-xdist workers (scripts/test.sh runs ``-n 2 --dist loadfile``)."""
 
+import os
+
 import pytest
+
+# OpenMP threads that wait for work spin by default. Two xdist workers plus the meshes' worker
+# processes share two cores, and a spinning torch waits on threads that have no core: measured
+# here under load, a tiny HTDemucs separation took 40 s with spinning and 2-5 s with passive
+# waits (CI: test_separation_model 102 s in the suite, 2 s alone). Set before torch loads, and
+# inherited by every process the tests start. Benchmarks run outside the suite are unaffected.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 pytest_plugins = [
     "tests.helpers.s3",
