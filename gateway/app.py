@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import cast
+from urllib.parse import quote
 
 import grpc
 from google.protobuf import json_format
@@ -57,6 +59,31 @@ STATIC = Path(__file__).with_name("static")
 ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 _CHUNK = 256 * 1024
 _ABORT = object()  # queued to end an upload call whose HTTP request failed
+
+
+def _page_headers() -> dict[str, str]:
+    """The page's own Content-Security-Policy (its <meta>, the one source) as a header, plus
+    what only a header can say: no framing (clickjacking), no content-type sniffing."""
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    found = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html)
+    policy = found.group(1) if found else "default-src 'self'"
+    return {
+        "Content-Security-Policy": f"{policy}; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+PAGE_HEADERS = _page_headers()
+
+
+def attachment(filename: str) -> str:
+    """``Content-Disposition`` for a download named after the user's file (RFC 6266): an ASCII
+    fallback (HTTP headers are Latin-1: a name like 歌曲.wav made every download a 500) and the
+    exact name as UTF-8 in ``filename*``."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 _MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".json": "application/json"}
 
 
@@ -338,7 +365,7 @@ class Gateway:
         stem = PurePosixPath(job.input.name).stem or "audiomesh"
         headers = {
             "Accept-Ranges": "bytes",
-            "Content-Disposition": f'attachment; filename="{stem}_{name}{suffix}"',
+            "Content-Disposition": attachment(f"{stem}_{name}{suffix}"),
         }
         track = next((t for t in job.tracks if t.name == name), None)
         if track is not None and track.sha256:
@@ -383,7 +410,7 @@ class Gateway:
         return StreamingResponse(
             stream_zip(members()),
             media_type="application/zip",
-            headers={"Content-Disposition": f'attachment; filename="{stem}_{job_id[:8]}.zip"'},
+            headers={"Content-Disposition": attachment(f"{stem}_{job_id[:8]}.zip")},
         )
 
     # --- seed paths and health ----------------------------------------------------------
@@ -577,7 +604,8 @@ def create_app(
         return JSONResponse(document)
 
     async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        # The page's policy is also in its <meta>; only a header can forbid framing.
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
 
     routes += [
         Route("/v1/jobs:upload", gateway.upload, methods=["POST"]),

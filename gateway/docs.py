@@ -162,7 +162,7 @@ def _operation(method: str, path: str, operation: dict, anchor: str) -> str:
             shapes = "<br>".join(
                 f"<code>{escape(media)}</code>: {_type(c.get('schema', {}))}" for media, c in content.items()
             )
-            response_rows.append((" ".join(codes), escape(str(response.get("description", ""))), shapes or "—"))
+            response_rows.append((escape(" ".join(codes)), escape(str(response.get("description", ""))), shapes or "—"))
         parts.append(_table("Responses", ("Status", "Meaning", "Body"), response_rows))
     parts.append("</section>")
     return "\n".join(parts)

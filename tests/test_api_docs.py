@@ -177,6 +177,52 @@ def test_render_escapes_text_and_reads_openapi_3_1_types():
     assert 'array of one of <span class="enum"><code>&quot;a&quot;</code>' in html
 
 
+def test_render_escapes_every_string_of_the_document():
+    """Every name and value the page prints (keys included: status codes, media types, schema
+    and field names) comes out as text: a hostile string makes no tag and no attribute."""
+    evil = "\"'><i onmouseover=x>"
+    schema_ref = {"$ref": f"#/components/schemas/{evil}"}
+    field = {"type": ["string", evil], "format": evil, "pattern": evil, "default": evil, "description": evil,
+             "minimum": evil, "maxLength": evil}  # fmt: skip
+    document = {
+        "openapi": evil,
+        "info": {"title": evil, "version": evil, "description": evil},
+        "paths": {
+            f"/{evil}": {
+                "post": {
+                    "operationId": evil,
+                    "tags": [evil],
+                    "summary": evil,
+                    "description": evil,
+                    "parameters": [{"name": evil, "in": evil, "description": evil, "schema": field}],
+                    "requestBody": {"content": {evil: {"schema": schema_ref}}},
+                    "responses": {evil: {"description": evil, "content": {evil: {"schema": schema_ref}}}},
+                }
+            }
+        },
+        "components": {
+            "schemas": {
+                evil: {
+                    "type": "object",
+                    "description": evil,
+                    "properties": {
+                        evil: field,
+                        "m": {"type": "object", "additionalProperties": schema_ref},
+                        "e": {"enum": [evil]},
+                        "c": {"const": evil},
+                        "u": {"anyOf": [{"type": evil}, schema_ref]},
+                    },
+                    "required": [evil],
+                },
+            }
+        },
+    }
+    html = render_docs(document)
+    parts = parse(html)  # raises on any on* attribute
+    assert "i" not in parts.tags
+    assert "&lt;i onmouseover=x&gt;" in html
+
+
 def test_the_web_page_links_the_api_docs_relatively(gateway_url):
     """Relative, so it works behind a path prefix; and it leads to this page."""
     import re

@@ -416,3 +416,143 @@ async def test_short_ids_resolve_uniquely_or_say_why(tmp_path):
         assert listing.pages == PREFIX_PAGES
     finally:
         await server.stop(None)
+
+
+async def test_a_short_prefix_is_not_taken_as_unique_when_older_jobs_went_unsearched(tmp_path):
+    """Past the newest PREFIX_PAGES pages a one-match prefix may still name an older job too:
+    a short one is refused (saying so), one as long as the CLI's own hints is taken."""
+    import grpc
+
+    from audiomesh.cli_jobs import PREFIX_PAGE, PREFIX_PAGES, SAFE_PREFIX
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    wanted = "cc26e1bc-1111-4000-8000-000000000000"
+    older = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(PREFIX_PAGE * PREFIX_PAGES)]
+    listing = listing_orchestrator([wanted, *older])  # one page more than is searched
+    server = grpc.aio.server()
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(listing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
+    try:
+        code, out, err = await run_cli_async("show", "cc2", env=env, cwd=tmp_path)
+        assert code == 2 and out == "", err
+        assert err.strip() == (
+            f"error: 'cc2' starts job {wanted} among the newest {PREFIX_PAGE * PREFIX_PAGES} jobs, but older"
+            f" ones were not searched: give at least {SAFE_PREFIX} characters of the id"
+        )
+        code, out, err = await run_cli_async("show", wanted[:SAFE_PREFIX], env=env, cwd=tmp_path)
+        assert code == 0, err
+        assert json.loads(out)["jobId"] == wanted
+    finally:
+        await server.stop(None)
+
+
+def test_an_output_folder_that_cannot_be_written_is_said_before_anything_runs(file_mesh, tmp_path):
+    """`-o` onto a file is one line and exit 2 before any upload (process), any wait (download)
+    or any rerun (retry); a folder that fails only while writing ends with a line that says
+    the job is done and how to fetch it, exit 1, no traceback."""
+    env = mesh_env(file_mesh)
+    write_song(tmp_path / "song.wav", 1.0)
+    (tmp_path / "blocker").write_text("a file where a folder would go")
+    blocked = "error: -o blocker: blocker is a file, not a folder"
+
+    done = run_cli("process", "song.wav", "-o", "blocker", env=env, cwd=tmp_path, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, blocked), done.stderr[-2000:]
+
+    submitted = run_cli("process", "--detach", "song.wav", env=env, cwd=tmp_path, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    short = submitted.stdout.split("`audiomesh download ", 1)[1].split()[0]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "song").write_text("a file where the job's folder would go")
+    done = run_cli("download", short, "-o", "out", env=env, cwd=tmp_path, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, "error: -o out: out/song is a file, not a folder")
+
+    # Only writing can tell: a folder name longer than the file system allows.
+    long_name = "x" * 300
+    done = run_cli("download", short, "-o", long_name, "-q", env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: song.wav: cannot write {long_name}/song: ") and "File name too long" in line
+    assert line.endswith(f"the job is done: `audiomesh download {short} -o DIR` fetches it")
+
+    done = run_cli("retry", short, "-o", "blocker", env=env, cwd=tmp_path, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, blocked)
+
+
+def test_options_the_model_cannot_take_fail_once_before_any_upload(file_mesh, tmp_path):
+    """A Demucs flag the chosen model cannot honour is one line and exit 2 for the whole
+    batch, before any file is uploaded (not the same refusal once per file)."""
+    env = mesh_env(file_mesh)
+    files = [str(write_song(tmp_path / f"{n}.wav", 0.5, seed=n)) for n in range(2)]
+    cases = [
+        (["--two-stems", "guitar"], "error: two_stems must be one of the sources of model 'demucs_unittest'"),
+        (["-n", "htdemucs", "--segment", "30"], "error: segment must be <= 7.8 s for model 'htdemucs'"),
+        (["-n", "nosuch"], "error: unknown model 'nosuch'; available: demucs_unittest, "),
+    ]
+    for flags, says in cases:
+        done = run_cli("process", *flags, *files, env=env, cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, (flags, done.stderr[-2000:])
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(says), (flags, line)
+    assert not (tmp_path / "out").exists()
+
+
+class ModelListingOrchestrator:
+    """An orchestrator whose one model separates at ``rate`` Hz, and which counts uploads."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.uploads = 0
+
+    async def ListModels(self, request, context):
+        from audiomesh.v1 import separation_pb2
+
+        model = separation_pb2.ModelInfo(
+            name="hi_rate", sources=["vocals", "drums", "bass", "other"], sample_rate=self.rate, audio_channels=2,
+            origin="local_repo", available=True,
+        )  # fmt: skip
+        return separation_pb2.ListModelsResponse(models=[model], default_model="hi_rate")
+
+    async def UploadAudio(self, request_iterator, context):
+        import grpc
+
+        self.uploads += 1
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this test's orchestrator takes no uploads")
+
+
+async def test_mp3_from_a_model_whose_rate_mp3_cannot_store_is_refused_before_upload(tmp_path):
+    """`--mp3` with a model that separates at 96 kHz: one line naming the rate and the way out,
+    exit 2, nothing uploaded. (An orchestrator that lists such a model stands in for a mesh with
+    one in its model repository: only its ListModels answer matters here.)"""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    class Orchestrator(ModelListingOrchestrator, orchestrator_pb2_grpc.OrchestratorServiceServicer):
+        pass
+
+    orchestrator = Orchestrator(96000)
+    server = grpc.aio.server()
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(orchestrator, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
+    write_song(tmp_path / "a.wav", 0.5)
+    try:
+        code, out, err = await run_cli_async("process", "--mp3", "a.wav", env=env, cwd=tmp_path)
+        assert code == 2, err
+        assert err.strip() == (
+            "error: --mp3: model 'hi_rate' separates at 96000 Hz; MP3 stores sample rates of 8000, 11025, 12000,"
+            " 16000, 22050, 24000, 32000, 44100, 48000 Hz, not 96000 Hz: choose WAV or FLAC"
+        )
+        assert orchestrator.uploads == 0
+        orchestrator.rate = 48000  # a rate MP3 stores: the check passes and the upload is tried
+        code, out, err = await run_cli_async("process", "--mp3", "a.wav", "-q", env=env, cwd=tmp_path)
+        assert code == 1 and "UNIMPLEMENTED: this test's orchestrator takes no uploads" in err, err
+        assert orchestrator.uploads == 1
+    finally:
+        await server.stop(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -22,10 +23,10 @@ def http(gateway_url):
         yield client
 
 
-def run_job(http, tmp_path, seconds=2.0, **fields) -> dict:
+def run_job(http, tmp_path, seconds=2.0, name="my song.wav", **fields) -> dict:
     song = write_song(tmp_path / "song.wav", seconds)
     data = {"options": json.dumps(fields)} if fields else {}
-    resp = http.post("/v1/jobs:upload", data=data, files={"file": ("my song.wav", song.read_bytes(), "audio/wav")})
+    resp = http.post("/v1/jobs:upload", data=data, files={"file": (name, song.read_bytes(), "audio/wav")})
     assert resp.status_code == 200, resp.text
     job_id = resp.json()["job"]["jobId"]
     lines = []
@@ -104,6 +105,28 @@ def test_seed_paths(http, done_job):
         assert resp.status_code == 200 and resp.content[:4] in (b"RIFF", b"fLaC")
         assert int(resp.headers["content-length"]) == len(resp.content) == int(output["sizeBytes"])
         assert resp.headers["etag"] == f'"{output["sha256"]}"'
+
+
+def test_downloads_of_a_song_named_in_any_script(http, tmp_path):
+    """Headers are Latin-1: a song called 歌曲 "live".wav made every download of its job a 500."""
+    job = run_job(http, tmp_path, seconds=1.0, name='歌曲 "live".wav')
+    stem = job["input"]["name"].rsplit(".", 1)[0]
+    track = http.get(f"/download/{job['jobId']}/vocals")
+    assert track.status_code == 200 and track.content[:4] == b"RIFF"
+    disposition = track.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="') and disposition.isascii()
+    assert disposition.endswith("filename*=UTF-8''" + quote(f"{stem}_vocals.wav", safe=""))
+    archive = http.get(f"/download/{job['jobId']}/all")
+    assert archive.status_code == 200
+    assert archive.headers["content-disposition"].endswith(quote(f"{stem}_{job['jobId'][:8]}.zip", safe=""))
+
+
+def test_the_page_forbids_framing_and_sniffing(http):
+    page = http.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
+    assert policy.split("; frame-ancestors")[0] in page.text  # the same policy as the page's <meta>
+    assert page.headers["x-content-type-options"] == "nosniff"
 
 
 def test_process_seed_path_uploads_too(http, tmp_path):

@@ -179,4 +179,4 @@ def test_http_api_takes_the_encoding_and_bitrate(gateway_url, mp3_job) -> None:
         download = http.get(f"/download/{mp3_job.job_id}/vocals")
         assert download.status_code == 200
         assert download.headers["content-type"] == "audio/mpeg"
-        assert download.headers["content-disposition"].endswith('_vocals.mp3"')
+        assert '_vocals.mp3"; filename*=' in download.headers["content-disposition"]

@@ -266,3 +266,64 @@ def _whole_job(driver, base: str, tmp_path: Path) -> None:
     assert not css(driver, "#job").is_displayed()
     assert httpx.get(f"{base}/v1/jobs/{job_id}", timeout=10).status_code == 404
     assert severe_logs(driver, expected=("jobs:upload",)) == []
+
+
+# A string that would run script if any of it became markup or an attribute.
+HOSTILE = '"\'><img src=x onerror="window.__xss=1">'
+# Whether anything ran, what the page asked the server for, and which policy rules fired.
+PAGE_FACTS = """
+return {
+  xss: window.__xss === undefined ? null : window.__xss,
+  images: document.querySelectorAll("img").length,
+  asked: performance.getEntriesByType("resource").map((e) => new URL(e.name).pathname),
+  violations: window.__violations || [],
+};
+"""
+
+
+@pytest.mark.timeout(120)
+def test_hostile_text_stays_text_and_the_page_policy_holds(browser, gateway_url: str, tmp_path: Path) -> None:
+    """A job address that is no job id, and a server message that quotes what the user sent,
+    are shown as text; the page's Content-Security-Policy refuses inline script."""
+    from urllib.parse import quote
+
+    driver = browser
+    base = gateway_url.rstrip("/")
+    driver.get(f"{base}/#/jobs/{quote(HOSTILE, safe='')}")
+    wait(driver, 20, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "page never got ready")
+    driver.execute_script(
+        "window.__violations = [];"
+        "document.addEventListener('securitypolicyviolation', (e) => window.__violations.push(e.violatedDirective));"
+    )
+    alert = css(driver, "#alert").text
+    assert "isn't a job id" in alert and HOSTILE in alert, alert
+    facts = driver.execute_script(PAGE_FACTS)
+    assert facts["xss"] is None and facts["images"] == 0
+    assert not [p for p in facts["asked"] if p.startswith("/v1/jobs/")], facts["asked"]  # nothing asked for it
+
+    # "#/jobs/.." would make v1/jobs/.. resolve to v1/: refused before any request.
+    css(driver, "#alert .dismiss").click()
+    driver.execute_script("location.hash = '#/jobs/..'")
+    wait(driver, 10, lambda d: "isn't a job id" in css(d, "#alert").text, "no word on a '..' job address")
+    assert "/v1/" not in driver.execute_script(PAGE_FACTS)["asked"]
+
+    # The server's refusal quotes the model asked for: shown as it is.
+    driver.execute_script(
+        "const s = document.getElementById('model-select');"
+        "s.append(new Option(arguments[0], arguments[0])); s.value = arguments[0];",
+        HOSTILE,
+    )
+    song = tmp_path / "song.wav"
+    sf.write(song, synth_song(0.5, 44100, seed=3).T, 44100, subtype="PCM_16")
+    css(driver, "#file-input").send_keys(str(song))
+    wait(driver, 30, lambda d: "unknown model" in css(d, "#alert").text, "no refusal of the hostile model shown")
+    assert HOSTILE[3:] in css(driver, "#alert").text  # the server quotes it with repr(): \' for '
+    facts = driver.execute_script(PAGE_FACTS)
+    assert facts["xss"] is None and facts["images"] == 0
+
+    # Markup that got in anyway could not run script: the policy refuses inline handlers.
+    driver.execute_script("document.body.insertAdjacentHTML('beforeend', arguments[0])", HOSTILE)
+    wait(driver, 10, lambda d: d.execute_script(PAGE_FACTS)["violations"], "no policy violation reported")
+    facts = driver.execute_script(PAGE_FACTS)
+    assert facts["xss"] is None and "script-src-attr" in facts["violations"], facts
+    assert severe_logs(driver, expected=("jobs:upload", "Content Security Policy", "/x - Failed")) == []

@@ -51,6 +51,7 @@ const STAGE_LABELS = {
   decode: "Reading the file",
   validate: "Checking the file",
   separation: "Separating stems",
+  stitch: "Joining the separated parts",
   hpss: "Splitting harmonic and percussive parts",
   composite: "Mixing the main tracks",
   normalize: "Normalizing loudness",
@@ -211,7 +212,7 @@ function stageLabel(name) {
   if (!name) return "";
   const [stage, part] = String(name).split(":");
   const base = STAGE_LABELS[stage] || stage.replace(/_/g, " ");
-  return part ? `${base} (${part.replace(/_/g, " ")})` : base;
+  return part ? `${base} (${part.replace(/^part(\d+)of(\d+)$/, "part $1 of $2").replace(/_/g, " ")})` : base;
 }
 
 const trackLabel = (name) => TRACK_LABELS[name] || name.replace(/_/g, " ");
@@ -548,16 +549,27 @@ function setupUpload() {
 
 // The open job is in the address (#/jobs/<id>): a reload reopens it, back and forward move
 // between the jobs opened. A fragment, so it works behind any path prefix.
-const ROUTE = /^#\/jobs\/([^/?#]+)$/;
+// Job ids are UUIDs: only hex digits and dashes are taken from the address, so a link can't
+// make the page ask for another path ("#/jobs/.." would resolve v1/jobs/.. to v1/).
+const ROUTE = /^#\/jobs\/([0-9A-Fa-f][0-9A-Fa-f-]{0,63})$/;
+const ROUTE_PREFIX = "#/jobs/";
 
 function routeJobId() {
   const match = location.hash.match(ROUTE);
-  if (!match) return "";
+  return match ? match[1].toLowerCase() : "";
+}
+
+// "#/jobs/<something that is no job id>": said in words (as text), not asked for.
+function badRoute() {
+  if (!location.hash.startsWith(ROUTE_PREFIX) || routeJobId()) return false;
+  let given = location.hash.slice(ROUTE_PREFIX.length);
   try {
-    return decodeURIComponent(match[1]);
+    given = decodeURIComponent(given);
   } catch {
-    return "";
+    /* shown as it is */
   }
+  showError(`The address names no job: “${given.slice(0, 80)}” isn't a job id. Open a job from History instead.`);
+  return true;
 }
 
 function setRoute(id, { replace = false } = {}) {
@@ -567,6 +579,7 @@ function setRoute(id, { replace = false } = {}) {
 }
 
 function followRoute() {
+  if (badRoute()) return;
   const id = routeJobId();
   if (id && id !== state.jobId) openJobById(id, { fromRoute: true });
   else if (!id && state.jobId) closeJob();
@@ -799,6 +812,13 @@ function stateClass(jobState) {
   return `state-${String(jobState).replace(/^(JOB|NODE)_STATE_/, "").toLowerCase()}`;
 }
 
+// Through the CSSOM: the page's Content-Security-Policy refuses style="" attributes.
+function barFill(fraction) {
+  const fill = el("span");
+  fill.style.width = `${Math.round(Math.min(1, Math.max(0, fraction)) * 100)}%`;
+  return fill;
+}
+
 function renderNodes(nodes, jobError = {}) {
   const list = $("job-nodes");
   const existing = new Map(Array.from(list.children).map((li) => [li.dataset.node, li]));
@@ -825,7 +845,7 @@ function renderNodes(nodes, jobError = {}) {
         el("span", { class: "node-id mono", text: node.name }),
       ),
       el("span", { class: "node-state", text: [NODE_STATE_LABELS[nodeState] || nodeState, ...details].join(" · ") }),
-      el("span", { class: "node-bar", "aria-hidden": "true" }, el("span", { style: `width:${Math.round(fraction * 100)}%` })),
+      el("span", { class: "node-bar", "aria-hidden": "true" }, barFill(fraction)),
       // The failed node's message is already in the job's error box above.
       node.error && node.error.message && node.error.message !== jobError.message
         ? el("span", { class: "node-error", text: node.error.message })
@@ -1469,6 +1489,7 @@ function main() {
   document.body.dataset.ready = "loading";
   // The job in the address opens once the settings are in (its loudness line needs them).
   const routed = routeJobId();
+  badRoute();
   Promise.all([loadConfig().then(loadModels), loadHistory()])
     .then(() => routed && routeJobId() === routed && !state.jobId && openJobById(routed, { fromRoute: true }))
     .finally(() => {

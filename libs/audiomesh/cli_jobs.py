@@ -6,6 +6,7 @@ in words.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,12 +25,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NoMesh",
+    "WriteFailed",
     "download_job",
     "encoding_from_flags",
     "loudness_note",
     "no_mesh_or",
     "ranged",
     "resolve_job_id",
+    "unwritable",
 ]
 
 JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -37,6 +40,9 @@ JOB_ID_PREFIX = re.compile(r"[0-9a-f][0-9a-f-]{0,35}")
 # A prefix is looked up in the newest PREFIX_PAGES x PAGE jobs (ListJobs is newest first).
 PREFIX_PAGE = 200
 PREFIX_PAGES = 50
+# When older jobs were left unsearched, a prefix this long (what the CLI's hints print) is taken
+# as unique; a shorter one could as well name one of them.
+SAFE_PREFIX = 8
 
 
 class NoMesh(AudiomeshError):
@@ -46,6 +52,27 @@ class NoMesh(AudiomeshError):
 
     def __init__(self, addr: str) -> None:
         super().__init__(f"no mesh at {addr}: start one with `audiomesh up`")
+
+
+class WriteFailed(AudiomeshError):
+    """A job's files could not be written where the user asked (``-o``)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+def unwritable(out: str | Path) -> str | None:
+    """Why files cannot be written into folder ``out`` (None when they can, as far as can be
+    told before trying): ``out`` or a folder above it is a file, or the nearest folder that
+    exists cannot be written to."""
+    for path in (Path(out), *Path(out).parents):  # the nearest that exists decides
+        if not os.path.lexists(path):
+            continue
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable"
+        return None
+    return None
 
 
 async def no_mesh_or(exc: grpc.aio.AioRpcError, clients: ClientFactory, addr: str) -> BaseException:
@@ -82,8 +109,13 @@ async def resolve_job_id(stub: OrchestratorServiceAsyncStub, text: str) -> str:
         token = page.next_page_token
         if not token or len(matches) > 1:
             break
-    if len(matches) == 1:
+    if len(matches) == 1 and (not token or len(wanted) >= SAFE_PREFIX):
         return matches[0].job_id
+    if len(matches) == 1:
+        raise InvalidInput(
+            f"{wanted!r} starts job {matches[0].job_id} among the newest {seen} jobs, but older ones were not"
+            f" searched: give at least {SAFE_PREFIX} characters of the id"
+        )
     if not matches:
         among = f" among the newest {seen} jobs" if token else ""
         raise NotFound(f"no job whose id starts with {wanted!r}{among}: `audiomesh jobs` lists them")
@@ -151,14 +183,21 @@ def download_job(settings: Settings, job: orchestrator_pb2.Job, out_dir: Path) -
     """The job's delivered tracks and its manifest.json into ``out_dir`` (created), read from
     the store the mesh writes to (AUDIOMESH_STORE_URL)."""
     store = settings.open_store()
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for track in job.tracks:
-        dest = out_dir / Path(track.key).name
-        store.get_to_file(track.key, dest)
-        written.append(dest)
-    dest = out_dir / "manifest.json"
-    store.get_to_file(job.manifest_key, dest)
+    dest = out_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for track in job.tracks:
+            dest = out_dir / Path(track.key).name
+            store.get_to_file(track.key, dest)
+            written.append(dest)
+        dest = out_dir / "manifest.json"
+        store.get_to_file(job.manifest_key, dest)
+    except OSError as exc:  # the user's folder (a file in its place, no permission, disk full)
+        why = unwritable(out_dir) or exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename) != dest and not unwritable(out_dir):
+            why = f"{exc.filename}: {why}"
+        raise WriteFailed(f"cannot write {dest}: {why}") from exc
     written.append(dest)
     return written
 

@@ -21,15 +21,17 @@ import grpc
 
 from audiomesh.cli_jobs import (
     NoMesh,
+    WriteFailed,
     download_job,
     encoding_from_flags,
     loudness_note,
     no_mesh_or,
     output_folder,
     resolve_job_id,
+    unwritable,
 )
 from audiomesh.cli_progress import ProgressBoard, job_state, stage_label
-from audiomesh.errors import AudiomeshError
+from audiomesh.errors import AudiomeshError, InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from audiomesh.config import Settings
@@ -182,7 +184,12 @@ class Follower:
     async def deliver(self, job: orchestrator_pb2.Job, label: str, dest: Path) -> None:
         """Fetch a SUCCEEDED job's files into ``dest`` and say what came, and the loudness
         outcome when the true-peak ceiling limited it."""
-        written = await asyncio.to_thread(download_job, self.settings, job, dest)
+        try:
+            written = await asyncio.to_thread(download_job, self.settings, job, dest)
+        except WriteFailed as exc:  # the job is done on the server: it can be fetched again
+            raise WriteFailed(
+                f"{exc}; the job is done: `audiomesh download {job.job_id[:8]} -o DIR` fetches it"
+            ) from exc
         self.out(f"{label}: job {job.job_id} done; {len(written)} files in {dest}/")
         for file in written:
             self.out(f"  {file.name}")
@@ -217,8 +224,8 @@ class Follower:
 
 
 def check_files(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The inputs that exist, and (name, why) for those that do not: checked before any mesh
-    is looked for or started."""
+    """The inputs that can be processed, and (name, why) for those that cannot (missing, not a
+    file, their output folder blocked): checked before any mesh is looked for or started."""
     found, missing = [], []
     for name in args.files:
         path = Path(name)
@@ -226,6 +233,8 @@ def check_files(args: argparse.Namespace) -> tuple[list[Path], list[tuple[str, s
             missing.append((name, "no such file"))
         elif not path.is_file():
             missing.append((name, "not a file"))
+        elif not args.detach and (why := unwritable(Path(args.out) / path.stem)):
+            missing.append((name, f"its tracks cannot go to {Path(args.out) / path.stem}: {why}"))
         else:
             found.append(path)
     return found, missing
@@ -247,8 +256,6 @@ async def process_files(
     options = job_options(args)
     slots = asyncio.Semaphore(args.jobs)
     succeeded = 0
-    if args.device:
-        await _say_device_is_the_mesh(stub, args.device, target)
 
     async def one(follower: Follower, path: Path) -> None:
         nonlocal succeeded
@@ -280,6 +287,9 @@ async def process_files(
                 failures.append((label, why))
 
     try:
+        await check_options_with_model(stub, options)
+        if args.device:
+            await _say_device_is_the_mesh(stub, args.device, target)
         with Follower(settings, stub, quiet=args.quiet) as follower:
             tasks = [asyncio.ensure_future(one(follower, path)) for path in files]
             try:
@@ -301,6 +311,36 @@ async def process_files(
         for label, why in failures:
             print(f"  {label}: {why}", file=sys.stderr)
     return 1 if failures else 0
+
+
+async def check_options_with_model(stub: OrchestratorServiceAsyncStub, options: orchestrator_pb2.JobOptions) -> None:
+    """The options against the model the jobs will use, once, before any file is uploaded: a
+    model the mesh lacks, a ``--two-stems`` it has no stem for, a ``--segment`` over its limit
+    or ``--mp3`` at a rate MP3 cannot store is one error, not one per file of the batch. The
+    orchestrator checks each job the same way (these are its functions); a mesh that cannot
+    list its models now leaves the check to it."""
+    from audiomesh.v1 import common_pb2, separation_pb2
+
+    try:
+        listed = await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)
+    except grpc.aio.AioRpcError:
+        return
+    name = options.model or listed.default_model
+    info = next((m for m in listed.models if m.name == name), None)
+    if info is None:
+        if listed.models and name:
+            known = ", ".join(m.name for m in listed.models)
+            raise NotFound(f"unknown model {name!r}; available: {known} (`audiomesh models` says more)")
+        return
+    from audiomesh.audio.io import encoder_options
+    from audiomesh.options import check_separation_options
+
+    check_separation_options(options.separation, info)
+    if options.encoding == common_pb2.AUDIO_ENCODING_MP3:
+        try:
+            encoder_options("mp3", "MPEG_LAYER_III", info.sample_rate, info.audio_channels or 2)
+        except InvalidInput as exc:
+            raise InvalidInput(f"--mp3: model {name!r} separates at {info.sample_rate} Hz; {exc}") from None
 
 
 async def _explain(exc: BaseException, clients: ClientFactory, target: str) -> str:
@@ -337,7 +377,17 @@ async def _mesh_running(settings: Settings, target: str) -> bool:
         await clients.close()
 
 
+def check_out(out: str | Path, folder: Path | None = None) -> None:
+    """``-o OUT`` (or the job's ``folder`` in it): refused before anything is uploaded, started
+    or waited for when files could not be written there (a file in the way, no permission)."""
+    why = unwritable(folder or out)
+    if why:
+        raise InvalidInput(f"-o {out}: {why}")
+
+
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.detach:  # --detach writes nothing here
+        check_out(args.out)
     files, failures = check_files(args)
     for name, why in failures:
         print(f"error: {name}: {why}", file=sys.stderr)
@@ -409,6 +459,9 @@ async def retry(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(stub: OrchestratorServiceAsyncStub, clients: ClientFactory) -> int:
         job_id = await resolve_job_id(stub, args.job_id)
+        if not args.detach:  # a folder its files cannot go to is said before the job runs again
+            job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
+            check_out(args.out, output_folder(args.out, job))
         job = (await stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=job_id))).job
         label = job.input.name or job_id[:8]
         if args.detach:
@@ -427,9 +480,15 @@ async def retry(args: argparse.Namespace, settings: Settings) -> int:
             if job_state(job) != "SUCCEEDED":
                 print(f"error: {label}: job {job_id} {why_not_done(job)}", file=sys.stderr)
                 return 1
-            await follower.deliver(job, label, output_folder(args.out, job))
+            try:
+                await follower.deliver(job, label, output_folder(args.out, job))
+            except WriteFailed as exc:
+                print(f"error: {label}: {exc}", file=sys.stderr)
+                return 1
         return 0
 
+    if not args.detach:
+        check_out(args.out)
     return await with_orchestrator(settings, work)
 
 
@@ -440,6 +499,7 @@ async def download(args: argparse.Namespace, settings: Settings) -> int:
         job_id = await resolve_job_id(stub, args.job_id)
         job = (await stub.GetJob(orchestrator_pb2.GetJobRequest(job_id=job_id))).job
         label = job.input.name or job_id[:8]
+        check_out(args.out, output_folder(args.out, job))  # before waiting for a running job
         with Follower(settings, stub, quiet=args.quiet) as follower:
             if job_state(job) not in TERMINAL:
                 try:
@@ -454,9 +514,14 @@ async def download(args: argparse.Namespace, settings: Settings) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            await follower.deliver(job, label, output_folder(args.out, job))
+            try:
+                await follower.deliver(job, label, output_folder(args.out, job))
+            except WriteFailed as exc:
+                print(f"error: {label}: {exc}", file=sys.stderr)
+                return 1
         return 0
 
+    check_out(args.out)
     return await with_orchestrator(settings, work)
 
 

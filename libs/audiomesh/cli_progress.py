@@ -9,6 +9,7 @@ lines are redrawn in place; into a pipe or file a line is written only when its 
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ STAGE_LABELS = {
     "decode": "Reading the file",
     "validate": "Checking the file",
     "separation": "Separating stems",
+    "stitch": "Joining the separated parts",
     "hpss": "Splitting harmonic and percussive parts",
     "composite": "Mixing the main tracks",
     "normalize": "Normalizing loudness",
@@ -40,11 +42,13 @@ SEPARATOR = " · "
 
 
 def stage_label(name: str) -> str:
-    """``"hpss:drums"`` -> ``"Splitting harmonic and percussive parts (drums)"``."""
+    """``"hpss:drums"`` -> ``"Splitting harmonic and percussive parts (drums)"``,
+    ``"separation:part1of2"`` -> ``"Separating stems (part 1 of 2)"``."""
     if not name:
         return ""
     stage, _, part = name.partition(":")
     base = STAGE_LABELS.get(stage, stage.replace("_", " "))
+    part = re.sub(r"^part(\d+)of(\d+)$", r"part \1 of \2", part)
     return f"{base} ({part.replace('_', ' ')})" if part else base
 
 
