@@ -86,6 +86,16 @@ def test_bitrate_range_and_defaults() -> None:
     wav = orchestrator_pb2.JobOptions()
     resolve_encoding(wav, Settings())
     assert (wav.encoding, wav.mp3_bitrate_kbps) == (common_pb2.AUDIO_ENCODING_WAV_PCM16, 0)
+    # A bitrate with another encoding is refused, not silently dropped (also when WAV is the default).
+    for options in (
+        orchestrator_pb2.JobOptions(encoding=common_pb2.AUDIO_ENCODING_FLAC_PCM16, mp3_bitrate_kbps=192),
+        orchestrator_pb2.JobOptions(mp3_bitrate_kbps=192),
+    ):
+        with pytest.raises(InvalidInput, match="mp3_bitrate_kbps applies to AUDIO_ENCODING_MP3 only"):
+            resolve_encoding(options, Settings())
+    with_default_mp3 = orchestrator_pb2.JobOptions(mp3_bitrate_kbps=192)
+    resolve_encoding(with_default_mp3, Settings(output_encoding="mp3"))
+    assert with_default_mp3.mp3_bitrate_kbps == 192
 
 
 def _store_path(mesh, key: str) -> Path:

@@ -30,6 +30,12 @@ def check_job_options(pb: orchestrator_pb2.JobOptions) -> None:
     ranges.check("model", pb.model)
     ranges.check("main_stems", pb.main_stems)
     ranges.check("mp3_bitrate_kbps", pb.mp3_bitrate_kbps)
+    if pb.mp3_bitrate_kbps and pb.encoding != common_pb2.AUDIO_ENCODING_MP3:
+        # Silently ignoring it would deliver WAV/FLAC to a client that asked for an MP3 rate.
+        raise errors.InvalidInput(
+            f"mp3_bitrate_kbps applies to AUDIO_ENCODING_MP3 only; this job's encoding is "
+            f"{common_pb2.AudioEncoding.Name(pb.encoding)}: drop mp3_bitrate_kbps or set encoding to AUDIO_ENCODING_MP3"
+        )
     separation_options(pb.separation)
     hpss_kwargs(pb.hpss)
 
@@ -43,6 +49,12 @@ def resolve_encoding(pb: orchestrator_pb2.JobOptions, settings: Settings) -> Non
         names = ", ".join(common_pb2.AudioEncoding.keys()[1:])
         raise errors.InvalidInput(f"unknown encoding {pb.encoding}; use one of {names}")
     ranges.check("mp3_bitrate_kbps", pb.mp3_bitrate_kbps)
+    if pb.mp3_bitrate_kbps and pb.encoding != common_pb2.AUDIO_ENCODING_MP3:
+        # Silently ignoring it would deliver WAV/FLAC to a client that asked for an MP3 rate.
+        raise errors.InvalidInput(
+            f"mp3_bitrate_kbps applies to AUDIO_ENCODING_MP3 only; this job's encoding is "
+            f"{common_pb2.AudioEncoding.Name(pb.encoding)}: drop mp3_bitrate_kbps or set encoding to AUDIO_ENCODING_MP3"
+        )
     if pb.encoding == common_pb2.AUDIO_ENCODING_MP3 and not pb.mp3_bitrate_kbps:
         pb.mp3_bitrate_kbps = ranges.DEFAULT_MP3_BITRATE_KBPS
 

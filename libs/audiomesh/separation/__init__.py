@@ -3,7 +3,8 @@
 ``SeparatorFactory().get("htdemucs").separate(mix, options=SeparationOptions(...))``
 returns ``{source: (channels, frames) float32}``. See :mod:`.base` for the contract,
 :mod:`.demucs_model` for Demucs, :mod:`.registry` for name resolution and caching,
-:mod:`.repo` for local weight folders (``AUDIOMESH_MODEL_REPO``).
+:mod:`.repo` for local weight folders (``AUDIOMESH_MODEL_REPO``), :mod:`.split` for one song's
+separation split into chunk ranges computed by several workers and stitched exactly.
 """
 
 from typing import Any
@@ -29,6 +30,13 @@ _LAZY = {
     "build_htdemucs": "audiomesh.separation.repo",
     "save_model_to_repo": "audiomesh.separation.repo",
     "scan_repo": "audiomesh.separation.repo",
+    "MAX_RANGES": "audiomesh.separation.split",
+    "RangeInfo": "audiomesh.separation.split",
+    "plan_chunks": "audiomesh.separation.split",
+    "read_range_info": "audiomesh.separation.split",
+    "separate_range": "audiomesh.separation.split",
+    "shift_seed": "audiomesh.separation.split",
+    "stitch_ranges": "audiomesh.separation.split",
 }
 
 
@@ -43,17 +51,24 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BUILTIN",
     "HTDEMUCS_CONFIG",
+    "MAX_RANGES",
     "MAX_SHIFTS",
     "PRETRAINED",
     "DemucsModel",
     "ModelInfo",
     "ModelSpec",
+    "RangeInfo",
     "SeparationOptions",
     "SeparatorFactory",
     "SeparatorModel",
     "build_htdemucs",
     "configure_torch_threads",
+    "plan_chunks",
+    "read_range_info",
     "resolve_device",
     "save_model_to_repo",
     "scan_repo",
+    "separate_range",
+    "shift_seed",
+    "stitch_ranges",
 ]

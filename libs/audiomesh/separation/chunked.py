@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -54,12 +54,22 @@ __all__ = [
     "StreamingMeasure",
     "StreamingSeparator",
     "TrackWriter",
+    "combine_passes",
     "mix_stats",
     "normalized",
 ]
 
 #: Frames read at once when a whole source is scanned (mean/std, finiteness).
 SCAN_FRAMES = 1 << 20
+
+
+#: Held while a separation touches the process-wide :mod:`random` (seeding and drawing shift
+#: offsets; a model call that must see its pass's state). A worker runs requests in threads at
+#: once: one request setting ``random`` back after its model call must not land between another's
+#: seed and its draws, or that song's offsets (and a split song's parts) would disagree. Holding it
+#: across a shift pass's model call serializes such calls, which costs nothing here: two forwards
+#: at once in one process ran at 0.35x the speed of one after the other (DESIGN.md).
+RANDOM_LOCK = threading.RLock()
 
 
 def _read_padded(source: MixSource, start: int, stop: int) -> np.ndarray:
@@ -157,6 +167,45 @@ def _consume_forward_draws(model: Network, calls: int) -> None:
         random.randrange(transformer.sin_random_shift + 1)
 
 
+def combine_passes(
+    blocks: Sequence[tuple[int, torch.Tensor]], *, shifts: int, bag_weights: Sequence[Sequence[float]] | None
+) -> torch.Tensor:
+    """apply_model's averaging of shifts and weighting of bag models, in its float32 operations and order.
+
+    Parameters
+    ----------
+    blocks : sequence of (int, torch.Tensor [shape=(sources, channels, n)])
+        ``(model index in the bag, block)`` of every pass, in pass order (models in bag order, each
+        model's shifts in order), all for the same mix frames. They may be changed in place.
+    shifts : int
+        apply_model's ``shifts`` (0: one unshifted pass per model).
+    bag_weights : sequence of sequence of float, or None
+        ``BagOfModels.weights`` (per model, per source); None for a single model.
+    """
+    estimates: float | torch.Tensor = 0.0
+    totals = [0.0] * blocks[0][1].shape[0]
+    for index in range(len(bag_weights) if bag_weights is not None else 1):
+        mine = [block for model_index, block in blocks if model_index == index]
+        if shifts:
+            out: float | torch.Tensor = 0.0
+            for block in mine:
+                out = out + block if isinstance(out, float) else out.add_(block)
+            assert isinstance(out, torch.Tensor)
+            out /= shifts
+        else:
+            out = mine[0]
+        if bag_weights is None:
+            return out
+        for k, inst_weight in enumerate(bag_weights[index]):
+            out[k, :, :] *= inst_weight
+            totals[k] += inst_weight
+        estimates = estimates + out if isinstance(estimates, float) else estimates.add_(out)
+    assert isinstance(estimates, torch.Tensor)
+    for k in range(estimates.shape[0]):
+        estimates[k, :, :] /= totals[k]
+    return estimates
+
+
 class StreamingSeparator:
     """``apply_model(model, mix, shifts, split=True, overlap, segment)``, block by block.
 
@@ -171,6 +220,10 @@ class StreamingSeparator:
         for a CPU mix.
     transition_power : float
         apply_model's ``transition_power`` (1 = linear cross-fades).
+    seed : int or None
+        Draw the shift offsets from ``random.seed(seed)`` (the caller's ``random`` state is
+        restored after): the same result as ``random.seed(seed)`` before apply_model, safe while
+        other threads separate. None: from ``random`` as it is, as apply_model does.
     """
 
     def __init__(
@@ -182,6 +235,7 @@ class StreamingSeparator:
         segment: float | None = None,
         device: str = "cpu",
         transition_power: float = 1.0,
+        seed: int | None = None,
     ) -> None:
         from demucs.apply import BagOfModels
 
@@ -195,6 +249,7 @@ class StreamingSeparator:
         self.segment = segment
         self.device = torch.device(device)
         self.transition_power = float(transition_power)
+        self.seed = seed
         if isinstance(model, BagOfModels):
             self.submodels = cast("list[Network]", list(model.models))  # a bag holds networks only
             self.bag_weights: list[list[float]] | None = [list(map(float, w)) for w in model.weights]
@@ -203,14 +258,40 @@ class StreamingSeparator:
             self.bag_weights = None
         self.sources = list(model.sources)
 
+    def geometry(self, sub: Network) -> tuple[int, int]:
+        """``(segment_length, stride)`` of ``sub``'s passes, in frames, as apply_model computes them."""
+        segment = self.segment if self.segment is not None else sub.segment
+        segment_length = int(sub.samplerate * segment)
+        stride = int((1 - self.overlap) * segment_length)
+        if stride < 1:
+            raise InvalidInput("segment x (1 - overlap) must span at least one frame")
+        return segment_length, stride
+
     def _passes(self, frames: int) -> list[_Pass]:
+        """Every (model, shift) pass over ``frames`` mix frames, drawing the shift offsets from :mod:`random`
+        (seeded with :attr:`seed` when it is set)."""
+        with RANDOM_LOCK:
+            saved = random.getstate()
+            if self.seed is not None:
+                random.seed(self.seed)
+            try:
+                passes = self._draw_passes(frames)
+                if self.seed is not None and not self.shifts:
+                    # Unshifted passes leave `random` to the model (HTDemucs draws once per
+                    # forward: sin_random_shift). Seeded, each pass gets apply_model's state, so
+                    # a part of a split song needs none of the model calls before it.
+                    for p in passes:
+                        p.random_state = random.getstate()
+                        _consume_forward_draws(p.model, p.chunks)
+                return passes
+            finally:
+                if self.seed is not None:
+                    random.setstate(saved)
+
+    def _draw_passes(self, frames: int) -> list[_Pass]:
         passes = []
         for index, sub in enumerate(self.submodels):
-            segment = self.segment if self.segment is not None else sub.segment
-            segment_length = int(sub.samplerate * segment)
-            stride = int((1 - self.overlap) * segment_length)
-            if stride < 1:
-                raise InvalidInput("segment x (1 - overlap) must span at least one frame")
+            segment_length, stride = self.geometry(sub)
             weight = torch.cat(
                 [
                     torch.arange(1, segment_length // 2 + 1, device=self.device),
@@ -258,16 +339,18 @@ class StreamingSeparator:
         if p.random_state is None:
             return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
         # A shift pass: the model call sees the `random` state apply_model's pass would be in.
-        saved = random.getstate()
-        random.setstate(p.random_state)
-        try:
-            return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
-        finally:
-            p.random_state = random.getstate()
-            random.setstate(saved)
+        with RANDOM_LOCK:
+            saved = random.getstate()
+            random.setstate(p.random_state)
+            try:
+                return apply_model(p.model, chunk, shifts=0, split=False, device=self.device, **kwargs)
+            finally:
+                p.random_state = random.getstate()
+                random.setstate(saved)
 
-    def _advance(self, p: _Pass, source: MixSource, frames: int) -> None:
-        chunk_out = self._chunk(p, source)[0].to("cpu")  # (sources, channels, length)
+    def _accumulate(self, p: _Pass, source: MixSource) -> None:
+        """Run the pass's next chunk and add it, weighted, into the pass's sums, as apply_model does."""
+        chunk_out = self._chunk(p, source)[0]  # (sources, channels, length) on the device
         offset = p.next_chunk
         length = chunk_out.shape[-1]
         weight = p.weight[:length]
@@ -275,7 +358,7 @@ class StreamingSeparator:
         end = offset + length
         if p.acc is None or p.acc_weight is None:  # both or neither
             p.acc_start = offset
-            p.acc = torch.zeros(*chunk_out.shape[:-1], length)
+            p.acc = torch.zeros(*contribution.shape[:-1], length)
             p.acc_weight = torch.zeros(length)
         have = p.acc_start + p.acc.shape[-1]
         if end > have:
@@ -286,14 +369,32 @@ class StreamingSeparator:
         p.acc[..., lo : lo + length] += contribution
         p.acc_weight[lo : lo + length] += weight.to("cpu")
         p.next_chunk = offset + p.stride
-        final_to = min(p.next_chunk, p.length) if p.next_chunk < p.length else p.acc_start + p.acc.shape[-1]
+
+    @staticmethod
+    def _pop_final(p: _Pass, *, last: bool) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """Remove the sums no later chunk of the pass adds to; return ``(local start, sums, weight sums)``.
+
+        ``last``: no chunk follows (of the pass, or of the range being computed), so all of them.
+        """
+        if p.acc is None or p.acc_weight is None:
+            return None
+        final_to = p.acc_start + p.acc.shape[-1] if last else min(p.next_chunk, p.length)
         cut = final_to - p.acc_start
         if cut <= 0:
-            return
-        block = p.acc[..., :cut] / p.acc_weight[:cut]
-        block_start = p.acc_start - p.lead  # mix frame
+            return None
+        start, sums, weights = p.acc_start, p.acc[..., :cut], p.acc_weight[:cut]
         p.acc, p.acc_weight = p.acc[..., cut:].clone(), p.acc_weight[cut:].clone()
         p.acc_start += cut
+        return start, sums, weights
+
+    def _advance(self, p: _Pass, source: MixSource, frames: int) -> None:
+        self._accumulate(p, source)
+        final = self._pop_final(p, last=p.next_chunk >= p.length)
+        if final is None:
+            return
+        acc_start, sums, weights = final
+        block = sums / weights
+        block_start = acc_start - p.lead  # mix frame
         # Keep only mix frames [0, frames): with shifts, local positions before `lead` are padding.
         lo, hi = max(0, -block_start), min(block.shape[-1], frames - block_start)
         if hi > lo:
@@ -317,29 +418,8 @@ class StreamingSeparator:
 
     def _combine(self, passes: list[_Pass], start: int, stop: int) -> torch.Tensor:
         """apply_model's averaging of shifts and weighting of bag models, on frames [start, stop)."""
-        estimates: float | torch.Tensor = 0.0
-        totals = [0.0] * len(self.sources)
-        for index in range(len(self.submodels)):
-            mine = [p for p in passes if p.model_index == index]
-            if self.shifts:
-                out: float | torch.Tensor = 0.0
-                for p in mine:
-                    block = self._take(p, start, stop)
-                    out = out + block if isinstance(out, float) else out.add_(block)
-                assert isinstance(out, torch.Tensor)
-                out /= self.shifts
-            else:
-                out = self._take(mine[0], start, stop)
-            if self.bag_weights is None:
-                return out
-            for k, inst_weight in enumerate(self.bag_weights[index]):
-                out[k, :, :] *= inst_weight
-                totals[k] += inst_weight
-            estimates = estimates + out if isinstance(estimates, float) else estimates.add_(out)
-        assert isinstance(estimates, torch.Tensor)
-        for k in range(estimates.shape[0]):
-            estimates[k, :, :] /= totals[k]
-        return estimates
+        blocks = [(p.model_index, self._take(p, start, stop)) for p in passes]
+        return combine_passes(blocks, shifts=self.shifts, bag_weights=self.bag_weights)
 
     def blocks(
         self,

@@ -194,6 +194,7 @@ class DemucsModel(SeparatorModel):
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int | None = None,
     ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Separate a mix of any length in bounded memory; yield ``(start, stems)`` in order.
 
@@ -214,6 +215,10 @@ class DemucsModel(SeparatorModel):
         stats : (mean, std) or None
             The normalisation (see :func:`~audiomesh.separation.chunked.mix_stats`); computed
             from ``source`` (one extra read of it) when None.
+        seed : int or None
+            Draw the shift offsets from ``random.seed(seed)``: the result of ``random.seed(seed)``
+            before this call, safe while other threads separate (the parts of a split song draw
+            the same). None: from :mod:`random` as it is.
 
         Raises
         ------
@@ -240,13 +245,7 @@ class DemucsModel(SeparatorModel):
         report = _MonotonicProgress(progress)
         report(0.0)
         mean, std = stats if stats is not None else mix_stats(source)
-        separator = StreamingSeparator(
-            self._model,
-            shifts=int(options.shifts),
-            overlap=float(options.overlap),
-            segment=None if options.segment is None else float(options.segment),
-            device=self._device,
-        )
+        separator = self.streaming_separator(options, seed=seed)
         with torch.inference_mode():
             for start, block in separator.blocks(normalized(source, mean, std), progress=report, cancel=cancel):
                 out = (block * std + mean).to("cpu", torch.float32)
@@ -257,6 +256,17 @@ class DemucsModel(SeparatorModel):
         if cancel is not None and cancel.is_set():
             raise Cancelled("separation cancelled")
         report(1.0)
+
+    def streaming_separator(self, options: SeparationOptions, *, seed: int | None = None) -> StreamingSeparator:
+        """The chunked overlap-add of this model with ``options`` (validated by the caller)."""
+        return StreamingSeparator(
+            self._model,
+            shifts=int(options.shifts),
+            overlap=float(options.overlap),
+            segment=None if options.segment is None else float(options.segment),
+            device=self._device,
+            seed=seed,
+        )
 
 
 class _ChunkProgress:

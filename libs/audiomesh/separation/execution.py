@@ -56,6 +56,7 @@ def model_info_pb(info: ModelInfo) -> separation_pb2.ModelInfo:
         compile_error=getattr(info, "compile_error", ""),
         eager_chunk_seconds=eager_s,
         compiled_chunk_seconds=compiled_s,
+        kind=getattr(info, "kind", ""),
     )
 
 

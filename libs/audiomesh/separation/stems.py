@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import random
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from audiomesh.dsp.loudness import Measurement
 from audiomesh.errors import Cancelled
 
 if TYPE_CHECKING:
+    import torch
+
     from audiomesh.audio.stream import MixSource
     from audiomesh.separation.base import SeparationOptions, SeparatorModel
 
@@ -181,6 +184,24 @@ def write_stems(
         return sink.finish()
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """:mod:`random` seeded with ``seed`` inside the block, the caller's state restored after, the
+    process's other separations held off meanwhile (:data:`~.chunked.RANDOM_LOCK`); None: as it is."""
+    if seed is None:
+        yield
+        return
+    from audiomesh.separation.chunked import RANDOM_LOCK
+
+    with RANDOM_LOCK:
+        saved = random.getstate()
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(saved)
+
+
 def separate_to_files(
     model: SeparatorModel,
     source: MixSource,
@@ -192,20 +213,25 @@ def separate_to_files(
     ext: str,
     progress: Callable[[float], None],
     cancel: threading.Event,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seed: int | None = None,
 ) -> Written:
     """Separate ``source`` with ``model`` into one file per stem (:func:`write_stems`), all or nothing.
 
     A model that streams (:meth:`~audiomesh.separation.DemucsModel.separate_stream`) runs chunk
     by chunk, any length in bounded memory; other registered separators, and ``options.split``
-    off, separate the whole array at once.
+    off, separate the whole array at once. ``stats``: the mix's normalisation for a model that
+    streams (:func:`~audiomesh.separation.chunked.mix_stats`), computed by it when None.
+    ``seed``: draw the shift offsets from ``random.seed(seed)`` (None: from :mod:`random` as it is).
     """
     separate_stream = getattr(model, "separate_stream", None)
     blocks: Iterable[tuple[int, Mapping[str, np.ndarray]]]
     if separate_stream is not None and options.split:
-        blocks = separate_stream(source, options=options, progress=progress, cancel=cancel)
+        blocks = separate_stream(source, options=options, progress=progress, cancel=cancel, stats=stats, seed=seed)
     else:
         mix = source.read(0, source.frames)
-        blocks = [(0, model.separate(mix, options=options, progress=progress, cancel=cancel))]
+        with seeded(seed):
+            blocks = [(0, model.separate(mix, options=options, progress=progress, cancel=cancel))]
     return write_stems(
         blocks,
         directory,

@@ -26,7 +26,7 @@ from audiomesh.v1 import common_pb2 as audiomesh_dot_v1_dot_common__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61udiomesh/v1/separation.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xc7\x01\n\x0fSeparateRequest\x12\x17\n\tinput_key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\routput_prefix\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.audiomesh.v1.SeparationOptions\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x06 \x01(\t\"\xaf\x01\n\x0eSeparateResult\x12\"\n\x05stems\x18\x01 \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12/\n\texecution\x18\x05 \x01(\x0e\x32\x1c.audiomesh.v1.ModelExecution\x12\x10\n\x08warnings\x18\x06 \x03(\t\"w\n\x10SeparateResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.audiomesh.v1.SeparateResultH\x00\x42\x07\n\x05\x65vent\"\x9b\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x16\n\x0e\x61udio_channels\x18\x04 \x01(\x05\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x11\n\tavailable\x18\x06 \x01(\x08\x12\x0e\n\x06loaded\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12 \n\x13max_segment_seconds\x18\t \x01(\x01H\x00\x88\x01\x01\x12/\n\texecution\x18\n \x01(\x0e\x32\x1c.audiomesh.v1.ModelExecution\x12\x15\n\rcompile_error\x18\x0b \x01(\t\x12 \n\x13\x65\x61ger_chunk_seconds\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12#\n\x16\x63ompiled_chunk_seconds\x18\r \x01(\x01H\x02\x88\x01\x01\x42\x16\n\x14_max_segment_secondsB\x16\n\x14_eager_chunk_secondsB\x19\n\x17_compiled_chunk_seconds\"\x13\n\x11ListModelsRequest\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.audiomesh.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*\xcf\x01\n\x0eModelExecution\x12\x1f\n\x1bMODEL_EXECUTION_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_EXECUTION_EAGER\x10\x01\x12\x1d\n\x19MODEL_EXECUTION_COMPILING\x10\x02\x12\x1c\n\x18MODEL_EXECUTION_COMPILED\x10\x03\x12\"\n\x1eMODEL_EXECUTION_COMPILE_FAILED\x10\x04\x12 \n\x1cMODEL_EXECUTION_EAGER_FASTER\x10\x05\x32\xb1\x01\n\x11SeparationService\x12K\n\x08Separate\x12\x1d.audiomesh.v1.SeparateRequest\x1a\x1e.audiomesh.v1.SeparateResponse0\x01\x12O\n\nListModels\x12\x1f.audiomesh.v1.ListModelsRequest\x1a .audiomesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61udiomesh/v1/separation.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\x1a\x1fgoogle/api/field_behavior.proto\"\x9d\x02\n\x0fSeparateRequest\x12\x17\n\tinput_key\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\routput_prefix\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.audiomesh.v1.SeparationOptions\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12-\n\x0b\x63hunk_range\x18\x07 \x01(\x0b\x32\x18.audiomesh.v1.ChunkRange\x12\x11\n\trange_key\x18\x08 \x01(\t\x12\x12\n\nshift_seed\x18\t \x01(\x04\"*\n\nChunkRange\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xd3\x01\n\x0eSeparateResult\x12\"\n\x05stems\x18\x01 \x03(\x0b\x32\x13.audiomesh.v1.Track\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12/\n\texecution\x18\x05 \x01(\x0e\x32\x1c.audiomesh.v1.ModelExecution\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\"\n\x05range\x18\x07 \x01(\x0b\x32\x13.audiomesh.v1.Track\"\xc6\x01\n\rStitchRequest\x12\x18\n\nrange_keys\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12\x1b\n\routput_prefix\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x30\n\x07options\x18\x05 \x01(\x0b\x32\x1f.audiomesh.v1.SeparationOptions\x12\r\n\x05model\x18\x06 \x01(\t\"w\n\x10SeparateResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.ProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.audiomesh.v1.SeparateResultH\x00\x42\x07\n\x05\x65vent\"\xa9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\x12\x16\n\x0e\x61udio_channels\x18\x04 \x01(\x05\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x11\n\tavailable\x18\x06 \x01(\x08\x12\x0e\n\x06loaded\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12 \n\x13max_segment_seconds\x18\t \x01(\x01H\x00\x88\x01\x01\x12/\n\texecution\x18\n \x01(\x0e\x32\x1c.audiomesh.v1.ModelExecution\x12\x15\n\rcompile_error\x18\x0b \x01(\t\x12 \n\x13\x65\x61ger_chunk_seconds\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12#\n\x16\x63ompiled_chunk_seconds\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04kind\x18\x0e \x01(\tB\x16\n\x14_max_segment_secondsB\x16\n\x14_eager_chunk_secondsB\x19\n\x17_compiled_chunk_seconds\"\x13\n\x11ListModelsRequest\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.audiomesh.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*\xcf\x01\n\x0eModelExecution\x12\x1f\n\x1bMODEL_EXECUTION_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_EXECUTION_EAGER\x10\x01\x12\x1d\n\x19MODEL_EXECUTION_COMPILING\x10\x02\x12\x1c\n\x18MODEL_EXECUTION_COMPILED\x10\x03\x12\"\n\x1eMODEL_EXECUTION_COMPILE_FAILED\x10\x04\x12 \n\x1cMODEL_EXECUTION_EAGER_FASTER\x10\x05\x32\xfa\x01\n\x11SeparationService\x12K\n\x08Separate\x12\x1d.audiomesh.v1.SeparateRequest\x1a\x1e.audiomesh.v1.SeparateResponse0\x01\x12G\n\x06Stitch\x12\x1b.audiomesh.v1.StitchRequest\x1a\x1e.audiomesh.v1.SeparateResponse0\x01\x12O\n\nListModels\x12\x1f.audiomesh.v1.ListModelsRequest\x1a .audiomesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEPARATEREQUEST'].fields_by_name['input_key']._serialized_options = b'\342A\001\002'
   _globals['_SEPARATEREQUEST'].fields_by_name['output_prefix']._loaded_options = None
   _globals['_SEPARATEREQUEST'].fields_by_name['output_prefix']._serialized_options = b'\342A\001\002'
-  _globals['_MODELEXECUTION']._serialized_start=1130
-  _globals['_MODELEXECUTION']._serialized_end=1337
+  _globals['_STITCHREQUEST'].fields_by_name['range_keys']._loaded_options = None
+  _globals['_STITCHREQUEST'].fields_by_name['range_keys']._serialized_options = b'\342A\001\002'
+  _globals['_STITCHREQUEST'].fields_by_name['output_prefix']._loaded_options = None
+  _globals['_STITCHREQUEST'].fields_by_name['output_prefix']._serialized_options = b'\342A\001\002'
+  _globals['_MODELEXECUTION']._serialized_start=1511
+  _globals['_MODELEXECUTION']._serialized_end=1718
   _globals['_SEPARATEREQUEST']._serialized_start=108
-  _globals['_SEPARATEREQUEST']._serialized_end=307
-  _globals['_SEPARATERESULT']._serialized_start=310
-  _globals['_SEPARATERESULT']._serialized_end=485
-  _globals['_SEPARATERESPONSE']._serialized_start=487
-  _globals['_SEPARATERESPONSE']._serialized_end=606
-  _globals['_MODELINFO']._serialized_start=609
-  _globals['_MODELINFO']._serialized_end=1020
-  _globals['_LISTMODELSREQUEST']._serialized_start=1022
-  _globals['_LISTMODELSREQUEST']._serialized_end=1041
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1043
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1127
-  _globals['_SEPARATIONSERVICE']._serialized_start=1340
-  _globals['_SEPARATIONSERVICE']._serialized_end=1517
+  _globals['_SEPARATEREQUEST']._serialized_end=393
+  _globals['_CHUNKRANGE']._serialized_start=395
+  _globals['_CHUNKRANGE']._serialized_end=437
+  _globals['_SEPARATERESULT']._serialized_start=440
+  _globals['_SEPARATERESULT']._serialized_end=651
+  _globals['_STITCHREQUEST']._serialized_start=654
+  _globals['_STITCHREQUEST']._serialized_end=852
+  _globals['_SEPARATERESPONSE']._serialized_start=854
+  _globals['_SEPARATERESPONSE']._serialized_end=973
+  _globals['_MODELINFO']._serialized_start=976
+  _globals['_MODELINFO']._serialized_end=1401
+  _globals['_LISTMODELSREQUEST']._serialized_start=1403
+  _globals['_LISTMODELSREQUEST']._serialized_end=1422
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1424
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1508
+  _globals['_SEPARATIONSERVICE']._serialized_start=1721
+  _globals['_SEPARATIONSERVICE']._serialized_end=1971
 # @@protoc_insertion_point(module_scope)

@@ -66,16 +66,34 @@ class SeparateRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_RANGE_FIELD_NUMBER: _builtins.int
+    RANGE_KEY_FIELD_NUMBER: _builtins.int
+    SHIFT_SEED_FIELD_NUMBER: _builtins.int
     input_key: _builtins.str
     output_prefix: _builtins.str
-    """Stems are written as {output_prefix}/{source}.wav."""
+    """Stems are written as {output_prefix}/{source}.wav (not used, and may be empty, with
+    chunk_range: a part goes to range_key).
+    """
     model: _builtins.str
     """empty = the worker's default model"""
     encoding: _common_pb2.AudioEncoding.ValueType
     job_id: _builtins.str
     """for logs and traces"""
+    range_key: _builtins.str
+    """Where the part goes (required with chunk_range count >= 2, refused without it)."""
+    shift_seed: _builtins.int
+    """Seeds the shift offsets (options.shifts > 0) so every part of a song, and a whole-song
+    Separate with the same seed, draws the same ones; 0 = unseeded (random offsets).
+    """
     @_builtins.property
     def options(self) -> _common_pb2.SeparationOptions: ...
+    @_builtins.property
+    def chunk_range(self) -> Global___ChunkRange:
+        """Set (count >= 2): compute only this part's chunks and write their partial sums to
+        range_key (one object) instead of stems; a Stitch call joins the parts. Unset, or count
+        0 or 1: the whole song (stems under output_prefix). count is at most 64 and index < count.
+        """
+
     def __init__(
         self,
         *,
@@ -85,14 +103,47 @@ class SeparateRequest(_message.Message):
         options: _common_pb2.SeparationOptions | None = ...,
         encoding: _common_pb2.AudioEncoding.ValueType = ...,
         job_id: _builtins.str = ...,
+        chunk_range: Global___ChunkRange | None = ...,
+        range_key: _builtins.str = ...,
+        shift_seed: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_range", b"chunk_range", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "input_key", b"input_key", "job_id", b"job_id", "model", b"model", "options", b"options", "output_prefix", b"output_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_range", b"chunk_range", "encoding", b"encoding", "input_key", b"input_key", "job_id", b"job_id", "model", b"model", "options", b"options", "output_prefix", b"output_prefix", "range_key", b"range_key", "shift_seed", b"shift_seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SeparateRequest: _TypeAlias = SeparateRequest  # noqa: Y015
+
+@_typing.final
+class ChunkRange(_message.Message):
+    """Part `index` of `count` (0-based) of one song's chunks: in every pass over the song
+    (a model of a bag, a shift) with C chunks, the part computes chunks
+    [floor(index * C / count), floor((index + 1) * C / count)); see
+    libs/audiomesh/separation/split.py. count 0 or 1 means the whole song.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """0 <= index < count"""
+    count: _builtins.int
+    """2..64 to split; 0 or 1: the whole song"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkRange: _TypeAlias = ChunkRange  # noqa: Y015
 
 @_typing.final
 class SeparateResult(_message.Message):
@@ -104,6 +155,7 @@ class SeparateResult(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     elapsed_seconds: _builtins.float
     device: _builtins.str
@@ -117,6 +169,12 @@ class SeparateResult(_message.Message):
         failed and fell back to eager. The orchestrator copies them into the job's manifest.
         """
 
+    @_builtins.property
+    def range(self) -> _common_pb2.Track:
+        """The part written (a Separate with chunk_range set; stems is empty then): key = range_key,
+        name "range-{index}-of-{count}", sha256 and size of the object.
+        """
+
     def __init__(
         self,
         *,
@@ -126,14 +184,60 @@ class SeparateResult(_message.Message):
         device: _builtins.str = ...,
         execution: Global___ModelExecution.ValueType = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        range: _common_pb2.Track | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "elapsed_seconds", b"elapsed_seconds", "execution", b"execution", "model", b"model", "stems", b"stems", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "elapsed_seconds", b"elapsed_seconds", "execution", b"execution", "model", b"model", "range", b"range", "stems", b"stems", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SeparateResult: _TypeAlias = SeparateResult  # noqa: Y015
+
+@_typing.final
+class StitchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANGE_KEYS_FIELD_NUMBER: _builtins.int
+    OUTPUT_PREFIX_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    output_prefix: _builtins.str
+    """Stems are written as {output_prefix}/{source}.wav."""
+    encoding: _common_pb2.AudioEncoding.ValueType
+    job_id: _builtins.str
+    """for logs and traces"""
+    model: _builtins.str
+    """For logs and metrics (empty = the parts' model); the stems come from the parts alone."""
+    @_builtins.property
+    def range_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every part of the song, in index order: 2..64 distinct keys written by Separate calls
+        with chunk_range {index, count = len(range_keys)}.
+        """
+
+    @_builtins.property
+    def options(self) -> _common_pb2.SeparationOptions:
+        """Only two_stems applies here; the rest was fixed when the parts were computed."""
+
+    def __init__(
+        self,
+        *,
+        range_keys: _abc.Iterable[_builtins.str] | None = ...,
+        output_prefix: _builtins.str = ...,
+        encoding: _common_pb2.AudioEncoding.ValueType = ...,
+        job_id: _builtins.str = ...,
+        options: _common_pb2.SeparationOptions | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "job_id", b"job_id", "model", b"model", "options", b"options", "output_prefix", b"output_prefix", "range_keys", b"range_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StitchRequest: _TypeAlias = StitchRequest  # noqa: Y015
 
 @_typing.final
 class SeparateResponse(_message.Message):
@@ -178,6 +282,7 @@ class ModelInfo(_message.Message):
     COMPILE_ERROR_FIELD_NUMBER: _builtins.int
     EAGER_CHUNK_SECONDS_FIELD_NUMBER: _builtins.int
     COMPILED_CHUNK_SECONDS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     sample_rate: _builtins.int
     audio_channels: _builtins.int
@@ -198,6 +303,11 @@ class ModelInfo(_message.Message):
     (unset before): the worker serves the compiled model only when it is faster.
     """
     compiled_chunk_seconds: _builtins.float
+    kind: _builtins.str
+    """The registry kind that builds it ("demucs"). Only Demucs models separate chunk ranges
+    (SeparateRequest.chunk_range): the orchestrator splits a song only for them (and not when
+    this is empty: a worker from before chunk ranges).
+    """
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -216,10 +326,11 @@ class ModelInfo(_message.Message):
         compile_error: _builtins.str = ...,
         eager_chunk_seconds: _builtins.float | None = ...,
         compiled_chunk_seconds: _builtins.float | None = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds", "_eager_chunk_seconds", b"_eager_chunk_seconds", "_max_segment_seconds", b"_max_segment_seconds", "compiled_chunk_seconds", b"compiled_chunk_seconds", "eager_chunk_seconds", b"eager_chunk_seconds", "max_segment_seconds", b"max_segment_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds", "_eager_chunk_seconds", b"_eager_chunk_seconds", "_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "compile_error", b"compile_error", "compiled_chunk_seconds", b"compiled_chunk_seconds", "description", b"description", "eager_chunk_seconds", b"eager_chunk_seconds", "execution", b"execution", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds", "_eager_chunk_seconds", b"_eager_chunk_seconds", "_max_segment_seconds", b"_max_segment_seconds", "audio_channels", b"audio_channels", "available", b"available", "compile_error", b"compile_error", "compiled_chunk_seconds", b"compiled_chunk_seconds", "description", b"description", "eager_chunk_seconds", b"eager_chunk_seconds", "execution", b"execution", "kind", b"kind", "loaded", b"loaded", "max_segment_seconds", b"max_segment_seconds", "name", b"name", "origin", b"origin", "sample_rate", b"sample_rate", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__compiled_chunk_seconds: _TypeAlias = _typing.Literal["compiled_chunk_seconds"]  # noqa: Y015
     _WhichOneofArgType__compiled_chunk_seconds: _TypeAlias = _typing.Literal["_compiled_chunk_seconds", b"_compiled_chunk_seconds"]  # noqa: Y015

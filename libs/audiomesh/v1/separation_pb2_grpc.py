@@ -40,6 +40,11 @@ class SeparationServiceStub:
                 request_serializer=audiomesh_dot_v1_dot_separation__pb2.SeparateRequest.SerializeToString,
                 response_deserializer=audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.FromString,
                 _registered_method=True)
+        self.Stitch = channel.unary_stream(
+                '/audiomesh.v1.SeparationService/Stitch',
+                request_serializer=audiomesh_dot_v1_dot_separation__pb2.StitchRequest.SerializeToString,
+                response_deserializer=audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/audiomesh.v1.SeparationService/ListModels',
                 request_serializer=audiomesh_dot_v1_dot_separation__pb2.ListModelsRequest.SerializeToString,
@@ -58,6 +63,16 @@ class SeparationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stitch(self, request, context):
+        """Joins the parts that Separate calls with chunk_range wrote into stems, exactly as one whole
+        Separate would have computed them. Streams progress, then exactly one result (its stems).
+        It answers with Separate's own stream so a caller reads both the same way.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -70,6 +85,11 @@ def add_SeparationServiceServicer_to_server(servicer, server):
             'Separate': grpc.unary_stream_rpc_method_handler(
                     servicer.Separate,
                     request_deserializer=audiomesh_dot_v1_dot_separation__pb2.SeparateRequest.FromString,
+                    response_serializer=audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.SerializeToString,
+            ),
+            'Stitch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Stitch,
+                    request_deserializer=audiomesh_dot_v1_dot_separation__pb2.StitchRequest.FromString,
                     response_serializer=audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -105,6 +125,33 @@ class SeparationService:
             target,
             '/audiomesh.v1.SeparationService/Separate',
             audiomesh_dot_v1_dot_separation__pb2.SeparateRequest.SerializeToString,
+            audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stitch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/audiomesh.v1.SeparationService/Stitch',
+            audiomesh_dot_v1_dot_separation__pb2.StitchRequest.SerializeToString,
             audiomesh_dot_v1_dot_separation__pb2.SeparateResponse.FromString,
             options,
             channel_credentials,

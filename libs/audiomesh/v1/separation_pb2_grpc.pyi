@@ -35,6 +35,12 @@ class SeparationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SeparationServiceAsyncStub: ...
     Separate: _grpc.UnaryStreamMultiCallable[_separation_pb2.SeparateRequest, _separation_pb2.SeparateResponse]
     """Streams progress, then exactly one result."""
+    Stitch: _grpc.UnaryStreamMultiCallable[_separation_pb2.StitchRequest, _separation_pb2.SeparateResponse]
+    """Joins the parts that Separate calls with chunk_range wrote into stems, exactly as one whole
+    Separate would have computed them. Streams progress, then exactly one result (its stems).
+    It answers with Separate's own stream so a caller reads both the same way.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_separation_pb2.ListModelsRequest, _separation_pb2.ListModelsResponse]
 
 @_typing.type_check_only
@@ -44,6 +50,12 @@ class SeparationServiceAsyncStub(SeparationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Separate: _aio.UnaryStreamMultiCallable[_separation_pb2.SeparateRequest, _separation_pb2.SeparateResponse]  # type: ignore[assignment]
     """Streams progress, then exactly one result."""
+    Stitch: _aio.UnaryStreamMultiCallable[_separation_pb2.StitchRequest, _separation_pb2.SeparateResponse]  # type: ignore[assignment]
+    """Joins the parts that Separate calls with chunk_range wrote into stems, exactly as one whole
+    Separate would have computed them. Streams progress, then exactly one result (its stems).
+    It answers with Separate's own stream so a caller reads both the same way.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_separation_pb2.ListModelsRequest, _separation_pb2.ListModelsResponse]  # type: ignore[assignment]
 
 class SeparationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -56,6 +68,18 @@ class SeparationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_separation_pb2.SeparateResponse], _abc.AsyncIterator[_separation_pb2.SeparateResponse]]:
         """Streams progress, then exactly one result."""
+
+    @_abc_1.abstractmethod
+    def Stitch(
+        self,
+        request: _separation_pb2.StitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_separation_pb2.SeparateResponse], _abc.AsyncIterator[_separation_pb2.SeparateResponse]]:
+        """Joins the parts that Separate calls with chunk_range wrote into stems, exactly as one whole
+        Separate would have computed them. Streams progress, then exactly one result (its stems).
+        It answers with Separate's own stream so a caller reads both the same way.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
 
     @_abc_1.abstractmethod
     def ListModels(
