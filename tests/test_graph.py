@@ -13,15 +13,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audiomesh.errors import FailedPrecondition, InvalidInput
+from audiomesh.separation.split import shift_seed
 from audiomesh.services.orchestrator import graph
 from audiomesh.services.orchestrator.graph import (
     DERIVED_TRACKS,
     LOCAL_STAGE,
+    MAX_SEPARATION_PARTS,
     STAGE_WEIGHTS,
     DecodeRequest,
     Plan,
     describe,
     make_plan,
+    overall_fraction,
 )
 from audiomesh.services.orchestrator.runner import _RPCS, _match_nodes
 from audiomesh.tracks import ENCODINGS, INTERMEDIATE, extension
@@ -33,8 +36,8 @@ JOB = "0b8e7a2c-job"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def plan_of(sources=HTDEMUCS, two_stems="", main_stems=(), ext=".wav") -> Plan:
-    return make_plan(JOB, sources=list(sources), two_stems=two_stems, main_stems=list(main_stems), ext=ext)
+def plan_of(sources=HTDEMUCS, two_stems="", main_stems=(), ext=".wav", parts=1) -> Plan:
+    return make_plan(JOB, sources=list(sources), two_stems=two_stems, main_stems=list(main_stems), ext=ext, parts=parts)
 
 
 def job_of(encoding: int = common_pb2.AUDIO_ENCODING_WAV_PCM16) -> orchestrator_pb2.Job:
@@ -127,7 +130,8 @@ def test_six_stem_model():
     assert plan.main_stems == ("drums", "bass", "other", "guitar", "piano")
     assert [n.name for n in plan.nodes if n.stage == "hpss"] == ["hpss:mix"] + [f"hpss:{s}" for s in plan.main_stems]
     assert len(plan.node("normalize").writes) == 6 + 5
-    assert set(STAGE_WEIGHTS) == {n.stage for n in plan.nodes}
+    # Every stage a plan can have is weighted (stitch only in split plans).
+    assert set(STAGE_WEIGHTS) == {n.stage for n in plan.nodes} | {n.stage for n in plan_of(parts=2).nodes}
 
 
 @pytest.mark.parametrize(
@@ -159,6 +163,9 @@ def test_request_builders_use_the_keys_their_nodes_declare():
     # the worker writes <output_prefix>/<stem>.wav
     assert tuple(f"{sep.output_prefix}/{s}.wav" for s in plan.stems) == node.writes
     assert (sep.model, sep.encoding, sep.job_id) == ("htdemucs", INTERMEDIATE, JOB)
+    # Unsplit too: the job's seed, so every run of it draws the same shifts.
+    assert sep.shift_seed == shift_seed(JOB) == plan.shift_seed != 0
+    assert not sep.HasField("chunk_range") and not sep.range_key
 
     for name, source, delivered in [("hpss:mix", plan.mix_key, True), ("hpss:bass", plan.stem_key("bass"), False)]:
         node = plan.node(name)
@@ -210,9 +217,10 @@ def test_collectors_keep_what_responses_say():
     assert job.normalization.reference.integrated_lufs == -11
 
 
-def test_every_stage_has_a_call_that_takes_its_request():
+@pytest.mark.parametrize("parts", [1, 2])
+def test_every_stage_has_a_call_that_takes_its_request(parts):
     """The runner's stub table matches the contracts and the graph's requests."""
-    plan, job = plan_of(), job_of()
+    plan, job = plan_of(parts=parts), job_of()
     pool = descriptor_pool.Default()
     for node in plan.nodes:
         if node.stage == LOCAL_STAGE:
@@ -248,6 +256,113 @@ def test_resumed_manifest_nodes_are_matched_by_name():
         _match_nodes(job, plan)
 
 
+# --- a separation split into parts ----------------------------------------------------------
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_plan_runs_parts_then_stitch_and_the_rest_unchanged(parts):
+    whole, plan = plan_of(), plan_of(parts=parts)
+    part_names = [f"separation:part{i}of{parts}" for i in range(1, parts + 1)]
+    assert [(n.name, n.stage) for n in plan.nodes][: parts + 3] == [
+        ("decode", "decode"),
+        *[(name, "separation") for name in part_names],
+        ("stitch", "stitch"),
+        ("hpss:mix", "hpss"),
+    ]
+    ranges = [f"separation/ranges/{i}-of-{parts}.range" for i in range(parts)]
+    for name, key in zip(part_names, ranges, strict=True):
+        assert plan.node(name).reads == (plan.mix_key,)
+        assert rel(plan, plan.node(name).writes) == [key]
+        assert plan.depends_on(name) == ["decode"]
+    stitch = plan.node("stitch")
+    assert rel(plan, stitch.reads) == ranges  # every part, in index order
+    assert plan.depends_on("stitch") == part_names
+    # The stitch writes exactly the stems the single separation node writes: what follows is the same.
+    assert stitch.writes == whole.node("separation").writes
+    after = [n for n in whole.nodes if n.name not in ("decode", "separation")]
+    assert [(n.name, n.reads, n.writes) for n in after] == [
+        (n.name, n.reads, n.writes) for n in plan.nodes if n.name in {a.name for a in after}
+    ]
+    rename = {"separation": "stitch"}
+    assert {n: plan.depends_on(n) for n in ("hpss:drums", "composite", "normalize")} == {
+        n: [rename.get(d, d) for d in whole.depends_on(n)] for n in ("hpss:drums", "composite", "normalize")
+    }
+    writers: dict[str, list[str]] = {}
+    for node in plan.nodes:
+        for key in node.writes:
+            writers.setdefault(key, []).append(node.name)
+    assert all(len(w) == 1 for w in writers.values()), "a key is written twice"
+    graph.check_graph(plan.nodes)
+    assert "stitch" in describe(plan) and plan.part_name(parts - 1) == part_names[-1]
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_requests_name_their_range_seed_and_keys(parts):
+    plan, job = plan_of(two_stems="vocals", parts=parts), job_of()
+    job.options.separation.shifts = 2
+    job.options.separation.two_stems = "vocals"
+    for i in range(parts):
+        node = plan.node(plan.part_name(i))
+        request = node.build_request(plan, job)
+        assert isinstance(request, separation_pb2.SeparateRequest)
+        assert (request.chunk_range.index, request.chunk_range.count) == (i, parts)
+        assert (request.input_key,) == node.reads and (request.range_key,) == node.writes
+        assert request.shift_seed == shift_seed(JOB)  # every part draws the same shifts
+        assert (request.model, request.options, request.job_id) == ("htdemucs", job.options.separation, JOB)
+    stitch = plan.node("stitch")
+    request = stitch.build_request(plan, job)
+    assert isinstance(request, separation_pb2.StitchRequest)
+    assert tuple(request.range_keys) == stitch.reads
+    assert tuple(f"{request.output_prefix}/{s}.wav" for s in plan.stems) == stitch.writes
+    assert request.options.two_stems == "vocals" and (request.encoding, request.job_id) == (INTERMEDIATE, JOB)
+    # A part's response names the object it wrote; the stitch's, the stems.
+    part = orchestrator_pb2.Node(name=plan.part_name(0))
+    written = common_pb2.Track(name=f"range-0-of-{parts}", key=plan.range_key(0), sha256="ab", size_bytes=9)
+    result = separation_pb2.SeparateResult(range=written, warnings=["compile fell back"])
+    assert plan.node(part.name).collect(result, part, job) == [written]
+    assert list(part.warnings) == ["compile fell back"]
+    stems = [common_pb2.Track(name=s, key=plan.stem_key(s)) for s in plan.stems]
+    assert stitch.collect(separation_pb2.SeparateResult(stems=stems), orchestrator_pb2.Node(), job) == stems
+
+
+def test_parts_share_the_separation_weight():
+    """K parts weigh what the one separation node weighs: the job's progress and ETA stay right."""
+
+    def fraction(parts: int, separated: float, rest: float = 0.0) -> float:
+        nodes = []
+        for spec in plan_of(parts=parts).nodes:
+            done = separated if spec.stage == "separation" else 1.0 if spec.name == "decode" else rest
+            nodes.append(orchestrator_pb2.Node(name=spec.name, stage=spec.stage, fraction=done))
+        return overall_fraction(nodes)
+
+    for separated in (0.0, 0.5, 1.0):
+        one = fraction(1, separated)
+        assert fraction(2, separated) == pytest.approx(one, rel=0.05)
+        assert fraction(4, separated) == pytest.approx(fraction(2, separated), abs=1e-12)
+    assert fraction(3, 1.0, rest=1.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("parts", [0, MAX_SEPARATION_PARTS + 1])
+def test_part_counts_out_of_range_are_refused(parts):
+    with pytest.raises(InvalidInput, match=rf"separation_parts must be from 1 to {MAX_SEPARATION_PARTS}, got {parts}"):
+        plan_of(parts=parts)
+
+
+def test_resumed_split_job_matches_its_parts_by_name():
+    plan = plan_of(parts=2)
+    job = job_of()
+    job.separation_parts = 2
+    job.nodes.add(name="decode", stage="decode", state=common_pb2.NODE_STATE_SUCCEEDED)
+    job.nodes.add(name="separation:part2of2", stage="separation", state=common_pb2.NODE_STATE_SUCCEEDED, attempts=1)
+    _match_nodes(job, plan)
+    assert {n.name: list(n.depends_on) for n in job.nodes} == deps(plan)
+    assert [n.name for n in job.nodes if n.state == common_pb2.NODE_STATE_SUCCEEDED] == [
+        "decode",
+        "separation:part2of2",
+    ]
+    # A manifest of another split than the plan's is refused, not half-matched.
+    with pytest.raises(FailedPrecondition, match=r"nodes \['separation:part2of2', 'separation:part1of2'\] are not"):
+        _match_nodes(job, plan_of(parts=3))
+
+
 # --- the README shows the graph as the code has it -----------------------------------------
 def test_readme_shows_the_default_plan():
     table = describe(plan_of())
@@ -268,15 +383,16 @@ def recipes(draw):
     two_stems = draw(st.one_of(st.just(""), st.sampled_from(sources), names))
     stems = [two_stems, f"no_{two_stems}"] if two_stems else sources
     main = draw(st.lists(st.one_of(st.sampled_from(stems), names), max_size=5))
-    return sources, two_stems, main
+    parts = draw(st.integers(1, 5))
+    return sources, two_stems, main, parts
 
 
 @settings(max_examples=100, deadline=None)
 @given(recipes())
 def test_every_accepted_plan_is_a_sound_graph(recipe):
-    sources, two_stems, main_stems = recipe
+    sources, two_stems, main_stems, parts = recipe
     try:
-        plan = make_plan(JOB, sources=sources, two_stems=two_stems, main_stems=main_stems, ext=".flac")
+        plan = make_plan(JOB, sources=sources, two_stems=two_stems, main_stems=main_stems, ext=".flac", parts=parts)
     except InvalidInput as exc:
         assert re.match(r"(two_stems|main_stems|main would be empty)", str(exc)), exc
         return

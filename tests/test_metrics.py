@@ -105,7 +105,7 @@ def test_gauges_count_held_jobs_and_their_nodes_by_stage(tmp_path):
     assert nodes[("separation", "running")] == 1
     assert nodes[("hpss", "waiting")] == 2 and nodes[("hpss", "running")] == 1
     # Every stage is reported, idle ones as 0 (an autoscaler reads 0, not "no data").
-    assert {stage for stage, _ in nodes} == {"decode", "separation", "hpss", "composite", "normalize"}
+    assert {stage for stage, _ in nodes} == {"decode", "separation", "stitch", "hpss", "composite", "normalize"}
     assert sum(nodes.values()) == 4
 
 

@@ -283,7 +283,9 @@ def test_seeded_separations_in_threads_at_once_draw_their_own_offsets(runs: Runs
         results["part"] = path.read_bytes()
 
     for _ in range(2):  # interleavings differ run to run; each run must hold
-        threads = [threading.Thread(target=whole_song, args=(seed,)) for seed in whole] + [threading.Thread(target=part)]
+        threads = [threading.Thread(target=whole_song, args=(seed,)) for seed in whole] + [
+            threading.Thread(target=part)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -33,6 +33,8 @@ DEFAULT_PORTS = {"orchestrator": 50051, "separation": 50052, "hpss": 50053, "com
 # Seconds in-flight calls get to finish after SIGTERM when AUDIOMESH_DRAIN_SECONDS is 0: a
 # separation runs for minutes (a whole song), the DSP workers for seconds to a minute.
 DRAIN_DEFAULTS = {"orchestrator": 30.0, "separation": 600.0, "hpss": 120.0, "composite": 120.0, "normalize": 120.0}
+# Stages served by another service's workers: the stitch of a split separation runs on them.
+STAGE_SERVICES = {"stitch": "separation"}
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -124,6 +126,13 @@ class Settings(BaseSettings):
         "capacity bounds the work in flight (busy workers answer RESOURCE_EXHAUSTED and nodes wait)",
     )
     max_parallel_nodes: int = Field(4, ge=1, description="stage-graph nodes of one job running at once")
+    separation_split_max: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="most parts one song's separation is split into, run by several separation workers at once "
+        "and stitched exactly; a job gets as many as there are workers (and chunks), up to this; 1 = never split",
+    )
     node_attempts: int = Field(3, ge=1, le=10, description="tries per node on retryable errors")
     unavailable_budget_seconds: float = Field(
         120.0, ge=0, description="how long a node keeps retrying a worker or store that cannot be reached"
@@ -255,7 +264,8 @@ class Settings(BaseSettings):
         return self.drain_seconds or DRAIN_DEFAULTS.get(service, 30.0)
 
     def address_of(self, service: str) -> str:
-        return getattr(self, f"{service}_addr")
+        """Where ``service`` (or a stage another service's workers run, e.g. stitch) is found."""
+        return getattr(self, f"{STAGE_SERVICES.get(service, service)}_addr")
 
     def public_dict(self) -> dict[str, Any]:
         """Settings without secrets, for GetConfig and manifests."""

@@ -11,22 +11,35 @@ runner's table).
        ├────► hpss:mix ─────────────────────────────────────────────────────────────────┤
        └─────────────────────────── (the mix: linked gain's reference) ─────────────────┘
 
+A plan of ``parts`` K >= 2 splits the separation across workers: nodes
+``separation:part1of{K}`` … ``separation:part{K}of{K}`` each compute a range of the song's chunks
+into one object (``separation/ranges/{index}-of-{K}.range``, index from 0), and ``stitch`` joins
+them into the same stem keys the single ``separation`` node writes (exactly, see
+:mod:`audiomesh.separation.split`), so every node after it is the same. K = 1 is the single node.
+
 :func:`describe` prints the default plan as a table (README's architecture section shows it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from audiomesh.errors import InvalidInput
+from audiomesh.separation.split import MAX_RANGES, shift_seed
 from audiomesh.tracks import INTERMEDIATE
 from audiomesh.v1 import common_pb2, composite_pb2, hpss_pb2, normalize_pb2, orchestrator_pb2, separation_pb2
 
-# Expected relative cost, for the overall progress fraction and the ETA.
-STAGE_WEIGHTS = {"decode": 1.0, "separation": 60.0, "hpss": 6.0, "composite": 2.0, "normalize": 4.0}
+# Expected relative cost, for the overall progress fraction and the ETA. The parts of a split
+# separation share its weight (SHARED_WEIGHT_STAGES); the stitch only adds and writes stems.
+STAGE_WEIGHTS = {"decode": 1.0, "separation": 60.0, "stitch": 2.0, "hpss": 6.0, "composite": 2.0, "normalize": 4.0}
+SHARED_WEIGHT_STAGES = frozenset({"separation"})
+#: Most parts a separation can be split into (what a worker accepts).
+MAX_SEPARATION_PARTS = MAX_RANGES
 VOCALS = "vocals"
 LOCAL_STAGE = "decode"  # runs in the orchestrator itself; every other stage is a worker's RPC
 
@@ -54,6 +67,8 @@ class Node:
     dependencies (:meth:`Plan.depends_on`). ``request`` builds the stage's request from the
     plan and the job (options, upload, and tracks earlier nodes wrote); ``collect`` turns the
     response into the node's output tracks, keeping what else the response says in the job.
+    ``drops_reads``: what it reads exists only for it (a split separation's parts, as large as
+    the stems): deleted once it succeeded.
     """
 
     name: str
@@ -62,6 +77,7 @@ class Node:
     writes: tuple[str, ...]
     request: RequestBuilder
     collect: Collector
+    drops_reads: bool = False
 
     def build_request(self, plan: Plan, job: orchestrator_pb2.Job) -> Any:
         return self.request(self, plan, job)
@@ -76,10 +92,24 @@ class Plan:
     main_stems: tuple[str, ...]  # summed into "main"
     ext: str  # extension of delivered tracks, ".wav", ".flac" or ".mp3"
     nodes: tuple[Node, ...] = ()  # in a valid execution order; filled by make_plan
+    parts: int = 1  # separation split into this many ranges (1: one whole-song node)
 
     @property
     def prefix(self) -> str:
         return f"jobs/{self.job_id}"
+
+    @property
+    def shift_seed(self) -> int:
+        """The seed of the shift offsets every separation request of this job sends."""
+        return shift_seed(self.job_id)
+
+    def range_key(self, index: int) -> str:
+        """Where part ``index`` (0-based) of the separation writes its partial sums."""
+        return f"{self.prefix}/separation/ranges/{index}-of-{self.parts}.range"
+
+    def part_name(self, index: int) -> str:
+        """The node of part ``index`` (0-based): ``separation:part1of2``."""
+        return f"separation:part{index + 1}of{self.parts}"
 
     def key(self, stage: str, track: str, ext: str = ".wav") -> str:
         return f"{self.prefix}/{stage}/{track}{ext}"
@@ -135,11 +165,25 @@ def _graph(plan: Plan) -> tuple[Node, ...]:
     mix = plan.mix_key
     composites = plan.composites()
     delivered = plan.intermediate_tracks()
-    nodes = [
-        Node("decode", "decode", (), (mix,), _decode_request, _one_track),
-        Node("separation", "separation", (mix,), tuple(map(plan.stem_key, plan.stems)), _separate_request, _separated),
-        Node("hpss:mix", "hpss", (mix,), plan.hpss_keys("mix"), _decompose_request, _decomposed),
-    ]
+    stems = tuple(map(plan.stem_key, plan.stems))
+    nodes = [Node("decode", "decode", (), (mix,), _decode_request, _one_track)]
+    if plan.parts == 1:
+        nodes.append(Node("separation", "separation", (mix,), stems, _separate_request, _separated))
+    else:
+        ranges = tuple(plan.range_key(i) for i in range(plan.parts))
+        nodes += [
+            Node(
+                plan.part_name(i),
+                "separation",
+                (mix,),
+                (ranges[i],),
+                functools.partial(_separate_part_request, index=i),
+                _separated_part,
+            )
+            for i in range(plan.parts)
+        ]
+        nodes.append(Node("stitch", "stitch", ranges, stems, _stitch_request, _separated, drops_reads=True))
+    nodes.append(Node("hpss:mix", "hpss", (mix,), plan.hpss_keys("mix"), _decompose_request, _decomposed))
     nodes += [
         Node(f"hpss:{s}", "hpss", (plan.stem_key(s),), plan.hpss_keys(s), _decompose_request, _decomposed)
         for s in plan.main_stems
@@ -171,6 +215,36 @@ def _separate_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> sepa
         options=job.options.separation,
         encoding=INTERMEDIATE,
         job_id=plan.job_id,
+        # The same shift offsets on every run of the job, split or not (a retry redraws none).
+        shift_seed=plan.shift_seed,
+    )
+
+
+def _separate_part_request(
+    node: Node, plan: Plan, job: orchestrator_pb2.Job, *, index: int
+) -> separation_pb2.SeparateRequest:
+    # Part `index` of the song's chunks into one object; every part draws the same shifts.
+    return separation_pb2.SeparateRequest(
+        input_key=node.reads[0],
+        model=job.options.model,
+        options=job.options.separation,
+        encoding=INTERMEDIATE,
+        job_id=plan.job_id,
+        chunk_range=separation_pb2.ChunkRange(index=index, count=plan.parts),
+        range_key=node.writes[0],
+        shift_seed=plan.shift_seed,
+    )
+
+
+def _stitch_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> separation_pb2.StitchRequest:
+    # The parts in index order (node.reads); stems under the prefix the whole-song node uses.
+    return separation_pb2.StitchRequest(
+        range_keys=node.reads,
+        output_prefix=f"{plan.prefix}/separation",
+        encoding=INTERMEDIATE,
+        job_id=plan.job_id,
+        options=job.options.separation,
+        model=job.options.model,
     )
 
 
@@ -228,6 +302,14 @@ def _separated(
     return list(result.stems)
 
 
+def _separated_part(
+    result: separation_pb2.SeparateResult, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
+) -> list[common_pb2.Track]:
+    del node.warnings[:]
+    node.warnings.extend(result.warnings)
+    return [result.range]
+
+
 def _decomposed(
     result: hpss_pb2.DecomposeResult, node: orchestrator_pb2.Node, job: orchestrator_pb2.Job
 ) -> list[common_pb2.Track]:
@@ -277,8 +359,16 @@ def check_graph(nodes: Sequence[Node]) -> None:
 DERIVED_TRACKS = ("mix", "harmonic", "percussive", "main", "main_harmonic", "main_percussive")
 
 
-def make_plan(job_id: str, *, sources: list[str], two_stems: str, main_stems: list[str], ext: str) -> Plan:
-    """Resolve the stems a model will write and the recipe of ``main``; refuse what cannot work."""
+def make_plan(
+    job_id: str, *, sources: list[str], two_stems: str, main_stems: list[str], ext: str, parts: int = 1
+) -> Plan:
+    """Resolve the stems a model will write and the recipe of ``main``; refuse what cannot work.
+
+    ``parts``: how many ranges the separation is split into (1 to :data:`MAX_SEPARATION_PARTS`;
+    the runner chooses it once per job and keeps it in ``Job.separation_parts``).
+    """
+    if not 1 <= parts <= MAX_SEPARATION_PARTS:
+        raise InvalidInput(f"separation_parts must be from 1 to {MAX_SEPARATION_PARTS}, got {parts}")
     clashes = [s for s in sources if s in DERIVED_TRACKS]
     if clashes or len(set(sources)) != len(sources):
         raise InvalidInput(
@@ -301,17 +391,20 @@ def make_plan(job_id: str, *, sources: list[str], two_stems: str, main_stems: li
             recipe = [f"no_{VOCALS}"]
         if not recipe:
             raise InvalidInput("main would be empty: set main_stems")
-    plan = Plan(job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext)
+    plan = Plan(job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext, parts=parts)
     nodes = _graph(plan)
     check_graph(nodes)
     return dataclasses.replace(plan, nodes=nodes)
 
 
 def overall_fraction(nodes: Iterable[orchestrator_pb2.Node]) -> float:
-    """Progress of a job, each node weighted by its stage's expected cost."""
+    """Progress of a job, each node weighted by its stage's expected cost; the parts of a split
+    stage share the stage's weight (K parts of a separation: 60/K each)."""
+    nodes = list(nodes)
+    shared = Counter(n.stage for n in nodes if n.stage in SHARED_WEIGHT_STAGES)
     total = done = 0.0
     for node in nodes:
-        weight = STAGE_WEIGHTS.get(node.stage, 1.0)
+        weight = STAGE_WEIGHTS.get(node.stage, 1.0) / shared.get(node.stage, 1)
         total += weight
         done += weight * node.fraction
     return done / total if total else 0.0

@@ -5,11 +5,19 @@ A node starts as soon as its dependencies succeeded; independent nodes run concu
 backoff; a request the worker refuses (bad input, unknown model) fails the job at once.
 Cancelling the job's task cancels the in-flight gRPC calls, which stops the workers.
 On resume, nodes that succeeded and whose outputs still exist are reused.
+
+When several separation workers can take work, a job's separation is split into parts
+(graph.py: ``separation:part{i}of{K}`` + ``stitch``), chosen once when the job is first planned
+(:meth:`Runner.choose_parts`) and kept in ``Job.separation_parts``: the parts are nodes like any
+other (each retried alone, reused on resume), and the round-robin channel spreads them over the
+workers (a busy one answers RESOURCE_EXHAUSTED and the part waits for a free slot).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ from audiomesh import errors, metrics, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
-from audiomesh.options import check_separation_options
+from audiomesh.options import check_separation_options, separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.rpc.server import LEASE_HEADER, NODE_HEADER
 from audiomesh.store import ObjectStore
@@ -38,7 +46,7 @@ from audiomesh.v1 import (
     separation_pb2_grpc,
 )
 
-from .graph import LOCAL_STAGE, DecodeRequest, Plan, make_plan, overall_fraction
+from .graph import LOCAL_STAGE, MAX_SEPARATION_PARTS, DecodeRequest, Plan, make_plan, overall_fraction
 from .jobs import JobRecord, JobRegistry, now_pb
 from .lease import Lease
 
@@ -52,6 +60,10 @@ _OUTCOMES = {
 }
 # Failures that repeat on every attempt: the same request needs the same memory / bytes.
 _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
+# The chunk length assumed when neither the job nor the model names one (Demucs v4's segment).
+DEFAULT_SEGMENT_SECONDS = 7.8
+# How long a resolved dns:/// separation address's worker count is reused.
+_WORKERS_TTL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class _Rpc:
 
 _RPCS: dict[str, _Rpc] = {
     "separation": _Rpc(separation_pb2_grpc.SeparationServiceStub, "Separate", streams=True),
+    "stitch": _Rpc(separation_pb2_grpc.SeparationServiceStub, "Stitch", streams=True),
     "hpss": _Rpc(hpss_pb2_grpc.HpssServiceStub, "Decompose", streams=True),
     "composite": _Rpc(composite_pb2_grpc.CompositeServiceStub, "Composite", streams=False),
     "normalize": _Rpc(normalize_pb2_grpc.NormalizeServiceStub, "Normalize", streams=False),
@@ -92,6 +105,7 @@ class Runner:
         self.job_slots = asyncio.Semaphore(settings.max_running_jobs) if settings.max_running_jobs else None
         self.shutting_down = False
         self._models: separation_pb2.ListModelsResponse | None = None  # the last ListModels answer
+        self._workers: tuple[str, int, float] | None = None  # (target, workers, monotonic time) last counted
         # Gives up a job's lease when it ended or was handed off (cluster.Cluster.release).
         self.release: Callable[[JobRecord], Awaitable[None]] | None = None
 
@@ -130,16 +144,46 @@ class Runner:
     async def plan(
         self, job: orchestrator_pb2.Job, *, or_last_known: bool = False
     ) -> tuple[Plan, separation_pb2.ModelInfo]:
+        """The job's graph with the parts it was planned with (``Job.separation_parts``; 0, not
+        chosen yet, plans one separation node), and its model's description."""
         info = await self.model_info(job.options.model, or_last_known=or_last_known)
         check_separation_options(job.options.separation, info)
-        plan = make_plan(
-            job.job_id,
-            sources=list(info.sources),
-            two_stems=job.options.separation.two_stems,
-            main_stems=list(job.options.main_stems),
-            ext=extension(job.options.encoding),
-        )
-        return plan, info
+        return _plan_of(job, info), info
+
+    async def choose_parts(self, job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> tuple[int, str]:
+        """How many parts to split the job's separation into, and why, in words for its events.
+
+        ``min(AUDIOMESH_SEPARATION_SPLIT_MAX, separation workers, chunks)``: more parts than
+        workers would queue on the same ones, and a part with no chunk is wasted work. 1 (no
+        split) for a model that cannot run chunk ranges (not a Demucs model) or ``split=False``.
+        """
+        cap = self.settings.separation_split_max
+        if cap < 2:
+            return 1, "not split (AUDIOMESH_SEPARATION_SPLIT_MAX=1)"
+        if not _splittable(job, info):
+            return 1, f"not split (model '{info.name}' does not separate chunk by chunk)"
+        chunks = chunk_estimate(job, info)
+        if chunks < 2:
+            return 1, "not split (the song is one chunk)"
+        workers = await self.separation_workers()
+        parts = max(1, min(cap, workers, chunks, MAX_SEPARATION_PARTS))
+        why = f"{workers} separation worker{'s' if workers != 1 else ''}, {chunks} chunks, at most {cap} parts"
+        return parts, (f"split into {parts} parts" if parts > 1 else "not split") + f" ({why})"
+
+    async def separation_workers(self) -> int:
+        """Separation workers that can take work: the addresses AUDIOMESH_SEPARATION_ADDR names
+        (a ``dns:///`` name resolved, at most every ``_WORKERS_TTL_SECONDS``); 1 when unknown."""
+        target = self.settings.separation_addr
+        cached = self._workers
+        if cached is not None and cached[0] == target and time.monotonic() - cached[2] < _WORKERS_TTL_SECONDS:
+            return cached[1]
+        try:
+            workers = await asyncio.wait_for(asyncio.to_thread(count_workers, target), 5.0)
+        except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
+            logger().info("separation workers not counted; planning for one", target=target, reason=str(exc))
+            workers = 1
+        self._workers = (target, workers, time.monotonic())
+        return workers
 
     # --- job lifecycle -----------------------------------------------------------------
     def start(self, rec: JobRecord) -> None:
@@ -234,6 +278,11 @@ class Runner:
     async def _execute(self, rec: JobRecord) -> None:
         job = rec.job
         plan, info = await self._plan_when_reachable(rec)
+        split = ""
+        if not job.nodes and not job.separation_parts:
+            # Chosen once: a resumed or retried job keeps its parts (and the parts it wrote).
+            job.separation_parts, split = await self.choose_parts(job, info)
+            plan = _plan_of(job, info)
         if not job.nodes:
             for spec in plan.nodes:
                 job.nodes.add(
@@ -250,7 +299,7 @@ class Runner:
         job.state = common_pb2.JOB_STATE_RUNNING
         _set_current_stage(job)  # with the state: never RUNNING without a stage
         started = time.monotonic()
-        await self.registry.changed(rec, "job running")
+        await self.registry.changed(rec, f"job running; separation {split}" if split else "job running")
         node_slots = asyncio.Semaphore(self.settings.max_parallel_nodes)
         running: dict[str, asyncio.Task[None]] = {}
         try:
@@ -285,15 +334,24 @@ class Runner:
         return all(self.store.exists(k) for k in keys)
 
     async def _prepare_resume(self, rec: JobRecord) -> None:
-        """Reuse succeeded nodes whose outputs still exist; everything else runs again."""
-        reused = []
-        for node in rec.job.nodes:
-            if node.state == common_pb2.NODE_STATE_SUCCEEDED:
-                keys = [t.key for t in node.outputs]
-                present = await asyncio.to_thread(self._all_exist, keys)
-                if present:
-                    reused.append(node.name)
-                    continue
+        """Reuse succeeded nodes whose outputs still exist, or whose outputs are gone but read by
+        no node that runs again (a split separation's parts, deleted once stitched); everything
+        else runs again."""
+        nodes = list(rec.job.nodes)
+        rerun = {n.name for n in nodes if n.state != common_pb2.NODE_STATE_SUCCEEDED}
+        missing = set()
+        for node in nodes:
+            if node.name not in rerun and not await asyncio.to_thread(self._all_exist, [t.key for t in node.outputs]):
+                missing.add(node.name)
+        grew = True
+        while grew:  # a node that runs again needs what its dependencies wrote
+            needed = {d for n in nodes if n.name in rerun for d in n.depends_on} & missing
+            grew = not needed <= rerun
+            rerun |= needed
+        reused = [n.name for n in nodes if n.name not in rerun]
+        for node in nodes:
+            if node.name not in rerun:
+                continue
             node.state = common_pb2.NODE_STATE_PENDING
             node.fraction = 0.0
             node.ClearField("outputs")
@@ -428,6 +486,22 @@ class Runner:
         node.duration_seconds = (node.end_time.ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
         rec.job.fraction = overall_fraction(rec.job.nodes)
         await self.registry.changed(rec, f"{node.name} succeeded in {node.duration_seconds:.2f}s")
+        spec = plan.node(node.name)
+        if spec.drops_reads and rec.owned:
+            await self._drop(spec.reads)
+
+    async def _drop(self, keys: tuple[str, ...]) -> None:
+        """Delete intermediate objects nothing reads any more (best effort: retention removes
+        what is left with the job)."""
+
+        def delete() -> None:
+            for key in keys:
+                self.store.delete(key)
+
+        try:
+            await asyncio.to_thread(delete)
+        except errors.AudiomeshError as exc:
+            logger().warning("intermediate objects not deleted; they go with the job", reason=str(exc))
 
     async def _dispatch(
         self,
@@ -508,6 +582,57 @@ def _observe_node(node: orchestrator_pb2.Node, outcome: str) -> None:
     else:
         seconds = (now_pb().ToNanoseconds() - node.start_time.ToNanoseconds()) / 1e9
     metrics.NODE_DURATION.labels(stage=node.stage, outcome=outcome).observe(max(0.0, seconds))
+
+
+def _plan_of(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> Plan:
+    return make_plan(
+        job.job_id,
+        sources=list(info.sources),
+        two_stems=job.options.separation.two_stems,
+        main_stems=list(job.options.main_stems),
+        ext=extension(job.options.encoding),
+        parts=job.separation_parts or 1,
+    )
+
+
+def _splittable(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> bool:
+    """Whether the job's separation can run as chunk ranges: a Demucs model, split into chunks."""
+    return info.kind == "demucs" and separation_options(job.options.separation).split
+
+
+def chunk_estimate(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> int:
+    """The chunks one pass over the job's song has (a shifted pass has as many or one more):
+    its duration over the stride, ``segment x (1 - overlap)``, with the job's segment, else the
+    model's longest, else :data:`DEFAULT_SEGMENT_SECONDS`."""
+    options = separation_options(job.options.separation)
+    segment = options.segment
+    if segment is None:
+        segment = info.max_segment_seconds if info.HasField("max_segment_seconds") else DEFAULT_SEGMENT_SECONDS
+    rate = info.sample_rate or job.input.audio.sample_rate or 44100
+    stride = max(int((1.0 - options.overlap) * int(rate * segment)), 1)
+    frames = round(job.input.audio.duration_seconds * rate)
+    return max(1, math.ceil(frames / stride))
+
+
+def count_workers(target: str) -> int:
+    """The worker processes a gRPC target reaches: a fixed list ``ipv4:a:p,b:p`` / ``ipv6:…``
+    counted, a ``dns:///host:port`` resolved (blocking: call it in a thread; the addresses of
+    one family, the larger count, so a dual-stack pod or ``localhost`` counts once), a plain
+    ``host:port`` one."""
+    scheme, sep, rest = target.partition(":")
+    if sep and scheme in ("ipv4", "ipv6"):
+        return len({item.strip() for item in rest.split(",") if item.strip()})
+    if not target.startswith("dns:"):
+        return 1
+    name = target.removeprefix("dns:")
+    if name.startswith("//"):  # dns://[authority]/host:port
+        name = name[2:].partition("/")[2]
+    host, _, port = name.rpartition(":")
+    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    families: dict[int, set[str]] = {}
+    for family, _, _, _, address in infos:
+        families.setdefault(family, set()).add(str(address[0]))
+    return max((len(ips) for ips in families.values()), default=1)
 
 
 def _match_nodes(job: orchestrator_pb2.Job, plan: Plan) -> None:

@@ -185,6 +185,7 @@ class Job(_message.Message):
     NORMALIZATION_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    SEPARATION_PARTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     fraction: _builtins.float
@@ -201,6 +202,13 @@ class Job(_message.Message):
     """W3C traceparent of the call that created the job (UploadAudio / CreateJob). Every run of
     the job, on whichever replica (take-over, hand-off, restart, RetryJob), is its child: one
     job, one trace. Empty when the creating call was not traced.
+    """
+    separation_parts: _builtins.int
+    """How many parts the separation is split into (separation:part1of{K} … + stitch), chosen
+    when the job is first planned (AUDIOMESH_SEPARATION_SPLIT_MAX, the separation workers that
+    can take work, the song's chunks) and kept, so a resumed or retried job runs the same graph
+    and reuses the parts already written. 1: one whole-song separation node; 0: not planned yet
+    (or a manifest written before splitting existed: 1).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -239,10 +247,11 @@ class Job(_message.Message):
         normalization: Global___NormalizationSummary | None = ...,
         owner: _builtins.str = ...,
         trace_parent: _builtins.str = ...,
+        separation_parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "separation_parts", b"separation_parts", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
