@@ -546,7 +546,7 @@ async def test_mp3_from_a_model_whose_rate_mp3_cannot_store_is_refused_before_up
         code, out, err = await run_cli_async("process", "--mp3", "a.wav", env=env, cwd=tmp_path)
         assert code == 2, err
         assert err.strip() == (
-            "error: --mp3: model 'hi_rate' separates at 96000 Hz; MP3 stores sample rates of 8000, 11025, 12000,"
+            "error: MP3 output (encoding AUDIO_ENCODING_MP3): model 'hi_rate' separates at 96000 Hz; MP3 stores sample rates of 8000, 11025, 12000,"
             " 16000, 22050, 24000, 32000, 44100, 48000 Hz, not 96000 Hz: choose WAV or FLAC"
         )
         assert orchestrator.uploads == 0

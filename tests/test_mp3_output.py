@@ -25,8 +25,8 @@ from audiomesh.config import Settings
 from audiomesh.demo import synth_song
 from audiomesh.dsp.loudness import measure
 from audiomesh.errors import InvalidInput
-from audiomesh.options import check_job_options, resolve_encoding
-from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from audiomesh.options import check_job_options, check_model_options, resolve_encoding
+from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
 from tests.helpers.mesh import SUCCEEDED, upload, wait_for, write_song
 
 RATE = 44100
@@ -96,6 +96,23 @@ def test_bitrate_range_and_defaults() -> None:
     with_default_mp3 = orchestrator_pb2.JobOptions(mp3_bitrate_kbps=192)
     resolve_encoding(with_default_mp3, Settings(output_encoding="mp3"))
     assert with_default_mp3.mp3_bitrate_kbps == 192
+
+
+@pytest.mark.parametrize("rate", [96000, 6000])
+def test_mp3_of_a_model_whose_rate_mp3_cannot_store_is_refused_with_the_job(rate: int) -> None:
+    """The orchestrator plans every job with check_model_options (creation, start, resume): a
+    model separating at a rate MP3 cannot store fails the request, not the normalize step after
+    minutes of separation (found by the review of #18)."""
+    info = separation_pb2.ModelInfo(name="odd_rate", sources=["vocals", "other"], sample_rate=rate, audio_channels=2)
+    with pytest.raises(
+        InvalidInput, match=rf"MP3 output .*'odd_rate' separates at {rate} Hz; MP3 stores .*not {rate} Hz"
+    ):
+        check_model_options(orchestrator_pb2.JobOptions(encoding=MP3), info)
+    check_model_options(orchestrator_pb2.JobOptions(encoding=common_pb2.AUDIO_ENCODING_FLAC_PCM24), info)
+    check_model_options(
+        orchestrator_pb2.JobOptions(encoding=MP3),
+        separation_pb2.ModelInfo(name="ok", sources=["vocals", "other"], sample_rate=44100, audio_channels=2),
+    )
 
 
 def _store_path(mesh, key: str) -> Path:

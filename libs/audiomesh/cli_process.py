@@ -319,7 +319,7 @@ async def check_options_with_model(stub: OrchestratorServiceAsyncStub, options: 
     or ``--mp3`` at a rate MP3 cannot store is one error, not one per file of the batch. The
     orchestrator checks each job the same way (these are its functions); a mesh that cannot
     list its models now leaves the check to it."""
-    from audiomesh.v1 import common_pb2, separation_pb2
+    from audiomesh.v1 import separation_pb2
 
     try:
         listed = await stub.ListModels(separation_pb2.ListModelsRequest(), timeout=30)
@@ -332,15 +332,9 @@ async def check_options_with_model(stub: OrchestratorServiceAsyncStub, options: 
             known = ", ".join(m.name for m in listed.models)
             raise NotFound(f"unknown model {name!r}; available: {known} (`audiomesh models` says more)")
         return
-    from audiomesh.audio.io import encoder_options
-    from audiomesh.options import check_separation_options
+    from audiomesh.options import check_model_options
 
-    check_separation_options(options.separation, info)
-    if options.encoding == common_pb2.AUDIO_ENCODING_MP3:
-        try:
-            encoder_options("mp3", "MPEG_LAYER_III", info.sample_rate, info.audio_channels or 2)
-        except InvalidInput as exc:
-            raise InvalidInput(f"--mp3: model {name!r} separates at {info.sample_rate} Hz; {exc}") from None
+    check_model_options(options, info)
 
 
 async def _explain(exc: BaseException, clients: ClientFactory, target: str) -> str:

@@ -88,6 +88,22 @@ def check_separation_options(pb: common_pb2.SeparationOptions, info: separation_
     separation_options(pb).validate(described)
 
 
+def check_model_options(pb: orchestrator_pb2.JobOptions, info: separation_pb2.ModelInfo) -> None:
+    """A job's options against its model: the separation options, and that the delivered
+    encoding can hold the model's rate and channels (MP3 stores 8-48 kHz, 1-2 channels), so a
+    job that could not be written fails at creation, not after minutes of separation."""
+    check_separation_options(pb.separation, info)
+    if pb.encoding == common_pb2.AUDIO_ENCODING_MP3:
+        from audiomesh.audio.io import encoder_options
+
+        try:
+            encoder_options("mp3", "MPEG_LAYER_III", info.sample_rate, info.audio_channels or 2)
+        except errors.InvalidInput as exc:
+            raise errors.InvalidInput(
+                f"MP3 output (encoding AUDIO_ENCODING_MP3): model {info.name!r} separates at {info.sample_rate} Hz; {exc}"
+            ) from None
+
+
 def hpss_kwargs(pb: common_pb2.HpssOptions) -> dict:
     """Keyword arguments of :func:`audiomesh.dsp.hpss.hpss` (defaults = librosa's); checked."""
     for name in ("kernel_size_harmonic", "kernel_size_percussive", "n_fft", "hop_length"):

@@ -30,7 +30,7 @@ from audiomesh import errors, metrics, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
-from audiomesh.options import check_separation_options, separation_options
+from audiomesh.options import check_model_options, separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.rpc.server import LEASE_HEADER, NODE_HEADER
 from audiomesh.store import ObjectStore
@@ -147,7 +147,7 @@ class Runner:
         """The job's graph with the parts it was planned with (``Job.separation_parts``; 0, not
         chosen yet, plans one separation node), and its model's description."""
         info = await self.model_info(job.options.model, or_last_known=or_last_known)
-        check_separation_options(job.options.separation, info)
+        check_model_options(job.options, info)
         return _plan_of(job, info), info
 
     async def choose_parts(self, job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> tuple[int, str]:
