@@ -323,17 +323,8 @@ def separate_range(
     options = _validated(model, options)
     index, count = _check_range(index, count)
     seed = _check_seed(seed)
-    if source.channels != model.audio_channels:
-        raise InvalidInput(
-            f"mix must have {model.audio_channels} channels for model '{model.name}', got {source.channels}"
-        )
-    if source.sample_rate != model.sample_rate:
-        raise InvalidInput(
-            f"mix must be at {model.sample_rate} Hz for model '{model.name}', got {source.sample_rate} Hz"
-        )
+    model.check_source(source)
     frames = source.frames
-    if frames < 1:
-        raise InvalidInput("mix must have at least one frame")
     _check_cancel(cancel)
     report = _MonotonicProgress(progress)
     report(0.0)
