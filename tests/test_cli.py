@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +16,27 @@ import pytest
 
 from audiomesh import manifest
 from tests.helpers.mesh import BASE_ENV, write_song
+
+
+@contextlib.asynccontextmanager
+async def orchestrator_standing_in(servicer) -> AsyncIterator[dict[str, str]]:
+    """A gRPC server on 127.0.0.1 serving ``servicer`` as the OrchestratorService (with health):
+    the CLI's environment pointing at it. Stands in where only a few answers matter."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from audiomesh.v1 import orchestrator_pb2_grpc
+
+    server = grpc.aio.server()
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
+    finally:
+        await server.stop(None)
+
 
 TRACKS = {"vocals", "drums", "bass", "other", "harmonic", "percussive", "main", "main_harmonic", "main_percussive"}
 
@@ -381,20 +404,13 @@ async def run_cli_async(*args: str, env: dict[str, str], cwd: Path) -> tuple[int
 async def test_short_ids_resolve_uniquely_or_say_why(tmp_path):
     """A unique start of an id stands for it; one that starts several names them; none is
     NOT_FOUND; the newest jobs are searched a bounded number of pages."""
-    import grpc
 
     from audiomesh.cli_jobs import PREFIX_PAGE, PREFIX_PAGES
-    from audiomesh.v1 import orchestrator_pb2_grpc
 
     ids = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(450)]
     ids += ["cc26e1bc-1111-4000-8000-000000000000", "cc26e1bd-2222-4000-8000-000000000000"]
     listing = listing_orchestrator(ids)
-    server = grpc.aio.server()
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(listing, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
-    try:
+    async with orchestrator_standing_in(listing) as env:
         code, out, err = await run_cli_async("show", "CC26E1BD", env=env, cwd=tmp_path)
         assert code == 0, err
         assert json.loads(out)["jobId"] == "cc26e1bd-2222-4000-8000-000000000000"
@@ -414,27 +430,18 @@ async def test_short_ids_resolve_uniquely_or_say_why(tmp_path):
         code, out, err = await run_cli_async("show", "ffff", env=env, cwd=tmp_path)
         assert code == 2 and f"among the newest {PREFIX_PAGE * PREFIX_PAGES} jobs" in err
         assert listing.pages == PREFIX_PAGES
-    finally:
-        await server.stop(None)
 
 
 async def test_a_short_prefix_is_not_taken_as_unique_when_older_jobs_went_unsearched(tmp_path):
     """Past the newest PREFIX_PAGES pages a one-match prefix may still name an older job too:
     a short one is refused (saying so), one as long as the CLI's own hints is taken."""
-    import grpc
 
     from audiomesh.cli_jobs import PREFIX_PAGE, PREFIX_PAGES, SAFE_PREFIX
-    from audiomesh.v1 import orchestrator_pb2_grpc
 
     wanted = "cc26e1bc-1111-4000-8000-000000000000"
     older = [f"{n:08x}-0000-4000-8000-000000000000" for n in range(PREFIX_PAGE * PREFIX_PAGES)]
     listing = listing_orchestrator([wanted, *older])  # one page more than is searched
-    server = grpc.aio.server()
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(listing, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
-    try:
+    async with orchestrator_standing_in(listing) as env:
         code, out, err = await run_cli_async("show", "cc2", env=env, cwd=tmp_path)
         assert code == 2 and out == "", err
         assert err.strip() == (
@@ -444,8 +451,6 @@ async def test_a_short_prefix_is_not_taken_as_unique_when_older_jobs_went_unsear
         code, out, err = await run_cli_async("show", wanted[:SAFE_PREFIX], env=env, cwd=tmp_path)
         assert code == 0, err
         assert json.loads(out)["jobId"] == wanted
-    finally:
-        await server.stop(None)
 
 
 def test_an_output_folder_that_cannot_be_written_is_said_before_anything_runs(file_mesh, tmp_path):
@@ -526,23 +531,14 @@ async def test_mp3_from_a_model_whose_rate_mp3_cannot_store_is_refused_before_up
     """`--mp3` with a model that separates at 96 kHz: one line naming the rate and the way out,
     exit 2, nothing uploaded. (An orchestrator that lists such a model stands in for a mesh with
     one in its model repository: only its ListModels answer matters here.)"""
-    import grpc
-    from grpc_health.v1 import health, health_pb2_grpc
-
     from audiomesh.v1 import orchestrator_pb2_grpc
 
     class Orchestrator(ModelListingOrchestrator, orchestrator_pb2_grpc.OrchestratorServiceServicer):
         pass
 
     orchestrator = Orchestrator(96000)
-    server = grpc.aio.server()
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(orchestrator, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    env = {**BASE_ENV, "AUDIOMESH_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}"}
-    write_song(tmp_path / "a.wav", 0.5)
-    try:
+    async with orchestrator_standing_in(orchestrator) as env:
+        write_song(tmp_path / "a.wav", 0.5)
         code, out, err = await run_cli_async("process", "--mp3", "a.wav", env=env, cwd=tmp_path)
         assert code == 2, err
         assert err.strip() == (
@@ -554,5 +550,3 @@ async def test_mp3_from_a_model_whose_rate_mp3_cannot_store_is_refused_before_up
         code, out, err = await run_cli_async("process", "--mp3", "a.wav", "-q", env=env, cwd=tmp_path)
         assert code == 1 and "UNIMPLEMENTED: this test's orchestrator takes no uploads" in err, err
         assert orchestrator.uploads == 1
-    finally:
-        await server.stop(None)
