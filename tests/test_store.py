@@ -316,7 +316,7 @@ def test_file_store_delete_prunes_empty_dirs(tmp_path) -> None:
     store.delete("jobs/1/stems/vocals.wav")
     assert sorted(os.listdir(tmp_path / "s" / "jobs" / "1")) == ["manifest.json"]
     store.delete_prefix("jobs/")
-    assert os.listdir(tmp_path / "s") == []
+    assert os.listdir(tmp_path / "s") == []  # a delete makes no lock file where no conditional write did
     assert (tmp_path / "s").is_dir()  # the root itself stays
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -243,3 +244,28 @@ def test_processes_racing_if_match_on_the_file_store_exactly_one_wins(tmp_path) 
     wins = [int(o) for o in outs]
     assert sum(wins) == 1, wins  # 150 attempts on one ETag: exactly one write
     assert store.get_bytes(KEY).endswith(b" 0")
+
+
+def test_a_delete_waits_for_a_conditional_write_in_flight(tmp_path) -> None:
+    """A put_if compares the ETag and renames its new object in place as one step; a delete of
+    that key in between would let the write bring the object back into a deleted job's folder
+    (a released lease did: CI's test_delete_job_removes_every_object). The delete takes the
+    key's conditional-write lock, so it lands before the compare or after the write."""
+    store = FileStore(tmp_path / "s")
+    lease = store.put_if("jobs/1/lease.json", b"held", if_none_match=True)
+    deleted = threading.Event()
+
+    def delete() -> None:
+        store.delete("jobs/1/lease.json")
+        deleted.set()
+
+    with store._cond_lock("jobs/1/lease.json"):  # a put_if between its compare and its rename
+        thread = threading.Thread(target=delete)
+        thread.start()
+        assert not deleted.wait(0.5)
+        store.put_stream("jobs/1/lease.json", io.BytesIO(b"released"), length=8)
+    thread.join(timeout=10)
+    assert deleted.is_set() and list(store.list("jobs/")) == []
+    with pytest.raises(PreconditionFailed):  # and a conditional write after the delete is refused
+        store.put_if("jobs/1/lease.json", b"released", if_match=lease.etag)
+    assert not (tmp_path / "s" / "jobs").exists()

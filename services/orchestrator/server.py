@@ -334,6 +334,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self._cancel(rec)
         if not rec.terminal:
             raise errors.FailedPrecondition(f"job {request.job_id} is still stopping; delete it again in a few seconds")
+        if rec.task is not None and not rec.task.done():
+            # Ended, but its runner is still releasing the lease: a write that would land in the
+            # folder after the delete (CI saw the folder come back). Bounded: a release is one PUT.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 

@@ -250,14 +250,25 @@ class FileStore(ObjectStore):
             return self.put_stream(key, io.BytesIO(data), length=len(data), content_type=content_type)
 
     @contextlib.contextmanager
-    def _cond_lock(self, key: str) -> Iterator[None]:
+    def _cond_lock(self, key: str, *, create: bool = True) -> Iterator[None]:
         """An exclusive lock for ``key``'s conditional writes: one byte of the root's lock file,
         chosen by the key's hash, locked with an open-file-description lock (Linux
         ``F_OFD_SETLKW``). Per key, so a process frozen inside a write (SIGSTOP) holds up only
         that key, not every job in the store; per open file description (a new open per call),
         so it excludes other threads of this process too. Two keys may share a byte (harmless:
-        they just take turns)."""
-        fd = os.open(os.path.join(self._root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        they just take turns). ``create=False`` (a delete): no lock at all where no conditional
+        write has made the lock file yet, so plain stores stay free of it."""
+        try:
+            fd = os.open(
+                os.path.join(self._root, LOCK_NAME),
+                os.O_RDWR | (os.O_CREAT if create else 0) | os.O_CLOEXEC,
+                _FILE_MODE,
+            )
+        except FileNotFoundError:  # not create: no conditional write ever ran in this store
+            fd = -1
+        if fd < 0:
+            yield
+            return
         slot = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big") % _LOCK_SLOTS
         try:
             fcntl.fcntl(fd, _OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0))
@@ -364,8 +375,12 @@ class FileStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        try:
-            os.unlink(path)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return
+        # Under the key's conditional-write lock: a put_if that compared the ETag of the object
+        # deleted now must not then rename its new one into place (a released lease came back
+        # into a deleted job's folder); on S3 a delete and a conditional PUT are atomic too.
+        with self._cond_lock(key, create=False):
+            try:
+                os.unlink(path)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return
         self._prune(os.path.dirname(path))
