@@ -249,8 +249,15 @@ async def test_every_request_has_a_gateway_span_and_its_access_line_carries_it(g
     assert len(access) == 1, access
     trace_id = access[0].get("trace_id")
     assert trace_id, access[0]
+    # Each service exports on its own schedule: wait for the orchestrator's span too, not just any two
+    # (the gateway's server and client spans came first once, and the check ran without the third).
     spans = await _spans_when(
-        collector, trace_id, lambda s: _named(s, "gateway", "HTTP GET /v1/jobs/{job_id}") and len(s) >= 2
+        collector,
+        trace_id,
+        lambda s: (
+            _named(s, "gateway", "HTTP GET /v1/jobs/{job_id}")
+            and any(x["service"] == "audiomesh-orchestrator" and "GetJob" in x["name"] for x in s)
+        ),
     )
     assert _named(spans, "gateway", "HTTP GET /v1/jobs/{job_id}"), spans
     assert any(s["service"] == "audiomesh-orchestrator" and "GetJob" in s["name"] for s in spans), spans
