@@ -4,7 +4,9 @@ Figures are reported, never asserted against targets: only that each one exists 
 The run uses ``--model tiny`` (the HTDemucs architecture, shrunk): every step is the same code
 as with the released configuration, but tracing full HTDemucs for the compiled steps took
 ~100 s per compile on a 2-core AVX2 machine (two compiles: most of the suite's time). That the
-released configuration itself builds is checked on its own below.
+released configuration itself builds is checked on its own below. The song is 4 s, two of the
+tiny model's 4 s chunks, so the split run (``--separation-workers 2 --pin``) really cuts it in two; the warm-up jobs are
+left out (``--no-warmup-job``) to pay for that third mesh.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from audiomesh.bench import KEYS, critical_path, format_table, read_peak_rss_mb
 
 SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
+PIN = len(os.sched_getaffinity(0)) >= 2  # --pin needs a core per separation worker
 
 
 @pytest.mark.timeout(420)
@@ -27,7 +30,8 @@ def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = ["bench", "--duration", "4", "--model", "tiny", "--json", str(out), "--timeout", "400"]
-    command += ["--compile-backend", "aot_eager"]
+    command += ["--compile-backend", "aot_eager", "--no-warmup-job", "--separation-workers", "2"]
+    command += ["--pin"] if PIN else []
     proc = subprocess.run(
         [sys.executable, "-m", "audiomesh.cli", *command],
         capture_output=True,
@@ -63,9 +67,12 @@ def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
     assert report["raw_separation_peak_rss_mb"] > 100
     # The launcher's thread budget, as the services actually got it.
     assert report["thread_budget"]["hpss"]["AUDIOMESH_HPSS_THREADS"] == "1"
-    if ctypes.util.find_library("jemalloc"):  # installed by .ci/run; the worker really got it
-        assert "jemalloc" in report["thread_budget"]["separation"]["LD_PRELOAD"]
-        assert "LD_PRELOAD" not in report["thread_budget"]["hpss"]
+    # The allocator the launcher preloaded, as the worker itself reports it: jemalloc where the
+    # system has it (.ci/run installs it), else mimalloc from the cmeel-mimalloc wheel.
+    expected = "jemalloc" if ctypes.util.find_library("jemalloc") else "mimalloc"
+    assert expected in report["thread_budget"]["separation"]["LD_PRELOAD"]
+    assert report["separation_allocator"] == expected
+    assert "LD_PRELOAD" not in report["thread_budget"]["hpss"]
     # The compiled model (aot_eager here: no Inductor compile in CI): same stems, in the same run.
     assert report["compile_backend"] == "aot_eager"
     for key in ("separation_compiled_s", "compile_cold_s", "compile_warm_s", "e2e_compiled_s"):
@@ -76,6 +83,26 @@ def test_bench_runs_end_to_end_and_reports_every_key(tmp_path) -> None:
         report["e2e_compiled_s"] / report["raw_separation_s"], rel=1e-3
     )
     assert "separation" in report["stage_compiled_s"] and "compiled apply_model" in proc.stdout
+    # The split run: two separation workers (each on its own cores, with that many torch threads),
+    # two parts and a stitch, the same stems as raw apply_model with the job's shift seed.
+    assert report["separation_workers"] == 2 and report["split_pinned"] is PIN
+    assert report["split_parts"] == 2
+    assert {"separation:part1of2", "separation:part2of2", "stitch"} <= set(report["split_stage_s"])
+    assert "separation" not in report["split_stage_s"]
+    assert 0 < report["split_stitch_s"] < report["split_separation_wall_s"] < report["split_e2e_s"]
+    assert 0 < report["separation_wall_s"] == report["stage_s"]["separation"]
+    assert report["split_over_single"] == pytest.approx(report["split_e2e_s"] / report["e2e_s"], rel=1e-3)
+    assert report["split_max_abs_diff"] <= 1e-5 and report["split_seed"] > 0
+    workers = ["separation-1", "separation-2"]
+    assert list(report["split_worker_peak_rss_mb"]) == workers
+    assert all(mb > 50 for mb in report["split_worker_peak_rss_mb"].values())
+    assert report["split_worker_allocator"] == dict.fromkeys(workers, expected)
+    cpus = report["split_worker_cpus"]
+    if PIN:
+        assert sorted(cpus["separation-1"] + cpus["separation-2"]) == sorted(os.sched_getaffinity(0))
+        for worker in workers:
+            assert report["split_thread_budget"][worker]["AUDIOMESH_TORCH_THREADS"] == str(len(cpus[worker]))
+    assert "split / single e2e" in proc.stdout
     machine = report["machine"]
     assert machine["usable_cpus"] >= 1 and machine["torch_threads"] >= 1
     assert machine["versions"]["torch"] and machine["versions"]["demucs"]

@@ -13,6 +13,7 @@ import pytest
 
 from audiomesh.config import load_settings
 from audiomesh.errors import ConfigError
+from audiomesh.memory import mimalloc_library
 from audiomesh.parallel import usable_cores
 
 
@@ -181,8 +182,11 @@ def test_separation_gets_jemalloc_and_every_core(monkeypatch):
     assert _child("separation", {"LD_PRELOAD": "mine.so"})[0]["LD_PRELOAD"] == "mine.so"  # set wins
     hpss, _ = _child("hpss")
     assert "LD_PRELOAD" not in hpss and hpss["OMP_NUM_THREADS"] == "1"
+    # Without jemalloc: mimalloc from the cmeel-mimalloc wheel (a dependency), keeping its pages.
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
-    assert "LD_PRELOAD" not in _child("separation")[0]
+    separation, _ = _child("separation")
+    assert separation["LD_PRELOAD"] == str(mimalloc_library()) and "MALLOC_CONF" not in separation
+    assert separation["MIMALLOC_PURGE_DELAY"] == "100000"
 
 
 def _log_events(path: Path) -> list[dict]:

@@ -33,6 +33,17 @@ reported as missing, the others still run):
    The worker times one chunk eager and compiled before serving the compiled model (Inductor
    only): ``worker_chunk_s`` and ``worker_serves_compiled`` (false: eager was faster there, and
    the compiled job ran eager).
+7. ``--separation-workers N`` (N >= 2): ``e2e_split``: the same job on a mesh with N separation
+   workers (``--pin``: each on its own share of the cores, with that many torch threads, as if
+   each were a pod; see :func:`audiomesh.launcher.pin_cores`), where the orchestrator splits the
+   song's chunks into parts (nodes ``separation:partIofK``) and a ``stitch`` node joins them;
+   ``e2e`` is then the single-worker baseline on all cores. Reported: ``split_e2e_s``,
+   ``split_over_single``, ``split_separation_wall_s`` (first part's start → stitch's end, from the
+   manifest; ``separation_wall_s`` is the baseline's), ``split_stitch_s``, ``split_parts``, each
+   worker's peak RSS, and ``split_max_abs_diff``: the job's stems against raw ``apply_model`` on
+   the job's decoded mix with the shift seed the orchestrator sent
+   (:func:`audiomesh.separation.split.shift_seed` of the job id). To get that seed, ``raw`` runs
+   after the split job and its stems are the reference (its time is raw's figure as usual).
 
 Figures are reported, never asserted; :data:`KEYS` are always present in the JSON (``null``
 when a step did not produce them, with the reason in ``errors``).
@@ -97,6 +108,22 @@ KEYS = (
     "service_idle_rss_mb",
     "mesh_start_s",
     "thread_budget",
+    "separation_allocator",
+    "separation_wall_s",
+    "separation_workers",
+    "split_pinned",
+    "split_e2e_s",
+    "split_over_single",
+    "split_separation_wall_s",
+    "split_stitch_s",
+    "split_parts",
+    "split_stage_s",
+    "split_worker_peak_rss_mb",
+    "split_worker_cpus",
+    "split_worker_allocator",
+    "split_thread_budget",
+    "split_max_abs_diff",
+    "split_seed",
     "machine",
     "errors",
 )
@@ -104,7 +131,8 @@ KEYS = (
 #: Models ``--model`` accepts: name → HTDemucs overrides (None: demucs' built-in ``demucs_unittest``).
 MODELS: Mapping[str, dict[str, Any] | None] = {
     "htdemucs": {},  # the released configuration, random weights
-    "tiny": {"channels": 8, "bottom_channels": 0, "t_layers": 1},  # same shape, ~1/100 of the compute
+    # Same shape, ~1/100 of the compute; 4 s chunks, so a 4 s song is two (a split run cuts it in two).
+    "tiny": {"channels": 8, "bottom_channels": 0, "t_layers": 1, "segment": 4},
     "demucs_unittest": None,
 }
 _REPO_NAME = {"htdemucs": "bench_htdemucs", "tiny": "bench_tiny_htdemucs"}
@@ -124,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=sorted(MODELS),
         default="htdemucs",
         help="htdemucs: released configuration with random weights (default); tiny: same architecture, "
-        "shrunk; demucs_unittest: demucs' built-in test model",
+        "shrunk, 4 s chunks; demucs_unittest: demucs' built-in test model",
     )
     parser.add_argument("--shifts", type=int, default=1, help="apply_model shifts, for raw and the job (default 1)")
     parser.add_argument(
@@ -159,6 +187,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="extra environment for the mesh's services, e.g. AUDIOMESH_THREAD_BUDGET=false (repeatable)",
     )
+    parser.add_argument(
+        "--separation-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run the job on a mesh with N separation workers, which splits the song across them "
+        "(default 1: no split run); e2e is then the 1-worker baseline",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --separation-workers: each worker on its own share of the cores (N <= cores), as if a pod",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the work folder (song, repo, store, logs) here")
     return parser
 
@@ -175,6 +216,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         print("error: --duration must be > 0", file=sys.stderr)
         return 2
+    if problem := check_split(args.separation_workers, args.pin):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     report = run_bench(
         duration=args.duration,
         model=args.model,
@@ -185,6 +229,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         mesh_env=extra_env,
         keep=args.keep,
         compile_backend=args.compile_backend,
+        separation_workers=args.separation_workers,
+        pin=args.pin,
         log=lambda text: print(text, file=sys.stderr, flush=True),
     )
     print(format_table(report))
@@ -193,6 +239,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
         print(f"figures written to {args.json}")
     return 1 if report["errors"] else 0
+
+
+def check_split(workers: int, pin: bool) -> str | None:
+    """What is wrong with ``--separation-workers``/``--pin`` (None: nothing)."""
+    from audiomesh.parallel import usable_cores
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        return f"--separation-workers must be a whole number >= 1, got {workers!r}"
+    if pin and workers > (cores := usable_cores()):
+        return f"--pin gives each of the {workers} separation workers its own cores, but only {cores} are usable"
+    return None
 
 
 # --------------------------------------------------------------------------- the run
@@ -219,13 +276,19 @@ def run_bench(
     keep: Path | None = None,
     log: Callable[[str], None] = lambda _text: None,
     compile_backend: str | None = None,
+    separation_workers: int = 1,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return the report (a dict with every key of :data:`KEYS`)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    if problem := check_split(separation_workers, pin):
+        raise ValueError(problem)
+    split = separation_workers > 1
     deadline = _Deadline(timeout if timeout is not None else 600.0 + 12.0 * duration)
     report: dict[str, Any] = dict.fromkeys(KEYS)
     report.update(duration_s=float(duration), errors=[], stage_s={}, service_peak_rss_mb={}, critical_path=[])
+    report.update(separation_workers=separation_workers, split_pinned=pin if split else None)
     report["machine"] = machine_facts()
     report["machine"]["loadavg_start"] = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="audiomesh-bench-")) if keep is None else Path(keep)
@@ -246,13 +309,14 @@ def run_bench(
             "shifts": shifts,
             "overlap": 0.25,
         }
-        if "raw" not in skip:
-            save = work / "raw_stems.npy" if compile_backend else None
-            _step(report, "raw", log, lambda: _raw(report, work, repo, name, shifts, deadline, save))
-        if compile_backend:
-            report["compile_backend"] = compile_backend
+        raw_song, raw_seed = work / "song.npy", 0  # the split run replaces both
+        save = work / "raw_stems.npy" if compile_backend else None
+        if "raw" not in skip and not split:
             _step(
-                report, "compiled", log, lambda: _compiled(report, work, repo, name, shifts, compile_backend, deadline)
+                report,
+                "raw",
+                log,
+                lambda: _raw(report, work, repo, name, shifts, deadline, save, song=raw_song, seed=raw_seed),
             )
         if "hpss" not in skip:
             _step(report, "hpss", log, lambda: _hpss(report, work, deadline))
@@ -262,6 +326,38 @@ def run_bench(
                 "e2e",
                 log,
                 lambda: _e2e(report, work, repo, name, shifts, deadline, warmup_job, dict(mesh_env or {}), log),
+            )
+        if split and "e2e" not in skip:
+            split_env = dict(mesh_env or {})
+            _step(
+                report,
+                "e2e_split",
+                log,
+                lambda: _e2e_split(
+                    report, work, repo, name, shifts, deadline, warmup_job, split_env, separation_workers, pin, log
+                ),
+            )
+            if report["split_seed"] is not None:
+                raw_song, raw_seed = work / "split_mix.npy", int(report["split_seed"])
+        if "raw" not in skip and split:
+            compare = work / "split_stems.npz"
+            _step(
+                report,
+                "raw",
+                log,
+                lambda: _raw(
+                    report, work, repo, name, shifts, deadline, save, song=raw_song, seed=raw_seed, compare=compare
+                ),
+            )
+        if compile_backend:
+            report["compile_backend"] = compile_backend
+            _step(
+                report,
+                "compiled",
+                log,
+                lambda: _compiled(
+                    report, work, repo, name, shifts, compile_backend, deadline, song=raw_song, seed=raw_seed
+                ),
             )
         if compile_backend and "e2e" not in skip:
             env = {**dict(mesh_env or {}), **_compiled_env(work, compile_backend)}
@@ -277,6 +373,8 @@ def run_bench(
             report["e2e_over_raw"] = round(e2e / raw, 4)
         if raw and report["e2e_compiled_s"]:
             report["e2e_over_raw_compiled"] = round(report["e2e_compiled_s"] / raw, 4)
+        if e2e and report["split_e2e_s"]:
+            report["split_over_single"] = round(report["split_e2e_s"] / e2e, 4)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -351,14 +449,31 @@ def _raw(
     shifts: int,
     deadline: _Deadline,
     save: Path | None = None,
+    *,
+    song: Path,
+    seed: int,
+    compare: Path | None = None,
 ) -> None:
-    spec = {"song": str(work / "song.npy"), "repo": str(repo) if repo else None, "name": name, "shifts": shifts}
-    if save is not None:  # the stems, for the compiled run to compare with
-        spec["save"] = str(save)
+    """Raw ``apply_model`` on ``song`` (a ``.npy``) with ``random.seed(seed)`` before it.
+
+    ``save``: its stems go there (for the compiled run). ``compare``: an ``.npz`` of stems by
+    name (the split job's): ``split_max_abs_diff`` is the largest difference from raw's.
+    """
+    spec = {
+        "song": str(song),
+        "repo": str(repo) if repo else None,
+        "name": name,
+        "shifts": shifts,
+        "seed": seed,
+        "save": str(save) if save is not None else None,
+        "compare": str(compare) if compare is not None and compare.is_file() else None,
+    }
     result = _run_child("raw", spec, deadline.left())
     report["raw_separation_s"] = round(result["seconds"], 3)
     report["raw_separation_peak_rss_mb"] = result["peak_rss_mb"]
     report["machine"]["raw_torch_threads"] = result["torch_threads"]
+    if spec["compare"] is not None:
+        report["split_max_abs_diff"] = result["max_abs_diff"]
 
 
 def _hpss(report: dict[str, Any], work: Path, deadline: _Deadline) -> None:
@@ -407,8 +522,7 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         ref = mix.mean(0)
         mean, std = ref.mean(), ref.std() + 1e-8
         normalized = ((mix - mean) / std)[None]
-        if spec.get("save"):
-            random.seed(0)  # the shifts the compiled run draws too
+        random.seed(int(spec["seed"]))  # the shifts the compiled run (or the split job) drew
         started = time.perf_counter()
         out = apply_model(
             model, normalized, shifts=int(spec["shifts"]), split=True, overlap=0.25, device="cpu", num_workers=0
@@ -416,9 +530,17 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         out = out[0] * std + mean
     assert out.shape[-1] == mix.shape[-1]
+    result = {"seconds": seconds, "peak_rss_mb": read_peak_rss_mb(), "torch_threads": torch.get_num_threads()}
     if spec.get("save"):
         np.save(spec["save"], out.numpy())
-    return {"seconds": seconds, "peak_rss_mb": read_peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    if spec.get("compare"):
+        with np.load(spec["compare"]) as stems:
+            if sorted(stems.files) != sorted(model.sources):
+                raise RuntimeError(f"the job delivered stems {sorted(stems.files)}, the model has {model.sources}")
+            result["max_abs_diff"] = max(
+                float(np.abs(stems[source] - out[i].numpy()).max()) for i, source in enumerate(model.sources)
+            )
+    return result
 
 
 def _compiled(
@@ -429,9 +551,13 @@ def _compiled(
     shifts: int,
     backend: str,
     deadline: _Deadline,
+    *,
+    song: Path,
+    seed: int,
 ) -> None:
     spec = {
-        "song": str(work / "song.npy"),
+        "song": str(song),
+        "seed": seed,
         "repo": str(repo) if repo else None,
         "name": name,
         "shifts": shifts,
@@ -468,7 +594,7 @@ def _child_compiled(spec: dict[str, Any]) -> dict[str, Any]:
         ref = mix.mean(0)
         mean, std = ref.mean(), ref.std() + 1e-8
         normalized = ((mix - mean) / std)[None]
-        random.seed(0)  # the shifts raw drew
+        random.seed(int(spec["seed"]))  # the shifts raw drew
         started = time.perf_counter()
         out = apply_model(
             compiled.model,
@@ -533,9 +659,18 @@ def _child_hpss_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _bench_mesh(
-    work: Path, repo: Path | None, name: str, deadline: _Deadline, folder: str, extra_env: Mapping[str, str]
+    work: Path,
+    repo: Path | None,
+    name: str,
+    deadline: _Deadline,
+    folder: str,
+    extra_env: Mapping[str, str],
+    *,
+    replicas: Mapping[str, int] | None = None,
+    pin: tuple[str, ...] = (),
 ) -> Iterator[tuple[Any, dict[str, str]]]:
-    """An ephemeral mesh on a file store in ``work/<folder>`` (logs beside it): ``(mesh, its env)``."""
+    """An ephemeral mesh on a file store in ``work/<folder>`` (logs beside it): ``(mesh, its env)``.
+    ``replicas`` and ``pin`` as :class:`~audiomesh.launcher.Mesh` takes them."""
     from audiomesh.launcher import Mesh
 
     env = {
@@ -550,7 +685,7 @@ def _bench_mesh(
     }
     if repo is not None:
         env["AUDIOMESH_MODEL_REPO"] = str(repo)
-    mesh = Mesh(env=env, log_dir=work / f"logs-{folder}")
+    mesh = Mesh(env=env, log_dir=work / f"logs-{folder}", replicas=replicas, pin=pin)
     try:
         mesh.start(timeout=deadline.left(600.0))
         yield mesh, env
@@ -558,13 +693,16 @@ def _bench_mesh(
         mesh.stop()
 
 
-def _warmup_job(mesh: Any, env: Mapping[str, str], work: Path, shifts: int, deadline: _Deadline) -> None:
-    """A 3 s job first: every worker's lazy first-request work is out of the measured job."""
-    song = work / "warmup.wav"
+def _warmup_job(
+    mesh: Any, env: Mapping[str, str], work: Path, shifts: int, deadline: _Deadline, seconds: float = 3.0
+) -> None:
+    """A short job first (3 s: one chunk): every worker's lazy first-request work is out of the
+    measured job. With several separation workers, ``seconds`` long enough for a chunk each."""
+    song = work / f"warmup-{seconds:g}s.wav"
     if not song.is_file():
         from audiomesh.demo import synth_song
 
-        _write_wav(song, synth_song(3.0, SAMPLE_RATE, seed=1))
+        _write_wav(song, synth_song(seconds, SAMPLE_RATE, seed=1))
     asyncio.run(_one_job(mesh.orchestrator, env["AUDIOMESH_STORE_URL"], song, shifts, deadline.left(600.0)))
 
 
@@ -584,6 +722,7 @@ def _e2e(
         report["mesh_start_s"] = round(time.perf_counter() - started, 2)
         report["thread_budget"] = _mesh_thread_env(mesh)
         report["service_idle_rss_mb"] = {service: _rss_mb(proc.pid) for service, proc in mesh.procs.items()}
+        report["separation_allocator"] = _reported_allocator(mesh.log_dir / "separation.log")
         log(f"bench: mesh up in {report['mesh_start_s']:.1f} s")
         if warmup_job:
             _warmup_job(mesh, env, work, shifts, deadline)
@@ -601,6 +740,128 @@ def _e2e(
     report["critical_path_s"] = round(total, 3)
     report["e2e_s"] = round(e2e_s, 3)
     report["overhead_s"] = round(e2e_s - total, 3)
+    report["separation_wall_s"] = _separation_wall(doc)
+
+
+#: Seconds of song that give each of N separation workers a chunk (7.8 s chunks every 5.85 s).
+def _split_warmup_seconds(workers: int) -> float:
+    return 3.0 + 6.0 * (workers - 1)
+
+
+def _e2e_split(
+    report: dict[str, Any],
+    work: Path,
+    repo: Path | None,
+    name: str,
+    shifts: int,
+    deadline: _Deadline,
+    warmup_job: bool,
+    extra_env: dict[str, str],
+    workers: int,
+    pin: bool,
+    log: Callable[[str], None],
+) -> None:
+    """The e2e job on a mesh with ``workers`` separation workers (pinned: each on its own cores),
+    where the orchestrator splits the song; the job's stems and decoded mix are kept in ``work``
+    for raw to compare with."""
+    started = time.perf_counter()
+    with _bench_mesh(
+        work, repo, name, deadline, "store-split", extra_env, replicas={"separation": workers}, pin=_pinned(pin)
+    ) as (mesh, env):
+        log(f"bench: mesh with {workers} separation workers up in {time.perf_counter() - started:.1f} s")
+        insts = mesh.instances("separation")
+        pids = {inst: mesh.procs[inst].pid for inst in insts}
+        budget = _mesh_thread_env(mesh)
+        report["split_thread_budget"] = {inst: budget.get(inst) for inst in insts}
+        report["split_worker_cpus"] = {inst: _cpus_allowed(pid) for inst, pid in pids.items()}
+        report["split_worker_allocator"] = {inst: _reported_allocator(mesh.log_dir / f"{inst}.log") for inst in insts}
+        if warmup_job:
+            _warmup_job(mesh, env, work, shifts, deadline, _split_warmup_seconds(workers))
+            log("bench: warm-up job done")
+        song = work / "song.wav"
+        e2e_s, doc = asyncio.run(_one_job(mesh.orchestrator, env["AUDIOMESH_STORE_URL"], song, shifts, deadline.left()))
+        report["split_worker_peak_rss_mb"] = {inst: read_peak_rss_mb(pid) for inst, pid in pids.items()}
+        _save_job_audio(env["AUDIOMESH_STORE_URL"], doc, work / "split_mix.npy", work / "split_stems.npz")
+    nodes = doc["job"]["nodes"]
+    report["split_e2e_s"] = round(e2e_s, 3)
+    report["split_stage_s"] = _stage_seconds(doc)
+    report["split_parts"] = sum(1 for n in nodes if n["name"].startswith("separation:part"))
+    report["split_stitch_s"] = round(
+        sum(float(n.get("durationSeconds", 0.0)) for n in nodes if n.get("stage") == "stitch"), 3
+    )
+    report["split_separation_wall_s"] = _separation_wall(doc)
+    from audiomesh.separation.split import shift_seed  # what the orchestrator seeded the parts' shifts with
+
+    report["split_seed"] = shift_seed(doc["job"]["jobId"])
+
+
+def _pinned(pin: bool) -> tuple[str, ...]:
+    return ("separation",) if pin else ()
+
+
+def _separation_wall(doc: dict[str, Any]) -> float | None:
+    """Seconds from the first separation node's start to the last separation (or stitch) node's
+    end: the song's separation as the user waits for it, however many parts it was cut into."""
+    from datetime import datetime
+
+    spans = [
+        (datetime.fromisoformat(n["startTime"]), datetime.fromisoformat(n["endTime"]))
+        for n in doc["job"]["nodes"]
+        if n.get("stage") in ("separation", "stitch") and n.get("startTime") and n.get("endTime")
+    ]
+    if not spans:
+        return None
+    return round((max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds(), 3)
+
+
+def _save_job_audio(store_url: str, doc: dict[str, Any], mix_out: Path, stems_out: Path) -> None:
+    """The job's decoded mix (``.npy``, what separation read) and its stems (``.npz`` by stem:
+    the stitch node's outputs, or the separation node's when the song was not split)."""
+    import io
+
+    import soundfile as sf
+
+    from audiomesh.store import open_store
+
+    nodes = doc["job"]["nodes"]
+    stitched = [n for n in nodes if n.get("stage") == "stitch"]
+    stem_nodes = stitched or [n for n in nodes if n.get("stage") == "separation"]
+    decode = next(n for n in nodes if n["name"] == "decode")
+    store = open_store(store_url)
+
+    def read(key: str) -> np.ndarray:
+        data, _rate = sf.read(io.BytesIO(store.get_bytes(key)), dtype="float32", always_2d=True)
+        return np.ascontiguousarray(data.T)
+
+    try:
+        np.save(mix_out, read(decode["outputs"][0]["key"]))
+        stems: dict[str, Any] = {t["name"]: read(t["key"]) for n in stem_nodes for t in n.get("outputs", [])}
+        np.savez(stems_out, **stems)
+    finally:
+        store.close()
+
+
+def _cpus_allowed(pid: int) -> list[int] | None:
+    """The CPUs a process may run on (None if it is gone)."""
+    try:
+        return sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return None
+
+
+def _reported_allocator(log: Path) -> str | None:
+    """The malloc a separation worker says it runs on (its ``torch`` line at start), from its log."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("{") and '"torch"' in line:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "torch" and "allocator" in event:
+                    return str(event["allocator"])
+    return None
 
 
 def _stage_seconds(doc: dict[str, Any]) -> dict[str, float]:
@@ -678,7 +939,7 @@ async def _wait_compiled(target: str, name: str, limit_s: float) -> Any:
                 raise RuntimeError(f"the worker could not compile {name}: {info.compile_error}")
             if time.monotonic() > end:
                 raise TimeoutError(f"{name} was not compiled within {limit_s:.0f} s")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
     finally:
         await clients.close()
 
@@ -694,6 +955,7 @@ def _mesh_thread_env(mesh: Any) -> dict[str, Any]:
         "NUMBA_NUM_THREADS",
         "LD_PRELOAD",
         "MALLOC_CONF",
+        "MIMALLOC_PURGE_DELAY",
     )
     out: dict[str, Any] = {}
     for service, proc in mesh.procs.items():
@@ -872,6 +1134,32 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
     return f"{value}{unit}"
 
 
+def _split_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The split run's rows (none without ``--separation-workers`` >= 2)."""
+    workers = report.get("separation_workers") or 1
+    if workers < 2:
+        return []
+    diff = report.get("split_max_abs_diff")
+    rows = [
+        ("split: separation workers", f"{workers} ({'pinned' if report.get('split_pinned') else 'unpinned'})"),
+        ("split: end to end", _fmt(report.get("split_e2e_s"), " s")),
+        ("split / single e2e", _fmt(report.get("split_over_single"), "x", 3)),
+        (
+            "separation wall single / split",
+            f"{_fmt(report.get('separation_wall_s'), ' s')} / {_fmt(report.get('split_separation_wall_s'), ' s')}",
+        ),
+        ("split: parts, stitch", f"{_fmt(report.get('split_parts'))}, {_fmt(report.get('split_stitch_s'), ' s')}"),
+        ("split max abs diff vs raw", "—" if diff is None else f"{diff:.3g}"),
+    ]
+    cpus = report.get("split_worker_cpus") or {}
+    allocators = report.get("split_worker_allocator") or {}
+    for inst, mb in (report.get("split_worker_peak_rss_mb") or {}).items():
+        rows.append(
+            (f"  peak RSS {inst}", f"{_fmt(mb, ' MB', 0)}  (CPUs {cpus.get(inst)}, {allocators.get(inst)} malloc)")
+        )
+    return rows
+
+
 def format_table(report: Mapping[str, Any]) -> str:
     """The report as aligned text lines."""
     model = report.get("model") or {}
@@ -891,6 +1179,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("raw peak RSS", _fmt(report["raw_separation_peak_rss_mb"], " MB", 0)),
         ("end to end (mesh)", _fmt(report["e2e_s"], " s")),
         ("e2e / raw", _fmt(report["e2e_over_raw"], "x", 3)),
+        *_split_rows(report),
         (
             "compiled apply_model",
             f"{_fmt(report['separation_compiled_s'], ' s')}  ({report['compile_backend'] or 'not run'})",
@@ -922,6 +1211,7 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"audiomesh {_fmt(report['hpss_peak_rss_mb'], ' MB', 0)}",
         ),
         ("mesh start", _fmt(report["mesh_start_s"], " s", 1)),
+        ("separation malloc", _fmt(report.get("separation_allocator"))),
     ]
     for node, seconds in (report.get("stage_s") or {}).items():
         rows.append((f"  node {node}", _fmt(seconds, " s")))

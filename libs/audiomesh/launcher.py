@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes.util
 import importlib
 import json
 import os
@@ -26,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -35,6 +34,7 @@ from audiomesh import scratch
 from audiomesh.auth import RateLimiter
 from audiomesh.config import ENV_PREFIX, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError, Unavailable
+from audiomesh.memory import preload_env
 from audiomesh.metrics import metrics_port, start_metrics_server, stop_metrics_server
 from audiomesh.parallel import usable_cores
 from audiomesh.rpc.server import USER_KEEPALIVE_MS, WORKER_KEEPALIVE_MS, AuthPolicy, start_server
@@ -178,9 +178,10 @@ def thread_env(name: str, settings: Settings, env: Mapping[str, str], *, cores: 
 
     The AUDIOMESH_ settings of :func:`budget_settings` travel as variables (the child reads them
     back into its Settings). The native thread pools (OMP/MKL/OpenBLAS/numba) and separation's
-    allocator (LD_PRELOAD jemalloc) are process-level, not settings: the libraries and the
+    allocator (LD_PRELOAD jemalloc or mimalloc) are process-level, not settings: the libraries and the
     dynamic loader read them once when they load, before any Settings exist in the child, so
-    they stay plain environment, set unless ``env`` has them. ``cores``: default the usable CPUs.
+    they stay plain environment, set unless ``env`` has them (:func:`audiomesh.memory.preload_env`
+    picks the allocator). ``cores``: default the usable CPUs.
     """
     out = dict(env)
     if not settings.thread_budget:
@@ -190,11 +191,12 @@ def thread_env(name: str, settings: Settings, env: Mapping[str, str], *, cores: 
         out[f"{ENV_PREFIX}{field.upper()}"] = str(value)
     for var in _THREAD_VARS:
         out.setdefault(var, str(cores if name == "separation" else 1))
-    if name == "separation" and "LD_PRELOAD" not in out and (jemalloc := ctypes.util.find_library("jemalloc")):
-        # jemalloc, never giving pages back: a CPU chunk 1.2x faster than on glibc malloc and a
-        # flat peak RSS (instead of 1.6-1.9 GB creeping up chunk by chunk); see BENCHMARKS.md.
-        out["LD_PRELOAD"] = jemalloc
-        out.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    if name == "separation" and "LD_PRELOAD" not in out:
+        # jemalloc (or mimalloc from its wheel) keeping its pages within a request: a CPU chunk
+        # 1.26x faster than on glibc malloc and a flat peak RSS (instead of 1.6-1.9 GB creeping
+        # up chunk by chunk); see BENCHMARKS.md.
+        for var, value in preload_env().items():
+            out.setdefault(var, value)
     return out
 
 
@@ -229,9 +231,11 @@ class Mesh:
         gateway: bool = False,
         replicas: Mapping[str, int] | None = None,
         metrics_ports: Mapping[str, int] | None = None,
+        pin: Collection[str] = (),
     ) -> None:
         """``ports`` / ``metrics_ports``: the gRPC (HTTP) and /metrics port of each service's
-        first instance; 0 or missing = any free port."""
+        first instance; 0 or missing = any free port. ``pin``: workers whose instances each get
+        their own cores (see :func:`pin_cores`), as if each were a pod; the others run unpinned."""
         self.env = {**os.environ, **(env or {})}
         self.settings = settings if settings is not None else load_settings(environ=self.env)
         counts = check_replicas(replicas or {})
@@ -242,6 +246,13 @@ class Mesh:
             n = counts.get(service, 1)
             self._instances[service] = [service] if n == 1 else [f"{service}-{i}" for i in range(1, n + 1)]
         self._service_of = {inst: service for service, insts in self._instances.items() for inst in insts}
+        #: Instance → the CPUs it is pinned to (pinned workers only); kept across restarts.
+        self.affinity: dict[str, list[int]] = {}
+        for service in pin:
+            if service not in WORKERS:
+                raise ConfigError(f"pin: {service!r} is not a worker; choose from {', '.join(WORKERS)}")
+            insts = self._instances[service]
+            self.affinity.update(zip(insts, pin_cores(service, len(insts)), strict=True))
         # A port per instance: the service's (0 = any free one) for the first, any free one for
         # the others (a fixed port + i would collide with the next service's default port).
         given = dict(ports or {})
@@ -323,6 +334,11 @@ class Mesh:
         finally:
             if out is not None:
                 out.close()  # the child has its own copy
+        if name in self.affinity:
+            # Right after exec the interpreter has one thread; torch's and OpenMP's pools start
+            # later (on import) and inherit the mask. (preexec_fn would be exact but is unsafe
+            # with threads, and supervise() runs in one.)
+            os.sched_setaffinity(self.procs[name].pid, self.affinity[name])
         return ready
 
     def _wait_ready(self, ready: dict[str, Path], timeout: float) -> None:
@@ -361,7 +377,9 @@ class Mesh:
         # Each worker gets a share of the cores so concurrent stages don't oversubscribe them.
         cores = usable_cores()
         ready = {
-            inst: self._spawn(inst, thread_env(name, self.settings, env, cores=cores))
+            inst: self._spawn(
+                inst, thread_env(name, self.settings, env, cores=len(self.affinity.get(inst, ())) or cores)
+            )
             for name in WORKERS
             for inst in self._instances[name]
         }
@@ -586,6 +604,26 @@ def check_replicas(replicas: Mapping[str, int]) -> dict[str, int]:
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"replicas: {service}={n!r}; give a whole number of processes, at least 1")
     return dict(replicas)
+
+
+def pin_cores(service: str, count: int, cores: Sequence[int] | None = None) -> list[list[int]]:
+    """``cores`` (default: the CPUs this process may use) cut into ``count`` contiguous sets of
+    near-equal size, one per instance of ``service``: how one machine imitates ``count`` pods.
+
+    >>> pin_cores("separation", 2, [0, 1, 2, 3, 4])
+    [[0, 1, 2], [3, 4]]
+    """
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+    if count < 1:
+        raise ConfigError(f"pin: {service} needs at least 1 instance to pin, got {count}")
+    if count > len(cores):
+        raise ConfigError(
+            f"pin: {service} runs {count} instances but only {len(cores)} CPUs are usable: give each "
+            f"at least one, i.e. at most {len(cores)} instances, or do not pin"
+        )
+    size, extra = divmod(len(cores), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [cores[bounds[i] : bounds[i + 1]] for i in range(count)]
 
 
 def multi_target(addresses: list[str]) -> str:
