@@ -113,9 +113,12 @@ async def test_any_replica_answers_and_a_follower_sees_every_stage(file_mesh, tm
         missed = [k for k in at_a if k not in at_b and k[0] not in (RUNNING, common_pb2.JOB_STATE_QUEUED)]
         assert not missed, missed
         assert [t.sha256 for t in on_b.tracks] == [t.sha256 for t in on_a.tracks] and on_b.tracks
-        # The follower saw every node of the job running, not just the start and the end.
+        # The follower saw every node of the job running, not just the start and the end: every node
+        # that ran longer than a follower's lag bound (~1 s: it re-reads the manifest every 0.5 s).
+        # A shorter one can start and end between two reads (CI: an 8 s song's normalize did).
         ran_b = {name for job in seen_b if job.state == RUNNING for name in job.current_stage.split(", ")}
-        assert {"separation", "normalize"} <= ran_b, ran_b
+        lasting = {node.name for node in on_a.nodes if node.duration_seconds >= 1.0}
+        assert "separation" in lasting and lasting <= ran_b, (lasting, ran_b)
         listed = await b.stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=50))
         assert job_id in [j.job_id for j in listed.jobs]
         log = events(job_id, file_mesh)
