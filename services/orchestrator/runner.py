@@ -422,6 +422,14 @@ class Runner:
         unreachable_since: float | None = None  # start of the current run of failed connections
         with tracer().start_as_current_span(f"node {node.name}"):
             while True:
+                if rec.lease is not None and not rec.lease.valid():
+                    # A loop that wakes late (SIGSTOP, a starved process) can come here before the
+                    # lease keeper's deadline timer fires: no call may start past the deadline, or
+                    # it runs beside the new holder's (the churn test saw a stale holder's hpss:mix
+                    # start 0.4 s after the take-over, straight out of a busy-worker wait).
+                    self.registry.lose(rec, "the lease passed its deadline before a node call")
+                if rec.lost:
+                    raise asyncio.CancelledError
                 first_try = time.monotonic()
                 node.attempts += 1
                 attempts_left -= 1
