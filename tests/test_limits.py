@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import grpc
 import httpx
@@ -16,7 +17,7 @@ from audiomesh.launcher import auth_policy
 from audiomesh.rpc.client import rich_status
 from audiomesh.rpc.server import start_server
 from audiomesh.services.orchestrator.server import build
-from audiomesh.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from tests.helpers.mesh import upload, write_song
 
 
@@ -67,29 +68,46 @@ async def test_rate_limit_per_key(file_mesh, tmp_path):
             assert resp.json()["code"] == 8
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 async def test_jobs_per_principal_and_queue_bound(file_mesh, tmp_path):
+    """Jobs that stay active however loaded the machine is: the separation address has nothing
+    behind it, so every job waits QUEUED for a worker (within a budget far past the test). A
+    job that ran would fail here at once — this orchestrator's store is not its workers' — and
+    free its slot before the next upload (CI once saw exactly that)."""
     song = write_song(tmp_path / "s.wav", 1.0).read_bytes()
-    slow = orchestrator_pb2.JobOptions()
-    slow.separation.shifts = 3
+    nowhere = {"separation_addr": f"127.0.0.1:{_free_port()}", "unavailable_budget_seconds": 600}
     async with orchestrator(
-        file_mesh, tmp_path, max_active_jobs_per_principal=2, max_running_jobs=1, rate_limit_per_minute=0
+        file_mesh, tmp_path, max_active_jobs_per_principal=2, max_running_jobs=1, rate_limit_per_minute=0, **nowhere
     ) as (server, _):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            first = (await upload(stub, song, "a.wav", slow)).job
-            await upload(stub, song, "b.wav", slow)
+            first = (await upload(stub, song, "a.wav")).job
+            await upload(stub, song, "b.wav")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await upload(stub, song, "c.wav", slow)
+                await upload(stub, song, "c.wav")
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "limit 2" in err.value.details() and retry_delay(err.value) > 0
             await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=first.job_id))
             await upload(stub, song, "d.wav")  # a slot is free again
-    async with orchestrator(file_mesh, tmp_path / "q", max_queued_jobs=1, max_running_jobs=1) as (server, _):
+    async with orchestrator(
+        file_mesh, tmp_path / "q", max_queued_jobs=2, max_running_jobs=1, rate_limit_per_minute=0, **nowhere
+    ) as (server, _):
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            await upload(stub, song, "a.wav", slow)  # running
-            await asyncio.sleep(0.5)
-            await upload(stub, song, "b.wav", slow)  # queued
+            first = (await upload(stub, song, "a.wav")).job  # holds the one runner slot, waiting for a worker
+            await upload(stub, song, "b.wav")  # waits for the slot
+            jobs = (await stub.ListJobs(orchestrator_pb2.ListJobsRequest())).jobs
+            assert len(jobs) == 2
+            for job in jobs:
+                assert job.state == common_pb2.JOB_STATE_QUEUED, job
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await upload(stub, song, "c.wav", slow)
+                await upload(stub, song, "c.wav")
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.value.details()
+            assert retry_delay(err.value) > 0
+            await stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=first.job_id))
+            await upload(stub, song, "c.wav")  # room in the queue again
