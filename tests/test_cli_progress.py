@@ -51,6 +51,8 @@ def pipeline(sep: float, *, after: str = "") -> orchestrator_pb2.Job:
 def test_stage_words_are_the_pages():
     assert stage_label("separation") == "Separating stems"
     assert stage_label("hpss:main_harmonic") == "Splitting harmonic and percussive parts (main harmonic)"
+    assert stage_label("separation:part2of3") == "Separating stems (part 2 of 3)"
+    assert stage_label("hpss:drums:part1of2") == "Splitting harmonic and percussive parts (drums, part 1 of 2)"
     assert running_text(pipeline(0.3)) == "Separating stems + 1 more step"
     assert running_text(pipeline(1.0, after="hpss")) == "Splitting harmonic and percussive parts (drums) + 2 more steps"
     assert running_text(pipeline(1.0, after="normalize")) == "Normalizing loudness"

@@ -18,6 +18,7 @@ from audiomesh.services.orchestrator import graph
 from audiomesh.services.orchestrator.graph import (
     DERIVED_TRACKS,
     LOCAL_STAGE,
+    MAX_HPSS_PARTS,
     MAX_SEPARATION_PARTS,
     STAGE_WEIGHTS,
     DecodeRequest,
@@ -36,8 +37,16 @@ JOB = "0b8e7a2c-job"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def plan_of(sources=HTDEMUCS, two_stems="", main_stems=(), ext=".wav", parts=1) -> Plan:
-    return make_plan(JOB, sources=list(sources), two_stems=two_stems, main_stems=list(main_stems), ext=ext, parts=parts)
+def plan_of(sources=HTDEMUCS, two_stems="", main_stems=(), ext=".wav", parts=1, hpss_parts=1) -> Plan:
+    return make_plan(
+        JOB,
+        sources=list(sources),
+        two_stems=two_stems,
+        main_stems=list(main_stems),
+        ext=ext,
+        parts=parts,
+        hpss_parts=hpss_parts,
+    )
 
 
 def job_of(encoding: int = common_pb2.AUDIO_ENCODING_WAV_PCM16) -> orchestrator_pb2.Job:
@@ -85,7 +94,7 @@ def test_default_recipe_of_the_four_stem_model():
     assert rel(plan, plan.node("separation").writes) == [f"separation/{s}.wav" for s in HTDEMUCS]
     delivered = [*HTDEMUCS, "harmonic", "percussive", "main", "main_harmonic", "main_percussive"]
     assert rel(plan, plan.node("normalize").writes) == [f"output/{t}.wav" for t in delivered]
-    assert plan.composites()["main_harmonic"] == [plan.hpss_keys(s)[0] for s in ("drums", "bass", "other")]
+    assert plan.composites()["main_harmonic"] == [(plan.hpss_keys(s)[0],) for s in ("drums", "bass", "other")]
 
 
 def test_two_stems_vocals_makes_main_the_accompaniment():
@@ -93,7 +102,7 @@ def test_two_stems_vocals_makes_main_the_accompaniment():
     assert plan.stems == ("vocals", "no_vocals")
     assert plan.main_stems == ("no_vocals",)
     assert [n.name for n in plan.nodes if n.stage == "hpss"] == ["hpss:mix", "hpss:no_vocals"]
-    assert plan.composites()["main"] == [plan.stem_key("no_vocals")]
+    assert plan.composites()["main"] == [(plan.stem_key("no_vocals"),)]
     assert deps(plan)["composite"] == ["separation", "hpss:no_vocals"]
 
 
@@ -220,7 +229,7 @@ def test_collectors_keep_what_responses_say():
 @pytest.mark.parametrize("parts", [1, 2])
 def test_every_stage_has_a_call_that_takes_its_request(parts):
     """The runner's stub table matches the contracts and the graph's requests."""
-    plan, job = plan_of(parts=parts), job_of()
+    plan, job = plan_of(parts=parts, hpss_parts=parts), job_of()
     pool = descriptor_pool.Default()
     for node in plan.nodes:
         if node.stage == LOCAL_STAGE:
@@ -346,6 +355,72 @@ def test_part_counts_out_of_range_are_refused(parts):
         plan_of(parts=parts)
 
 
+@pytest.mark.parametrize("hpss_parts", [0, MAX_HPSS_PARTS + 1])
+def test_hpss_part_counts_out_of_range_are_refused(hpss_parts):
+    with pytest.raises(InvalidInput, match=rf"hpss_parts must be from 1 to {MAX_HPSS_PARTS}, got {hpss_parts}"):
+        plan_of(hpss_parts=hpss_parts)
+
+
+@pytest.mark.parametrize("hpss_parts", [2, 3])
+def test_split_stem_hpss_runs_parts_that_the_composite_reads_joined(hpss_parts):
+    whole, plan = plan_of(), plan_of(hpss_parts=hpss_parts)
+    stems = ["drums", "bass", "other"]
+    names = [n.name for n in plan.nodes]
+    for stem in stems:
+        parts = [f"hpss:{stem}:part{i + 1}of{hpss_parts}" for i in range(hpss_parts)]
+        assert f"hpss:{stem}" not in names and all(p in names for p in parts)
+        for i, name in enumerate(parts):
+            node = plan.node(name)
+            assert node.stage == "hpss" and plan.depends_on(name) == ["separation"]
+            assert rel(plan, node.writes) == [
+                f"hpss/parts/{stem}_harmonic.{i}-of-{hpss_parts}.wav",
+                f"hpss/parts/{stem}_percussive.{i}-of-{hpss_parts}.wav",
+            ]
+            request = node.build_request(plan, job_of())
+            assert (request.part.index, request.part.count) == (i, hpss_parts)
+            assert request.skip_loudness and request.input_key == plan.stem_key(stem)
+    # The mix's HPSS is delivered: never split, and measured.
+    mix = plan.node("hpss:mix").build_request(plan, job_of())
+    assert not mix.HasField("part") and not mix.skip_loudness
+    # The composite waits for every part and sums each stem's parts joined, in the recipe's order.
+    composite = plan.node("composite")
+    assert set(plan.depends_on("composite")) == {"separation"} | {
+        n for n in names if n.startswith("hpss:") and ":part" in n
+    }
+    request = {c.name: c for c in composite.build_request(plan, job_of()).composites}
+    assert list(request["main"].input_keys) == [plan.stem_key(s) for s in stems] and not request["main"].input_parts
+    for name, kind in (("main_harmonic", "harmonic"), ("main_percussive", "percussive")):
+        spec = request[name]
+        assert not spec.input_keys
+        assert [rel(plan, p.keys) for p in spec.input_parts] == [
+            [f"hpss/parts/{stem}_{kind}.{i}-of-{hpss_parts}.wav" for i in range(hpss_parts)] for stem in stems
+        ]
+    # Everything downstream is the same plan: the same composites and delivered tracks.
+    assert plan.intermediate_tracks() == whole.intermediate_tracks()
+    assert plan.node("normalize").build_request(plan, job_of()) == whole.node("normalize").build_request(
+        whole, job_of()
+    )
+    # One whole stem HPSS per stem, unsplit: the composite keeps input_keys only.
+    unsplit = {c.name: c for c in whole.node("composite").build_request(whole, job_of()).composites}
+    assert list(unsplit["main_harmonic"].input_keys) == [whole.hpss_keys(s)[0] for s in stems]
+
+
+def test_hpss_parts_share_their_stems_weight():
+    def fraction(hpss_parts: int, stems_done: float) -> float:
+        nodes = [
+            orchestrator_pb2.Node(
+                name=spec.name,
+                stage=spec.stage,
+                fraction=stems_done if ":" in spec.name and spec.name != "hpss:mix" else 1.0,
+            )
+            for spec in plan_of(hpss_parts=hpss_parts).nodes
+        ]
+        return overall_fraction(nodes)
+
+    for done in (0.0, 0.3, 1.0):
+        assert fraction(3, done) == pytest.approx(fraction(1, done), abs=1e-12)
+
+
 def test_resumed_split_job_matches_its_parts_by_name():
     plan = plan_of(parts=2)
     job = job_of()
@@ -384,15 +459,24 @@ def recipes(draw):
     stems = [two_stems, f"no_{two_stems}"] if two_stems else sources
     main = draw(st.lists(st.one_of(st.sampled_from(stems), names), max_size=5))
     parts = draw(st.integers(1, 5))
-    return sources, two_stems, main, parts
+    hpss_parts = draw(st.integers(1, 4))
+    return sources, two_stems, main, parts, hpss_parts
 
 
 @settings(max_examples=100, deadline=None)
 @given(recipes())
 def test_every_accepted_plan_is_a_sound_graph(recipe):
-    sources, two_stems, main_stems, parts = recipe
+    sources, two_stems, main_stems, parts, hpss_parts = recipe
     try:
-        plan = make_plan(JOB, sources=sources, two_stems=two_stems, main_stems=main_stems, ext=".flac", parts=parts)
+        plan = make_plan(
+            JOB,
+            sources=sources,
+            two_stems=two_stems,
+            main_stems=main_stems,
+            ext=".flac",
+            parts=parts,
+            hpss_parts=hpss_parts,
+        )
     except InvalidInput as exc:
         assert re.match(r"(two_stems|main_stems|main would be empty)", str(exc)), exc
         return

@@ -101,6 +101,59 @@ async def test_parts_are_the_fewest_of_the_cap_the_workers_and_the_chunks(env, j
     assert chosen == parts and why in reason, reason
 
 
+def hpss_job(seconds: float, hop_length: int = 0) -> orchestrator_pb2.Job:
+    job = job_of(seconds)
+    job.options.hpss.hop_length = hop_length
+    return job
+
+
+@pytest.mark.parametrize(
+    ("env", "job", "stems", "parts", "why"),
+    [
+        # 180 s: 16 blocks of 1024 x 512 samples. Rounds of 1/K of a stem: ceil(3K/W)/K, least wins.
+        ({}, hpss_job(180.0), 3, 1, "not split (1 hpss worker, 3 stems, 16 blocks, at most 4 parts)"),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(180.0), 3, 2, "in 2 parts each (2 hpss workers,"),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"}, hpss_job(180.0), 3, 1, "not split (3 hpss"),
+        ({"hpss_addr": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in range(1, 5))}, hpss_job(180.0), 3, 4, "in 4"),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(180.0), 1, 2, "(2 hpss workers, 1 stems"),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2", "hpss_split_max": 1}, hpss_job(180.0), 3, 1, "SPLIT_MAX=1"),
+        # 8 workers but 2 nodes of a job at once: planned as for 2.
+        (
+            {"hpss_addr": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in range(1, 9)), "max_parallel_nodes": 2},
+            hpss_job(180.0),
+            3,
+            2,
+            "8 hpss workers of which a job uses 2 at once (AUDIOMESH_MAX_PARALLEL_NODES)",
+        ),
+        # Never more parts than blocks; a song of one block is not split.
+        (
+            {"hpss_addr": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in range(1, 9)), "max_parallel_nodes": 8},
+            hpss_job(20.0),
+            3,
+            2,
+            "8 hpss workers, 3 stems, 2 blocks",
+        ),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(11.8), 3, 1, "the song is one HPSS block"),
+        # The job's hop sets the block: hop 64 makes 1.49 s blocks.
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(4.0, 64), 3, 2, "3 blocks"),
+        # Exactly 2 blocks' worth of samples, then a hair less: counted short, never an empty part.
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(2 * 524288 / 44100, 0), 3, 2, "2 blocks"),
+        ({"hpss_addr": "ipv4:127.0.0.1:1,127.0.0.1:2"}, hpss_job(524290 / 44100, 0), 3, 1, "one HPSS block"),
+    ],
+)
+async def test_hpss_parts_keep_every_hpss_worker_busy_with_the_fewest_parts(env, job, stems, parts, why):
+    settings = load_settings(**{"hpss_addr": "127.0.0.1:50053", **env})
+    runner = Runner(settings, store=None, registry=None, clients=None)  # type: ignore[arg-type]
+    chosen, reason = await runner.choose_hpss_parts(job, info_of(), stems)
+    assert chosen == parts and why in reason, reason
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_hpss_split_max_out_of_range_fails_at_start_naming_the_variable(value):
+    with pytest.raises(ConfigError, match=f"AUDIOMESH_HPSS_SPLIT_MAX='{value}'"):
+        load_settings(environ={"AUDIOMESH_HPSS_SPLIT_MAX": value})
+
+
 @pytest.mark.parametrize("value", ["0", "65", "two"])
 def test_split_max_out_of_range_fails_at_start_naming_the_variable(value):
     with pytest.raises(ConfigError, match=f"AUDIOMESH_SEPARATION_SPLIT_MAX='{value}'"):
@@ -121,7 +174,7 @@ def split_mesh(tmp_path_factory) -> Iterator[Mesh]:
         "AUDIOMESH_WORKER_CONCURRENCY": "1",
         "AUDIOMESH_COMPILE": "false",
     }
-    mesh = Mesh(env=env, log_dir=tmp / "logs", replicas={"separation": 2}).start(timeout=240)
+    mesh = Mesh(env=env, log_dir=tmp / "logs", replicas={"separation": 2, "hpss": 2}).start(timeout=240)
     try:
         yield mesh
     finally:
@@ -360,6 +413,47 @@ async def test_cancelling_a_split_job_stops_every_part(split_mesh, tmp_path):
         await asyncio.sleep(0.1)
     assert all(ended.values()), ended
     assert not list((store_root(split_mesh) / f"jobs/{job.job_id}/separation").rglob("*.range"))
+
+
+async def test_the_stems_hpss_is_split_over_both_hpss_workers_and_joined_exactly(split_mesh, tmp_path):
+    """Two hpss workers, a 4 s song and hop 64 (1.49 s blocks: 3 of them): each main stem's HPSS
+    runs in 2 parts, and the composites equal the stems' whole HPSS, summed, bit for bit."""
+    from audiomesh.dsp.composite import mix
+    from audiomesh.dsp.hpss import hpss
+    from audiomesh.options import hpss_kwargs
+
+    options = song_options()
+    options.hpss.hop_length = 64
+    options.hpss.n_fft = 256
+    async with grpc.aio.insecure_channel(split_mesh.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        song = write_song(tmp_path / "song.wav", 4.0, seed=11).read_bytes()
+        created = (await upload(stub, song, "song.wav", options)).job
+    job, _ = await finish(split_mesh, created.job_id)
+    assert job.state == SUCCEEDED, job.error
+    assert job.hpss_parts == 2
+    stems = ["drums", "bass", "other"]
+    by_name = nodes(job)
+    hpss_nodes = sorted(n for n in by_name if n.startswith("hpss:") and n != "hpss:mix")
+    assert hpss_nodes == sorted(f"hpss:{s}:part{i}of2" for s in stems for i in (1, 2))
+    assert all(by_name[n].state == common_pb2.NODE_STATE_SUCCEEDED for n in hpss_nodes)
+    assert sorted(by_name["composite"].depends_on) == sorted(["stitch", *hpss_nodes])
+    doc = manifest_of(split_mesh, job)
+    assert doc["job"]["hpssParts"] == 2
+    assert any("the stems' HPSS in 2 parts each (2 hpss workers, 3 stems, 3 blocks" in e for e in doc["events"])
+    # Both hpss workers decomposed parts of this job.
+    for inst in split_mesh.instances("hpss"):
+        done = [e for e in worker_log(split_mesh, inst, job.job_id) if e.get("event") == "hpss done"]
+        assert any("/hpss/parts/" not in e.get("input_key", "") and "separation/" in e["input_key"] for e in done), inst
+    # The composites: each stem's whole HPSS computed here, summed in the recipe's order.
+    root = store_root(split_mesh)
+    kwargs = hpss_kwargs(job.options.hpss)
+    parts = {s: hpss(read(root / f"jobs/{job.job_id}/separation/{s}.wav"), **kwargs) for s in stems}
+    for name, which in (("main_harmonic", 0), ("main_percussive", 1)):
+        want = mix({s: parts[s][which] for s in stems})
+        got = read(root / f"jobs/{job.job_id}/composite/{name}.wav")
+        assert np.array_equal(got, want), f"{name}: max |diff| {np.abs(got - want).max():.3g}"
+    assert len(job.tracks) == 9
 
 
 async def test_a_part_whose_worker_dies_is_retried_alone(split_mesh, tmp_path):

@@ -210,9 +210,13 @@ const pct = (fraction) => `${Math.floor(Math.min(1, Math.max(0, Number(fraction)
 
 function stageLabel(name) {
   if (!name) return "";
-  const [stage, part] = String(name).split(":");
+  // "hpss:drums:part1of2" -> "Splitting harmonic and percussive parts (drums, part 1 of 2)"
+  const [stage, ...details] = String(name).split(":");
   const base = STAGE_LABELS[stage] || stage.replace(/_/g, " ");
-  return part ? `${base} (${part.replace(/^part(\d+)of(\d+)$/, "part $1 of $2").replace(/_/g, " ")})` : base;
+  const detail = details
+    .map((d) => d.replace(/^part(\d+)of(\d+)$/, "part $1 of $2").replace(/_/g, " "))
+    .join(", ");
+  return detail ? `${base} (${detail})` : base;
 }
 
 const trackLabel = (name) => TRACK_LABELS[name] || name.replace(/_/g, " ");

@@ -43,13 +43,14 @@ SEPARATOR = " · "
 
 def stage_label(name: str) -> str:
     """``"hpss:drums"`` -> ``"Splitting harmonic and percussive parts (drums)"``,
-    ``"separation:part1of2"`` -> ``"Separating stems (part 1 of 2)"``."""
+    ``"separation:part1of2"`` -> ``"Separating stems (part 1 of 2)"``,
+    ``"hpss:drums:part1of2"`` -> ``"Splitting harmonic and percussive parts (drums, part 1 of 2)"``."""
     if not name:
         return ""
-    stage, _, part = name.partition(":")
+    stage, *details = name.split(":")
     base = STAGE_LABELS.get(stage, stage.replace("_", " "))
-    part = re.sub(r"^part(\d+)of(\d+)$", r"part \1 of \2", part)
-    return f"{base} ({part.replace('_', ' ')})" if part else base
+    detail = ", ".join(re.sub(r"^part(\d+)of(\d+)$", r"part \1 of \2", d).replace("_", " ") for d in details)
+    return f"{base} ({detail})" if detail else base
 
 
 def job_state(job: orchestrator_pb2.Job) -> str:

@@ -133,6 +133,14 @@ class Settings(BaseSettings):
         description="most parts one song's separation is split into, run by several separation workers at once "
         "and stitched exactly; a job gets as many as there are workers (and chunks), up to this; 1 = never split",
     )
+    hpss_split_max: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="most parts each stem's HPSS is split into when several hpss workers can take work (each part "
+        "a run of ~12 s blocks, joined exactly by the composite); a job gets the fewest parts that keep every "
+        "worker busy, up to this; 1 = never split",
+    )
     node_attempts: int = Field(3, ge=1, le=10, description="tries per node on retryable errors")
     unavailable_budget_seconds: float = Field(
         120.0, ge=0, description="how long a node keeps retrying a worker or store that cannot be reached"

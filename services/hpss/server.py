@@ -20,7 +20,7 @@ import grpc
 from audiomesh import errors, scratch
 from audiomesh.audio.stream import write_tracks
 from audiomesh.config import Settings
-from audiomesh.dsp.hpss import hpss_blocks, warmup
+from audiomesh.dsp.hpss import MAX_PARTS, hpss_blocks, part_samples, warmup
 from audiomesh.memory import limit_arenas, release_memory
 from audiomesh.options import hpss_kwargs
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
@@ -43,6 +43,7 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         if not (request.input_key and request.harmonic_key and request.percussive_key):
             raise errors.InvalidInput("input_key, harmonic_key and percussive_key are required")
         kwargs = hpss_kwargs(request.options)
+        part = _part(request.part)
         fmt, subtype, ext = encoding_spec(request.encoding)
         started = time.perf_counter()
 
@@ -53,17 +54,22 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
                     keys = {"harmonic": request.harmonic_key, "percussive": request.percussive_key}
                     paths = [Path(tmp) / f"{name}{ext}" for name in keys]
                     with open_source(self.store, request.input_key, Path(tmp)) as source:
+                        start, stop = (0, source.frames)
+                        if part is not None:
+                            start, stop = part_samples(source.frames, part, hop_length=kwargs["hop_length"])
                         report(0.05, "decomposing")
+                        blocks = hpss_blocks(source, max_workers=self.threads, part=part, **kwargs)
                         measured = write_tracks(
                             paths,
-                            ((h, p) for _start, h, p in hpss_blocks(source, max_workers=self.threads, **kwargs)),
+                            ((h, p) for _start, h, p in blocks),
                             source.sample_rate,
                             source.channels,
                             fmt=fmt,
                             subtype=subtype,
-                            measure=not request.skip_loudness,
+                            # A part is not a track anyone hears: its loudness means nothing.
+                            measure=not request.skip_loudness and part is None,
                             cancelled=cancel.is_set,
-                            progress=lambda done: report(0.05 + 0.9 * done / source.frames, "decomposing"),
+                            progress=lambda done: report(0.05 + 0.9 * done / (stop - start), "decomposing"),
                             what="hpss",
                         )
                     report(0.95, "writing")
@@ -84,6 +90,19 @@ class HpssServicer(hpss_pb2_grpc.HpssServiceServicer):
         with bind_job(request.job_id):
             async for message in stream_work(work, progress_message=_progress, result_message=result):
                 yield message
+
+
+def _part(pb: hpss_pb2.HpssPart) -> tuple[int, int] | None:
+    """The request's part as (index, count), or None for the whole signal; checked."""
+    if pb.count <= 1:
+        if pb.index:
+            raise errors.InvalidInput(f"part.index {pb.index} needs part.count >= 2 (count 0 or 1: the whole signal)")
+        return None
+    if pb.count > MAX_PARTS or pb.index >= pb.count:
+        raise errors.InvalidInput(
+            f"part must have 2 <= count <= {MAX_PARTS} and index < count, got {pb.index} of {pb.count}"
+        )
+    return pb.index, pb.count
 
 
 def _progress(fraction: float, text: str) -> hpss_pb2.DecomposeResponse:

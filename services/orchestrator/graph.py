@@ -17,6 +17,12 @@ into one object (``separation/ranges/{index}-of-{K}.range``, index from 0), and 
 them into the same stem keys the single ``separation`` node writes (exactly, see
 :mod:`audiomesh.separation.split`), so every node after it is the same. K = 1 is the single node.
 
+Likewise ``hpss_parts`` K >= 2 splits each stem's HPSS: nodes ``hpss:{stem}:part1of{K}`` …
+each decompose a run of the stem's blocks into their own objects
+(``hpss/parts/{stem}_{harmonic,percussive}.{index}-of-{K}.wav``), and the composite reads each
+stem's parts joined in order (:class:`~audiomesh.audio.stream.JoinedSource`) — the same
+samples the whole stem's HPSS writes, with no join step.
+
 :func:`describe` prints the default plan as a table (README's architecture section shows it).
 """
 
@@ -29,17 +35,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from audiomesh.dsp.hpss import MAX_PARTS
 from audiomesh.errors import InvalidInput
 from audiomesh.separation.split import MAX_RANGES, shift_seed
 from audiomesh.tracks import INTERMEDIATE
 from audiomesh.v1 import common_pb2, composite_pb2, hpss_pb2, normalize_pb2, orchestrator_pb2, separation_pb2
 
 # Expected relative cost, for the overall progress fraction and the ETA. The parts of a split
-# separation share its weight (SHARED_WEIGHT_STAGES); the stitch only adds and writes stems.
+# node share its weight (overall_fraction); the stitch only adds and writes stems.
 STAGE_WEIGHTS = {"decode": 1.0, "separation": 60.0, "stitch": 2.0, "hpss": 6.0, "composite": 2.0, "normalize": 4.0}
-SHARED_WEIGHT_STAGES = frozenset({"separation"})
-#: Most parts a separation can be split into (what a worker accepts).
+#: Most parts a separation, or a stem's HPSS, can be split into (what a worker accepts).
 MAX_SEPARATION_PARTS = MAX_RANGES
+MAX_HPSS_PARTS = MAX_PARTS
+PART_MARK = ":part"  # "separation:part1of2", "hpss:drums:part1of2": a part of the node before it
 VOCALS = "vocals"
 LOCAL_STAGE = "decode"  # runs in the orchestrator itself; every other stage is a worker's RPC
 
@@ -93,6 +101,7 @@ class Plan:
     ext: str  # extension of delivered tracks, ".wav", ".flac" or ".mp3"
     nodes: tuple[Node, ...] = ()  # in a valid execution order; filled by make_plan
     parts: int = 1  # separation split into this many ranges (1: one whole-song node)
+    hpss_parts: int = 1  # each main stem's HPSS split into this many parts (1: one node per stem)
 
     @property
     def prefix(self) -> str:
@@ -124,6 +133,20 @@ class Plan:
     def hpss_keys(self, source: str) -> tuple[str, str]:
         return self.key("hpss", f"{source}_harmonic"), self.key("hpss", f"{source}_percussive")
 
+    def hpss_part_keys(self, stem: str, index: int) -> tuple[str, str]:
+        """Where part ``index`` (0-based) of ``stem``'s HPSS writes its harmonic and percussive samples."""
+        suffix = f".{index}-of-{self.hpss_parts}"
+        return self.key("hpss/parts", f"{stem}_harmonic{suffix}"), self.key("hpss/parts", f"{stem}_percussive{suffix}")
+
+    def stem_hpss_inputs(self, stem: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``stem``'s harmonic and percussive inputs of the composites: each the one whole key,
+        or its parts' keys in order."""
+        if self.hpss_parts == 1:
+            harmonic, percussive = self.hpss_keys(stem)
+            return (harmonic,), (percussive,)
+        parts = [self.hpss_part_keys(stem, i) for i in range(self.hpss_parts)]
+        return tuple(h for h, _ in parts), tuple(p for _, p in parts)
+
     def intermediate_tracks(self) -> dict[str, str]:
         """Delivered track name → the key of its un-normalized version."""
         tracks = {stem: self.stem_key(stem) for stem in self.stems}
@@ -135,11 +158,12 @@ class Plan:
     def output_key(self, track: str) -> str:
         return self.key("output", track, self.ext)
 
-    def composites(self) -> dict[str, list[str]]:
+    def composites(self) -> dict[str, list[tuple[str, ...]]]:
+        """Composite name → its inputs, summed in this order; each input one key or its parts' keys."""
         return {
-            "main": [self.stem_key(s) for s in self.main_stems],
-            "main_harmonic": [self.hpss_keys(s)[0] for s in self.main_stems],
-            "main_percussive": [self.hpss_keys(s)[1] for s in self.main_stems],
+            "main": [(self.stem_key(s),) for s in self.main_stems],
+            "main_harmonic": [self.stem_hpss_inputs(s)[0] for s in self.main_stems],
+            "main_percussive": [self.stem_hpss_inputs(s)[1] for s in self.main_stems],
         }
 
     def node(self, name: str) -> Node:
@@ -184,11 +208,24 @@ def _graph(plan: Plan) -> tuple[Node, ...]:
         ]
         nodes.append(Node("stitch", "stitch", ranges, stems, _stitch_request, _separated, drops_reads=True))
     nodes.append(Node("hpss:mix", "hpss", (mix,), plan.hpss_keys("mix"), _decompose_request, _decomposed))
-    nodes += [
-        Node(f"hpss:{s}", "hpss", (plan.stem_key(s),), plan.hpss_keys(s), _decompose_request, _decomposed)
-        for s in plan.main_stems
-    ]
-    composite_reads = _unique(key for keys in composites.values() for key in keys)
+    for s in plan.main_stems:
+        if plan.hpss_parts == 1:
+            nodes.append(
+                Node(f"hpss:{s}", "hpss", (plan.stem_key(s),), plan.hpss_keys(s), _decompose_request, _decomposed)
+            )
+            continue
+        nodes += [
+            Node(
+                f"hpss:{s}{PART_MARK}{i + 1}of{plan.hpss_parts}",
+                "hpss",
+                (plan.stem_key(s),),
+                plan.hpss_part_keys(s, i),
+                functools.partial(_decompose_request, part=i),
+                _decomposed,
+            )
+            for i in range(plan.hpss_parts)
+        ]
+    composite_reads = _unique(key for inputs in composites.values() for keys in inputs for key in keys)
     composite_writes = tuple(plan.key("composite", name) for name in composites)
     nodes.append(Node("composite", "composite", composite_reads, composite_writes, _composite_request, _composited))
     # Normalize reads every delivered track and the mix (the reference of linked gain).
@@ -248,9 +285,12 @@ def _stitch_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> separa
     )
 
 
-def _decompose_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> hpss_pb2.DecomposeRequest:
+def _decompose_request(
+    node: Node, plan: Plan, job: orchestrator_pb2.Job, *, part: int | None = None
+) -> hpss_pb2.DecomposeRequest:
     harmonic_key, percussive_key = node.writes
     return hpss_pb2.DecomposeRequest(
+        part=hpss_pb2.HpssPart(index=part, count=plan.hpss_parts) if part is not None else None,
         input_key=node.reads[0],
         harmonic_key=harmonic_key,
         percussive_key=percussive_key,
@@ -264,8 +304,13 @@ def _decompose_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> hps
 
 def _composite_request(node: Node, plan: Plan, job: orchestrator_pb2.Job) -> composite_pb2.CompositeRequest:
     request = composite_pb2.CompositeRequest(encoding=INTERMEDIATE, job_id=plan.job_id)
-    for name, keys in plan.composites().items():
-        request.composites.add(name=name, input_keys=keys, output_key=plan.key("composite", name))
+    for name, inputs in plan.composites().items():
+        spec = request.composites.add(name=name, output_key=plan.key("composite", name))
+        # Whole inputs as keys; parted ones (all of a composite's, or none) as input_parts.
+        spec.input_keys.extend(keys[0] for keys in inputs if len(keys) == 1)
+        for keys in inputs:
+            if len(keys) > 1:
+                spec.input_parts.add(keys=keys)
     return request
 
 
@@ -360,15 +405,25 @@ DERIVED_TRACKS = ("mix", "harmonic", "percussive", "main", "main_harmonic", "mai
 
 
 def make_plan(
-    job_id: str, *, sources: list[str], two_stems: str, main_stems: list[str], ext: str, parts: int = 1
+    job_id: str,
+    *,
+    sources: list[str],
+    two_stems: str,
+    main_stems: list[str],
+    ext: str,
+    parts: int = 1,
+    hpss_parts: int = 1,
 ) -> Plan:
     """Resolve the stems a model will write and the recipe of ``main``; refuse what cannot work.
 
     ``parts``: how many ranges the separation is split into (1 to :data:`MAX_SEPARATION_PARTS`;
-    the runner chooses it once per job and keeps it in ``Job.separation_parts``).
+    the runner chooses it once per job and keeps it in ``Job.separation_parts``); ``hpss_parts``
+    likewise each main stem's HPSS (``Job.hpss_parts``).
     """
     if not 1 <= parts <= MAX_SEPARATION_PARTS:
         raise InvalidInput(f"separation_parts must be from 1 to {MAX_SEPARATION_PARTS}, got {parts}")
+    if not 1 <= hpss_parts <= MAX_HPSS_PARTS:
+        raise InvalidInput(f"hpss_parts must be from 1 to {MAX_HPSS_PARTS}, got {hpss_parts}")
     clashes = [s for s in sources if s in DERIVED_TRACKS]
     if clashes or len(set(sources)) != len(sources):
         raise InvalidInput(
@@ -391,7 +446,9 @@ def make_plan(
             recipe = [f"no_{VOCALS}"]
         if not recipe:
             raise InvalidInput("main would be empty: set main_stems")
-    plan = Plan(job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext, parts=parts)
+    plan = Plan(
+        job_id=job_id, stems=tuple(stems), main_stems=tuple(recipe), ext=ext, parts=parts, hpss_parts=hpss_parts
+    )
     nodes = _graph(plan)
     check_graph(nodes)
     return dataclasses.replace(plan, nodes=nodes)
@@ -399,12 +456,12 @@ def make_plan(
 
 def overall_fraction(nodes: Iterable[orchestrator_pb2.Node]) -> float:
     """Progress of a job, each node weighted by its stage's expected cost; the parts of a split
-    stage share the stage's weight (K parts of a separation: 60/K each)."""
+    node share its weight (K parts of a separation: 60/K each; of a stem's HPSS: 6/K)."""
     nodes = list(nodes)
-    shared = Counter(n.stage for n in nodes if n.stage in SHARED_WEIGHT_STAGES)
+    shared = Counter(n.name.partition(PART_MARK)[0] for n in nodes)
     total = done = 0.0
     for node in nodes:
-        weight = STAGE_WEIGHTS.get(node.stage, 1.0) / shared.get(node.stage, 1)
+        weight = STAGE_WEIGHTS.get(node.stage, 1.0) / shared[node.name.partition(PART_MARK)[0]]
         total += weight
         done += weight * node.fraction
     return done / total if total else 0.0

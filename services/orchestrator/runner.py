@@ -30,7 +30,8 @@ from audiomesh import errors, metrics, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
-from audiomesh.options import check_model_options, separation_options
+from audiomesh.dsp.hpss import block_count
+from audiomesh.options import check_model_options, hpss_kwargs, separation_options
 from audiomesh.rpc import ClientFactory, status_of
 from audiomesh.rpc.server import LEASE_HEADER, NODE_HEADER
 from audiomesh.store import ObjectStore
@@ -46,7 +47,7 @@ from audiomesh.v1 import (
     separation_pb2_grpc,
 )
 
-from .graph import LOCAL_STAGE, MAX_SEPARATION_PARTS, DecodeRequest, Plan, make_plan, overall_fraction
+from .graph import LOCAL_STAGE, MAX_HPSS_PARTS, MAX_SEPARATION_PARTS, DecodeRequest, Plan, make_plan, overall_fraction
 from .jobs import JobRecord, JobRegistry, now_pb
 from .lease import Lease
 
@@ -64,6 +65,8 @@ _FINAL_REASONS = {"OUT_OF_MEMORY", "TOO_LARGE"}
 DEFAULT_SEGMENT_SECONDS = 7.8
 # How long a resolved dns:/// separation address's worker count is reused.
 _WORKERS_TTL_SECONDS = 10.0
+# Samples a stem may have fewer than the upload's duration says (resampling rounds): ~23 ms.
+_BLOCK_ESTIMATE_SLACK = 1024
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class Runner:
         self.job_slots = asyncio.Semaphore(settings.max_running_jobs) if settings.max_running_jobs else None
         self.shutting_down = False
         self._models: separation_pb2.ListModelsResponse | None = None  # the last ListModels answer
-        self._workers: tuple[str, int, float] | None = None  # (target, workers, monotonic time) last counted
+        self._workers: dict[str, tuple[int, float]] = {}  # target → (workers, monotonic time) last counted
         # Gives up a job's lease when it ended or was handed off (cluster.Cluster.release).
         self.release: Callable[[JobRecord], Awaitable[None]] | None = None
 
@@ -165,24 +168,48 @@ class Runner:
         chunks = chunk_estimate(job, info)
         if chunks < 2:
             return 1, "not split (the song is one chunk)"
-        workers = await self.separation_workers()
+        workers = await self.workers(self.settings.separation_addr)
         parts = max(1, min(cap, workers, chunks, MAX_SEPARATION_PARTS))
         why = f"{workers} separation worker{'s' if workers != 1 else ''}, {chunks} chunks, at most {cap} parts"
         return parts, (f"split into {parts} parts" if parts > 1 else "not split") + f" ({why})"
 
-    async def separation_workers(self) -> int:
-        """Separation workers that can take work: the addresses AUDIOMESH_SEPARATION_ADDR names
-        (a ``dns:///`` name resolved, at most every ``_WORKERS_TTL_SECONDS``); 1 when unknown."""
-        target = self.settings.separation_addr
-        cached = self._workers
-        if cached is not None and cached[0] == target and time.monotonic() - cached[2] < _WORKERS_TTL_SECONDS:
-            return cached[1]
+    async def choose_hpss_parts(
+        self, job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo, stems: int
+    ) -> tuple[int, str]:
+        """How many parts each of the job's ``stems`` main stems' HPSS is split into, and why.
+
+        The stems' HPSS runs after separation as ``stems x K`` calls of ``1/K`` of a stem each, in
+        ``ceil(stems x K / workers)`` rounds (workers: at most AUDIOMESH_MAX_PARALLEL_NODES): K is the one of ``1 … min(AUDIOMESH_HPSS_SPLIT_MAX,
+        the stem's HPSS blocks)`` with the least ``rounds / K``, the fewest parts on a tie (one
+        worker: never split; two workers, three stems: 2 parts, 1.5 stems' time instead of 2).
+        """
+        cap = self.settings.hpss_split_max
+        if cap < 2 or stems < 1:
+            return 1, "not split (AUDIOMESH_HPSS_SPLIT_MAX=1)" if cap < 2 else "not split"
+        blocks = hpss_block_estimate(job, info)
+        if blocks < 2:
+            return 1, "not split (the song is one HPSS block)"
+        workers = await self.workers(self.settings.hpss_addr)
+        slots = min(workers, self.settings.max_parallel_nodes)  # a job runs no more nodes at once
+        parts = min(range(1, min(cap, blocks, MAX_HPSS_PARTS) + 1), key=lambda k: (-(-stems * k // slots) / k, k))
+        why = f"{workers} hpss worker{'s' if workers != 1 else ''}"
+        if slots < workers:
+            why += f" of which a job uses {slots} at once (AUDIOMESH_MAX_PARALLEL_NODES)"
+        why += f", {stems} stems, {blocks} blocks, at most {cap} parts"
+        return parts, (f"in {parts} parts each" if parts > 1 else "not split") + f" ({why})"
+
+    async def workers(self, target: str) -> int:
+        """Workers that can take work at a gRPC target (an AUDIOMESH_*_ADDR): the addresses it
+        names (a ``dns:///`` name resolved, at most every ``_WORKERS_TTL_SECONDS``); 1 when unknown."""
+        cached = self._workers.get(target)
+        if cached is not None and time.monotonic() - cached[1] < _WORKERS_TTL_SECONDS:
+            return cached[0]
         try:
             workers = await asyncio.wait_for(asyncio.to_thread(count_workers, target), 5.0)
         except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
-            logger().info("separation workers not counted; planning for one", target=target, reason=str(exc))
+            logger().info("workers not counted; planning for one", target=target, reason=str(exc))
             workers = 1
-        self._workers = (target, workers, time.monotonic())
+        self._workers[target] = (workers, time.monotonic())
         return workers
 
     # --- job lifecycle -----------------------------------------------------------------
@@ -282,6 +309,10 @@ class Runner:
         if not job.nodes and not job.separation_parts:
             # Chosen once: a resumed or retried job keeps its parts (and the parts it wrote).
             job.separation_parts, split = await self.choose_parts(job, info)
+            stems = len(_plan_of(job, info).main_stems)
+            job.hpss_parts, hpss_split = await self.choose_hpss_parts(job, info, stems)
+            if job.hpss_parts > 1:
+                split += f"; the stems' HPSS {hpss_split}"
             plan = _plan_of(job, info)
         if not job.nodes:
             for spec in plan.nodes:
@@ -600,6 +631,7 @@ def _plan_of(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> Plan:
         main_stems=list(job.options.main_stems),
         ext=extension(job.options.encoding),
         parts=job.separation_parts or 1,
+        hpss_parts=job.hpss_parts or 1,
     )
 
 
@@ -620,6 +652,14 @@ def chunk_estimate(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) ->
     stride = max(int((1.0 - options.overlap) * int(rate * segment)), 1)
     frames = round(job.input.audio.duration_seconds * rate)
     return max(1, math.ceil(frames / stride))
+
+
+def hpss_block_estimate(job: orchestrator_pb2.Job, info: separation_pb2.ModelInfo) -> int:
+    """The HPSS blocks of one of the job's stems (at the model's rate, with the job's hop),
+    counted a little short so that a part never comes out empty on the real stem."""
+    rate = info.sample_rate or job.input.audio.sample_rate or 44100
+    frames = round(job.input.audio.duration_seconds * rate) - _BLOCK_ESTIMATE_SLACK
+    return block_count(max(frames, 1), hop_length=hpss_kwargs(job.options.hpss)["hop_length"])
 
 
 def count_workers(target: str) -> int:

@@ -122,6 +122,46 @@ class SoundFileSource:
         self.close()
 
 
+class JoinedSource:
+    """Consecutive parts of one signal read as one: ``read`` spans part boundaries.
+
+    The parts must share sample rate and channels (checked: InvalidInput names the first that
+    differs). Closing it closes nothing: the caller owns the parts.
+    """
+
+    def __init__(self, parts: Sequence[MixSource], names: Sequence[str] | None = None) -> None:
+        if not parts:
+            raise InvalidInput("a joined input needs at least one part")
+        names = list(names) if names is not None else [f"part {i}" for i in range(len(parts))]
+        first = parts[0]
+        for name, part in zip(names, parts, strict=True):
+            if (part.sample_rate, part.channels) != (first.sample_rate, first.channels):
+                raise InvalidInput(
+                    f"{name} is {part.channels} channels at {part.sample_rate} Hz, but {names[0]} is "
+                    f"{first.channels} at {first.sample_rate} Hz: parts of one input must agree"
+                )
+        self.parts = list(parts)
+        self.sample_rate, self.channels = first.sample_rate, first.channels
+        self.starts = np.cumsum([0] + [p.frames for p in self.parts])  # part i: [starts[i], starts[i+1])
+        self.frames = int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        pieces = []
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.parts)):
+            lo, hi = int(self.starts[i]), int(self.starts[i + 1])
+            if lo >= stop:
+                break
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                pieces.append(self.parts[i].read(a - lo, b - lo))
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            return np.zeros((self.channels, 0), dtype=np.float32)
+        return np.concatenate(pieces, axis=1)
+
+
 #: Frames per block when a whole source is streamed (~3 s at 44.1 kHz, 1 MiB of stereo float32).
 BLOCK_FRAMES = 1 << 17
 

@@ -40,7 +40,7 @@ from librosa.util.exceptions import ParameterError
 
 from audiomesh.errors import InvalidInput
 
-__all__ = ["BLOCK_FRAMES", "hpss", "hpss_blocks", "warmup"]
+__all__ = ["BLOCK_FRAMES", "MAX_PARTS", "block_count", "hpss", "hpss_blocks", "part_samples", "warmup"]
 
 #: ``np.pad`` modes that ``librosa.stft`` accepts for centred frames.
 PadMode = Literal["constant", "edge", "linear_ramp", "reflect", "symmetric"]
@@ -50,6 +50,9 @@ PAD_MODES: tuple[PadMode, ...] = ("constant", "edge", "linear_ramp", "reflect", 
 #: small enough for the caches and ~0.1 GB per stereo block, large enough that the frames
 #: shared between blocks (``n_fft / hop - 1 + kernel_harmonic - 1``, 33 by default) cost ~3 %.
 BLOCK_FRAMES = 1024
+
+#: Most parts (consecutive runs of blocks) one signal's HPSS can be split into.
+MAX_PARTS = 64
 
 _T = TypeVar("_T")
 
@@ -212,6 +215,7 @@ def hpss(
             pad_mode=pad_mode,
             max_workers=max_workers,
             block_frames=block_frames,
+            samples=(0, n),
         )
         for start, h_block, p_block in blocks:
             harmonic[:, start : start + h_block.shape[-1]] = h_block
@@ -257,6 +261,7 @@ def hpss_blocks(
     pad_mode: PadMode = "constant",
     max_workers: int | None = None,
     block_frames: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """:func:`hpss` of a signal read block by block; yield ``(start, harmonic, percussive)`` in order.
 
@@ -271,6 +276,12 @@ def hpss_blocks(
         As for :func:`hpss`.
     block_frames : int > 0 or None
         STFT frames per block (``None``: :data:`BLOCK_FRAMES`).
+    part : (index, count) or None
+        Only the blocks of part ``index`` (from 0) of ``count``: the signal's blocks cut into
+        ``count`` consecutive runs of nearly equal length (:func:`part_samples`). Each block
+        reads the neighbouring samples it needs itself, so the parts can be computed anywhere
+        and their outputs, joined in index order, equal the whole signal's. ``count`` must not
+        exceed the signal's :func:`block_count`.
 
     Yields
     ------
@@ -303,7 +314,8 @@ def hpss_blocks(
     max_workers = _check_workers(max_workers, n_channels)
     block_frames = _check_block_frames(block_frames)
     geometry = _Geometry(n, n_fft, hop_length, center)
-    if geometry.frames <= block_frames + 2 * win_harm + 2 * (n_fft // hop_length):
+    samples = (0, n) if part is None else part_samples(n, part, hop_length=hop_length, block_frames=block_frames)
+    if part is None and geometry.frames <= block_frames + 2 * win_harm + 2 * (n_fft // hop_length):
         y = _check_audio(np.asarray(source.read(0, n)))
         harmonic, percussive = hpss(
             y,
@@ -331,7 +343,34 @@ def hpss_blocks(
         pad_mode=pad_mode,
         max_workers=max_workers,
         block_frames=block_frames,
+        samples=samples,
     )
+
+
+def block_count(frames: int, *, hop_length: int, block_frames: int | None = None) -> int:
+    """How many blocks :func:`hpss_blocks` cuts a signal of ``frames`` samples into."""
+    step = _check_block_frames(block_frames) * hop_length
+    return max(1, -(-int(frames) // step))
+
+
+def part_samples(
+    frames: int, part: tuple[int, int], *, hop_length: int, block_frames: int | None = None
+) -> tuple[int, int]:
+    """The samples ``[start, stop)`` part ``index`` of ``count`` covers: blocks
+    ``floor(index * B / count)`` to ``floor((index + 1) * B / count)`` of the ``B`` blocks."""
+    index, count = part
+    blocks = block_count(frames, hop_length=hop_length, block_frames=block_frames)
+    if not (_is_positive_int(count) and count <= MAX_PARTS) or not (isinstance(index, int) and 0 <= index < count):
+        raise InvalidInput(
+            f"part must be (index, count) with 1 <= count <= {MAX_PARTS} and 0 <= index < count, got {part}"
+        )
+    if count > blocks:
+        raise InvalidInput(
+            f"a signal of {frames} samples is {blocks} block{'s' if blocks != 1 else ''} of HPSS frames: "
+            f"it cannot be split into {count} parts"
+        )
+    step = _check_block_frames(block_frames) * hop_length
+    return index * blocks // count * step, min(int(frames), (index + 1) * blocks // count * step)
 
 
 class _Array:
@@ -373,6 +412,7 @@ def _blocks(
     pad_mode: PadMode,
     max_workers: int,
     block_frames: int,
+    samples: tuple[int, int],
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     win_harm, win_perc = kernels
     radius = win_harm // 2
@@ -380,7 +420,7 @@ def _blocks(
     stft_args = {"n_fft": n_fft, "hop_length": hop, "win_length": win_length, "window": window, "center": False}
     step = block_frames * hop
     with _executor(max_workers) as pool:
-        for start in range(0, n, step):
+        for start in range(samples[0], samples[1], step):  # samples[0] is a multiple of step
             stop = min(n, start + step)
             t_lo, t_hi = geo.frames_for(start + geo.offset, stop + geo.offset)
             if t_hi <= t_lo:  # past the last frame (center=False): librosa leaves zeros there

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from audiomesh.v1 import common_pb2 as audiomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61udiomesh/v1/composite.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"E\n\rCompositeSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_keys\x18\x02 \x03(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\"\x82\x01\n\x10\x43ompositeRequest\x12/\n\ncomposites\x18\x01 \x03(\x0b\x32\x1b.audiomesh.v1.CompositeSpec\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"8\n\x11\x43ompositeResponse\x12#\n\x06tracks\x18\x01 \x03(\x0b\x32\x13.audiomesh.v1.Track2`\n\x10\x43ompositeService\x12L\n\tComposite\x12\x1e.audiomesh.v1.CompositeRequest\x1a\x1f.audiomesh.v1.CompositeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61udiomesh/v1/composite.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"t\n\rCompositeSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_keys\x18\x02 \x03(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\x12-\n\x0binput_parts\x18\x04 \x03(\x0b\x32\x18.audiomesh.v1.InputParts\"\x1a\n\nInputParts\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\x82\x01\n\x10\x43ompositeRequest\x12/\n\ncomposites\x18\x01 \x03(\x0b\x32\x1b.audiomesh.v1.CompositeSpec\x12-\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x03 \x01(\t\"8\n\x11\x43ompositeResponse\x12#\n\x06tracks\x18\x01 \x03(\x0b\x32\x13.audiomesh.v1.Track2`\n\x10\x43ompositeService\x12L\n\tComposite\x12\x1e.audiomesh.v1.CompositeRequest\x1a\x1f.audiomesh.v1.CompositeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'audiomesh.v1.composite_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPOSITESPEC']._serialized_start=73
-  _globals['_COMPOSITESPEC']._serialized_end=142
-  _globals['_COMPOSITEREQUEST']._serialized_start=145
-  _globals['_COMPOSITEREQUEST']._serialized_end=275
-  _globals['_COMPOSITERESPONSE']._serialized_start=277
-  _globals['_COMPOSITERESPONSE']._serialized_end=333
-  _globals['_COMPOSITESERVICE']._serialized_start=335
-  _globals['_COMPOSITESERVICE']._serialized_end=431
+  _globals['_COMPOSITESPEC']._serialized_end=189
+  _globals['_INPUTPARTS']._serialized_start=191
+  _globals['_INPUTPARTS']._serialized_end=217
+  _globals['_COMPOSITEREQUEST']._serialized_start=220
+  _globals['_COMPOSITEREQUEST']._serialized_end=350
+  _globals['_COMPOSITERESPONSE']._serialized_start=352
+  _globals['_COMPOSITERESPONSE']._serialized_end=408
+  _globals['_COMPOSITESERVICE']._serialized_start=410
+  _globals['_COMPOSITESERVICE']._serialized_end=506
 # @@protoc_insertion_point(module_scope)

@@ -26,25 +26,55 @@ class CompositeSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_KEYS_FIELD_NUMBER: _builtins.int
     OUTPUT_KEY_FIELD_NUMBER: _builtins.int
+    INPUT_PARTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """track name, e.g. "main" """
     output_key: _builtins.str
     @_builtins.property
     def input_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def input_parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputParts]:
+        """More inputs, each made of consecutive parts joined in order (e.g. a stem's HPSS computed
+        in parts, DecomposeRequest.part); summed after input_keys. A composite needs at least one input.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         input_keys: _abc.Iterable[_builtins.str] | None = ...,
         output_key: _builtins.str = ...,
+        input_parts: _abc.Iterable[Global___InputParts] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_keys", b"input_keys", "name", b"name", "output_key", b"output_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_keys", b"input_keys", "input_parts", b"input_parts", "name", b"name", "output_key", b"output_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompositeSpec: _TypeAlias = CompositeSpec  # noqa: Y015
+
+@_typing.final
+class InputParts(_message.Message):
+    """One input stored as consecutive parts: 1..64 keys of one sample rate and channel count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputParts: _TypeAlias = InputParts  # noqa: Y015
 
 @_typing.final
 class CompositeRequest(_message.Message):

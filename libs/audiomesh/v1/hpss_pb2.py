@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from audiomesh.v1 import common_pb2 as audiomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61udiomesh/v1/hpss.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"\xd5\x01\n\x10\x44\x65\x63omposeRequest\x12\x11\n\tinput_key\x18\x01 \x01(\t\x12\x14\n\x0charmonic_key\x18\x02 \x01(\t\x12\x16\n\x0epercussive_key\x18\x03 \x01(\t\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.audiomesh.v1.HpssOptions\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x15\n\rskip_loudness\x18\x07 \x01(\x08\"z\n\x0f\x44\x65\x63omposeResult\x12%\n\x08harmonic\x18\x01 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12\'\n\npercussive\x18\x02 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"y\n\x11\x44\x65\x63omposeResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.audiomesh.v1.DecomposeResultH\x00\x42\x07\n\x05\x65vent2]\n\x0bHpssService\x12N\n\tDecompose\x12\x1e.audiomesh.v1.DecomposeRequest\x1a\x1f.audiomesh.v1.DecomposeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61udiomesh/v1/hpss.proto\x12\x0c\x61udiomesh.v1\x1a\x19\x61udiomesh/v1/common.proto\"\xfb\x01\n\x10\x44\x65\x63omposeRequest\x12\x11\n\tinput_key\x18\x01 \x01(\t\x12\x14\n\x0charmonic_key\x18\x02 \x01(\t\x12\x16\n\x0epercussive_key\x18\x03 \x01(\t\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.audiomesh.v1.HpssOptions\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.audiomesh.v1.AudioEncoding\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x15\n\rskip_loudness\x18\x07 \x01(\x08\x12$\n\x04part\x18\x08 \x01(\x0b\x32\x16.audiomesh.v1.HpssPart\"(\n\x08HpssPart\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"z\n\x0f\x44\x65\x63omposeResult\x12%\n\x08harmonic\x18\x01 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12\'\n\npercussive\x18\x02 \x01(\x0b\x32\x13.audiomesh.v1.Track\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"y\n\x11\x44\x65\x63omposeResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.audiomesh.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.audiomesh.v1.DecomposeResultH\x00\x42\x07\n\x05\x65vent2]\n\x0bHpssService\x12N\n\tDecompose\x12\x1e.audiomesh.v1.DecomposeRequest\x1a\x1f.audiomesh.v1.DecomposeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'audiomesh.v1.hpss_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECOMPOSEREQUEST']._serialized_start=69
-  _globals['_DECOMPOSEREQUEST']._serialized_end=282
-  _globals['_DECOMPOSERESULT']._serialized_start=284
-  _globals['_DECOMPOSERESULT']._serialized_end=406
-  _globals['_DECOMPOSERESPONSE']._serialized_start=408
-  _globals['_DECOMPOSERESPONSE']._serialized_end=529
-  _globals['_HPSSSERVICE']._serialized_start=531
-  _globals['_HPSSSERVICE']._serialized_end=624
+  _globals['_DECOMPOSEREQUEST']._serialized_end=320
+  _globals['_HPSSPART']._serialized_start=322
+  _globals['_HPSSPART']._serialized_end=362
+  _globals['_DECOMPOSERESULT']._serialized_start=364
+  _globals['_DECOMPOSERESULT']._serialized_end=486
+  _globals['_DECOMPOSERESPONSE']._serialized_start=488
+  _globals['_DECOMPOSERESPONSE']._serialized_end=609
+  _globals['_HPSSSERVICE']._serialized_start=611
+  _globals['_HPSSSERVICE']._serialized_end=704
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,7 @@ class DecomposeRequest(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     SKIP_LOUDNESS_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
     input_key: _builtins.str
     harmonic_key: _builtins.str
     percussive_key: _builtins.str
@@ -39,6 +40,14 @@ class DecomposeRequest(_message.Message):
     """
     @_builtins.property
     def options(self) -> _common_pb2.HpssOptions: ...
+    @_builtins.property
+    def part(self) -> Global___HpssPart:
+        """Set (count >= 2): decompose only this part of the signal and write its samples to
+        harmonic_key / percussive_key (Track.loudness unset: a part is not a track anyone hears).
+        Joined in index order, the parts' outputs are the whole signal's (see HpssPart). Unset, or
+        count 0 or 1: the whole signal.
+        """
+
     def __init__(
         self,
         *,
@@ -49,14 +58,46 @@ class DecomposeRequest(_message.Message):
         encoding: _common_pb2.AudioEncoding.ValueType = ...,
         job_id: _builtins.str = ...,
         skip_loudness: _builtins.bool = ...,
+        part: Global___HpssPart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "harmonic_key", b"harmonic_key", "input_key", b"input_key", "job_id", b"job_id", "options", b"options", "percussive_key", b"percussive_key", "skip_loudness", b"skip_loudness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "harmonic_key", b"harmonic_key", "input_key", b"input_key", "job_id", b"job_id", "options", b"options", "part", b"part", "percussive_key", b"percussive_key", "skip_loudness", b"skip_loudness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecomposeRequest: _TypeAlias = DecomposeRequest  # noqa: Y015
+
+@_typing.final
+class HpssPart(_message.Message):
+    """A part of a signal's HPSS. The signal's STFT frames are cut into blocks of 1024 frames
+    (~11.9 s at 44.1 kHz with hop 512); with B blocks the part covers blocks
+    [floor(index * B / count), floor((index + 1) * B / count)) — every block computed from the
+    samples it needs, so the parts join exactly (libs/audiomesh/dsp/hpss.py, part_samples).
+    count must not exceed B (INVALID_ARGUMENT names B).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """0 <= index < count"""
+    count: _builtins.int
+    """2..64 to split; 0 or 1: the whole signal"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HpssPart: _TypeAlias = HpssPart  # noqa: Y015
 
 @_typing.final
 class DecomposeResult(_message.Message):

@@ -186,6 +186,7 @@ class Job(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     SEPARATION_PARTS_FIELD_NUMBER: _builtins.int
+    HPSS_PARTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     fraction: _builtins.float
@@ -209,6 +210,11 @@ class Job(_message.Message):
     can take work, the song's chunks) and kept, so a resumed or retried job runs the same graph
     and reuses the parts already written. 1: one whole-song separation node; 0: not planned yet
     (or a manifest written before splitting existed: 1).
+    """
+    hpss_parts: _builtins.int
+    """How many parts each stem's HPSS (hpss:{stem}:part1of{K} …) is split into, chosen and kept
+    like separation_parts (AUDIOMESH_HPSS_SPLIT_MAX, the hpss workers, the song's HPSS blocks).
+    1: one node per stem; 0: not planned yet (or a manifest from before: 1).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -248,10 +254,11 @@ class Job(_message.Message):
         owner: _builtins.str = ...,
         trace_parent: _builtins.str = ...,
         separation_parts: _builtins.int = ...,
+        hpss_parts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "separation_parts", b"separation_parts", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "hpss_parts", b"hpss_parts", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "separation_parts", b"separation_parts", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
