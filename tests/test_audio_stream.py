@@ -105,9 +105,10 @@ def stem_blocks(n_blocks: int = 4, frames: int = 9000) -> tuple[dict[str, np.nda
     return whole, stream
 
 
-def test_write_stems_writes_every_stem_and_its_measurement(tmp_path) -> None:
+@pytest.mark.parametrize("threads", [1, 2, 3])  # >1: the stems of a block on a pool (a stitch)
+def test_write_stems_writes_every_stem_and_its_measurement(tmp_path, threads) -> None:
     whole, stream = stem_blocks()
-    written = write_stems(stream, tmp_path, RATE, 2, fmt="wav", subtype="FLOAT", ext=".wav")
+    written = write_stems(stream, tmp_path, RATE, 2, fmt="wav", subtype="FLOAT", ext=".wav", threads=threads)
     assert list(written) == ["drums", "bass"]  # the order stems came
     for name, (path, measured) in written.items():
         assert path.parent == tmp_path and path.suffix == ".wav"
@@ -115,7 +116,8 @@ def test_write_stems_writes_every_stem_and_its_measurement(tmp_path) -> None:
         assert measured == measure(whole[name], RATE)
 
 
-def test_write_stems_raises_a_writer_thread_error_on_the_caller_and_leaves_nothing(tmp_path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_write_stems_raises_a_writer_thread_error_on_the_caller_and_leaves_nothing(tmp_path, threads) -> None:
     _, stream = stem_blocks(n_blocks=12)
     stream[1][1]["bass"] = np.zeros((1, 9000), np.float32)  # the writer thread refuses it
     produced = []
@@ -126,7 +128,7 @@ def test_write_stems_raises_a_writer_thread_error_on_the_caller_and_leaves_nothi
             yield item
 
     with pytest.raises(InvalidInput, match="expected 2 channels"):
-        write_stems(blocks(), tmp_path, RATE, 2)
+        write_stems(blocks(), tmp_path, RATE, 2, threads=threads)
     assert list(tmp_path.iterdir()) == []
     assert len(produced) < len(stream)  # the error stopped the producer early (bounded queue)
 

@@ -315,9 +315,11 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
                     progress=lambda fraction: report(0.2 + 0.75 * fraction, "stitching"),
                     cancel=cancel,
                 )
+                # Writing is all that is left here (no model beside it): the stems on the worker's cores.
+                threads = min(2 if options.two_stems else len(info.sources), configure_torch_threads(None))
                 written = write_stems(
                     blocks, tmp, info.sample_rate, info.channels, fmt=fmt, subtype=subtype, ext=ext,
-                    cancelled=cancel.is_set,
+                    cancelled=cancel.is_set, threads=max(1, threads),
                 )  # fmt: skip
                 report(0.95, "writing stems")
                 stems = [
