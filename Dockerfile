@@ -81,7 +81,7 @@ RUN pip install --no-deps . \
 # ---- build-dsp: the dependencies without torch and demucs, and audiomesh ---------------------
 FROM build-base AS build-dsp
 COPY pyproject.toml ./
-RUN audiomesh-requirements pyproject.toml --without torch demucs > /tmp/requirements.txt \
+RUN audiomesh-requirements pyproject.toml --without torch demucs bs-roformer > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 COPY README.md ./
 COPY libs ./libs

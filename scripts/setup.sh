@@ -12,5 +12,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
   .venv/bin/python -m pip install -q torch==2.13.0
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # Test-only reference for the RoFormer models: Music-Source-Separation-Training's own demix and
+  # networks (PyPI msst). Without its dependencies: its metadata pins torch<2.12, which would
+  # replace the pinned torch; what it needs at import is ml-collections and absl-py.
+  .venv/bin/python -m pip install -q --no-deps msst==0.1.0
+  .venv/bin/python -m pip install -q ml-collections absl-py
   touch "$stamp"
 fi
