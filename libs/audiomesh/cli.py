@@ -120,12 +120,16 @@ async def _simple(args: argparse.Namespace, settings: Settings) -> int:
             if not listed.models:
                 print("no separation models: the separation service lists none (see its log)")
                 return 0
-            print(f"  {'MODEL':<18} {'ORIGIN':<11} {'WEIGHTS':<16} {'RUNS':<14} STEMS")
+            width = max(18, *(len(m.name) for m in listed.models))
+            print(f"  {'MODEL':<{width}} {'KIND':<9} {'ORIGIN':<11} {'WEIGHTS':<16} {'RUNS':<14} STEMS")
             for m in listed.models:
                 mark = "*" if m.name == listed.default_model else " "
                 avail = "available" if m.available else "no weights here"
                 runs = execution_label(m.execution) or "-"
-                print(f"{mark} {m.name:<18} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
+                kind = m.kind or "-"
+                print(f"{mark} {m.name:<{width}} {kind:<9} {m.origin:<11} {avail:<16} {runs:<14} {','.join(m.sources)}")
+                if m.description:  # what it is and what it costs, in one line
+                    print(f"    {m.description}")
                 if m.compile_error:
                     print(f"    {m.compile_error}")
                 if m.HasField("eager_chunk_seconds") and m.HasField("compiled_chunk_seconds"):

@@ -75,8 +75,28 @@ def separation_options(pb: common_pb2.SeparationOptions) -> SeparationOptions:
     return SeparationOptions(**kwargs)
 
 
+def check_options_for_kind(pb: common_pb2.SeparationOptions, kind: str, name: str) -> None:
+    """What a model family cannot honour is refused, not ignored. A RoFormer runs its config's
+    chunks and overlap (Music-Source-Separation-Training's demix) in one pass: no Demucs shifts,
+    and no overlap other than its config's (``segment_seconds`` sets its chunk size, exactly as
+    the config's ``inference.chunk_size`` would)."""
+    if kind != "roformer":
+        return
+    if pb.HasField("shifts") and pb.shifts > 1:
+        raise errors.InvalidInput(
+            f"separation.shifts {pb.shifts}: model {name!r} is a RoFormer, which runs one pass (shifts is a "
+            "Demucs option); leave shifts unset, 0 or 1"
+        )
+    if pb.HasField("overlap"):
+        raise errors.InvalidInput(
+            f"separation.overlap: model {name!r} is a RoFormer, whose overlap comes from its config "
+            "(inference.num_overlap); leave it unset"
+        )
+
+
 def check_separation_options(pb: common_pb2.SeparationOptions, info: separation_pb2.ModelInfo) -> None:
     """Validate against a model described by the separation worker's ListModels."""
+    check_options_for_kind(pb, info.kind, info.name)
     described = ModelInfo(
         name=info.name,
         sources=tuple(info.sources),

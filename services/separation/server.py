@@ -27,7 +27,7 @@ from audiomesh import errors, metrics, scratch
 from audiomesh.config import Settings
 from audiomesh.hashing import file_sha256
 from audiomesh.memory import limit_arenas, release_memory
-from audiomesh.options import separation_options
+from audiomesh.options import check_options_for_kind, separation_options
 from audiomesh.rpc import Registration, ServiceSpec, stream_work
 from audiomesh.separation import SeparationOptions, SeparatorFactory, SeparatorModel, split
 from audiomesh.separation.compiled import Activity, BackgroundCompiler, configure_cache, graph_calls
@@ -164,6 +164,7 @@ class SeparationServicer(separation_pb2_grpc.SeparationServiceServicer):
             raise errors.InvalidInput("output_prefix is required: stems are written as {output_prefix}/{stem}.wav")
         name = request.model or self.settings.default_model
         model = await asyncio.to_thread(self.factory.get, name)
+        check_options_for_kind(request.options, model.info.kind, name)
         options = separation_options(request.options)
         options.validate(model)
         if part is not None:

@@ -2,8 +2,12 @@
 
 :class:`SeparatorFactory` maps a model name to a :class:`ModelSpec` (what it is and
 where its weights are) and a spec to a loaded :class:`SeparatorModel` through the
-builder registered for the spec's ``kind``. The ``"demucs"`` kind is built in;
-another separator plugs in with :meth:`SeparatorFactory.register`.
+builder registered for the spec's ``kind``. The ``"demucs"`` and ``"roformer"`` kinds are
+built in; another separator plugs in with :meth:`SeparatorFactory.register`.
+
+A RoFormer (BS-RoFormer, Mel-Band RoFormer) is a name in a local repository folder:
+``NAME.yaml`` (its Music-Source-Separation-Training config) with ``NAME.ckpt`` beside it, built
+by :class:`~audiomesh.separation.roformer_model.RoformerModel`; listed from the yaml alone.
 
 Demucs names resolve in this order:
 
@@ -44,7 +48,7 @@ from audiomesh.errors import AudiomeshError, ConfigError, InvalidInput, ModelUna
 from audiomesh.memory import allocator
 from audiomesh.separation.base import ModelInfo, Origin, SeparatorModel, resolve_device
 from audiomesh.separation.demucs_model import DemucsModel
-from audiomesh.separation.repo import RepoEntry, scan_repo
+from audiomesh.separation.repo import ROFORMER_CHECKPOINTS, RepoEntry, scan_repo
 from audiomesh.telemetry import logger
 
 __all__ = [
@@ -196,7 +200,7 @@ class SeparatorFactory:
         self._allow_download = allow_download
         self._probe_timeout = probe_timeout
         self._guard = threading.Lock()
-        self._builders: dict[str, Builder] = {"demucs": self._build_demucs}
+        self._builders: dict[str, Builder] = {"demucs": self._build_demucs, "roformer": self._build_roformer}
         self._specs: dict[str, ModelSpec] = {}
         self._cache: dict[tuple[str, str], SeparatorModel] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
@@ -414,6 +418,8 @@ class SeparatorFactory:
         return found
 
     def _local_spec(self, name: str, folder: Path, entry: RepoEntry) -> ModelSpec:
+        if entry.kind == "roformer":
+            return self._roformer_spec(name, folder, entry)
         problem = None
         if entry.kind == "bag":
             try:
@@ -446,6 +452,47 @@ class SeparatorFactory:
             available=problem is None,
             repo=folder,
             options={"loader": "get_model", "problem": problem},
+        )
+
+    # -- roformer ---------------------------------------------------------------------
+
+    def _roformer_spec(self, name: str, folder: Path, entry: RepoEntry) -> ModelSpec:
+        """A RoFormer entry described from its yaml alone (no weights read); unavailable, with
+        the reason, when its checkpoint is missing or its config cannot be used."""
+        from audiomesh.separation.roformer_model import KIND, load_config
+
+        problem, info = None, None
+        description = f"RoFormer from {entry.path}"
+        try:
+            config = load_config(entry.path)
+        except AudiomeshError as exc:
+            problem = str(exc)
+        else:
+            description = config.describe()
+            info = ModelInfo(
+                name, config.sources, config.sample_rate, config.channels, "local_repo", description, kind=KIND
+            )
+        if entry.checkpoint is None and problem is None:
+            suffixes = " or ".join(f"{name}{s}" for s in ROFORMER_CHECKPOINTS)
+            problem = f"{entry.path.name} has no weights beside it: put its checkpoint in {folder} as {suffixes}"
+        return ModelSpec(
+            name,
+            KIND,
+            "local_repo",
+            description,
+            info=info,
+            available=problem is None,
+            repo=folder,
+            options={"config": entry.path, "checkpoint": entry.checkpoint, "problem": problem},
+        )
+
+    def _build_roformer(self, spec: ModelSpec, device: str) -> SeparatorModel:
+        from audiomesh.separation.roformer_model import RoformerModel
+
+        if spec.options.get("problem"):
+            raise ModelUnavailable(f"model '{spec.name}' cannot be loaded: {spec.options['problem']}")
+        return RoformerModel.load(
+            spec.options["config"], spec.options["checkpoint"], name=spec.name, origin=spec.origin, device=device
         )
 
     def _pretrained_spec(self, name: str) -> ModelSpec:

@@ -24,6 +24,13 @@ Rules (``demucs.repo.LocalRepo`` and ``BagOnlyRepo``):
 * Only ``.th`` files are read: the ``.safetensors`` files of demucs' HuggingFace
   repositories are not (the factory uses them from the HuggingFace cache instead).
 
+RoFormer models (BS-RoFormer, Mel-Band RoFormer) sit in the same folder the way the community
+shares them (Music-Source-Separation-Training, UVR, python-audio-separator): a config and a
+checkpoint with one stem, ``NAME.yaml`` + ``NAME.ckpt`` (or ``.pth`` / ``.pt``), e.g.
+``model_bs_roformer_ep_317_sdr_12.9755.yaml`` and ``….ckpt``. A yaml with such a checkpoint
+beside it, or with top-level ``model:`` and ``audio:`` blocks (its weights missing), is a RoFormer
+entry, not a bag (:mod:`.roformer_model` reads it).
+
 To make the real pretrained models available, copy the yaml from the demucs package
 (``demucs/remote/NAME.yaml``) and the ``.th`` files it names, from
 ``https://dl.fbaipublicfiles.com/demucs/<root>/<sig>-<checksum>.th`` (roots and file
@@ -264,11 +271,16 @@ def save_model_to_repo(
     return path
 
 
+#: Checkpoint suffixes of a RoFormer entry, in the order they are looked for.
+ROFORMER_CHECKPOINTS = (".ckpt", ".pth", ".pt")
+
+
 @dataclass(frozen=True)
 class RepoEntry:
     """One loadable name in a local repository.
 
-    ``kind`` is ``"model"`` (a ``.th`` file) or ``"bag"`` (a ``.yaml`` file);
+    ``kind`` is ``"model"`` (a ``.th`` file), ``"bag"`` (a ``.yaml`` file) or ``"roformer"``
+    (``path`` its yaml config, ``checkpoint`` its weights, None when missing);
     ``checksum`` is the sha256 prefix in the file name, if any.
     """
 
@@ -276,6 +288,7 @@ class RepoEntry:
     path: Path
     kind: str
     checksum: str | None = None
+    checkpoint: Path | None = None
 
 
 def scan_repo(folder: Path | str) -> dict[str, RepoEntry]:
@@ -293,7 +306,23 @@ def scan_repo(folder: Path | str) -> dict[str, RepoEntry]:
         if file.suffix == ".th":
             sig, checksum = file.stem.rsplit("-", 1) if "-" in file.stem else (file.stem, None)
             found.setdefault(sig, RepoEntry(sig, file, "model", checksum))
+    names = {f.name for f in files}
     for file in files:
         if file.suffix == ".yaml":
-            found.setdefault(file.stem, RepoEntry(file.stem, file, "bag"))
+            checkpoint = next((file.with_suffix(s) for s in ROFORMER_CHECKPOINTS if file.stem + s in names), None)
+            if checkpoint is not None or _looks_like_roformer_config(file):
+                found.setdefault(file.stem, RepoEntry(file.stem, file, "roformer", checkpoint=checkpoint))
+            else:
+                found.setdefault(file.stem, RepoEntry(file.stem, file, "bag"))
     return found
+
+
+def _looks_like_roformer_config(path: Path) -> bool:
+    """A Music-Source-Separation-Training config (top-level ``model:`` and ``audio:``), not a
+    demucs bag (``models:``): read as text, its ``!!python/tuple`` tags need no loader."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    keys = set(re.findall(r"^([A-Za-z_]+):", text, flags=re.MULTILINE))
+    return {"model", "audio"} <= keys and "models" not in keys
