@@ -177,6 +177,19 @@ def write_clicks(path: Path, seconds: float = 2.0, rate: int = 44100) -> Path:
     return path
 
 
+def test_cuda_asked_where_torch_sees_none_is_refused_before_any_mesh_starts(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: -d cuda is valid here")
+    song = write_song(tmp_path / "a.wav", 1.0)
+    done = run_cli("process", "-d", "cuda", str(song), env=CLOSED, cwd=tmp_path, timeout=60)
+    assert done.returncode != 0, done.stderr
+    assert "-d cuda: torch" in done.stderr and "sees no CUDA device on this machine" in done.stderr, done.stderr
+    assert "use -d cpu" in done.stderr and "starting one" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_demucs_command_line_runs_unchanged(file_mesh, tmp_path):
     """`demucs -n M --two-stems vocals --mp3 --mp3-bitrate 192 -o out -j 2 -d cpu a.wav b.mp3`
     with `audiomesh process` in its place, in a 60-column terminal: MP3 tracks of the right

@@ -407,6 +407,23 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
             tmp.cleanup()
 
 
+def _check_device_here(device: str) -> None:
+    """``-d cuda`` for a mesh this command starts on a machine whose torch sees no GPU: say so,
+    in the flag's terms, instead of a mesh that fails to start (importing torch only then)."""
+    from audiomesh.errors import FailedPrecondition
+    from audiomesh.separation.base import resolve_device
+
+    try:
+        resolve_device(device)
+    except FailedPrecondition as exc:
+        import torch
+
+        raise FailedPrecondition(
+            f"-d {device}: torch {torch.__version__} sees no CUDA device on this machine, so the mesh this command "
+            "would start cannot separate there; use -d cpu (or -d auto: the GPU where there is one)"
+        ) from exc
+
+
 def _run_process(args: argparse.Namespace, settings: Settings, files: list[Path], failures: list) -> int:
     target = settings.orchestrator_addr
     if asyncio.run(_mesh_running(settings, target)):
@@ -418,6 +435,8 @@ def _run_process(args: argparse.Namespace, settings: Settings, files: list[Path]
     default_store = Path("data").resolve().as_uri()
     log_dir = Path("data/logs") if settings.store_url == default_store else None
     env = {}
+    if args.device and args.device != "auto":
+        _check_device_here(args.device)  # before a mesh starts whose separation worker would fail
     if args.device:
         env["AUDIOMESH_DEVICE"] = args.device
         settings = settings.model_copy(update={"device": args.device})
