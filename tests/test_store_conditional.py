@@ -269,3 +269,34 @@ def test_a_delete_waits_for_a_conditional_write_in_flight(tmp_path) -> None:
     with pytest.raises(PreconditionFailed):  # and a conditional write after the delete is refused
         store.put_if("jobs/1/lease.json", b"released", if_match=lease.etag)
     assert not (tmp_path / "s" / "jobs").exists()
+
+
+def test_a_conditional_write_whose_answer_was_lost_stands_when_it_is_retried(s3_server: str) -> None:
+    """S3 only: the request reaches the store and is applied, its answer is cut on the way back
+    (a TCP proxy drops it), urllib3 retries the PUT, and the retry meets 412 — its own write.
+    put_if reports the write it made (the lease renewal a holder would otherwise give up), and a
+    real conflict behind a lost answer is still refused."""
+    from tests.helpers.proxy import Proxy
+    from tests.helpers.s3 import open_test_store
+
+    proxy = Proxy(s3_server)
+    store = open_test_store(proxy.address)
+    try:
+        first = store.put_if(KEY, b'{"epoch": 1}', if_none_match=True)
+        proxy.lose_next_answer()
+        second = store.put_if(KEY, b'{"epoch": 2}', if_match=first.etag)
+        assert proxy.answers_lost == 1
+        data, info = store.read(KEY)
+        assert data == b'{"epoch": 2}' and second.etag == info.etag != first.etag
+        proxy.lose_next_answer()
+        created = store.put_if("jobs/2/lease", b'{"owner": "a"}', if_none_match=True)
+        assert proxy.answers_lost == 2 and store.read("jobs/2/lease")[1].etag == created.etag
+        # A stale ETag is refused at the first attempt; with that answer lost, the retry's 412 is
+        # still a conflict: the object holds other bytes.
+        proxy.lose_next_answer()
+        with pytest.raises(PreconditionFailed, match="changed or is gone"):
+            store.put_if(KEY, b'{"epoch": 9}', if_match=first.etag)
+        assert proxy.answers_lost == 3 and store.read(KEY)[0] == b'{"epoch": 2}'
+    finally:
+        store.close()
+        proxy.close()

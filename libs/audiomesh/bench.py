@@ -1,4 +1,5 @@
-"""``audiomesh bench``: audiomesh measured against raw Demucs and librosa, side by side, in one run.
+"""``audiomesh bench``: audiomesh measured against raw Demucs (or a RoFormer's reference inference) and
+librosa, side by side, in one run.
 
 What one run does (every step bounded in time; a step that fails or runs out of time is
 reported as missing, the others still run):
@@ -7,10 +8,24 @@ reported as missing, the others still run):
    and writes it as a 16-bit WAV, as a user would upload it.
 2. Builds the separation model: by default an HTDemucs with the configuration of the released
    ``htdemucs`` and random weights (same compute as the real one; nothing is downloaded),
-   saved into a temporary local model repository.
+   saved into a temporary local model repository. ``--model bs_roformer`` / ``mel_roformer``:
+   a RoFormer at the released sizes (:data:`~audiomesh.separation.roformer_model.BS_ROFORMER_EP317`,
+   159.8 M parameters; :data:`~audiomesh.separation.roformer_model.MEL_ROFORMER_KJ`, 228.2 M),
+   random weights (seed 0), saved as the community shares them: ``NAME.yaml`` (MSST's config,
+   tuples as ``!!python/tuple``) + ``NAME.ckpt`` (MSST-keyed ``state_dict``); ``tiny_roformer``:
+   the Mel-Band one shrunk (dim 16, one layer, 1 s chunks) for tests.
 3. ``raw``: ``demucs.apply.apply_model`` on the song in a child process (so its peak RSS is its
    own), with the options a job uses by default (``shifts=1, overlap=0.25, split=True``) and
    the input normalized as ``demucs.api.Separator`` does; only the ``apply_model`` call is timed.
+   For a RoFormer, the reference inference (``raw_reference``): MSST's own ``demix``
+   (``msst.utils.model_utils.demix``, the config's ``batch_size``) on MSST's own network class
+   loaded from the same ``NAME.yaml`` + ``NAME.ckpt`` as MSST's inference loads them, or, where
+   the test-only ``msst`` package cannot be imported, :meth:`RoformerModel.separate
+   <audiomesh.separation.roformer_model.RoformerModel.separate>` on the whole array; only that
+   call is timed. ``raw_chunks`` is the chunks MSST's geometry computes (``ceil(padded length /
+   step)``) and ``raw_chunk_s`` the raw time per chunk. A RoFormer's raw step runs after ``e2e``,
+   on the mix the job decoded, and ``e2e_max_abs_diff`` is the job's stems against raw's (the
+   residual stem, e.g. ``other``, as ``mix - target`` for both, as MSST's ``--extract_instrumental``).
 4. ``hpss``: ``librosa.effects.hpss`` (STFT → ``decompose.hpss`` → ISTFT) versus
    :func:`audiomesh.dsp.hpss.hpss` on the same stereo float32 signal, each in its own child
    process after its numba JIT is warm: times, speedup, max abs difference, peak RSS.
@@ -45,6 +60,10 @@ reported as missing, the others still run):
    (:func:`audiomesh.separation.split.shift_seed` of the job id). To get that seed, ``raw`` runs
    after the split job and its stems are the reference (its time is raw's figure as usual).
 
+RoFormer models run one pass, eager, on one worker: ``--shifts`` other than 1,
+``--compile-backend`` and ``--separation-workers`` >= 2 are refused for them (the mesh does not
+split a RoFormer job, nor compile it), and the Demucs-only keys stay ``null``.
+
 Figures are reported, never asserted; :data:`KEYS` are always present in the JSON (``null``
 when a step did not produce them, with the reason in ``errors``).
 """
@@ -54,6 +73,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -78,10 +98,14 @@ SAMPLE_RATE = 44100
 KEYS = (
     "duration_s",
     "model",
+    "raw_reference",
     "raw_separation_s",
     "raw_separation_peak_rss_mb",
+    "raw_chunks",
+    "raw_chunk_s",
     "e2e_s",
     "e2e_over_raw",
+    "e2e_max_abs_diff",
     "compile_backend",
     "separation_compiled_s",
     "compiled_max_abs_diff",
@@ -137,6 +161,32 @@ MODELS: Mapping[str, dict[str, Any] | None] = {
 }
 _REPO_NAME = {"htdemucs": "bench_htdemucs", "tiny": "bench_tiny_htdemucs"}
 
+
+def _tiny_roformer() -> dict[str, Any]:
+    """Kimberley Jensen's Mel-Band RoFormer shrunk: dim 16, one layer of 2 heads of 8, 1 s chunks
+    (a 4 s song is 10 chunks, batched by 4 as the released config)."""
+    from audiomesh.separation.roformer_model import MEL_ROFORMER_KJ
+
+    config = copy.deepcopy(MEL_ROFORMER_KJ)
+    config["model"].update(dim=16, depth=1, heads=2, dim_head=8)
+    config["audio"]["chunk_size"] = SAMPLE_RATE
+    return config
+
+
+#: RoFormer models ``--model`` accepts: name → a function returning the MSST-shaped config (random weights, seed 0).
+ROFORMER_MODELS: Mapping[str, Callable[[], dict[str, Any]]] = {
+    "bs_roformer": lambda: _released_roformer("BS_ROFORMER_EP317"),
+    "mel_roformer": lambda: _released_roformer("MEL_ROFORMER_KJ"),
+    "tiny_roformer": _tiny_roformer,
+}
+
+
+def _released_roformer(constant: str) -> dict[str, Any]:
+    from audiomesh.separation import roformer_model
+
+    return copy.deepcopy(getattr(roformer_model, constant))
+
+
 _CHILD = "_child"  # argv[1] of this module's child processes
 
 
@@ -149,10 +199,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument(
         "--model",
-        choices=sorted(MODELS),
+        choices=sorted([*MODELS, *ROFORMER_MODELS]),
         default="htdemucs",
         help="htdemucs: released configuration with random weights (default); tiny: same architecture, "
-        "shrunk, 4 s chunks; demucs_unittest: demucs' built-in test model",
+        "shrunk, 4 s chunks; demucs_unittest: demucs' built-in test model; bs_roformer / mel_roformer: "
+        "viperx' BS-RoFormer ep317 / Kimberley Jensen's Mel-Band RoFormer configuration with random "
+        "weights; tiny_roformer: the Mel-Band one shrunk, 1 s chunks",
     )
     parser.add_argument("--shifts", type=int, default=1, help="apply_model shifts, for raw and the job (default 1)")
     parser.add_argument(
@@ -216,7 +268,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         print("error: --duration must be > 0", file=sys.stderr)
         return 2
-    if problem := check_split(args.separation_workers, args.pin):
+    if problem := check_split(args.separation_workers, args.pin) or check_model(
+        args.model, args.shifts, args.separation_workers, args.compile_backend
+    ):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     report = run_bench(
@@ -252,6 +306,24 @@ def check_split(workers: int, pin: bool) -> str | None:
     return None
 
 
+def check_model(model: str, shifts: int, separation_workers: int, compile_backend: str | None) -> str | None:
+    """What the model cannot do of what was asked (None: nothing): a RoFormer runs one pass, eager, unsplit."""
+    if model not in MODELS and model not in ROFORMER_MODELS:
+        return f"--model must be one of {sorted([*MODELS, *ROFORMER_MODELS])}, got {model!r}"
+    if model not in ROFORMER_MODELS:
+        return None
+    if shifts != 1:
+        return f"--shifts is a Demucs option: RoFormer models run one pass (MSST has no shift trick), got {shifts}"
+    if separation_workers > 1:
+        return (
+            f"--separation-workers {separation_workers}: the mesh does not split a RoFormer job across "
+            "separation workers (one worker separates the whole song); leave it at 1"
+        )
+    if compile_backend:
+        return "--compile-backend: RoFormer models run eager (the compiled path is Demucs only)"
+    return None
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -280,11 +352,13 @@ def run_bench(
     pin: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return the report (a dict with every key of :data:`KEYS`)."""
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
-    if problem := check_split(separation_workers, pin):
+    if problem := check_split(separation_workers, pin) or check_model(
+        model, shifts, separation_workers, compile_backend
+    ):
         raise ValueError(problem)
     split = separation_workers > 1
+    roformer = model in ROFORMER_MODELS
+    job_shifts = None if roformer else shifts  # a RoFormer job leaves the Demucs option unset
     deadline = _Deadline(timeout if timeout is not None else 600.0 + 12.0 * duration)
     report: dict[str, Any] = dict.fromkeys(KEYS)
     report.update(duration_s=float(duration), errors=[], stage_s={}, service_peak_rss_mb={}, critical_path=[])
@@ -309,9 +383,13 @@ def run_bench(
             "shifts": shifts,
             "overlap": 0.25,
         }
-        raw_song, raw_seed = work / "song.npy", 0  # the split run replaces both
+        if roformer and repo is not None:
+            report["model"].update(_roformer_facts(repo / f"{name}.yaml"))
+        raw_song, raw_seed = work / "song.npy", 0  # the split run (or a RoFormer's job) replaces the song
         save = work / "raw_stems.npy" if compile_backend else None
-        if "raw" not in skip and not split:
+        # Raw compares with a job's stems when it runs after that job: the split one's, or a RoFormer's.
+        raw_after = split or roformer
+        if "raw" not in skip and not raw_after:
             _step(
                 report,
                 "raw",
@@ -325,8 +403,21 @@ def run_bench(
                 report,
                 "e2e",
                 log,
-                lambda: _e2e(report, work, repo, name, shifts, deadline, warmup_job, dict(mesh_env or {}), log),
+                lambda: _e2e(
+                    report,
+                    work,
+                    repo,
+                    name,
+                    job_shifts,
+                    deadline,
+                    warmup_job,
+                    dict(mesh_env or {}),
+                    log,
+                    save_audio=roformer,
+                ),
             )
+            if roformer and (work / "job_mix.npy").is_file():
+                raw_song = work / "job_mix.npy"
         if split and "e2e" not in skip:
             split_env = dict(mesh_env or {})
             _step(
@@ -339,14 +430,26 @@ def run_bench(
             )
             if report["split_seed"] is not None:
                 raw_song, raw_seed = work / "split_mix.npy", int(report["split_seed"])
-        if "raw" not in skip and split:
-            compare = work / "split_stems.npz"
+        if "raw" not in skip and raw_after:
+            compare = work / ("split_stems.npz" if split else "job_stems.npz")
+            diff_key = "split_max_abs_diff" if split else "e2e_max_abs_diff"
             _step(
                 report,
                 "raw",
                 log,
                 lambda: _raw(
-                    report, work, repo, name, shifts, deadline, save, song=raw_song, seed=raw_seed, compare=compare
+                    report,
+                    work,
+                    repo,
+                    name,
+                    shifts,
+                    deadline,
+                    save,
+                    song=raw_song,
+                    seed=raw_seed,
+                    compare=compare,
+                    diff_key=diff_key,
+                    roformer=roformer,
                 ),
             )
         if compile_backend:
@@ -401,6 +504,8 @@ def _write_wav(path: Path, y: np.ndarray) -> None:
 
 def _prepare_model(kind: str, folder: Path) -> tuple[Path | None, str, int]:
     """(repo folder or None, model name, parameter count)."""
+    if kind in ROFORMER_MODELS:
+        return _prepare_roformer(kind, folder)
     overrides = MODELS[kind]
     if overrides is None:
         from demucs.pretrained import get_model
@@ -413,6 +518,44 @@ def _prepare_model(kind: str, folder: Path) -> tuple[Path | None, str, int]:
     name = _REPO_NAME[kind]
     save_model_to_repo(model, name, folder)
     return folder, name, sum(p.numel() for p in model.parameters())
+
+
+def _prepare_roformer(kind: str, folder: Path) -> tuple[Path, str, int]:
+    """``folder/NAME.yaml`` + ``folder/NAME.ckpt`` of a RoFormer with random weights (seed 0):
+    (folder, name, parameter count of the network as built)."""
+    import torch
+    import yaml
+
+    from audiomesh.separation.roformer_model import build_network, config_from_mapping, msst_state_dict
+
+    data = ROFORMER_MODELS[kind]()
+    name = f"bench_{kind}"
+    config = config_from_mapping(data, origin=f"bench {kind}")
+    network = build_network(config, seed=0)
+    params = sum(p.numel() for p in network.parameters())
+    folder.mkdir(parents=True, exist_ok=True)
+    # PyYAML's default dumper, as MSST writes configs: tuples come out as !!python/tuple.
+    (folder / f"{name}.yaml").write_text(yaml.dump(data, Dumper=yaml.Dumper, sort_keys=False))
+    torch.save(msst_state_dict(network, config), folder / f"{name}.ckpt")
+    return folder, name, params
+
+
+def _roformer_facts(config_path: Path) -> dict[str, Any]:
+    """What the report says of a RoFormer (its own chunking; the Demucs options do not apply)."""
+    from audiomesh.separation.roformer_model import load_config
+
+    config = load_config(config_path)
+    return {
+        "network": config.network,
+        "description": config.describe(),
+        "shifts": None,
+        "overlap": None,
+        "chunk_size": config.chunk_size,
+        "chunk_s": round(config.chunk_size / config.sample_rate, 3),
+        "num_overlap": config.num_overlap,
+        "batch_size": config.batch_size,
+        "sources": list(config.sources),
+    }
 
 
 # --------------------------------------------------------------------------- child processes
@@ -453,13 +596,17 @@ def _raw(
     song: Path,
     seed: int,
     compare: Path | None = None,
+    diff_key: str = "split_max_abs_diff",
+    roformer: bool = False,
 ) -> None:
-    """Raw ``apply_model`` on ``song`` (a ``.npy``) with ``random.seed(seed)`` before it.
+    """Raw ``apply_model`` on ``song`` (a ``.npy``) with ``random.seed(seed)`` before it; for a
+    RoFormer (``roformer``), its reference inference (:func:`_child_raw_roformer`).
 
     ``save``: its stems go there (for the compiled run). ``compare``: an ``.npz`` of stems by
-    name (the split job's): ``split_max_abs_diff`` is the largest difference from raw's.
+    name (a job's): ``report[diff_key]`` is the largest difference from raw's.
     """
     spec = {
+        "kind": "roformer" if roformer else "demucs",
         "song": str(song),
         "repo": str(repo) if repo else None,
         "name": name,
@@ -469,11 +616,17 @@ def _raw(
         "compare": str(compare) if compare is not None and compare.is_file() else None,
     }
     result = _run_child("raw", spec, deadline.left())
+    report["raw_reference"] = result["reference"]
     report["raw_separation_s"] = round(result["seconds"], 3)
     report["raw_separation_peak_rss_mb"] = result["peak_rss_mb"]
     report["machine"]["raw_torch_threads"] = result["torch_threads"]
+    if result.get("chunks"):
+        report["raw_chunks"] = result["chunks"]
+        report["raw_chunk_s"] = round(result["seconds"] / result["chunks"], 4)
+    if result.get("reference_problem"):
+        report["machine"]["raw_reference_problem"] = result["reference_problem"]
     if spec["compare"] is not None:
-        report["split_max_abs_diff"] = result["max_abs_diff"]
+        report[diff_key] = result["max_abs_diff"]
 
 
 def _hpss(report: dict[str, Any], work: Path, deadline: _Deadline) -> None:
@@ -510,6 +663,8 @@ def _child(mode: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("kind") == "roformer":
+        return _child_raw_roformer(spec)
     import torch
     from demucs.apply import apply_model
     from demucs.pretrained import get_model
@@ -530,7 +685,12 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         out = out[0] * std + mean
     assert out.shape[-1] == mix.shape[-1]
-    result = {"seconds": seconds, "peak_rss_mb": read_peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    result = {
+        "reference": "demucs.apply_model",
+        "seconds": seconds,
+        "peak_rss_mb": read_peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if spec.get("save"):
         np.save(spec["save"], out.numpy())
     if spec.get("compare"):
@@ -540,6 +700,79 @@ def _child_raw(spec: dict[str, Any]) -> dict[str, Any]:
             result["max_abs_diff"] = max(
                 float(np.abs(stems[source] - out[i].numpy()).max()) for i, source in enumerate(model.sources)
             )
+    return result
+
+
+def _child_raw_roformer(spec: dict[str, Any]) -> dict[str, Any]:
+    """A RoFormer's reference inference on ``spec["song"]``: MSST's ``demix`` on MSST's own network
+    (as MSST's inference loads ``NAME.yaml`` + ``NAME.ckpt``), else ``RoformerModel.separate``.
+
+    The residual stem is ``mix - target`` (MSST's ``--extract_instrumental``), outside the timing.
+    """
+    import torch
+
+    from audiomesh.separation.roformer_model import RoformerModel, _Geometry, load_config
+
+    repo, name = Path(spec["repo"]), spec["name"]
+    config_path, checkpoint = repo / f"{name}.yaml", repo / f"{name}.ckpt"
+    config = load_config(config_path)
+    mix = np.ascontiguousarray(np.load(spec["song"]), dtype=np.float32)
+    chunks = _Geometry(mix.shape[-1], config.chunk_size, config.num_overlap, config.batch_size).count
+    problem = None
+    try:
+        from msst.utils.model_utils import demix  # test-only (scripts/setup.sh installs it)
+    except ImportError as error:
+        problem = f"msst cannot be imported ({error}): RoformerModel.separate is the reference"
+    if problem is None:
+        import yaml
+        from ml_collections import ConfigDict
+        from msst.models.bs_roformer import BSRoformer, MelBandRoformer
+
+        # As msst.utils.settings loads a RoFormer (spelled out: that module needs omegaconf).
+        with config_path.open() as fh:
+            msst_config = ConfigDict(yaml.load(fh, Loader=yaml.FullLoader))  # noqa: S506 - our own file
+        klass = BSRoformer if config.network == "bs_roformer" else MelBandRoformer
+        network = klass(**dict(msst_config.model))
+        network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        network.eval()
+        feed = mix
+        if config.normalize:  # msst.utils.audio_utils.normalize_audio (that module imports matplotlib)
+            mono = mix.mean(0)
+            mean, std = mono.mean(), mono.std()
+            if not np.isfinite(std) or std <= np.finfo(np.float32).eps:
+                std = np.float32(1.0)
+            feed = (mix - mean) / std
+        started = time.perf_counter()
+        out = demix(msst_config, network, feed, "cpu", config.network)
+        seconds = time.perf_counter() - started
+        peak = read_peak_rss_mb()
+        if config.normalize:
+            out = {key: audio * std + mean for key, audio in out.items()}
+        stems = {key: np.asarray(audio, dtype=np.float32) for key, audio in out.items()}
+        if config.target is not None:
+            stems = {config.target: stems[config.target]}
+            stems[config.sources[1]] = mix - stems[config.target]
+        reference = "msst.demix"
+    else:
+        model = RoformerModel.load(config_path, checkpoint, name=name, device="cpu")
+        started = time.perf_counter()
+        stems = model.separate(mix)
+        seconds = time.perf_counter() - started
+        peak = read_peak_rss_mb()
+        reference = "RoformerModel.separate"
+    result: dict[str, Any] = {
+        "reference": reference,
+        "reference_problem": problem,
+        "seconds": seconds,
+        "chunks": chunks,
+        "peak_rss_mb": peak,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if spec.get("compare"):
+        with np.load(spec["compare"]) as job:
+            if sorted(job.files) != sorted(stems):
+                raise RuntimeError(f"the job delivered stems {sorted(job.files)}, the reference {sorted(stems)}")
+            result["max_abs_diff"] = max(float(np.abs(job[key] - stems[key]).max()) for key in stems)
     return result
 
 
@@ -694,7 +927,7 @@ def _bench_mesh(
 
 
 def _warmup_job(
-    mesh: Any, env: Mapping[str, str], work: Path, shifts: int, deadline: _Deadline, seconds: float = 3.0
+    mesh: Any, env: Mapping[str, str], work: Path, shifts: int | None, deadline: _Deadline, seconds: float = 3.0
 ) -> None:
     """A short job first (3 s: one chunk): every worker's lazy first-request work is out of the
     measured job. With several separation workers, ``seconds`` long enough for a chunk each."""
@@ -711,12 +944,16 @@ def _e2e(
     work: Path,
     repo: Path | None,
     name: str,
-    shifts: int,
+    shifts: int | None,
     deadline: _Deadline,
     warmup_job: bool,
     extra_env: dict[str, str],
     log: Callable[[str], None],
+    *,
+    save_audio: bool = False,
 ) -> None:
+    """The job on a one-worker mesh; ``save_audio``: its decoded mix and stems are kept in ``work``
+    (``job_mix.npy``, ``job_stems.npz``) for raw to run on and compare with."""
     started = time.perf_counter()
     with _bench_mesh(work, repo, name, deadline, "store", extra_env) as (mesh, env):
         report["mesh_start_s"] = round(time.perf_counter() - started, 2)
@@ -733,6 +970,8 @@ def _e2e(
             service: read_peak_rss_mb(proc.pid) for service, proc in mesh.procs.items() if proc.poll() is None
         }
         report["separation_peak_rss_mb"] = report["service_peak_rss_mb"].get("separation")
+        if save_audio:
+            _save_job_audio(env["AUDIOMESH_STORE_URL"], doc, work / "job_mix.npy", work / "job_stems.npz")
     nodes = doc["job"]["nodes"]
     durations = report["stage_s"] = _stage_seconds(doc)
     path, total = critical_path({n["name"]: (durations[n["name"]], list(n.get("dependsOn", []))) for n in nodes})
@@ -972,8 +1211,9 @@ def _mesh_thread_env(mesh: Any) -> dict[str, Any]:
     return out
 
 
-async def _one_job(target: str, store_url: str, song: Path, shifts: int, limit_s: float) -> tuple[float, dict]:
-    """Submit ``song``, follow the job, read every delivered track; (seconds, manifest)."""
+async def _one_job(target: str, store_url: str, song: Path, shifts: int | None, limit_s: float) -> tuple[float, dict]:
+    """Submit ``song``, follow the job, read every delivered track; (seconds, manifest).
+    ``shifts`` None leaves the option unset (a RoFormer's job)."""
     from audiomesh.rpc import ClientFactory
     from audiomesh.store import open_store
     from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
@@ -982,7 +1222,8 @@ async def _one_job(target: str, store_url: str, song: Path, shifts: int, limit_s
     stub = clients.stub(orchestrator_pb2_grpc.OrchestratorServiceStub, target)
     store = open_store(store_url)
     options = orchestrator_pb2.JobOptions()
-    options.separation.shifts = shifts
+    if shifts is not None:
+        options.separation.shifts = shifts
     size_bytes = await asyncio.to_thread(lambda: song.stat().st_size)
 
     async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
@@ -1104,7 +1345,8 @@ def machine_facts() -> dict[str, Any]:
     except OSError:
         pass
     versions: dict[str, str | None] = {}
-    for package in ("audiomesh", "torch", "demucs", "numpy", "scipy", "librosa", "numba", "bottleneck", "grpcio"):
+    packages = ("audiomesh", "torch", "demucs", "bs-roformer", "msst", "numpy", "scipy", "librosa", "numba")
+    for package in (*packages, "bottleneck", "grpcio"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -1168,17 +1410,30 @@ def format_table(report: Mapping[str, Any]) -> str:
         ("song", f"{report['duration_s']:g} s stereo 44.1 kHz (synthesized)"),
         (
             "model",
-            f"{model.get('name', '?')} ({model.get('parameters_m', '?')} M params, shifts={model.get('shifts')})",
+            f"{model.get('name', '?')} ({model.get('parameters_m', '?')} M params, shifts={model.get('shifts')})"
+            if "chunk_size" not in model
+            else f"{model.get('name', '?')} ({model.get('parameters_m', '?')} M params, {model.get('chunk_s')} s "
+            f"chunks, overlap {model.get('num_overlap')}, batch {model.get('batch_size')})",
         ),
         (
             "machine",
             f"{machine.get('usable_cpus')} CPUs ({machine.get('cpu_model') or '?'}), "
             f"torch {machine.get('versions', {}).get('torch')} with {machine.get('torch_threads')} threads",
         ),
-        ("raw apply_model", _fmt(report["raw_separation_s"], " s")),
+        (f"raw {report.get('raw_reference') or 'separation'}", _fmt(report["raw_separation_s"], " s")),
+        *(
+            [("raw chunks, per chunk", f"{report['raw_chunks']}, {_fmt(report.get('raw_chunk_s'), ' s', 3)}")]
+            if report.get("raw_chunks")
+            else []
+        ),
         ("raw peak RSS", _fmt(report["raw_separation_peak_rss_mb"], " MB", 0)),
         ("end to end (mesh)", _fmt(report["e2e_s"], " s")),
         ("e2e / raw", _fmt(report["e2e_over_raw"], "x", 3)),
+        *(
+            [("e2e max abs diff vs raw", f"{report['e2e_max_abs_diff']:.3g}")]
+            if report.get("e2e_max_abs_diff") is not None
+            else []
+        ),
         *_split_rows(report),
         (
             "compiled apply_model",

@@ -3,7 +3,9 @@ server, in the test process (threads), without root or namespaces.
 
 ``partition()``: bytes in either direction are dropped and new connections are accepted but never
 forwarded — to the client the server went silent (a partition, not a refused connection).
-``heal()``: every connection is closed, so clients reconnect and get through again."""
+``heal()``: every connection is closed, so clients reconnect and get through again.
+``lose_next_answer()``: the server's next answer is dropped and its connection cut, after the
+server has received and acted on the request — a reply lost on the way back."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ class Proxy:
         self._cut = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
+        self._lose_answer = threading.Event()
+        self.answers_lost = 0
         self.dropped = 0  # bytes dropped while partitioned
         self.held = 0  # connections accepted while partitioned (never answered)
         threading.Thread(target=self._accept, daemon=True).start()
@@ -50,10 +54,10 @@ class Proxy:
                 continue
             upstream.settimeout(None)
             self._track(upstream)
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, answers), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         while True:
             try:
                 data = src.recv(65536)
@@ -61,6 +65,10 @@ class Proxy:
                 break
             if not data:
                 break
+            if answers and self._lose_answer.is_set():
+                self._lose_answer.clear()
+                self.answers_lost += 1
+                break  # both sockets shut below: the client reads a cut connection, not the answer
             if self._cut.is_set():
                 self.dropped += len(data)
                 continue
@@ -71,6 +79,9 @@ class Proxy:
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+    def lose_next_answer(self) -> None:
+        self._lose_answer.set()
 
     def partition(self) -> None:
         self._cut.set()

@@ -340,6 +340,10 @@ class S3Store(ObjectStore):
             except S3Error as exc:
                 status = getattr(exc.response, "status", 0) or 0
                 if exc.code in _PRECONDITION_CODES or status == 412:
+                    mine = self._own_write_landed(key, data, exc.response)
+                    if mine is not None:
+                        _WRITTEN.inc(len(data))
+                        return mine
                     raise self._s3_precondition_failed(key, if_match) from exc
                 if if_match is not None and exc.code in _NOT_FOUND_CODES:
                     raise self._precondition_failed(key, if_match, None) from exc  # If-Match on a missing key
@@ -348,6 +352,20 @@ class S3Store(ObjectStore):
         return ObjectInfo(
             key=key, size=len(data), etag=_strip_etag(result.etag), last_modified=_header_time(result.http_headers)
         )
+
+    def _own_write_landed(self, key: str, data: bytes, response: Any) -> ObjectInfo | None:
+        """The object as this write left it, when a 412 answers urllib3's retry of this very
+        request (an earlier attempt reached the store and its answer was lost on the way back,
+        e.g. a connection cut while reading it) and the object holds exactly these bytes: the
+        condition held for that attempt, so the write stands. None otherwise: a real 412."""
+        retries = getattr(response, "retries", None)
+        if not (retries is not None and getattr(retries, "history", ())):
+            return None
+        try:
+            current, info = self.read(key)
+        except NotFound:
+            return None
+        return info if current == data else None
 
     @staticmethod
     def _s3_precondition_failed(key: str, if_match: str | None) -> PreconditionFailed:
