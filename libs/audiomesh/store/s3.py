@@ -358,8 +358,8 @@ class S3Store(ObjectStore):
         request (an earlier attempt reached the store and its answer was lost on the way back,
         e.g. a connection cut while reading it) and the object holds exactly these bytes: the
         condition held for that attempt, so the write stands. None otherwise: a real 412."""
-        retries = getattr(response, "retries", None)
-        if not (retries is not None and getattr(retries, "history", ())):
+        retries: Any = getattr(response, "retries", None)  # urllib3's Retry: its history is what it retried
+        if not (retries is not None and retries.history):
             return None
         try:
             current, info = self.read(key)
