@@ -206,8 +206,8 @@ LABEL org.opencontainers.image.description="audiomesh DSP workers without torch 
       io.audiomesh.torch-variant="none"
 COPY --from=build-dsp /opt/audiomesh /opt/audiomesh
 USER 10001:10001
-# hpss, composite, normalize (gRPC)
-EXPOSE 50053 50054 50055
+# hpss, composite, normalize (gRPC) and their /metrics (AUDIOMESH_METRICS_PORT defaults)
+EXPOSE 50053 50054 50055 9453 9454 9455
 CMD ["serve", "hpss"]
 
 # ---- runtime: every service (the default target, so it stays last) ---------------------------
@@ -230,6 +230,7 @@ ENV AUDIOMESH_MODEL_REPO=/models \
     HF_HOME=/models/huggingface
 COPY --from=build /opt/audiomesh /opt/audiomesh
 USER 10001:10001
-# orchestrator, separation, hpss, composite, normalize (gRPC); gateway (HTTP)
-EXPOSE 50051 50052 50053 50054 50055 8080
+# orchestrator, separation, hpss, composite, normalize (gRPC); gateway (HTTP); every service's
+# /metrics (AUDIOMESH_METRICS_PORT defaults: gateway 9450, orchestrator 9451 … normalize 9455)
+EXPOSE 50051 50052 50053 50054 50055 8080 9450 9451 9452 9453 9454 9455
 CMD ["up"]

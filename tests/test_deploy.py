@@ -30,6 +30,7 @@ import yaml
 
 from audiomesh.config import DEFAULT_PORTS, DRAIN_DEFAULTS, SERVICES, Settings, load_settings
 from audiomesh.errors import ConfigError
+from audiomesh.metrics import DEFAULT_METRICS_PORTS
 from tests.helpers.deploy import (
     CHART,
     HELM_VENV,
@@ -572,7 +573,7 @@ def test_dockerfile_builds_the_documented_image():
     assert len(health) == 1 and 'CMD ["audiomesh-healthcheck"]' in health[0]
     exposed = {int(p) for word, rest in ins if word == "EXPOSE" for p in rest.split()}
     gateway_port = int(Settings.model_fields["gateway_addr"].default.rpartition(":")[2])
-    assert exposed == {*DEFAULT_PORTS.values(), gateway_port}
+    assert exposed == {*DEFAULT_PORTS.values(), gateway_port, *DEFAULT_METRICS_PORTS.values()}  # /metrics too
     env = " ".join(rest for word, rest in ins if word == "ENV")
     for setting in (
         "AUDIOMESH_HOST=0.0.0.0",
