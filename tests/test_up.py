@@ -391,3 +391,23 @@ def test_web_page_keeps_watching_through_orchestrator_and_gateway_restarts(clust
     )
     assert text("#job-connection") == ""
     assert text("#alert") == ""
+
+
+def test_a_taken_default_metrics_port_gives_way_to_a_free_one():
+    """A second `up` on one machine: the services' default /metrics ports are held by the first;
+    the launcher gives each such instance any free port instead of a service that cannot start."""
+    import socket
+
+    from audiomesh.launcher import Mesh
+
+    held = socket.create_server(("127.0.0.1", 0))
+    taken = held.getsockname()[1]
+    (free,) = free_ports(1)
+    mesh = Mesh(env=dict(BASE_ENV), metrics_ports={"hpss": taken, "composite": free})
+    try:
+        assert mesh._metrics_port("hpss") == 0  # any free one
+        assert mesh._metrics_port("composite") == free  # its own, still free
+        assert mesh._metrics_port("normalize") == 0  # none preferred
+    finally:
+        held.close()
+        mesh.stop()

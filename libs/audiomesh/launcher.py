@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -327,7 +328,7 @@ class Mesh:
         ]
         self._paused.discard(name)
         self.envs[name] = env
-        env = {**env, f"{ENV_PREFIX}METRICS_PORT": str(self.metrics_ports[name])}
+        env = {**env, f"{ENV_PREFIX}METRICS_PORT": str(self._metrics_port(name))}
         out = None if self.inherit_output else open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
         try:
             self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -368,6 +369,16 @@ class Mesh:
             service = self._service_of[name]
             if name == self._instances[service][0]:  # the service's name finds its (first) instance
                 self.metrics[service] = self.metrics[name]
+
+    def _metrics_port(self, name: str) -> int:
+        """The /metrics port to give instance ``name``: its preferred one (a service's default),
+        or 0 (any free one) when another process holds it, e.g. a second `up` (which prints
+        where each went) — rather than a service that cannot start."""
+        port = self.metrics_ports[name]
+        if port and not _port_free(self.settings.host, port):
+            logger().warning("metrics port taken; serving /metrics on a free port", instance=name, port=port)
+            self.metrics_ports[name] = 0
+        return self.metrics_ports[name]
 
     def start(self, timeout: float = 300.0) -> Mesh:
         env = dict(self.env)
@@ -646,3 +657,14 @@ def multi_target(addresses: list[str]) -> str:
     if any(v6) and not all(v6):
         raise ConfigError(f"cannot list IPv4 and IPv6 addresses in one gRPC target: {', '.join(literal)}")
     return ("ipv6:" if all(v6) else "ipv4:") + ",".join(literal)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (as the metrics server does: reuse allowed)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
