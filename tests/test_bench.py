@@ -7,19 +7,29 @@ as with the released configuration, but tracing full HTDemucs for the compiled s
 released configuration itself builds is checked on its own below. The song is 4 s, two of the
 tiny model's 4 s chunks, so the split run (``--separation-workers 2 --pin``) really cuts it in two; the warm-up jobs are
 left out (``--no-warmup-job``) to pay for that third mesh.
+
+The RoFormer run uses ``--model tiny_roformer`` (Kimberley Jensen's Mel-Band RoFormer shrunk):
+raw is MSST's own ``demix`` on MSST's own network, the job the mesh's; that the released
+RoFormer configurations build, at their parameter counts, as files MSST loads, is checked
+without a forward.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
+import dataclasses
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from audiomesh.bench import KEYS, critical_path, format_table, read_peak_rss_mb
+from audiomesh.bench import KEYS, add_arguments, check_model, cmd_bench, critical_path, format_table, read_peak_rss_mb
 
 SERVICES = {"orchestrator", "separation", "hpss", "composite", "normalize"}
 PIN = len(os.sched_getaffinity(0)) >= 2  # --pin needs a core per separation worker
@@ -119,6 +129,123 @@ def test_bench_builds_the_released_htdemucs_configuration(tmp_path) -> None:
     assert name == "bench_htdemucs" and params > 40e6  # htdemucs has 41.98 M parameters
     model = get_model(name, repo=repo)
     assert sum(p.numel() for p in model.parameters()) == params and model.segment == pytest.approx(7.8)
+
+
+def _bench(tmp_path, *args: str, timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "audiomesh.cli", "bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_a_roformer_end_to_end_against_msst(tmp_path) -> None:
+    """`--model tiny_roformer`: the job's stems equal MSST's demix on the same weights and the
+    same decoded mix; every key present, the Demucs-only ones null."""
+    args = ["--model", "tiny_roformer", "--duration", "4", "--skip", "hpss", "--no-warmup-job", "--timeout", "280"]
+    proc, report = _bench(tmp_path, *args, timeout=295)
+    assert set(KEYS) <= set(report)
+    assert report["errors"] == []
+    model = report["model"]
+    assert model["name"] == "bench_tiny_roformer" and model["network"] == "mel_band_roformer"
+    assert model["chunk_size"] == 44100 and model["num_overlap"] == 2 and model["batch_size"] == 4
+    assert model["sources"] == ["vocals", "other"] and 1 < model["parameters_m"] < 3
+    expected = "msst.demix" if importlib.util.find_spec("msst") else "RoformerModel.separate"
+    assert report["raw_reference"] == expected
+    # MSST's geometry: a 4 s song reflect-padded by 0.5 s at both ends, 1 s chunks every 0.5 s.
+    assert report["raw_chunks"] == 10
+    assert report["raw_chunk_s"] == pytest.approx(report["raw_separation_s"] / 10, rel=1e-2)
+    assert report["raw_separation_s"] > 0 and report["raw_separation_peak_rss_mb"] > 100
+    assert report["e2e_s"] > 0
+    assert report["e2e_over_raw"] == pytest.approx(report["e2e_s"] / report["raw_separation_s"], rel=1e-3)
+    # batch_size 4: MSST's batched forward rounds differently from the worker's chunk-by-chunk one.
+    assert report["e2e_max_abs_diff"] <= 1e-5
+    assert {"decode", "separation", "normalize"} <= set(report["stage_s"])
+    assert report["separation_peak_rss_mb"] > 50
+    for key in ("compile_backend", "separation_compiled_s", "split_e2e_s", "split_max_abs_diff", "hpss_s"):
+        assert report[key] is None, key
+    assert report["separation_workers"] == 1 and model["shifts"] is None
+    assert f"raw {expected}" in proc.stdout and "e2e max abs diff vs raw" in proc.stdout
+    assert re.search(r"raw chunks, per chunk +10, ", proc.stdout)
+
+
+@pytest.mark.parametrize(
+    ("kind", "constant", "params"),
+    [("bs_roformer", "BS_ROFORMER_EP317", 159_848_380), ("mel_roformer", "MEL_ROFORMER_KJ", 228_202_852)],
+)
+def test_bench_writes_the_released_roformers_as_msst_loads_them(tmp_path, kind, constant, params) -> None:
+    """`--model bs_roformer` / `mel_roformer`: the released configuration, at its parameter count,
+    written as NAME.yaml + NAME.ckpt that the model repo lists and whose keys and shapes are those
+    of MSST's own network (built on the meta device: no weights, no forward)."""
+    import torch
+    import yaml
+
+    from audiomesh.bench import _prepare_model
+    from audiomesh.separation import roformer_model
+    from audiomesh.separation.repo import scan_repo
+
+    repo, name, count = _prepare_model(kind, tmp_path)
+    assert (repo, name, count) == (tmp_path, f"bench_{kind}", params)
+    entry = scan_repo(tmp_path)[name]
+    assert entry.kind == "roformer" and entry.checkpoint == tmp_path / f"{name}.ckpt"
+    text = entry.path.read_text()
+    assert "!!python/tuple" in text  # as the community's files
+    released = roformer_model.config_from_mapping(getattr(roformer_model, constant))
+    assert roformer_model.load_config(entry.path) == dataclasses.replace(released, origin=str(entry.path))
+    msst = pytest.importorskip("msst.models.bs_roformer")
+    with entry.path.open() as fh:
+        msst_model = yaml.load(fh, Loader=yaml.FullLoader)["model"]  # as MSST reads it
+    klass = msst.BSRoformer if kind == "bs_roformer" else msst.MelBandRoformer
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in klass(**msst_model).state_dict().items()}
+    saved = torch.load(entry.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected
+    assert all(v.dtype == torch.float32 and v.abs().sum() > 0 for k, v in saved.items() if "weight" in k)
+
+
+def test_bench_refuses_what_a_roformer_does_not_do(capsys) -> None:
+    """RoFormer jobs run one pass, eager, unsplit: refused before any work, with the reason."""
+    assert check_model("tiny_roformer", 1, 1, None) is None
+    assert check_model("htdemucs", 2, 2, "inductor") is None
+    assert "not split" in check_model("bs_roformer", 1, 2, None)
+    assert "eager" in check_model("mel_roformer", 1, 1, "inductor")
+    assert "Demucs option" in check_model("tiny_roformer", 2, 1, None)
+    assert "must be one of" in check_model("nope", 1, 1, None)
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", "tiny_roformer", "--separation-workers", "2"]
+    )
+    assert cmd_bench(args) == 2
+    assert "does not split a RoFormer job" in capsys.readouterr().err
+
+
+def test_roformer_reference_falls_back_without_msst(tmp_path, monkeypatch) -> None:
+    """Where msst cannot be imported, raw is RoformerModel.separate on the whole song, said so in the
+    result; it gives MSST's stems (compared with msst's demix here, computed before msst is hidden)."""
+    pytest.importorskip("msst")
+    from audiomesh.bench import _child_raw_roformer, _prepare_model
+    from tests.helpers.roformer import msst_reference, msst_separate
+
+    repo, name, _ = _prepare_model("tiny_roformer", tmp_path / "models")
+    rng = np.random.default_rng(0)
+    mix = (0.1 * rng.standard_normal((2, 3 * 44100))).astype(np.float32)
+    np.save(tmp_path / "mix.npy", mix)
+    config, network = msst_reference(repo / f"{name}.yaml", repo / f"{name}.ckpt", "mel_band_roformer")
+    vocals = msst_separate(config, network, mix, "mel_band_roformer")["vocals"]
+    np.savez(tmp_path / "msst.npz", vocals=vocals, other=mix - vocals)
+    monkeypatch.setitem(sys.modules, "msst.utils.model_utils", None)  # `import` raises ImportError
+    spec = {"song": str(tmp_path / "mix.npy"), "repo": str(repo), "name": name, "compare": str(tmp_path / "msst.npz")}
+    result = _child_raw_roformer(spec)
+    assert result["reference"] == "RoformerModel.separate" and "msst cannot be imported" in result["reference_problem"]
+    assert result["chunks"] == 8  # 3 s + 2 x 0.5 s of reflect border, a chunk every 0.5 s
+    assert result["seconds"] > 0 and result["max_abs_diff"] <= 1e-6
 
 
 def test_critical_path_follows_the_longest_chain() -> None:

@@ -173,18 +173,18 @@ def _tiny_roformer() -> dict[str, Any]:
     return config
 
 
+def _released_roformer(constant: str) -> dict[str, Any]:
+    from audiomesh.separation import roformer_model
+
+    return copy.deepcopy(getattr(roformer_model, constant))
+
+
 #: RoFormer models ``--model`` accepts: name → a function returning the MSST-shaped config (random weights, seed 0).
 ROFORMER_MODELS: Mapping[str, Callable[[], dict[str, Any]]] = {
     "bs_roformer": lambda: _released_roformer("BS_ROFORMER_EP317"),
     "mel_roformer": lambda: _released_roformer("MEL_ROFORMER_KJ"),
     "tiny_roformer": _tiny_roformer,
 }
-
-
-def _released_roformer(constant: str) -> dict[str, Any]:
-    from audiomesh.separation import roformer_model
-
-    return copy.deepcopy(getattr(roformer_model, constant))
 
 
 _CHILD = "_child"  # argv[1] of this module's child processes
@@ -720,12 +720,12 @@ def _child_raw_roformer(spec: dict[str, Any]) -> dict[str, Any]:
     chunks = _Geometry(mix.shape[-1], config.chunk_size, config.num_overlap, config.batch_size).count
     problem = None
     try:
-        from msst.utils.model_utils import demix  # test-only (scripts/setup.sh installs it)
+        from msst.utils.model_utils import demix as msst_demix  # test-only (scripts/setup.sh installs it)
     except ImportError as error:
         problem = f"msst cannot be imported ({error}): RoformerModel.separate is the reference"
     if problem is None:
         import yaml
-        from ml_collections import ConfigDict
+        from ml_collections import ConfigDict  # type: ignore[import-untyped]
         from msst.models.bs_roformer import BSRoformer, MelBandRoformer
 
         # As msst.utils.settings loads a RoFormer (spelled out: that module needs omegaconf).
@@ -743,6 +743,8 @@ def _child_raw_roformer(spec: dict[str, Any]) -> dict[str, Any]:
                 std = np.float32(1.0)
             feed = (mix - mean) / std
         started = time.perf_counter()
+        # As MSST's inference calls it: a numpy mix, a device name (its annotations say tensors).
+        demix: Callable[..., Any] = msst_demix
         out = demix(msst_config, network, feed, "cpu", config.network)
         seconds = time.perf_counter() - started
         peak = read_peak_rss_mb()
