@@ -231,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", action="append", default=[], help="model to compile (repeatable; default AUDIOMESH_DEFAULT_MODEL)"
     )
-    bench.add_arguments(sub.add_parser("bench", help="measure the mesh against raw Demucs (or MSST for a RoFormer) and librosa (BENCHMARKS.md)"))
+    bench.add_arguments(
+        sub.add_parser(
+            "bench", help="measure the mesh against raw Demucs (or MSST for a RoFormer) and librosa (BENCHMARKS.md)"
+        )
+    )
     churn.add_arguments(
         sub.add_parser(
             "churn", help="a cluster under kill -9, rolling restarts and SIGSTOP: jobs lost, take-over times"
