@@ -357,7 +357,8 @@ def test_detach_download_ctrl_c_cancel_and_retry_by_short_ids(file_mesh, tmp_pat
     assert listed.stdout.splitlines()[0].split() == ["JOB", "ID", "STATE", "CREATED", "(UTC)", "DONE", "INPUT"]
     models = run_cli("models", env=env, cwd=tmp_path, timeout=60)
     assert models.stdout.splitlines()[0].split() == ["MODEL", "KIND", "ORIGIN", "WEIGHTS", "RUNS", "STEMS"]
-    assert any(line.split()[:2] == ["demucs_unittest", "demucs"] for line in models.stdout.splitlines())
+    rows = [line.lstrip("* ").split()[:2] for line in models.stdout.splitlines()]
+    assert ["demucs_unittest", "demucs"] in rows, models.stdout
 
 
 def listing_orchestrator(ids: list[str]):

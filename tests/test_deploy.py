@@ -736,7 +736,7 @@ COMPOSE_FROM_ENV_FILE = {
 COMPOSE_CODE_DEFAULTS = {
     "normalize_mode", "target_db", "true_peak_ceiling_db", "gain_linking", "output_encoding",
     "max_upload_bytes", "max_duration_seconds", "min_duration_seconds", "max_running_jobs",
-    "max_parallel_nodes", "separation_split_max", "node_attempts", "unavailable_budget_seconds", "stage_timeout_seconds",
+    "max_parallel_nodes", "separation_split_max", "hpss_split_max", "node_attempts", "unavailable_budget_seconds", "stage_timeout_seconds",
     "retention_hours", "rate_limit_per_minute", "max_active_jobs_per_principal", "max_queued_jobs",
     "max_channels", "min_sample_rate", "max_sample_rate", "thread_budget", "hpss_threads",
     "drain_seconds",  # 0: each service's own default; stop_grace_period is longer for each

@@ -211,7 +211,7 @@ def _mixer(driver, base: str, tmp_path: Path, folder: Path) -> None:
     )
     state = wait(
         driver,
-        5,
+        15,  # a bound, not a speed target: Chromium under a loaded CI machine once took over 5 s
         lambda d: (s := d.execute_script(MIXER))["playing"] and all(c["running"] for c in s["channels"]) and s,
         "the stems stopped after a seek",
     )
