@@ -17,12 +17,15 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from audiomesh.errors import Cancelled, FailedPrecondition, InvalidInput
 from audiomesh.ranges import RANGES
+
+if TYPE_CHECKING:
+    from audiomesh.audio.stream import MixSource
 
 __all__ = [
     "MAX_SHIFTS",
@@ -350,6 +353,20 @@ class SeparatorModel(abc.ABC):
             stems = _two_stems(stems, options.two_stems)
         report(1.0)
         return stems
+
+    def check_source(self, source: MixSource) -> None:
+        """``source`` is a mix this model can separate chunk by chunk (raises ``InvalidInput``):
+        at its rate and channel count, not empty."""
+        if source.channels != self.audio_channels:
+            raise InvalidInput(
+                f"mix must have {self.audio_channels} channels for model '{self.name}', got {source.channels}"
+            )
+        if source.sample_rate != self.sample_rate:
+            raise InvalidInput(
+                f"mix must be at {self.sample_rate} Hz for model '{self.name}', got {source.sample_rate} Hz"
+            )
+        if source.frames < 1:
+            raise InvalidInput("mix must have at least one frame")
 
     @abc.abstractmethod
     def _separate_sources(

@@ -248,19 +248,6 @@ class DemucsModel(SeparatorModel):
             raise Cancelled("separation cancelled")
         report(1.0)
 
-    def check_source(self, source: MixSource) -> None:
-        """``source`` is a mix this model can separate chunk by chunk (raises ``InvalidInput``)."""
-        if source.channels != self.audio_channels:
-            raise InvalidInput(
-                f"mix must have {self.audio_channels} channels for model '{self.name}', got {source.channels}"
-            )
-        if source.sample_rate != self.sample_rate:
-            raise InvalidInput(
-                f"mix must be at {self.sample_rate} Hz for model '{self.name}', got {source.sample_rate} Hz"
-            )
-        if source.frames < 1:
-            raise InvalidInput("mix must have at least one frame")
-
     def streaming_separator(self, options: SeparationOptions, *, seed: int | None = None) -> StreamingSeparator:
         """The chunked overlap-add of this model with ``options`` (validated by the caller)."""
         return StreamingSeparator(

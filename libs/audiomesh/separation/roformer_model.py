@@ -845,19 +845,6 @@ class RoformerModel(SeparatorModel):
         """The wrapped network (on :attr:`device`)."""
         return self._network
 
-    def check_source(self, source: MixSource) -> None:
-        """``source`` is a mix this model can separate chunk by chunk (raises ``InvalidInput``)."""
-        if source.channels != self.audio_channels:
-            raise InvalidInput(
-                f"mix must have {self.audio_channels} channels for model '{self.name}', got {source.channels}"
-            )
-        if source.sample_rate != self.sample_rate:
-            raise InvalidInput(
-                f"mix must be at {self.sample_rate} Hz for model '{self.name}', got {source.sample_rate} Hz"
-            )
-        if source.frames < 1:
-            raise InvalidInput("mix must have at least one frame")
-
     def _check_options(self, options: SeparationOptions | None) -> SeparationOptions:
         options = (options or SeparationOptions()).validate(self)
         if options.shifts > 1:
