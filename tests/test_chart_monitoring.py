@@ -315,7 +315,7 @@ def test_service_monitor_scrapes_the_metrics_service(charts):
     assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s" and endpoint["scrapeTimeout"] == "10s"
     # The worker gauges' own `service` label must win over the target's `service` (the Service name).
     assert endpoint["honorLabels"] is True
-    assert spec["podTargetLabels"] == ["app.kubernetes.io/component"]
+    assert spec["podTargetLabels"] == ["app.kubernetes.io/component", "app.kubernetes.io/instance"]
 
 
 def test_pod_monitor_scrapes_the_service_pods(charts):
@@ -327,6 +327,9 @@ def test_pod_monitor_scrapes_the_service_pods(charts):
     assert selected(spec["selector"], pods) == set(SERVICES)
     (endpoint,) = spec["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics" and endpoint["interval"] == "15s"
+    assert spec["podTargetLabels"] == ["app.kubernetes.io/component", "app.kubernetes.io/instance"]
+    for labels in pods.values():  # what the dashboard's service and release pickers read
+        assert labels["app.kubernetes.io/instance"] == RELEASE and labels["app.kubernetes.io/component"]
     for component in SERVICES:
         assert "metrics" in {p["name"] for p in container(deployment(charts, "podmonitor", component))["ports"]}
     assert not objects(charts, "podmonitor", "ServiceMonitor")
@@ -581,9 +584,12 @@ def test_dashboard_reads_only_metrics_the_services_export():
         "audiomesh_store_written_bytes", "audiomesh_model_load_seconds", "audiomesh_model_compile_seconds",
     }  # fmt: skip
     assert wanted <= families, sorted(wanted - families)
-    for expr in exprs:  # every panel follows the namespace picker
+    for expr in exprs:  # every panel follows the namespace and release pickers
         if "label_values" not in expr:
-            assert expr.count("{") == expr.count('namespace=~"$namespace"'), expr
+            assert expr.count("{") == expr.count('namespace=~"$namespace",app_kubernetes_io_instance=~"$release"'), expr
+    pickers = {v["name"]: v for v in dashboard["templating"]["list"]}
+    # The release picker reads the label the monitors copy from the pods (podTargetLabels).
+    assert "app_kubernetes_io_instance" in pickers["release"]["definition"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
