@@ -204,3 +204,41 @@ async def test_a_replica_that_loses_its_lease_stops_and_its_watchers_follow_the_
         # Nothing from eta after the take-over: every later event is the new holder's work.
         after = log[log.index(taken[0]) + 1 :]
         assert not [e for e in after if "eta (lease" in e or "handed over" in e], after
+
+
+async def test_retry_while_the_last_run_still_releases_its_lease_keeps_the_new_lease(file_mesh, tmp_path, monkeypatch):
+    """RetryJob on the holder just after the job ended, while its runner is still giving the lease
+    up (here held in a renewal the release waits for: a slow store, made slow on purpose by a
+    wrapper around the real renewal): the retry waits for the release and takes the lease anew,
+    so the old run's release cannot drop the new run's lease (which would stop it and let a peer
+    take it over)."""
+    import threading
+
+    from audiomesh.services.orchestrator.lease import Leases
+
+    slow, renewing = threading.Event(), threading.Event()
+    real_renew = Leases.renew
+
+    def renew(self, lease):
+        if slow.is_set():
+            renewing.set()
+            time.sleep(2.5)  # within the lease's deadline (TTL × 2/3 = 4 s)
+        return real_renew(self, lease)
+
+    monkeypatch.setattr(Leases, "renew", renew)
+    song = write_song(tmp_path / "song.wav", 8.0, seed=15).read_bytes()
+    async with replicas(file_mesh, "eta") as (a,):
+        job_id = (await upload(a.stub, song, "song.wav")).job.job_id
+        await until_job(a.stub, job_id, lambda job: job.state == RUNNING, 60, "the job did not start")
+        slow.set()
+        assert await asyncio.to_thread(renewing.wait, 10), "no renewal started"
+        reply = await a.stub.CancelJob(orchestrator_pb2.CancelJobRequest(job_id=job_id), timeout=60)
+        assert reply.job.state == common_pb2.JOB_STATE_CANCELLED, reply.job
+        retried = await a.stub.RetryJob(orchestrator_pb2.RetryJobRequest(job_id=job_id), timeout=60)
+        slow.clear()
+        assert retried.job.state in (common_pb2.JOB_STATE_QUEUED, RUNNING)
+        final, _ = await wait_for(a.stub, job_id, timeout=240)
+        assert final.state == SUCCEEDED, final.error
+    log = events(job_id, file_mesh)
+    retry = max(i for i, e in enumerate(log) if "retried on eta" in e)
+    assert not [e for e in log[retry:] if "taken over" in e or "lost" in e], log

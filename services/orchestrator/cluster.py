@@ -28,7 +28,7 @@ from audiomesh.store import ObjectStore
 from audiomesh.telemetry import logger
 
 from .jobs import FOLLOW_INTERVAL, TERMINAL, JobRecord, JobRegistry
-from .lease import Lease, LeaseLost, Leases, on_writer, write_through
+from .lease import RENEWER, Lease, LeaseLost, Leases, on_writer, write_through
 from .runner import Runner
 
 __all__ = ["Cluster", "cancel_key"]
@@ -107,7 +107,7 @@ class Cluster:
                 rec.lease = new
 
         while True:
-            write = asyncio.ensure_future(write_through(renewed, self.leases.renew, lease))
+            write = asyncio.ensure_future(write_through(renewed, self.leases.renew, lease, pool=RENEWER))
             done, _ = await asyncio.wait({write}, timeout=max(0.0, lease.remaining()))
             if not done:  # the store hangs past the deadline: stop now; the write may land later, harmlessly
                 self.registry.lose(rec, f"the lease renewal did not answer within {self.ttl * 2 / 3:.1f} s")

@@ -25,14 +25,14 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from audiomesh import errors
 from audiomesh.store import ObjectStore
 
-__all__ = ["WRITER", "Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key", "on_writer", "write_through"]
+__all__ = ["RENEWER", "WRITER", "Lease", "LeaseDoc", "LeaseLost", "Leases", "lease_key", "on_writer", "write_through"]
 
 T = TypeVar("T")
 
@@ -48,10 +48,15 @@ def lease_key(job_id: str) -> str:
 #: Lease and manifest writes run on their own threads: never queued behind uploads, decodes or
 #: listings on the default executor, which would delay a renewal past the lease's deadline.
 WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lease-writer")
+#: Renewals have threads of their own again: a burst of take-overs (a dead peer's jobs all come
+#: free at once) or manifest writes to a slow store must not queue them past their deadline.
+RENEWER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lease-renewer")
 
 
-async def write_through(record: Callable[[T], object], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn`` (a blocking conditional write) on the :data:`WRITER` threads, its answer passed to
+async def write_through(
+    record: Callable[[T], object], fn: Callable[..., T], *args: Any, pool: Executor = WRITER, **kwargs: Any
+) -> T:
+    """``fn`` (a blocking conditional write) on ``pool``'s threads, its answer passed to
     ``record`` even if the caller is cancelled meanwhile. The write lands either way, and the
     caller must learn its new ETag — else its next conditional write fails on its own change
     and it thinks it lost the job. A cancelled caller waits for the answer (holding whatever
@@ -62,7 +67,7 @@ async def write_through(record: Callable[[T], object], fn: Callable[..., T], *ar
         if not f.cancelled() and f.exception() is None:
             record(f.result())
 
-    future = asyncio.get_running_loop().run_in_executor(WRITER, functools.partial(fn, *args, **kwargs))
+    future = asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
     future.add_done_callback(done)
     try:
         return await asyncio.shield(future)

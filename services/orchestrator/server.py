@@ -309,6 +309,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.RetryJobResponse:
         rec = await self._own(request.job_id)
         _check_retryable(rec)
+        await _until_released(rec)  # its last run still gives the lease up: a new run must not lose it
         if self.cluster.stopping:
             raise errors.Unavailable("this orchestrator is stopping; retry (another replica runs the job)")
         # Whoever retries runs the job: take its lease (released when it ended; a holder that
@@ -334,11 +335,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self._cancel(rec)
         if not rec.terminal:
             raise errors.FailedPrecondition(f"job {request.job_id} is still stopping; delete it again in a few seconds")
-        if rec.task is not None and not rec.task.done():
-            # Ended, but its runner is still releasing the lease: a write that would land in the
-            # folder after the delete (CI saw the folder come back). Bounded: a release is one PUT.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+        # A write that would land in the folder after the delete (CI saw the folder come back).
+        await _until_released(rec)
         count = await self.registry.delete(request.job_id)
         return orchestrator_pb2.DeleteJobResponse(deleted_objects=count)
 
@@ -367,6 +365,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             # Cancelling the task cancels the workers' calls; they stop within one chunk.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+
+
+async def _until_released(rec: JobRecord) -> None:
+    """An ended job whose runner here is still finishing (writing its end, releasing its lease):
+    wait for it. Bounded: a release waits for at most one renewal and one PUT."""
+    if rec.terminal and rec.task is not None and not rec.task.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
 
 
 def _check_retryable(rec: JobRecord) -> None:
@@ -543,11 +549,14 @@ def build(settings: Settings, *, store: ObjectStore | None = None) -> ServiceSpe
 
     async def stop() -> None:
         stopping.set()
-        metrics.unregister_collector(gauges)  # in-process replicas (tests) come and go
-        await registry.close_watchers()
-        for task in background:
-            task.cancel()
-        await cluster.stop()
+        try:
+            await registry.close_watchers()
+            for task in background:
+                task.cancel()
+            await cluster.stop()
+        finally:
+            # After the hand-off: a scrape while draining still sees the jobs and nodes held.
+            metrics.unregister_collector(gauges)  # in-process replicas (tests) come and go
 
     return ServiceSpec(
         registrations=[
