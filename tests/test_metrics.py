@@ -109,6 +109,24 @@ def test_gauges_count_held_jobs_and_their_nodes_by_stage(tmp_path):
     assert sum(nodes.values()) == 4
 
 
+def test_a_retried_job_s_duration_counts_from_its_retry_not_its_creation():
+    """A job that sat FAILED for an hour, then was retried and took 30 s: JOB_DURATION observes
+    30 s (the retry's run), not 3630 s; a job never retried counts from its creation."""
+    from audiomesh.services.orchestrator.runner import _count_end
+
+    def observed(job: orchestrator_pb2.Job) -> float:
+        before = local()
+        _count_end(JobRecord(job=job))
+        return delta(local(), before, "audiomesh_job_duration_seconds_sum", outcome="succeeded")
+
+    job = orchestrator_pb2.Job(job_id="00000000-0000-4000-8000-00000000r37r", state=SUCCEEDED)
+    job.create_time.FromSeconds(1_000_000)
+    job.update_time.FromSeconds(1_000_000 + 3630)
+    assert observed(job) == pytest.approx(3630)
+    job.retry_time.FromSeconds(1_000_000 + 3600)
+    assert observed(job) == pytest.approx(30)
+
+
 def test_jobs_collector_reports_the_last_reading_when_read_fails():
     readings: list[object] = [({"running": 2}, {("hpss", "waiting"): 3}, 2), RuntimeError("torn")]
 

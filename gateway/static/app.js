@@ -762,7 +762,7 @@ function renderJob(job) {
     eta.textContent = job.etaSeconds === undefined || job.etaSeconds === null ? "Estimating time left…" : fmtEta(job.etaSeconds);
   } else {
     stage.textContent = { JOB_STATE_SUCCEEDED: "Done", JOB_STATE_FAILED: "Failed", JOB_STATE_CANCELLED: "Cancelled" }[jobState] || "";
-    const start = parseTime(job.createTime);
+    const start = parseTime(job.retryTime || job.createTime); // a retried job: its latest run
     const end = parseTime(job.updateTime);
     eta.textContent = succeeded && start && end ? `Took ${fmtDuration((end - start) / 1000)}` : "";
   }

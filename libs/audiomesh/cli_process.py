@@ -3,13 +3,15 @@ progress lines, fetch their tracks.
 
 Ctrl-C while a job is followed asks the orchestrator to cancel it (``process``, ``retry``: the
 command started it); ``download`` only stops waiting. ``--detach`` submits and returns,
-printing how to fetch the tracks later.
+printing how to fetch the tracks later. A Ctrl-C that comes once a file was wholly sent waits
+(bounded) for its job's id, so that job too is cancelled, or named under ``--detach``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from audiomesh.v1.orchestrator_pb2_grpc import OrchestratorServiceAsyncStub
 
 CHUNK = 1 << 20
+# How long Ctrl-C after a whole file went waits for the orchestrator's answer (the job's id).
+LATE_ANSWER_SECONDS = 15.0
 DEVICES = ("cpu", "cuda", "auto")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 # Errors one file of a batch may end with; the batch goes on.
@@ -92,13 +96,24 @@ def _manifest_config(path: Path) -> dict[str, Any]:
 
 
 async def upload(
-    stub: OrchestratorServiceAsyncStub, path: Path, options: orchestrator_pb2.JobOptions
+    stub: OrchestratorServiceAsyncStub,
+    path: Path,
+    options: orchestrator_pb2.JobOptions,
+    *,
+    late_answer: Callable[[orchestrator_pb2.UploadAudioResponse | None], None] | None = None,
 ) -> orchestrator_pb2.UploadAudioResponse:
+    """Upload ``path`` as a new job. Cancelled before the whole file went, the call is cancelled
+    (the orchestrator discards a partial upload). Cancelled after, the job may be being created:
+    the answer is awaited (``LATE_ANSWER_SECONDS`` at most) and handed to ``late_answer`` (None:
+    no answer in time, or a refusal) before the cancellation goes on, so the caller can cancel
+    the job or say how to fetch it."""
     from audiomesh.v1 import orchestrator_pb2
 
     size = await asyncio.to_thread(lambda: path.stat().st_size)
+    sent = False
 
     async def messages() -> AsyncIterator[orchestrator_pb2.UploadAudioRequest]:
+        nonlocal sent
         yield orchestrator_pb2.UploadAudioRequest(
             metadata=orchestrator_pb2.UploadMetadata(
                 filename=path.name, options=options, create_job=True, size_bytes=size
@@ -107,8 +122,35 @@ async def upload(
         with path.open("rb") as fh:
             while chunk := fh.read(CHUNK):
                 yield orchestrator_pb2.UploadAudioRequest(chunk=chunk)
+        sent = True  # gRPC asks for a next message only once the last one was written
 
-    return await stub.UploadAudio(messages())
+    call = stub.UploadAudio(messages())
+    answer: asyncio.Future[orchestrator_pb2.UploadAudioResponse] = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(answer)
+    except asyncio.CancelledError:
+        if not sent:
+            call.cancel()
+            raise
+        response = await _answer_within(answer, LATE_ANSWER_SECONDS)
+        if response is None:
+            call.cancel()
+        if late_answer is not None:
+            late_answer(response)
+        raise
+
+
+async def _answer_within(answer: asyncio.Future[Any], seconds: float) -> Any:
+    """``answer``'s result once it comes within ``seconds``; None if it failed or did not come.
+    A repeated cancellation does not cut the wait short: the deadline bounds it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not answer.done() and (left := deadline - loop.time()) > 0:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({answer}, timeout=left)
+    if not answer.done() or answer.cancelled() or answer.exception() is not None:
+        return None
+    return answer.result()
 
 
 async def follow(
@@ -175,7 +217,8 @@ class Follower:
             raise
         self.in_flight.pop(job_id, None)
         if job_state(job) == "SUCCEEDED":
-            took = job.update_time.ToDatetime() - job.create_time.ToDatetime()
+            start = job.retry_time if job.HasField("retry_time") else job.create_time  # a retry's own run
+            took = job.update_time.ToDatetime() - start.ToDatetime()
             self.board.finish(key, f"Done in {fmt_duration(took.total_seconds())}", fraction=1.0)
         else:
             self.board.finish(key, why_not_done(job).capitalize())
@@ -257,20 +300,37 @@ async def process_files(
     slots = asyncio.Semaphore(args.jobs)
     succeeded = 0
 
+    def submitted(follower: Follower, path: Path, job_id: str) -> None:
+        follower.board.finish(str(path), "Submitted")
+        follower.out(
+            f"{path.name}: job {job_id} submitted; fetch its tracks with `audiomesh download {job_id[:8]} -o {args.out}`"
+        )
+
     async def one(follower: Follower, path: Path) -> None:
         nonlocal succeeded
         async with slots:
             label = path.name
             follower.board.add(str(path), label, words="Uploading")
+
+            def late_answer(response: orchestrator_pb2.UploadAudioResponse | None) -> None:
+                """Ctrl-C came after the whole file went: its job is in flight like any other."""
+                if response is None:
+                    follower.board.finish(str(path), "Stopped")
+                    follower.err(
+                        f"{label}: uploaded, but no job id came back; `audiomesh jobs` shows whether one exists"
+                    )
+                elif args.detach:
+                    submitted(follower, path, response.job.job_id)
+                else:
+                    follower.board.finish(str(path), "Stopped")
+                    follower.err(f"{label}: job {response.job.job_id}")
+                    follower.in_flight[response.job.job_id] = label  # cancel_in_flight cancels it
+
             try:
-                response = await upload(stub, path, options)
+                response = await upload(stub, path, options, late_answer=late_answer)
                 job_id = response.job.job_id
                 if args.detach:
-                    follower.board.finish(str(path), "Submitted")
-                    follower.out(
-                        f"{label}: job {job_id} submitted; fetch its tracks with"
-                        f" `audiomesh download {job_id[:8]} -o {args.out}`"
-                    )
+                    submitted(follower, path, job_id)
                     succeeded += 1
                     return
                 follower.err(f"{label}: job {job_id}")

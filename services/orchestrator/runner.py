@@ -48,7 +48,7 @@ from audiomesh.v1 import (
 )
 
 from .graph import LOCAL_STAGE, MAX_HPSS_PARTS, MAX_SEPARATION_PARTS, DecodeRequest, Plan, make_plan, overall_fraction
-from .jobs import JobRecord, JobRegistry, now_pb
+from .jobs import JobRecord, JobRegistry, now_pb, run_start
 from .lease import Lease
 
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
@@ -221,6 +221,7 @@ class Runner:
         """Queue a FAILED/CANCELLED job again; resume reuses the nodes whose outputs exist."""
         rec.job.state = common_pb2.JOB_STATE_QUEUED
         rec.queued_at = time.monotonic()  # the queue wait of a retry starts at its request
+        rec.job.retry_time.CopyFrom(now_pb())  # and its duration: not the time it sat FAILED
         rec.job.ClearField("error")
         for node in rec.job.nodes:
             if node.state != common_pb2.NODE_STATE_SUCCEEDED:
@@ -592,12 +593,13 @@ class Runner:
 
 
 def _count_end(rec: JobRecord) -> None:
-    """JOBS_FINISHED and JOB_DURATION (creation → the end's write, from the job's timestamps)."""
+    """JOBS_FINISHED and JOB_DURATION (creation, or the latest retry, → the end's write, from the
+    job's timestamps)."""
     outcome = _OUTCOMES.get(rec.job.state)
     if outcome is None:
         return
     job = rec.job
-    seconds = (job.update_time.ToNanoseconds() - job.create_time.ToNanoseconds()) / 1e9
+    seconds = (job.update_time.ToNanoseconds() - run_start(job).ToNanoseconds()) / 1e9
     metrics.JOBS_FINISHED.labels(outcome=outcome).inc()
     metrics.JOB_DURATION.labels(outcome=outcome).observe(max(0.0, seconds))
 

@@ -187,6 +187,7 @@ class Job(_message.Message):
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     SEPARATION_PARTS_FIELD_NUMBER: _builtins.int
     HPSS_PARTS_FIELD_NUMBER: _builtins.int
+    RETRY_TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     fraction: _builtins.float
@@ -234,6 +235,12 @@ class Job(_message.Message):
     def error(self) -> _common_pb2.ErrorDetail: ...
     @_builtins.property
     def normalization(self) -> Global___NormalizationSummary: ...
+    @_builtins.property
+    def retry_time(self) -> _timestamp_pb2.Timestamp:
+        """When RetryJob last queued the job again; unset if it never was. Its latest run's time
+        ("Took …", the job-duration metric) counts from here, not from create_time.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +262,11 @@ class Job(_message.Message):
         trace_parent: _builtins.str = ...,
         separation_parts: _builtins.int = ...,
         hpss_parts: _builtins.int = ...,
+        retry_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "error", b"error", "eta_seconds", b"eta_seconds", "input", b"input", "normalization", b"normalization", "options", b"options", "retry_time", b"retry_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "hpss_parts", b"hpss_parts", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "separation_parts", b"separation_parts", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds", "create_time", b"create_time", "current_stage", b"current_stage", "error", b"error", "eta_seconds", b"eta_seconds", "fraction", b"fraction", "hpss_parts", b"hpss_parts", "input", b"input", "job_id", b"job_id", "manifest_key", b"manifest_key", "nodes", b"nodes", "normalization", b"normalization", "options", b"options", "owner", b"owner", "retry_time", b"retry_time", "separation_parts", b"separation_parts", "state", b"state", "trace_parent", b"trace_parent", "tracks", b"tracks", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eta_seconds: _TypeAlias = _typing.Literal["eta_seconds"]  # noqa: Y015
     _WhichOneofArgType__eta_seconds: _TypeAlias = _typing.Literal["_eta_seconds", b"_eta_seconds"]  # noqa: Y015
