@@ -56,6 +56,8 @@ const STAGE_LABELS = {
   composite: "Mixing the main tracks",
   normalize: "Normalizing loudness",
 };
+// Separator families (ModelInfo.kind), named in the model picker's options.
+const MODEL_FAMILIES = { demucs: "Demucs", roformer: "RoFormer" };
 const TRACK_LABELS = {
   vocals: "Vocals",
   no_vocals: "Everything but vocals",
@@ -66,18 +68,19 @@ const TRACK_LABELS = {
   piano: "Piano",
   harmonic: "Harmonic (whole song)",
   percussive: "Percussive (whole song)",
+  instrumental: "Instrumental",
   main: "Instrumental (main)",
   main_harmonic: "Instrumental, harmonic",
   main_percussive: "Instrumental, percussive",
 };
 // What each track is, in one line (keep in step with the README's list of output tracks).
 const TRACK_MEANINGS = {
-  vocals: "the singing voice, lead and backing (a Demucs stem)",
-  drums: "drums and percussion (a Demucs stem)",
-  bass: "bass guitar and synth bass (a Demucs stem)",
-  other: "everything the other stems don't take: guitars, keys, strings, synths (a Demucs stem)",
-  guitar: "guitars (a Demucs stem)",
-  piano: "piano and keys (a Demucs stem)",
+  vocals: "the singing voice, lead and backing (a separated stem)",
+  drums: "drums and percussion (a separated stem)",
+  bass: "bass guitar and synth bass (a separated stem)",
+  other: "everything the other stems don't take: guitars, keys, strings, synths (a separated stem)",
+  guitar: "guitars (a separated stem)",
+  piano: "piano and keys (a separated stem)",
   harmonic: "the whole song's sustained, pitched sound: chords, notes, voice (HPSS of the mix)",
   percussive: "the whole song's short, hit sounds: drum hits, plucks, consonants (HPSS of the mix)",
   main: "everything except vocals (the instrumental): the other stems summed",
@@ -360,6 +363,7 @@ function fillModels() {
   select.replaceChildren(
     ...models.map((m) => {
       let text = m.name;
+      if (m.kind) text += ` · ${MODEL_FAMILIES[m.kind] || m.kind}`;
       if (m.name === state.defaultModel) text += " (default)";
       if (!m.available) text += " (no weights here)";
       return el("option", { value: m.name, disabled: !m.available, selected: m === chosen, text });
@@ -384,9 +388,14 @@ function updateModelHelp() {
     help.textContent = "";
     return;
   }
+  // The server's description says what the model is and what it is good for, stems included
+  // (separation registry: describe_model); the stems are listed here only when it doesn't name them.
   const parts = [];
-  if (model.description) parts.push(sentence(model.description.charAt(0).toUpperCase() + model.description.slice(1)));
-  if (model.sources && model.sources.length) parts.push(`Stems: ${model.sources.join(", ")}.`);
+  const description = model.description || "";
+  if (description) parts.push(sentence(description.charAt(0).toUpperCase() + description.slice(1)));
+  const stems = model.sources || [];
+  const named = (s) => new RegExp(`\\b${s.replace(/\W/g, "\\$&")}\\b`).test(description);
+  if (stems.length && !stems.every(named)) parts.push(`Stems: ${stems.join(", ")}.`);
   if (!model.available) parts.push("Its weights aren't on this server, so jobs with it will fail.");
   help.textContent = parts.join(" ");
 }

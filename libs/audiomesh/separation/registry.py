@@ -58,6 +58,7 @@ __all__ = [
     "ModelSpec",
     "SeparatorFactory",
     "configure_torch_threads",
+    "describe_model",
     "log_runtime",
 ]
 
@@ -71,17 +72,17 @@ PRETRAINED: Mapping[str, tuple[tuple[str, ...], float | None, str]] = {
     "htdemucs_ft": (_FOUR, _HT_SEGMENT, "htdemucs fine-tuned per source: a bag of 4 models, 4x slower"),
     "htdemucs_6s": (_SIX, _HT_SEGMENT, "htdemucs with guitar and piano sources (piano is weak)"),
     "hdemucs_mmi": (_FOUR, None, "Hybrid Demucs v3 retrained on MusDB HQ + 800 songs"),
-    "mdx": (_FOUR, None, "bag of 4 models, MDX 2021 challenge track A (MusDB HQ only)"),
-    "mdx_extra": (_FOUR, None, "bag of 4 models trained with extra data, MDX 2021 track B"),
-    "mdx_q": (_FOUR, None, "quantized mdx: smaller download, needs the diffq package"),
-    "mdx_extra_q": (_FOUR, None, "quantized mdx_extra: smaller download, needs the diffq package"),
+    "mdx": (_FOUR, None, "Bag of 4 models, MDX 2021 challenge track A (MusDB HQ only)"),
+    "mdx_extra": (_FOUR, None, "Bag of 4 models trained with extra data, MDX 2021 track B"),
+    "mdx_q": (_FOUR, None, "Quantized mdx: smaller download, needs the diffq package"),
+    "mdx_extra_q": (_FOUR, None, "Quantized mdx_extra: smaller download, needs the diffq package"),
 }
 
 #: Names built into demucs, no weights needed.
 BUILTIN: Mapping[str, tuple[tuple[str, ...], str]] = {
     "demucs_unittest": (
         _FOUR,
-        "tiny HDemucs with random weights built into demucs, for tests (no real stems)",
+        "Tiny HDemucs with random weights built into demucs, for tests (no real stems)",
     ),
 }
 
@@ -119,6 +120,44 @@ class ModelSpec:
 
 #: ``builder(spec, device) -> SeparatorModel``; ``device`` is concrete (``"cpu"``, ``"cuda"``...).
 Builder = Callable[[ModelSpec, str], SeparatorModel]
+
+_FAMILIES = {"demucs": "Demucs", "roformer": "RoFormer"}
+
+
+def describe_model(
+    kind: str, sources: Sequence[str], detail: str = "", *, family: str = "", target: str | None = None
+) -> str:
+    """What a model is and what it is good for, in one line, then ``detail`` (this model's own words).
+
+    The description ``ListModels`` returns: the web page's model picker and ``audiomesh models``
+    show it. ``family`` names the network (default: the kind's), ``target`` a RoFormer's target
+    instrument. Speeds are BENCHMARKS.md's (*RoFormer models beside Demucs*, 2 CPU cores): a
+    released Mel-Band RoFormer takes ~12x htdemucs' time per second of song, a BS-RoFormer ~2.5x that.
+    """
+    family = family or _FAMILIES.get(kind, kind)
+    stems = ", ".join(sources)
+    if kind == "roformer":
+        if len(sources) == 2:
+            best = target or ("vocals" if "vocals" in sources else sources[0])
+            rest = next(s for s in sources if s != best)
+            what = f"{best} + {rest}" + (f" (the mix minus {best})" if target else "") + f", best for {best}"
+        else:
+            what = f"{len(sources)} stems ({stems})" if sources else "stems as its config lists"
+        line = f"{family}: {what}; much slower than Demucs on CPU (12-30x at released sizes), meant for a GPU"
+    elif kind == "demucs":
+        if len(sources) >= 4:
+            line = f"{family}: {len(sources)} stems ({stems}), every instrument at once; fast on CPU"
+        else:
+            line = f"{family}: {stems}; fast on CPU" if sources else f"{family}; fast on CPU"
+    else:
+        line = f"{family}: {stems}" if sources else family
+    return f"{line}. {detail}" if detail else line
+
+
+def _demucs_description(sources: Sequence[str], max_segment: float | None, detail: str) -> str:
+    # Only HTDemucs has a maximum segment: that is how a listing tells the hybrid transformer.
+    family = "Demucs (hybrid transformer)" if max_segment is not None else "Demucs"
+    return describe_model("demucs", sources, detail, family=family)
 
 
 def configure_torch_threads(n: int | None) -> int:
@@ -267,7 +306,8 @@ class SeparatorFactory:
         if spec is not None:
             return spec
         if name in BUILTIN:
-            sources, description = BUILTIN[name]
+            sources, detail = BUILTIN[name]
+            description = _demucs_description(sources, None, detail)
             return ModelSpec(
                 name,
                 "demucs",
@@ -434,15 +474,22 @@ class SeparatorFactory:
                     f"{missing[0]}.th or {missing[0]}-<checksum>.th"
                 )
             first = local[sigs[0]].path if sigs and not missing else None
-            description = f"bag of {len(sigs)} model(s) from {entry.path}"
+            detail = f"Bag of {len(sigs)} model(s) from {entry.path}"
         else:
             first = entry.path
-            description = f"single model from {entry.path}"
+            detail = f"One model from {entry.path}"
         if name in PRETRAINED:
-            description = f"{PRETRAINED[name][2]} ({description})"
-        info = self._peek(name, first, "local_repo", description) if first is not None else None
+            detail = f"{PRETRAINED[name][2]} ({detail[0].lower()}{detail[1:]})"
+        info = self._peek(name, first, "local_repo", detail) if first is not None else None
         if isinstance(info, str):
             problem, info = info, None
+        if info is not None:
+            description = _demucs_description(info.sources, info.max_segment, detail)
+            info = replace(info, description=description)
+        elif name in PRETRAINED:
+            description = _demucs_description(PRETRAINED[name][0], PRETRAINED[name][1], detail)
+        else:
+            description = describe_model("demucs", (), detail)
         return ModelSpec(
             name,
             "demucs",
@@ -468,7 +515,9 @@ class SeparatorFactory:
         except AudiomeshError as exc:
             problem = str(exc)
         else:
-            description = config.describe()
+            description = describe_model(
+                KIND, config.sources, f"Size {config.shape()}", family=config.title, target=config.target
+            )
             info = ModelInfo(
                 name, config.sources, config.sample_rate, config.channels, "local_repo", description, kind=KIND
             )
@@ -492,11 +541,17 @@ class SeparatorFactory:
         if spec.options.get("problem"):
             raise ModelUnavailable(f"model '{spec.name}' cannot be loaded: {spec.options['problem']}")
         return RoformerModel.load(
-            spec.options["config"], spec.options["checkpoint"], name=spec.name, origin=spec.origin, device=device
+            spec.options["config"],
+            spec.options["checkpoint"],
+            name=spec.name,
+            origin=spec.origin,
+            description=spec.description,
+            device=device,
         )
 
     def _pretrained_spec(self, name: str) -> ModelSpec:
-        sources, max_segment, description = PRETRAINED[name]
+        sources, max_segment, detail = PRETRAINED[name]
+        description = _demucs_description(sources, max_segment, detail)
 
         def spec(origin: Origin, available: bool, **options: Any) -> ModelSpec:
             info = _static_info(name, sources, origin, description, max_segment)

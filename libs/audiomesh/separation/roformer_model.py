@@ -284,6 +284,17 @@ class RoformerConfig:
         """The name of the ``mix - target`` stem, or None without a target."""
         return self.sources[1] if self.target is not None else None
 
+    @property
+    def title(self) -> str:
+        """The network's name: ``"BS-RoFormer"`` or ``"Mel-Band RoFormer"``."""
+        return _TITLES[self.network]
+
+    def shape(self) -> str:
+        """Size and chunking, e.g. ``"512x12 (dim x depth), 8.0 s chunks, overlap 2"``."""
+        seconds = self.chunk_size / self.sample_rate
+        size = f"{self.model.get('dim')}x{self.model.get('depth')} (dim x depth)"
+        return f"{size}, {seconds:.1f} s chunks, overlap {self.num_overlap}"
+
     def describe(self) -> str:
         """One line for humans, e.g. ``"BS-RoFormer 512x12, vocals + other (other = mix - vocals), 8.0 s chunks, overlap 2"``."""
         size = f"{self.model.get('dim')}x{self.model.get('depth')}"
@@ -292,7 +303,7 @@ class RoformerConfig:
         else:
             stems = ", ".join(self.sources)
         seconds = self.chunk_size / self.sample_rate
-        return f"{_TITLES[self.network]} {size}, {stems}, {seconds:.1f} s chunks, overlap {self.num_overlap}"
+        return f"{self.title} {size}, {stems}, {seconds:.1f} s chunks, overlap {self.num_overlap}"
 
 
 class _MsstLoader(yaml.SafeLoader):
@@ -830,11 +841,13 @@ class RoformerModel(SeparatorModel):
         *,
         name: str,
         origin: Origin = "local_repo",
+        description: str = "",
         device: str = "auto",
     ) -> RoformerModel:
         """:func:`load_config` + :func:`load_checkpoint`, wrapped (raises ``ModelUnavailable``)."""
         config = load_config(config_path)
-        return cls(load_checkpoint(checkpoint_path, config), config, name=name, origin=origin, device=device)
+        network = load_checkpoint(checkpoint_path, config)
+        return cls(network, config, name=name, origin=origin, description=description, device=device)
 
     @property
     def device(self) -> str:
