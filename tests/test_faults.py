@@ -32,7 +32,7 @@ async def test_worker_killed_mid_stage_is_retried_on_its_restart(mesh, tmp_path)
     scratch_root = tmp_path / "tmp" / "audiomesh-scratch"
     async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        job = (await upload(stub, write_song(tmp_path / "s.wav", 20.0).read_bytes(), "s.wav", SLOW)).job
+        job = (await upload(stub, write_song(tmp_path / "s.wav", 8.0).read_bytes(), "s.wav", SLOW)).job
         await wait_until_running(stub, job.job_id, "separation")
         killed = scratch_root / str(mesh.procs["separation"].pid)
         assert any(killed.rglob("*")), "separation works in its scratch folder"
@@ -98,7 +98,7 @@ async def test_s3_server_stopped_and_restarted_mid_job(s3_server, tmp_path):
     try:
         async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            job = (await upload(stub, write_song(tmp_path / "s.wav", 20.0).read_bytes(), "s.wav", SLOW)).job
+            job = (await upload(stub, write_song(tmp_path / "s.wav", 8.0).read_bytes(), "s.wav", SLOW)).job
             await wait_until_running(stub, job.job_id, "separation")
             await asyncio.to_thread(s3_helper.restart_server, downtime=4.0)
             final, _ = await wait_for(stub, job.job_id, timeout=300)
@@ -146,7 +146,7 @@ async def test_full_file_store_fails_clearly_and_keeps_the_manifest_whole(small_
 async def test_orchestrator_restarted_before_its_workers_waits_for_them(mesh, tmp_path):
     async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        job = (await upload(stub, write_song(tmp_path / "s.wav", 20.0).read_bytes(), "s.wav", SLOW)).job
+        job = (await upload(stub, write_song(tmp_path / "s.wav", 8.0).read_bytes(), "s.wav", SLOW)).job
         await wait_until_running(stub, job.job_id, "separation")
     mesh.kill("orchestrator")
     mesh.kill("separation")

@@ -14,7 +14,8 @@ from audiomesh import manifest
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from tests.helpers.mesh import SUCCEEDED, start_mesh, upload, wait_for, write_song
 
-# Long enough that separation with demucs_unittest runs for several seconds on 2 cores.
+# With an 8 s song, a separation of ~10 s with demucs_unittest on 2 cores (4 passes): long enough
+# to stop it mid-way, short enough that what runs after it stays cheap.
 SLOW = orchestrator_pb2.JobOptions()
 SLOW.separation.shifts = 4
 
@@ -31,7 +32,7 @@ async def wait_until_running(stub, job_id: str, node: str, timeout: float = 120.
 
 
 async def test_cancel_mid_separation_stops_the_workers(orchestrator, file_mesh, tmp_path):
-    song = write_song(tmp_path / "long.wav", 40.0)
+    song = write_song(tmp_path / "long.wav", 12.0)
     job = (await upload(orchestrator, song.read_bytes(), "long.wav", SLOW)).job
     await wait_until_running(orchestrator, job.job_id, "separation")
     started = time.monotonic()
@@ -59,7 +60,7 @@ async def test_orchestrator_killed_mid_job_resumes_after_restart(tmp_path):
     try:
         async with grpc.aio.insecure_channel(mesh.orchestrator) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            song = write_song(tmp_path / "song.wav", 20.0)
+            song = write_song(tmp_path / "song.wav", 8.0)
             job = (await upload(stub, song.read_bytes(), "song.wav", SLOW)).job
             await wait_until_running(stub, job.job_id, "separation")
         mesh.kill("orchestrator")  # SIGKILL: no chance to write anything more

@@ -5,7 +5,10 @@ configs and checkpoints (``NAME.yaml`` + ``NAME.ckpt``) — for a tiny BS-RoForm
 target: vocals + other = mix - vocals) and a tiny 4-stem Mel-Band RoFormer, saved from MSST's own
 network classes with seeded random weights (tests/helpers/roformer.py), plus a config whose
 checkpoint is missing. A real mesh lists them, runs whole jobs with them (stems, HPSS,
-composites, loudness) and refuses what a RoFormer cannot do, with messages that say why.
+composites, loudness) and refuses what a RoFormer cannot do, with messages that say why. The
+web page's model picker explains the RoFormer and runs a job on it in headless Chromium (a
+vocals + "instrumental" model: its own stem names all the way to the page's mixer). Nothing is
+faked; the random weights only mean the stems are not musically meaningful.
 """
 
 from __future__ import annotations
@@ -15,17 +18,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
+import soundfile as sf
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
+from audiomesh.demo import synth_song
 from audiomesh.launcher import Mesh
 from audiomesh.v1 import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, separation_pb2
+from tests.helpers.browser import css, wait
 from tests.helpers.mesh import SUCCEEDED, read, start_mesh, upload, wait_for, write_song
 from tests.helpers.roformer import write_roformer
 
 BS = "tiny_bs_roformer"
 MEL = "tiny_mel_roformer"
 NO_WEIGHTS = "roformer_without_weights"
+VOCAL = "tiny_vocal_roformer"  # vocals + "instrumental", for the page
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +51,8 @@ def roformer_mesh(tmp_path_factory) -> Iterator[Mesh]:
     )
     _, checkpoint = write_roformer(repo, NO_WEIGHTS, network="bs_roformer", instruments=("vocals", "other"))
     checkpoint.unlink()
-    mesh = start_mesh(tmp, AUDIOMESH_MODEL_REPO=str(repo), AUDIOMESH_COMPILE="false")
+    write_roformer(repo, VOCAL, network="bs_roformer", instruments=("vocals", "instrumental"), target="vocals", seed=3)
+    mesh = start_mesh(tmp, gateway=True, AUDIOMESH_MODEL_REPO=str(repo), AUDIOMESH_COMPILE="false")
     try:
         yield mesh
     finally:
@@ -156,3 +169,95 @@ async def test_shifts_one_and_two_stems_work_as_for_demucs(roformer_mesh, tmp_pa
     assert job.state == SUCCEEDED, job.error
     assert {t.name for t in job.tracks} >= {"vocals", "no_vocals", "main"}
     assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+
+
+# --- the web page (headless Chromium, tests/helpers/browser.py) ------------------------------------
+
+
+def help_text(driver) -> str:
+    return css(driver, "#model-help").text
+
+
+def sentence(text: str) -> str:
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
+@pytest.mark.timeout(180)
+def test_the_page_s_picker_explains_a_roformer_and_a_job_runs_on_it(
+    browser, roformer_mesh: Mesh, tmp_path: Path
+) -> None:
+    driver = browser
+    base = roformer_mesh.url.rstrip("/")
+    listed = {m["name"]: m for m in httpx.get(f"{base}/v1/models", timeout=30).json()["models"]}
+    try:
+        driver.get(base + "/")
+        wait(driver, 20, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "page not ready")
+
+        # --- each option names its family; the default (a Demucs) is explained in one line
+        select = css(driver, "#model-select")
+        options = {o.get_attribute("value"): o.text for o in select.find_elements(By.TAG_NAME, "option")}
+        assert "RoFormer" in options[VOCAL] and "Demucs" not in options[VOCAL], options
+        assert "Demucs" in options["demucs_unittest"] and "(default)" in options["demucs_unittest"], options
+        assert select.get_attribute("value") == "demucs_unittest"
+        demucs = help_text(driver)
+        assert demucs.startswith("Demucs: 4 stems (drums, bass, other, vocals), every instrument at once"), demucs
+        assert "Stems:" not in demucs  # the description names them already
+
+        # --- picking the RoFormer: the server's one line, its stems in the two-stems select
+        Select(select).select_by_value(VOCAL)
+        wait(driver, 5, lambda d: "RoFormer" in help_text(d), "the help line did not follow the picker")
+        line = help_text(driver)
+        assert line == sentence(listed[VOCAL]["description"]), (line, listed[VOCAL])
+        assert line.startswith("BS-RoFormer: vocals + instrumental (the mix minus vocals), best for vocals;"), line
+        assert "much slower than Demucs on CPU" in line and "Stems:" not in line, line
+        two = css(driver, "#two-stems-select")
+        offered = [(o.get_attribute("value"), o.text) for o in two.find_elements(By.TAG_NAME, "option")]
+        assert [value for value, _ in offered] == ["", "vocals", "instrumental"], offered
+        assert offered[2][1] == "Instrumental + everything else", offered
+
+        # --- a short song through the file picker: the job runs on the RoFormer
+        song = tmp_path / "roformer song.wav"
+        sf.write(song, synth_song(2.0, 44100, seed=5).T, 44100, subtype="PCM_16")
+        css(driver, "#file-input").send_keys(str(song))
+        wait(driver, 30, lambda d: css(d, "#job").is_displayed(), "no job panel after the upload")
+        wait(
+            driver,
+            90,
+            lambda d: css(d, "#job-state").get_attribute("data-state") in TERMINAL,
+            "the job did not finish in 90 s",
+        )
+        assert css(driver, "#job-state").get_attribute("data-state") == "JOB_STATE_SUCCEEDED", css(
+            driver, "#job-error"
+        ).text
+        job_id = css(driver, "#job-id").text.removeprefix("Job ").strip()
+        job = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=30).json()["job"]
+        assert job["options"]["model"] == VOCAL, job["options"]
+
+        # --- its tracks: vocals and the instrumental in the mixer, no Demucs stems anywhere
+        rows = {r.get_attribute("data-track"): r for r in driver.find_elements(By.CSS_SELECTOR, "#tracks [data-track]")}
+        assert set(rows) == {
+            "vocals",
+            "instrumental",
+            "harmonic",
+            "percussive",
+            "main",
+            "main_harmonic",
+            "main_percussive",
+        }
+        assert not {"drums", "bass", "other"} & set(rows)
+        for stem in ("vocals", "instrumental"):
+            assert rows[stem].find_elements(By.CSS_SELECTOR, ".channel-solo"), stem  # a mixer channel
+            assert (
+                rows[stem]
+                .find_element(By.CSS_SELECTOR, "a.download")
+                .get_attribute("href")
+                .endswith(f"/download/{job_id}/{stem}")
+            )
+        assert "Instrumental" in rows["instrumental"].text
+        logs = driver.get_log("browser")
+        assert [e["message"] for e in logs if e["level"] == "SEVERE"] == []
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "web-models-failure.png"))
+        (ARTIFACTS / "web-models-failure-console.json").write_text(json.dumps(driver.get_log("browser"), indent=1))
+        raise

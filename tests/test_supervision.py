@@ -74,8 +74,11 @@ async def test_a_killed_worker_comes_back_on_its_port_and_the_job_succeeds(super
         assert mesh.addresses["separation"] == address and mesh.procs["separation"].pid != old_pid
         job, _ = await wait_for(stub, job.job_id)
     assert job.state == SUCCEEDED, job.error
-    assert [r["service"] for r in mesh.restarts] == ["separation"]
+    assert {r["service"] for r in mesh.restarts} == {"separation"}
     assert mesh.restarts[0]["exit_code"] == -9
+    # A restart may find its port briefly taken (CI saw an outgoing connection of another test
+    # get it as its source port) and exit 1; the supervisor then starts it again on that port.
+    assert all(r["exit_code"] == 1 for r in mesh.restarts[1:]), mesh.restarts
     assert supervisor.failure is None and supervisor.thread.is_alive()
 
 

@@ -168,13 +168,13 @@ def _mixer(driver, base: str, tmp_path: Path, folder: Path) -> None:
     assert all(c["gain"] == 1 for c in state["channels"])
     assert css(driver, "#mixer-play").text == "Pause"
     # Sound reaches the output (the analyser after the master gain).
-    wait(driver, 5, lambda d: d.execute_script(MIXER)["outputPeak"] > 0, "nothing reached the output")
+    wait(driver, 15, lambda d: d.execute_script(MIXER)["outputPeak"] > 0, "nothing reached the output")
 
     # --- solo drums: only drums is heard; the others' gains glide to 0
     css(driver, '.is-stem[data-track="drums"] .channel-solo').click()
     wait(
         driver,
-        5,
+        15,
         lambda d: all(
             (c["gainNow"] > 0.99) == (c["name"] == "drums") and abs(c["gainNow"] - c["gain"]) < 0.01
             for c in d.execute_script(MIXER)["channels"]
@@ -193,9 +193,9 @@ def _mixer(driver, base: str, tmp_path: Path, folder: Path) -> None:
         "const r = arguments[0]; r.value = '50'; r.dispatchEvent(new Event('input', {bubbles: true}));",
         css(driver, '.is-stem[data-track="bass"] .channel-volume'),
     )
-    wait(
+    wait(  # the ramps run on the audio thread: slow when the machine is busy (CI timed out at 5 s)
         driver,
-        5,
+        15,
         lambda d: all(abs(c["gainNow"] - c["gain"]) < 0.01 for c in d.execute_script(MIXER)["channels"]),
         "gains did not settle",
     )
@@ -222,7 +222,7 @@ def _mixer(driver, base: str, tmp_path: Path, folder: Path) -> None:
 
     # --- pause stops every source
     css(driver, "#mixer-play").click()
-    state = wait(driver, 5, lambda d: (s := d.execute_script(MIXER)) and not s["playing"] and s, "pause did not stop")
+    state = wait(driver, 15, lambda d: (s := d.execute_script(MIXER)) and not s["playing"] and s, "pause did not stop")
     assert not any(c["running"] for c in state["channels"])
 
     # --- phone width: nothing sideways, History one tap away
