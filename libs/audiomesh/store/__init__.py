@@ -10,13 +10,16 @@ Services call the (blocking) methods through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from audiomesh.errors import InvalidInput
 
 from .base import ObjectInfo, ObjectStore, sanitize_filename, validate_key, validate_prefix
 from .file import FileStore
-from .s3 import S3Store
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
 
 __all__ = [
     "FileStore",
@@ -31,6 +34,16 @@ __all__ = [
 ]
 
 SUPPORTED_SCHEMES = ("file://", "s3://")
+
+
+def __getattr__(name: str) -> Any:
+    # The S3 client (minio) loads only where an s3:// store is used: every service process
+    # imports this package, most run on a file store (half a CPU second each at start-up).
+    if name == "S3Store":
+        from .s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(
@@ -88,6 +101,8 @@ def open_store(
             raise InvalidInput(f"store URL {url!r} has no bucket; use s3://bucket or s3://bucket/prefix")
         if parts.query or parts.fragment:
             raise InvalidInput(f"store URL {url!r} has a query or fragment; use s3://bucket[/prefix]")
+        from .s3 import S3Store
+
         return S3Store(
             parts.netloc,
             unquote(parts.path).strip("/"),
