@@ -217,8 +217,9 @@ class Follower:
             raise
         self.in_flight.pop(job_id, None)
         if job_state(job) == "SUCCEEDED":
-            start = job.retry_time if job.HasField("retry_time") else job.create_time  # a retry's own run
-            took = job.update_time.ToDatetime() - start.ToDatetime()
+            from audiomesh.manifest import run_start
+
+            took = job.update_time.ToDatetime() - run_start(job).ToDatetime()  # a retry: its own run
             self.board.finish(key, f"Done in {fmt_duration(took.total_seconds())}", fraction=1.0)
         else:
             self.board.finish(key, why_not_done(job).capitalize())

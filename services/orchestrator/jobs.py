@@ -44,11 +44,6 @@ def now_pb() -> timestamp_pb2.Timestamp:
     return ts
 
 
-def run_start(job: orchestrator_pb2.Job) -> timestamp_pb2.Timestamp:
-    """When the job's latest run was asked for: its latest retry, else its creation."""
-    return job.retry_time if job.HasField("retry_time") else job.create_time
-
-
 def manifest_key(job_id: str) -> str:
     return f"jobs/{job_id}/manifest.json"
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from audiomesh import errors, metrics, scratch
+from audiomesh import errors, manifest, metrics, scratch
 from audiomesh.audio.io import decode_blocks
 from audiomesh.audio.stream import TrackWriter
 from audiomesh.config import Settings
@@ -48,7 +48,7 @@ from audiomesh.v1 import (
 )
 
 from .graph import LOCAL_STAGE, MAX_HPSS_PARTS, MAX_SEPARATION_PARTS, DecodeRequest, Plan, make_plan, overall_fraction
-from .jobs import JobRecord, JobRegistry, now_pb, run_start
+from .jobs import JobRecord, JobRegistry, now_pb
 from .lease import Lease
 
 # Retried up to node_attempts times (UNAVAILABLE: for unavailable_budget_seconds instead;
@@ -599,7 +599,7 @@ def _count_end(rec: JobRecord) -> None:
     if outcome is None:
         return
     job = rec.job
-    seconds = (job.update_time.ToNanoseconds() - run_start(job).ToNanoseconds()) / 1e9
+    seconds = (job.update_time.ToNanoseconds() - manifest.run_start(job).ToNanoseconds()) / 1e9
     metrics.JOBS_FINISHED.labels(outcome=outcome).inc()
     metrics.JOB_DURATION.labels(outcome=outcome).observe(max(0.0, seconds))
 

@@ -363,16 +363,21 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if rec.owned and rec.task is not None and not rec.terminal:
             rec.task.cancel()
             # Cancelling the task cancels the workers' calls; they stop within one chunk.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+            await _until_done(rec.task)
+
+
+async def _until_done(task: asyncio.Task | None) -> None:
+    """Wait (30 s at most) for a job's runner task to end; how it ended is its own business (logged there)."""
+    if task is not None and not task.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), timeout=30)
 
 
 async def _until_released(rec: JobRecord) -> None:
     """An ended job whose runner here is still finishing (writing its end, releasing its lease):
     wait for it. Bounded: a release waits for at most one renewal and one PUT."""
-    if rec.terminal and rec.task is not None and not rec.task.done():
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(rec.task), timeout=30)
+    if rec.terminal:
+        await _until_done(rec.task)
 
 
 def _check_retryable(rec: JobRecord) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from audiomesh.errors import InvalidInput
 from audiomesh.v1 import orchestrator_pb2
@@ -39,6 +39,12 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def run_start(job: orchestrator_pb2.Job) -> timestamp_pb2.Timestamp:
+    """When the job's latest run was asked for: its latest retry, else its creation (what "took"
+    and the job-duration metric count from)."""
+    return job.retry_time if job.HasField("retry_time") else job.create_time
 
 
 def dumps(manifest: orchestrator_pb2.Manifest) -> bytes:
