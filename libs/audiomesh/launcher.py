@@ -318,7 +318,7 @@ class Mesh:
         cmd = [
             sys.executable,
             "-m",
-            "audiomesh.cli",
+            "audiomesh",  # __main__: a Ctrl-C while the child still imports ends it without a traceback
             "serve",
             self._service_of[name],
             "--port",

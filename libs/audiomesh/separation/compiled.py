@@ -585,7 +585,7 @@ class BackgroundCompiler:
             "AUDIOMESH_DEVICE": "cuda" if device.startswith("cuda") else device,
             "AUDIOMESH_TORCH_THREADS": str(torch.get_num_threads()),  # Inductor's kernels specialize on it
         }
-        cmd = [sys.executable, "-m", "audiomesh.cli", "warm", "--model", name]
+        cmd = [sys.executable, "-m", "audiomesh", "warm", "--model", name]
         with self._guard:
             if self._closed:
                 raise RuntimeError("the worker is stopping")
