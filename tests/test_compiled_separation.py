@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -74,7 +75,8 @@ if BACKEND not in list_backends(exclude_tags=()):
 @pytest.fixture(autouse=True)
 def _own_environment(monkeypatch):
     """configure_cache points Inductor's cache into the test's folder: restore the variables.
-    Compiles run at normal priority here: on a busy machine niceness 19 would starve them."""
+    Compiles run at normal priority here (COMPILE_NICE for compilers made here, compile_nice for
+    workers): on a busy machine niceness 19 would starve them."""
     monkeypatch.setattr(compiled_module, "COMPILE_NICE", 0)
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(name, "unset")
@@ -138,6 +140,7 @@ async def running_worker(tmp_path: Path, repo: Path, **overrides) -> AsyncIterat
         "model_repo": str(repo),
         "compile_backend": BACKEND,
         "compile_cache_dir": str(tmp_path / "compile-cache"),
+        "compile_nice": 0,
         **overrides,
     }
     async with workers.running_worker(build_separation, tmp_path, **settings) as worker:
@@ -157,13 +160,17 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
     reached, release = threading.Event(), threading.Event()
     real_compile = compiled_module.compile_model
 
+    niceness: list[int] = []
+
     def gated_compile(*args, **kwargs):
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))  # the compile thread's
         reached.set()
         assert release.wait(300), "the test never released the compile"
         return real_compile(*args, **kwargs)
 
     monkeypatch.setattr(compiled_module, "compile_model", gated_compile)
-    async with running_worker(tmp_path, repo, compile="true") as worker:
+    # AUDIOMESH_COMPILE_NICE reaches the compile thread (mild here: the suite's other worker is busy).
+    async with running_worker(tmp_path, repo, compile="true", compile_nice=3) as worker:
         # Serving at once, eager, while the compile waits.
         health = health_pb2_grpc.HealthStub(worker.channel)
         assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
@@ -175,6 +182,7 @@ async def test_compiles_in_the_background_and_a_job_in_flight_keeps_its_model(tm
         # A compile starts only when no separation runs (Activity.wait_idle): job A may start once
         # the compile is past that wait, else it would wait for A (on a slow machine it got there late).
         assert await asyncio.to_thread(reached.wait, 120), "the background compile never started"
+        assert niceness == [3], niceness
         # Job A starts on the eager model and is held in flight while the compiled one takes over.
         started, hold = threading.Event(), threading.Event()
         separate_stream = eager.separate_stream

@@ -51,6 +51,8 @@ def test_environment_wins_over_dotenv(monkeypatch, tmp_path):
         ("AUDIOMESH_HPSS_ADDR", "nohostport"),
         ("AUDIOMESH_MAX_UPLOAD_BYTES", "0"),
         ("AUDIOMESH_LOG_FORMAT", "xml"),
+        ("AUDIOMESH_COMPILE_NICE", "20"),
+        ("AUDIOMESH_COMPILE_NICE", "-5"),
         ("AUDIOMESH_API_KEYS", "alice=plaintext-key"),
     ],
 )

@@ -741,6 +741,7 @@ COMPOSE_CODE_DEFAULTS = {
     "max_channels", "min_sample_rate", "max_sample_rate", "thread_budget", "hpss_threads",
     "drain_seconds",  # 0: each service's own default; stop_grace_period is longer for each
     "lease_ttl_seconds", "replica_id",  # compose runs one orchestrator; its name: hostname-pid
+    "compile_nice",  # 19: a laptop's compile takes only idle CPU
 }  # fmt: skip
 COMPOSE_KNOBS = {"AUDIOMESH_IMAGE"}  # compose's own variables that share the prefix
 

@@ -111,13 +111,15 @@ def test_up_stops_cleanly_with_a_watch_open_and_leaves_no_run_folder(tmp_path):
                 stopped_at = time.monotonic()
                 os.killpg(up.pid, signal.SIGINT)
                 # The watch ends at once with UNAVAILABLE (watch again after a restart) instead of
-                # holding the orchestrator's drain for its whole grace and being cancelled.
+                # being held for the orchestrator's whole drain (30 s) and cancelled. The stop as a
+                # whole is not timed: the drain lets the running separation finish first, which
+                # took the whole grace on a loaded machine.
                 with pytest.raises(grpc.RpcError) as ended:
                     for _ in watch:
                         pass
                 assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+                assert time.monotonic() - stopped_at < 15
                 assert up.wait(timeout=90) == 0
-                assert time.monotonic() - stopped_at < 20
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         "false = never",
     )
     compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend (aot_eager: cheap)")
+    compile_nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="niceness of the background compile: 19 = only CPU that requests leave idle; "
+        "0 = the worker's own priority (a dedicated machine, or one shared with other busy processes, "
+        "where niceness 19 would starve it)",
+    )
     compile_cache_dir: Path | None = Field(
         None, description="compiled graphs (Inductor's on-disk cache); default <file store>/cache/compile"
     )

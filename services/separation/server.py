@@ -367,6 +367,7 @@ def build(settings: Settings) -> ServiceSpec:
             factory,
             mode=settings.compile,
             backend=settings.compile_backend,
+            nice=settings.compile_nice,
             cache_dir=configure_cache(settings.compile_cache_path()),
             activity=activity,
         )
