@@ -5,6 +5,7 @@ Time is passed explicitly (``now=``) where the rule is about durations, so nothi
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -15,6 +16,13 @@ from audiomesh.store import ObjectStore
 
 JOB = "2b1e4c64-2d7f-4d3e-9a57-3f1d2a0b9c11"
 TTL = 15.0
+
+
+def now_whole() -> float:
+    """The clock in whole seconds: ``t0 + TTL + TTL`` and ``t0 + 2 * TTL`` are then the same float
+    (with a fractional ``t0`` they can differ in the last bit, and a check exactly at the TTL
+    boundary failed on CI)."""
+    return float(math.floor(time.monotonic()))
 
 
 def doc(store: ObjectStore) -> LeaseDoc:
@@ -53,7 +61,7 @@ def test_claim_is_exclusive_and_renewal_keeps_it(store: ObjectStore) -> None:
     with pytest.raises(LeaseLost):  # the old ETag is stale now: a second renewal from it fails
         a.renew(lease)
     # A held lease is not taken, however often a peer looks within a TTL.
-    t0 = time.monotonic()
+    t0 = now_whole()
     assert b.try_take(JOB, now=t0) is None
     assert b.try_take(JOB, now=t0 + TTL - 0.01) is None
 
@@ -61,7 +69,7 @@ def test_claim_is_exclusive_and_renewal_keeps_it(store: ObjectStore) -> None:
 def test_take_over_after_a_ttl_of_silence_fences_the_old_holder(store: ObjectStore) -> None:
     a, b = Leases(store, "a", TTL), Leases(store, "b", TTL)
     lease = a.claim_new(JOB)
-    t0 = time.monotonic()
+    t0 = now_whole()
     assert b.try_take(JOB, now=t0) is None  # first sighting of this ETag starts b's clock
     taken = b.try_take(JOB, now=t0 + TTL)
     assert taken is not None and (taken.owner, taken.epoch) == ("b", 2) and doc(store).owner == "b"
@@ -73,7 +81,7 @@ def test_take_over_after_a_ttl_of_silence_fences_the_old_holder(store: ObjectSto
 def test_a_renewal_restarts_the_observers_clock(store: ObjectStore) -> None:
     a, b = Leases(store, "a", TTL), Leases(store, "b", TTL)
     lease = a.claim_new(JOB)
-    t0 = time.monotonic()
+    t0 = now_whole()
     assert b.try_take(JOB, now=t0) is None
     a.renew(lease)
     assert b.try_take(JOB, now=t0 + TTL) is None  # a new ETag: seen for the first time now
@@ -117,7 +125,7 @@ def test_a_longer_holder_ttl_is_respected(store: ObjectStore) -> None:
     """An observer configured with a shorter TTL waits the holder's own (mixed settings in a rollout)."""
     Leases(store, "a", 60.0).claim_new(JOB)
     b = Leases(store, "b", 5.0)
-    t0 = time.monotonic()
+    t0 = now_whole()
     assert b.try_take(JOB, now=t0) is None
     assert b.try_take(JOB, now=t0 + 30) is None
     assert b.try_take(JOB, now=t0 + 60) is not None
@@ -126,7 +134,7 @@ def test_a_longer_holder_ttl_is_respected(store: ObjectStore) -> None:
 def test_an_unreadable_lease_is_freed_only_by_silence(store: ObjectStore) -> None:
     store.put_bytes(lease_key(JOB), b"not json")
     b = Leases(store, "b", TTL)
-    t0 = time.monotonic()
+    t0 = now_whole()
     assert b.try_take(JOB, now=t0) is None
     taken = b.try_take(JOB, now=t0 + TTL)
     assert taken is not None and taken.epoch == 1
